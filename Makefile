@@ -1,0 +1,51 @@
+# customer_analytics: PGXS build.
+#
+# C sources and the SQL pieces of the install script are discovered by
+# wildcard, so a new capability is a new src/<name>.c plus
+# src/sql/NN_<name>.sql; the NN prefix orders the pieces in the script.
+
+EXTENSION  = customer_analytics
+EXTVERSION = $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(EXTENSION).control)
+
+MODULE_big = $(EXTENSION)
+OBJS       = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
+SQL_PIECES = $(sort $(wildcard src/sql/*.sql))
+DATA_built = $(EXTENSION)--$(EXTVERSION).sql
+DATA       = $(filter-out $(DATA_built),$(wildcard $(EXTENSION)--*--*.sql))
+
+PG_CPPFLAGS = -I$(srcdir)/src -I$(shell $(PG_CONFIG) --includedir)
+SHLIB_LINK  = -lpq
+
+# Tests.  pg_regress and the isolation tester each start a throwaway
+# instance with pg_cron preloaded; TAP tests (t/*.pl) start their own.
+REGRESS        = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
+REGRESS_OPTS   = --temp-config=$(srcdir)/sql/regress.conf \
+                 --temp-instance=./tmp_check
+ISOLATION      = $(patsubst specs/%.spec,%,$(sort $(wildcard specs/*.spec)))
+ISOLATION_OPTS = --temp-config=$(srcdir)/sql/regress.conf \
+                 --temp-instance=./tmp_check_iso
+TAP_TESTS      = 1
+
+EXTRA_CLEAN = results output_iso tmp_check tmp_check_iso log \
+              regression.diffs regression.out
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
+
+$(EXTENSION)--$(EXTVERSION).sql: $(SQL_PIECES) $(EXTENSION).control
+	cat $(SQL_PIECES) > $@
+
+# The three test families as separate targets, so that the test command
+# can run every family and count the results even when one fails.
+.PHONY: check-regress check-isolation check-tap
+check-regress:
+	$(pg_regress_installcheck) $(REGRESS_OPTS) $(REGRESS)
+
+check-isolation:
+ifneq ($(strip $(ISOLATION)),)
+	$(pg_isolation_regress_installcheck) $(ISOLATION_OPTS) $(ISOLATION)
+endif
+
+check-tap:
+	$(prove_installcheck)

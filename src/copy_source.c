@@ -1,0 +1,117 @@
+/*
+ * copy_source.c
+ *	  Load bytes produced in memory through PostgreSQL's own COPY FROM.
+ *
+ * COPY's parser, type input functions, constraint checks, multi-insert
+ * buffering and index maintenance are reused whole: the caller supplies a
+ * producer that appends CSV (or text) chunks, and ca_copy_from_producer()
+ * runs CopyFrom() over them.
+ *
+ * PostgreSQL 15's copy_data_source_cb takes no context argument, so the
+ * producer being read is kept in a file-level pointer for the duration of
+ * one CopyFrom() call.  It is saved and restored around the call (a trigger
+ * on the target could start a nested load) and cleared on error.  This is
+ * the one piece of module-level mutable state, forced by that signature.
+ */
+#include "postgres.h"
+
+#include "commands/copy.h"
+#include "miscadmin.h"
+#include "parser/parse_node.h"
+#include "parser/parse_relation.h"
+#include "storage/lockdefs.h"
+
+#include "customer_analytics.h"
+
+typedef struct ProducerSource
+{
+	CaChunkProducer produce;
+	void	   *arg;
+	StringInfoData chunk;		/* bytes produced but not yet consumed */
+	int			consumed;		/* how much of chunk COPY has taken */
+	bool		exhausted;		/* producer said it has nothing more */
+} ProducerSource;
+
+static ProducerSource *active_source = NULL;
+
+/*
+ * copy_data_source_cb: hand COPY between minread and maxread bytes, asking
+ * the producer for more as needed.  Returning less than minread means EOF.
+ */
+static int
+producer_read(void *outbuf, int minread, int maxread)
+{
+	ProducerSource *src = active_source;
+	int			copied = 0;
+
+	Assert(src != NULL);
+	while (copied < minread)
+	{
+		int			avail = src->chunk.len - src->consumed;
+		int			n;
+
+		if (avail == 0)
+		{
+			if (src->exhausted)
+				break;
+			resetStringInfo(&src->chunk);
+			src->consumed = 0;
+			if (!src->produce(src->arg, &src->chunk))
+				src->exhausted = true;
+			CHECK_FOR_INTERRUPTS();
+			continue;
+		}
+		n = Min(avail, maxread - copied);
+		memcpy((char *) outbuf + copied, src->chunk.data + src->consumed, n);
+		src->consumed += n;
+		copied += n;
+	}
+	return copied;
+}
+
+/*
+ * Run COPY FROM over the producer's output into rel, which the caller has
+ * opened with RowExclusiveLock and checked for INSERT privilege.  attnames
+ * lists the columns in input order (NIL: all columns); copy_options are
+ * COPY's own options as DefElems (format, header, encoding, ...).
+ * Returns the number of rows inserted.
+ */
+uint64
+ca_copy_from_producer(Relation rel, List *attnames, List *copy_options,
+					  CaChunkProducer produce, void *arg)
+{
+	ProducerSource src;
+	ProducerSource *saved = active_source;
+	ParseState *pstate = make_parsestate(NULL);
+	uint64		processed = 0;
+
+	src.produce = produce;
+	src.arg = arg;
+	initStringInfo(&src.chunk);
+	src.consumed = 0;
+	src.exhausted = false;
+
+	/* CopyFrom() opens its result relation through the range table. */
+	addRangeTableEntryForRelation(pstate, rel, RowExclusiveLock,
+								  NULL, false, false);
+
+	active_source = &src;
+	PG_TRY();
+	{
+		CopyFromState cstate;
+
+		cstate = BeginCopyFrom(pstate, rel, NULL, NULL, false,
+							   producer_read, attnames, copy_options);
+		processed = CopyFrom(cstate);
+		EndCopyFrom(cstate);
+	}
+	PG_FINALLY();
+	{
+		active_source = saved;
+	}
+	PG_END_TRY();
+
+	pfree(src.chunk.data);
+	free_parsestate(pstate);
+	return processed;
+}
