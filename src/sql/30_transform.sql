@@ -1,0 +1,377 @@
+/*
+ * transform(): staging -> star schema.
+ *
+ * Incremental by transaction, exactly once.  Each run remembers its
+ * snapshot; the next run processes the staged rows of the transactions
+ * visible in its own snapshot but not in the previous one, that is, those
+ * that committed in between (the PgQ technique).  A load still running is
+ * invisible to both and is picked up by the run after it commits, however
+ * long it takes, and nobody else's rows wait for it.  Rows staged by the
+ * calling transaction itself are included too (and seen again, harmlessly,
+ * by the next run).
+ *
+ * Idempotent.  Dimensions and facts are keyed on natural keys and an
+ * unchanged row is not rewritten.  Which version of a product, order line
+ * or event wins is decided by arrival (stage_id): the latest staged version,
+ * and a row staged earlier never overwrites one staged later.  (A source's
+ * updated_at cannot be compared with the load time of a row that has none;
+ * re-delivery of an old file is what ingestion's exactly-once rule stops.)
+ * Customer versions (SCD2) are ordered by the source's updated_at, falling
+ * back to the load time, since that time is what a version means.  So
+ * processing a staged row twice changes nothing.  That is what makes the
+ * full pass safe: transform(full => true), or automatically after a restore
+ * into another cluster, where the saved horizon means nothing.
+ */
+
+CREATE FUNCTION customer_analytics.business_timezone()
+RETURNS text
+AS 'MODULE_PATHNAME', 'ca_business_timezone_name'
+LANGUAGE C STABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION customer_analytics.business_timezone() IS
+    'The time zone that assigns timestamps to calendar days (setting customer_analytics.timezone, default UTC)';
+
+CREATE FUNCTION customer_analytics.date_key(day date)
+RETURNS integer
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$
+    SELECT (pg_catalog.date_part('year', day) * 10000
+            + pg_catalog.date_part('month', day) * 100
+            + pg_catalog.date_part('day', day))::integer
+$$;
+COMMENT ON FUNCTION customer_analytics.date_key(date) IS
+    'dim_date key of a day: YYYYMMDD as an integer';
+
+CREATE FUNCTION customer_analytics.ensure_dim_date(from_day date, to_day date)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, pg_temp
+AS $$
+DECLARE
+    lo date;
+    hi date;
+    added bigint;
+BEGIN
+    IF from_day IS NULL OR to_day IS NULL THEN
+        RETURN 0;
+    END IF;
+    IF to_day - from_day > 36600 THEN
+        RAISE EXCEPTION 'date range % to % is longer than 100 years', from_day, to_day
+            USING ERRCODE = 'data_exception',
+                  HINT = 'A timestamp far in the past or future was staged; find it in the staging tables and correct it.';
+    END IF;
+    -- keep the calendar contiguous from its first to its last day
+    SELECT LEAST(min(date), from_day), GREATEST(max(date), to_day) INTO lo, hi FROM dim_date;
+    lo := COALESCE(lo, from_day);
+    hi := COALESCE(hi, to_day);
+    INSERT INTO dim_date (date_key, date, year, quarter, month, month_name,
+                          iso_year, iso_week, day_of_week, day_name, is_weekend)
+    SELECT date_key(d), d,
+           date_part('year', d), date_part('quarter', d), date_part('month', d),
+           to_char(d, 'FMMonth'),
+           date_part('isoyear', d), date_part('week', d), date_part('isodow', d),
+           to_char(d, 'FMDay'), date_part('isodow', d) >= 6
+    FROM generate_series(lo, hi, interval '1 day') AS g(ts),
+         LATERAL (SELECT g.ts::date AS d) AS x
+    ON CONFLICT (date_key) DO NOTHING;
+    GET DIAGNOSTICS added = ROW_COUNT;
+    RETURN added;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.ensure_dim_date(date, date) IS
+    'Extend dim_date so that it covers the given days, keeping it contiguous; returns the number of days added';
+
+/*
+ * Was a row staged by a transaction that committed after snapshot prev
+ * (NULL: ever) and before snapshot cur, or by the caller itself?  lo and hi
+ * bound the transaction ids for the index on staged_xid.  Inlined.
+ */
+CREATE FUNCTION customer_analytics.ca_newly_staged(xid xid8, lo xid8, hi xid8,
+                                                   cur pg_snapshot, prev pg_snapshot, own xid8)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT (xid >= lo AND xid < hi
+            AND pg_catalog.pg_visible_in_snapshot(xid, cur)
+            AND (prev IS NULL OR NOT pg_catalog.pg_visible_in_snapshot(xid, prev)))
+           OR xid = own
+$$;
+COMMENT ON FUNCTION customer_analytics.ca_newly_staged(xid8, xid8, xid8, pg_snapshot, pg_snapshot, xid8) IS
+    'Internal to transform(): whether a staged row belongs to the current run';
+
+CREATE FUNCTION customer_analytics.transform(full_refresh boolean DEFAULT false)
+RETURNS TABLE (step text, rows_affected bigint)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, pg_temp
+AS $$
+DECLARE
+    saved       transform_state;
+    snap        pg_snapshot;
+    prev        pg_snapshot;
+    lo          xid8;
+    hi          xid8;
+    own_xid     xid8;
+    sysid       bigint;
+    tz          text := business_timezone();
+    n           bigint;
+    new_keys    boolean := false;
+BEGIN
+    -- one transform at a time; the second waits, then sees the first's work
+    PERFORM pg_advisory_xact_lock(hashtext('customer_analytics.transform'));
+
+    SELECT system_identifier INTO sysid FROM pg_control_system();
+    SELECT * INTO saved FROM transform_state;
+    snap := pg_current_snapshot();
+    own_xid := pg_current_xact_id_if_assigned();
+    IF full_refresh OR saved IS NULL OR saved.system_identifier <> sysid
+       OR pg_snapshot_xmin(saved.snapshot) > pg_snapshot_xmax(snap) THEN
+        prev := NULL;           -- everything staged so far
+        lo := '0'::xid8;
+    ELSE
+        prev := saved.snapshot;
+        lo := pg_snapshot_xmin(prev);   -- all below were visible to the last run
+    END IF;
+    hi := pg_snapshot_xmax(snap);
+
+    /* the staged rows of this run, latest version per natural key */
+    CREATE TEMP TABLE ca_batch_products ON COMMIT DROP AS
+    SELECT DISTINCT ON (s.product_id)
+           s.product_id, s.name, COALESCE(NULLIF(s.category, ''), 'Unknown') AS category,
+           s.subcategory, s.unit_cost, s.list_price, s.updated_at, s.stage_id
+    FROM stg_products s
+    WHERE ca_newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
+    ORDER BY s.product_id, s.stage_id DESC;
+
+    CREATE TEMP TABLE ca_batch_customers ON COMMIT DROP AS
+    SELECT DISTINCT ON (s.customer_id, COALESCE(s.updated_at, s.loaded_at))
+           s.customer_id, s.name, s.email, s.city, s.state, s.country, s.signup_date,
+           COALESCE(s.updated_at, s.loaded_at) AS version_ts
+    FROM stg_customers s
+    WHERE ca_newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
+    ORDER BY s.customer_id, COALESCE(s.updated_at, s.loaded_at), s.stage_id DESC;
+
+    CREATE TEMP TABLE ca_batch_orders ON COMMIT DROP AS
+    SELECT DISTINCT ON (s.order_id, s.line_number) s.*
+    FROM stg_orders s
+    WHERE ca_newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
+    ORDER BY s.order_id, s.line_number, s.stage_id DESC;
+
+    CREATE TEMP TABLE ca_batch_events ON COMMIT DROP AS
+    SELECT DISTINCT ON (s.event_id) s.*
+    FROM stg_events s
+    WHERE ca_newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
+    ORDER BY s.event_id, s.stage_id DESC;
+
+    ANALYZE ca_batch_products, ca_batch_customers, ca_batch_orders, ca_batch_events;
+
+    /* products: type 1, the latest staged version overwrites */
+    INSERT INTO dim_product AS d (product_id, name, category, subcategory, unit_cost, list_price,
+                                  updated_at, stage_id)
+    SELECT product_id, name, category, subcategory, unit_cost, list_price, updated_at, stage_id
+    FROM ca_batch_products
+    ON CONFLICT (product_id) DO UPDATE
+        SET name = excluded.name, category = excluded.category, subcategory = excluded.subcategory,
+            unit_cost = excluded.unit_cost, list_price = excluded.list_price,
+            updated_at = excluded.updated_at, stage_id = excluded.stage_id
+        WHERE excluded.stage_id > d.stage_id
+          AND (d.name, d.category, d.subcategory, d.unit_cost, d.list_price)
+              IS DISTINCT FROM
+              (excluded.name, excluded.category, excluded.subcategory, excluded.unit_cost, excluded.list_price);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    step := 'dim_product'; rows_affected := n; RETURN NEXT;
+    new_keys := new_keys OR n > 0;
+
+    /*
+     * customers: type 2.  Chain each customer's current version with the
+     * staged versions newer than it, keep the versions whose attributes
+     * differ from their predecessor, close the current version at the first
+     * of them and insert them, each valid until the next.  Staged versions
+     * not newer than the current one are history already superseded and
+     * are ignored.
+     */
+    CREATE TEMP TABLE ca_new_versions ON COMMIT DROP AS
+    WITH cur AS (
+        SELECT d.customer_id, d.name, d.email, d.city, d.state, d.country, d.signup_date,
+               d.valid_from AS version_ts, false AS is_new
+        FROM dim_customer d
+        WHERE d.is_current AND d.customer_id IN (SELECT customer_id FROM ca_batch_customers)
+    ), chain AS (
+        SELECT * FROM cur
+        UNION ALL
+        SELECT b.customer_id, b.name, b.email, b.city, b.state, b.country, b.signup_date,
+               b.version_ts, true
+        FROM ca_batch_customers b
+        LEFT JOIN cur c ON c.customer_id = b.customer_id
+        WHERE c.customer_id IS NULL OR b.version_ts > c.version_ts
+    ), diffed AS (
+        SELECT ch.*,
+               ROW(ch.name, ch.email, ch.city, ch.state, ch.country, ch.signup_date)
+                   IS DISTINCT FROM
+               lag(ROW(ch.name, ch.email, ch.city, ch.state, ch.country, ch.signup_date))
+                   OVER (PARTITION BY ch.customer_id ORDER BY ch.version_ts) AS changed
+        FROM chain ch
+    )
+    SELECT df.customer_id, df.name, df.email, df.city, df.state, df.country,
+           df.signup_date, df.version_ts
+    FROM diffed df
+    WHERE df.is_new AND df.changed;
+
+    UPDATE dim_customer d
+    SET valid_to = f.first_ts, is_current = false
+    FROM (SELECT customer_id, min(version_ts) AS first_ts
+          FROM ca_new_versions GROUP BY customer_id) f
+    WHERE d.customer_id = f.customer_id AND d.is_current;
+
+    INSERT INTO dim_customer (customer_id, name, email, city, state, country, signup_date,
+                              valid_from, valid_to, is_current)
+    SELECT nv.customer_id, nv.name, nv.email, nv.city, nv.state, nv.country, nv.signup_date,
+           nv.version_ts,
+           COALESCE(lead(nv.version_ts) OVER w, 'infinity'),
+           lead(nv.version_ts) OVER w IS NULL
+    FROM ca_new_versions nv
+    WINDOW w AS (PARTITION BY nv.customer_id ORDER BY nv.version_ts);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    step := 'dim_customer'; rows_affected := n; RETURN NEXT;
+    new_keys := new_keys OR n > 0;
+    -- the fact joins below are planned on these statistics
+    IF new_keys THEN
+        ANALYZE dim_customer, dim_product;
+    END IF;
+
+    /* calendar */
+    SELECT ensure_dim_date(min(d), max(d)) INTO n
+    FROM (SELECT (order_ts AT TIME ZONE tz)::date AS d FROM ca_batch_orders
+          UNION ALL
+          SELECT (event_ts AT TIME ZONE tz)::date FROM ca_batch_events) days;
+    step := 'dim_date'; rows_affected := n; RETURN NEXT;
+
+    /*
+     * The customer version in effect at a timestamp.  A timestamp older
+     * than a customer's first known version belongs to that first version
+     * (its range is opened to -infinity here); an id not in the dimension,
+     * or a guest, is the unknown member.
+     */
+    CREATE TEMP TABLE ca_customer_lookup ON COMMIT DROP AS
+    SELECT d.customer_id, d.customer_key,
+           CASE WHEN row_number() OVER (PARTITION BY d.customer_id ORDER BY d.valid_from) = 1
+                THEN '-infinity'::timestamptz ELSE d.valid_from END AS valid_from,
+           d.valid_to
+    FROM dim_customer d
+    WHERE d.customer_key <> -1
+      AND d.customer_id IN (SELECT o.customer_id FROM ca_batch_orders o
+                            UNION SELECT e.customer_id FROM ca_batch_events e);
+    ANALYZE ca_customer_lookup;
+
+    /* order lines */
+    INSERT INTO fact_order_line AS f
+        (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity,
+         unit_price, discount, status, channel, updated_at, stage_id, load_id)
+    SELECT s.order_id, s.line_number,
+           COALESCE(c.customer_key, -1),
+           COALESCE(p.product_key, -1),
+           date_key((s.order_ts AT TIME ZONE tz)::date),
+           s.order_ts, s.quantity, s.unit_price, s.discount, s.status, s.channel,
+           s.updated_at, s.stage_id, s.load_id
+    FROM ca_batch_orders s
+    LEFT JOIN ca_customer_lookup c
+           ON c.customer_id = s.customer_id AND s.order_ts >= c.valid_from AND s.order_ts < c.valid_to
+    LEFT JOIN dim_product p ON p.product_id = s.product_id
+    ON CONFLICT (order_id, line_number) DO UPDATE
+        SET customer_key = excluded.customer_key, product_key = excluded.product_key,
+            date_key = excluded.date_key, order_ts = excluded.order_ts,
+            quantity = excluded.quantity, unit_price = excluded.unit_price,
+            discount = excluded.discount, status = excluded.status,
+            channel = excluded.channel, updated_at = excluded.updated_at,
+            stage_id = excluded.stage_id, load_id = excluded.load_id
+        WHERE excluded.stage_id > f.stage_id
+          AND (f.customer_key, f.product_key, f.order_ts, f.quantity, f.unit_price,
+               f.discount, f.status, f.channel, f.updated_at)
+              IS DISTINCT FROM
+              (excluded.customer_key, excluded.product_key, excluded.order_ts, excluded.quantity,
+               excluded.unit_price, excluded.discount, excluded.status, excluded.channel,
+               excluded.updated_at);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    step := 'fact_order_line'; rows_affected := n; RETURN NEXT;
+
+    /*
+     * Late-arriving dimensions: lines that were mapped to an unknown member
+     * because their customer or product had not arrived yet get the real
+     * key once it has.  Only needed when this run added dimension rows.
+     */
+    n := 0;
+    IF new_keys AND EXISTS (SELECT 1 FROM fact_order_line
+                            WHERE customer_key = -1 OR product_key = -1) THEN
+        WITH latest AS (
+            SELECT DISTINCT ON (s.order_id, s.line_number)
+                   s.order_id, s.line_number, s.customer_id, s.product_id, s.order_ts
+            FROM stg_orders s
+            JOIN fact_order_line f USING (order_id, line_number)
+            WHERE f.customer_key = -1 OR f.product_key = -1
+            ORDER BY s.order_id, s.line_number, s.stage_id DESC
+        ), versions AS (
+            SELECT d.customer_id, d.customer_key,
+                   CASE WHEN row_number() OVER (PARTITION BY d.customer_id ORDER BY d.valid_from) = 1
+                        THEN '-infinity'::timestamptz ELSE d.valid_from END AS valid_from,
+                   d.valid_to
+            FROM dim_customer d
+            WHERE d.customer_key <> -1 AND d.customer_id IN (SELECT l.customer_id FROM latest l)
+        ), resolved AS (
+            SELECT l.order_id, l.line_number,
+                   COALESCE(v.customer_key, -1) AS customer_key,
+                   COALESCE(p.product_key, -1) AS product_key
+            FROM latest l
+            LEFT JOIN versions v
+                   ON v.customer_id = l.customer_id AND l.order_ts >= v.valid_from AND l.order_ts < v.valid_to
+            LEFT JOIN dim_product p ON p.product_id = l.product_id
+        )
+        UPDATE fact_order_line f
+        SET customer_key = r.customer_key, product_key = r.product_key
+        FROM resolved r
+        WHERE f.order_id = r.order_id AND f.line_number = r.line_number
+          AND (f.customer_key, f.product_key) IS DISTINCT FROM (r.customer_key, r.product_key);
+        GET DIAGNOSTICS n = ROW_COUNT;
+    END IF;
+    step := 'late_dimension_fixes'; rows_affected := n; RETURN NEXT;
+
+    /* clickstream events; anonymous stays NULL, an unknown id is -1 */
+    INSERT INTO fact_event AS f
+        (event_id, event_ts, date_key, customer_key, session_id, event_type,
+         product_key, order_id, channel, device, stage_id, load_id)
+    SELECT s.event_id, s.event_ts, date_key((s.event_ts AT TIME ZONE tz)::date),
+           CASE WHEN s.customer_id IS NULL THEN NULL
+                ELSE COALESCE(c.customer_key, -1) END,
+           s.session_id, s.event_type,
+           CASE WHEN s.product_id IS NULL THEN NULL ELSE COALESCE(p.product_key, -1) END,
+           s.order_id, s.channel, s.device, s.stage_id, s.load_id
+    FROM ca_batch_events s
+    LEFT JOIN ca_customer_lookup c
+           ON c.customer_id = s.customer_id AND s.event_ts >= c.valid_from AND s.event_ts < c.valid_to
+    LEFT JOIN dim_product p ON p.product_id = s.product_id
+    ON CONFLICT (event_id) DO UPDATE
+        SET event_ts = excluded.event_ts, date_key = excluded.date_key,
+            customer_key = excluded.customer_key, session_id = excluded.session_id,
+            event_type = excluded.event_type, product_key = excluded.product_key,
+            order_id = excluded.order_id, channel = excluded.channel,
+            device = excluded.device, stage_id = excluded.stage_id, load_id = excluded.load_id
+        WHERE excluded.stage_id > f.stage_id
+          AND (f.event_ts, f.customer_key, f.session_id, f.event_type, f.product_key,
+               f.order_id, f.channel, f.device)
+              IS DISTINCT FROM
+              (excluded.event_ts, excluded.customer_key, excluded.session_id, excluded.event_type,
+               excluded.product_key, excluded.order_id, excluded.channel, excluded.device);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    step := 'fact_event'; rows_affected := n; RETURN NEXT;
+
+    INSERT INTO transform_state (singleton, snapshot, system_identifier, last_run_at)
+    VALUES (true, snap, sysid, now())
+    ON CONFLICT (singleton) DO UPDATE
+        SET snapshot = excluded.snapshot,
+            system_identifier = excluded.system_identifier,
+            last_run_at = excluded.last_run_at;
+
+    DROP TABLE ca_batch_products, ca_batch_customers, ca_batch_orders, ca_batch_events,
+               ca_new_versions, ca_customer_lookup;
+END
+$$;
+
+COMMENT ON FUNCTION customer_analytics.transform(boolean) IS
+    'Move staged rows into the star schema: products (SCD1), customers (SCD2), calendar, order lines and events (upsert on natural keys, newer versions win, unknown members for missing keys, late-arriving dimensions repaired). Incremental: only rows staged since the last run; full_refresh => true reprocesses all staged rows (safe: idempotent). Returns the rows written per step';
