@@ -1,0 +1,67 @@
+# Shared by scripts/demo.sh and scripts/test.sh: become root, install what
+# is missing, build and install the extension.  Sourced, not run.
+
+PG_MAJOR=15
+PG_BINDIR=/usr/lib/postgresql/$PG_MAJOR/bin
+PG_CONFIG=$PG_BINDIR/pg_config
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# the unprivileged user that runs throwaway clusters (initdb refuses root)
+PG_OS_USER=${PG_OS_USER:-postgres}
+
+# Debian packages the build, the tests and the demo need.
+PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR postgresql-$PG_MAJOR-cron
+          make gcc libipc-run-perl graphviz gnuplot-nox)
+
+log() { printf '\n==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Re-run the calling script as root (through sudo) if needed.
+ensure_root() {
+    if [ "$(id -u)" -ne 0 ]; then
+        command -v sudo >/dev/null 2>&1 || die "run this as root (sudo is not installed)"
+        exec sudo -E bash "$0" "$@"
+    fi
+}
+
+install_packages() {
+    local missing=() p
+    for p in "${PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+        log "packages: all present"
+        return
+    fi
+    log "installing: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get install -y -q --no-install-recommends "${missing[@]}"; then
+        apt-get update -q && apt-get install -y -q --no-install-recommends "${missing[@]}" \
+            || die "apt-get install failed"
+    fi
+    id "$PG_OS_USER" >/dev/null 2>&1 || die "user $PG_OS_USER does not exist"
+}
+
+# Build with warnings as errors, then install into the PostgreSQL tree.
+build_and_install() {
+    log "building customer_analytics"
+    make -C "$REPO" -s PG_CONFIG="$PG_CONFIG" \
+        PG_CFLAGS="-Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare" \
+        >/dev/null || return 1
+    make -C "$REPO" -s PG_CONFIG="$PG_CONFIG" install >/dev/null || return 1
+}
+
+# A copy of the source tree that the unprivileged user can write in
+# (pg_regress writes results/ and its temporary instance there).
+scratch_copy() {
+    local dest
+    dest=$(mktemp -d "/tmp/customer_analytics_$1.XXXXXX")
+    tar -C "$REPO" --exclude=.git --exclude='*.o' --exclude='*.bc' --exclude='*.so' \
+        --exclude=results --exclude=tmp_check --exclude=tmp_check_iso --exclude=output_iso \
+        -cf - . | tar -C "$dest" -xf -
+    chown -R "$PG_OS_USER" "$dest"
+    echo "$dest"
+}
+
+as_pg_user() {
+    runuser -u "$PG_OS_USER" -- "$@"
+}

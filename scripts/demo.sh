@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The main job, end to end on this machine: install what is missing, build
+# and install the extension, start a throwaway cluster (pg_cron preloaded)
+# in ./demo_out as an unprivileged user, create the extension, generate the
+# sample shop, load and transform it, and print the reports.
+#
+# To use an existing server instead, set the usual PG* variables (PGHOST,
+# PGPORT, PGUSER, PGDATABASE); nothing is started or stopped then.
+set -euo pipefail
+. "$(dirname "$0")/common.sh"
+ensure_root "$@"
+
+OUT=${DEMO_OUT:-$REPO/demo_out}
+DEMO_PORT=${DEMO_PORT:-54329}
+CUSTOMERS=${DEMO_CUSTOMERS:-10000}
+DAYS=${DEMO_DAYS:-365}
+
+install_packages
+build_and_install || die "build failed"
+
+if [ -n "${PGHOST:-}${PGPORT:-}${PGDATABASE:-}" ]; then
+    log "using the existing server given by PG* variables"
+    PSQL=(psql -X -v ON_ERROR_STOP=1)
+    OWN_CLUSTER=false
+else
+    OWN_CLUSTER=true
+    DATA=$OUT/pgdata
+    log "starting a throwaway cluster in $DATA (port $DEMO_PORT)"
+    mkdir -p "$OUT"
+    chown "$PG_OS_USER" "$OUT"
+    if [ -f "$DATA/postmaster.pid" ]; then
+        as_pg_user "$PG_BINDIR/pg_ctl" -D "$DATA" -m fast stop >/dev/null 2>&1 || true
+    fi
+    rm -rf "$DATA"
+    as_pg_user "$PG_BINDIR/initdb" -D "$DATA" -A trust -U postgres -E UTF8 --locale=C.UTF-8 >/dev/null
+    cat >>"$DATA/postgresql.conf" <<CONF
+port = $DEMO_PORT
+listen_addresses = ''
+unix_socket_directories = '$OUT'
+shared_preload_libraries = 'pg_cron'
+cron.database_name = 'warehouse'
+max_wal_size = '4GB'
+CONF
+    as_pg_user "$PG_BINDIR/pg_ctl" -D "$DATA" -l "$OUT/server.log" -w start >/dev/null
+    export PGHOST=$OUT PGPORT=$DEMO_PORT PGUSER=postgres
+    as_pg_user psql -X -q -h "$OUT" -p "$DEMO_PORT" -U postgres -d postgres -c "CREATE DATABASE warehouse" >/dev/null
+    export PGDATABASE=warehouse
+    PSQL=(runuser -u "$PG_OS_USER" -- psql -X -v ON_ERROR_STOP=1 -h "$OUT" -p "$DEMO_PORT" -U postgres -d warehouse)
+fi
+
+log "creating the extensions"
+"${PSQL[@]}" -q <<'SQL'
+SET client_min_messages = warning;
+CREATE EXTENSION IF NOT EXISTS pg_cron;
+DROP EXTENSION IF EXISTS customer_analytics CASCADE;
+DROP SCHEMA IF EXISTS customer_analytics CASCADE;
+CREATE EXTENSION customer_analytics;
+SQL
+
+log "generating the sample shop: $CUSTOMERS customers, $DAYS days"
+"${PSQL[@]}" <<SQL
+\timing on
+SELECT * FROM customer_analytics.generate_sample_data(customers => $CUSTOMERS, days => $DAYS, seed => 42)
+ORDER BY target;
+SQL
+
+log "transforming staging into the star schema"
+"${PSQL[@]}" <<'SQL'
+\timing on
+SELECT * FROM customer_analytics.transform();
+SQL
+
+log "report"
+"${PSQL[@]}" <<'SQL'
+\pset footer off
+\echo 'Rows per table'
+SELECT c.relname AS "table",
+       to_char((xpath('/row/n/text()', query_to_xml(format('SELECT count(*) AS n FROM %s', c.oid::regclass),
+                                                     false, true, '')))[1]::text::bigint, 'FM999,999,999') AS rows,
+       pg_size_pretty(pg_total_relation_size(c.oid)) AS size
+FROM pg_class c
+WHERE c.relnamespace = 'customer_analytics'::regnamespace AND c.relkind = 'r'
+ORDER BY c.relname;
+\echo 'The shop in figures'
+SELECT min(d.date) AS first_day, max(d.date) AS last_day,
+       count(DISTINCT f.order_id) AS orders,
+       to_char(sum(f.revenue) FILTER (WHERE f.status = 'completed'), 'FM999,999,990.00') AS revenue,
+       count(DISTINCT c.customer_id) AS buyers
+FROM customer_analytics.fact_order_line f
+JOIN customer_analytics.dim_date d USING (date_key)
+JOIN customer_analytics.dim_customer c USING (customer_key);
+\echo 'Revenue by category (completed lines)'
+SELECT p.category, to_char(sum(f.revenue), 'FM999,999,990.00') AS revenue, count(*) AS lines
+FROM customer_analytics.fact_order_line f JOIN customer_analytics.dim_product p USING (product_key)
+WHERE f.status = 'completed'
+GROUP BY p.category ORDER BY sum(f.revenue) DESC;
+\echo 'Planted anomalies (ground truth for the detectors)'
+SELECT series, day, kind, round(factor::numeric, 2) AS factor FROM customer_analytics.sample_anomaly ORDER BY day;
+SQL
+
+if $OWN_CLUSTER; then
+    log "done. The cluster keeps running: psql -h $OUT -p $DEMO_PORT -U postgres warehouse"
+    echo "    stop it with: runuser -u $PG_OS_USER -- $PG_BINDIR/pg_ctl -D $OUT/pgdata stop"
+fi
