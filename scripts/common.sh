@@ -2,8 +2,9 @@
 # is missing, build and install the extension.  Sourced, not run.
 
 PG_MAJOR=15
-PG_BINDIR=/usr/lib/postgresql/$PG_MAJOR/bin
-PG_CONFIG=$PG_BINDIR/pg_config
+# PG_CONFIG may point at another (relocated) installation of PostgreSQL 15
+PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/$PG_MAJOR/bin/pg_config}
+PG_BINDIR=$("$PG_CONFIG" --bindir 2>/dev/null || echo /usr/lib/postgresql/$PG_MAJOR/bin)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # the unprivileged user that runs throwaway clusters (initdb refuses root)
 PG_OS_USER=${PG_OS_USER:-postgres}
