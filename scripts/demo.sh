@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job, end to end on this machine: install what is missing, build
 # and install the extension, start a throwaway cluster (pg_cron preloaded)
-# in ./demo_out as an unprivileged user, create the extension, generate the
-# sample shop, load and transform it, and print the reports.
+# in ./demo_out as an unprivileged user, create the extension, then run the
+# steps in scripts/demo/ in order: generate the sample shop, load and
+# transform it, run the analytics, print the reports.
 #
 # To use an existing server instead, set the usual PG* variables (PGHOST,
 # PGPORT, PGUSER, PGDATABASE); nothing is started or stopped then.
@@ -57,46 +58,12 @@ DROP SCHEMA IF EXISTS customer_analytics CASCADE;
 CREATE EXTENSION customer_analytics;
 SQL
 
-log "generating the sample shop: $CUSTOMERS customers, $DAYS days"
-"${PSQL[@]}" <<SQL
-\timing on
-SELECT * FROM customer_analytics.generate_sample_data(customers => $CUSTOMERS, days => $DAYS, seed => 42)
-ORDER BY target;
-SQL
-
-log "transforming staging into the star schema"
-"${PSQL[@]}" <<'SQL'
-\timing on
-SELECT * FROM customer_analytics.transform();
-SQL
-
-log "report"
-"${PSQL[@]}" <<'SQL'
-\pset footer off
-\echo 'Rows per table'
-SELECT c.relname AS "table",
-       to_char((xpath('/row/n/text()', query_to_xml(format('SELECT count(*) AS n FROM %s', c.oid::regclass),
-                                                     false, true, '')))[1]::text::bigint, 'FM999,999,999') AS rows,
-       pg_size_pretty(pg_total_relation_size(c.oid)) AS size
-FROM pg_class c
-WHERE c.relnamespace = 'customer_analytics'::regnamespace AND c.relkind = 'r'
-ORDER BY c.relname;
-\echo 'The shop in figures'
-SELECT min(d.date) AS first_day, max(d.date) AS last_day,
-       count(DISTINCT f.order_id) AS orders,
-       to_char(sum(f.revenue) FILTER (WHERE f.status = 'completed'), 'FM999,999,990.00') AS revenue,
-       count(DISTINCT c.customer_id) AS buyers
-FROM customer_analytics.fact_order_line f
-JOIN customer_analytics.dim_date d USING (date_key)
-JOIN customer_analytics.dim_customer c USING (customer_key);
-\echo 'Revenue by category (completed lines)'
-SELECT p.category, to_char(sum(f.revenue), 'FM999,999,990.00') AS revenue, count(*) AS lines
-FROM customer_analytics.fact_order_line f JOIN customer_analytics.dim_product p USING (product_key)
-WHERE f.status = 'completed'
-GROUP BY p.category ORDER BY sum(f.revenue) DESC;
-\echo 'Planted anomalies (ground truth for the detectors)'
-SELECT series, day, kind, round(factor::numeric, 2) AS factor FROM customer_analytics.sample_anomaly ORDER BY day;
-SQL
+# The demo's steps, in name order: scripts/demo/NN_<step>.sql.  Each
+# loads, runs or reports one capability; psql variables carry the settings.
+for step in "$REPO"/scripts/demo/*.sql; do
+    log "step $(basename "$step" .sql)"
+    "${PSQL[@]}" -v customers="$CUSTOMERS" -v days="$DAYS" -v out="$OUT" -f - <"$step"
+done
 
 if $OWN_CLUSTER; then
     log "done. The cluster keeps running: psql -h $OUT -p $DEMO_PORT -U postgres warehouse"
