@@ -41,8 +41,8 @@ check_business_timezone(char **newval, void **extra, GucSource source)
 	return true;
 }
 
-void
-_PG_init(void)
+static void
+define_core_settings(void)
 {
 	DefineCustomStringVariable(CA_GUC_PREFIX ".timezone",
 							   "Time zone in which order and event timestamps are assigned to calendar days.",
@@ -53,6 +53,13 @@ _PG_init(void)
 							   PGC_USERSET,
 							   0,
 							   check_business_timezone, NULL, NULL);
+}
+
+/* One init call per module that has settings of its own. */
+void
+_PG_init(void)
+{
+	define_core_settings();
 
 	MarkGUCPrefixReserved(CA_GUC_PREFIX);
 }
