@@ -52,7 +52,18 @@ fi
 log "creating the extensions"
 "${PSQL[@]}" -q <<'SQL'
 SET client_min_messages = warning;
-CREATE EXTENSION IF NOT EXISTS pg_cron;
+-- pg_cron can only be installed in its cron.database_name; elsewhere the
+-- demo goes on without it
+DO $$
+BEGIN
+    IF current_setting('cron.database_name', true) = current_database() THEN
+        CREATE EXTENSION IF NOT EXISTS pg_cron;
+    ELSE
+        RAISE WARNING 'pg_cron is not available in database % (cron.database_name is %)',
+            current_database(), coalesce(current_setting('cron.database_name', true), 'not set');
+    END IF;
+END
+$$;
 DROP EXTENSION IF EXISTS customer_analytics CASCADE;
 DROP SCHEMA IF EXISTS customer_analytics CASCADE;
 CREATE EXTENSION customer_analytics;
