@@ -36,6 +36,12 @@ include $(PGXS)
 $(EXTENSION)--$(EXTVERSION).sql: $(SQL_PIECES) $(EXTENSION).control
 	cat $(SQL_PIECES) > $@
 
+# Test fixtures (sql/data) and the shared real data sets (outside the repo),
+# located for the tests through the environment (psql \getenv).
+export CA_TEST_DATA = $(abspath $(srcdir)/sql/data)
+CA_SHARED_DATA ?= $(abspath $(srcdir)/../shared/data)
+export CA_SHARED_DATA
+
 # The three test families as separate targets, so that the test command
 # can run every family and count the results even when one fails.
 .PHONY: check-regress check-isolation check-tap

@@ -36,10 +36,18 @@ count_regress() {
     printf '%s: %d passed, %d failed\n' "$2" "$ok" "$bad"
 }
 
+# The real public data sets live beside the checkout (../shared/data); the
+# scratch copy is elsewhere, so tell the tests where they are.
+if [ -d "$REPO/../shared/data" ]; then
+    export CA_SHARED_DATA=$(cd "$REPO/../shared/data" && pwd)
+else
+    export CA_SHARED_DATA=/nonexistent
+fi
+
 run_family() {
     local name=$1 target=$2 logfile="$WORK/$1.log"
     log "$name tests"
-    as_pg_user make -C "$WORK" PG_CONFIG="$PG_CONFIG" "$target" >"$logfile" 2>&1
+    as_pg_user env CA_SHARED_DATA="$CA_SHARED_DATA" make -C "$WORK" PG_CONFIG="$PG_CONFIG" "$target" >"$logfile" 2>&1
     local rc=$?
     cat "$logfile"
     echo "$rc" >"$WORK/$name.rc"

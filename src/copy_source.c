@@ -115,3 +115,58 @@ ca_copy_from_producer(Relation rel, List *attnames, List *copy_options,
 	free_parsestate(pstate);
 	return processed;
 }
+
+/*
+ * A COPY FROM parser over a producer.  The caller reads with
+ * NextCopyFrom()/NextCopyFromRawFields() on reader->cstate, and must call
+ * ca_copy_reader_end() (also on error, from a PG_FINALLY) before starting
+ * another reader.
+ */
+struct CaCopyReader
+{
+	ProducerSource src;
+	ProducerSource *saved;
+	ParseState *pstate;
+	CopyFromState cstate;
+};
+
+CaCopyReader *
+ca_copy_reader_begin(Relation rel, List *copy_options,
+					 CaChunkProducer produce, void *arg)
+{
+	CaCopyReader *reader = palloc0(sizeof(CaCopyReader));
+
+	reader->src.produce = produce;
+	reader->src.arg = arg;
+	initStringInfo(&reader->src.chunk);
+	reader->pstate = make_parsestate(NULL);
+	reader->saved = active_source;
+	active_source = &reader->src;
+	PG_TRY();
+	{
+		reader->cstate = BeginCopyFrom(reader->pstate, rel, NULL, NULL, false,
+									   producer_read, NIL, copy_options);
+	}
+	PG_CATCH();
+	{
+		active_source = reader->saved;
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	return reader;
+}
+
+CopyFromState
+ca_copy_reader_state(CaCopyReader * reader)
+{
+	return reader->cstate;
+}
+
+void
+ca_copy_reader_end(CaCopyReader * reader, bool abandon)
+{
+	/* after an error COPY's state may be half-built: just let it go */
+	if (!abandon && reader->cstate)
+		EndCopyFrom(reader->cstate);
+	active_source = reader->saved;
+}

@@ -60,6 +60,7 @@ void
 _PG_init(void)
 {
 	define_core_settings();
+	ca_ingest_init();
 
 	MarkGUCPrefixReserved(CA_GUC_PREFIX);
 }

@@ -18,6 +18,9 @@
 /* customer_analytics.c */
 extern char *ca_business_timezone;
 
+/* per-module settings, defined from _PG_init */
+extern void ca_ingest_init(void);
+
 /*
  * copy_source.c: feed bytes produced in memory to PostgreSQL's COPY FROM
  * machinery.  The producer appends its next chunk to "out" and returns
@@ -28,5 +31,13 @@ typedef bool (*CaChunkProducer) (void *arg, StringInfo out);
 extern uint64 ca_copy_from_producer(Relation rel, List *attnames,
 									List *copy_options,
 									CaChunkProducer produce, void *arg);
+
+typedef struct CaCopyReader CaCopyReader;
+typedef struct CopyFromStateData *CaCopyFromState;
+
+extern CaCopyReader * ca_copy_reader_begin(Relation rel, List *copy_options,
+										   CaChunkProducer produce, void *arg);
+extern CaCopyFromState ca_copy_reader_state(CaCopyReader * reader);
+extern void ca_copy_reader_end(CaCopyReader * reader, bool abandon);
 
 #endif							/* CUSTOMER_ANALYTICS_H */
