@@ -38,7 +38,9 @@ count_regress() {
 
 # The real public data sets live beside the checkout (../shared/data); the
 # scratch copy is elsewhere, so tell the tests where they are.
-if [ -d "$REPO/../shared/data" ]; then
+if [ -n "${CA_SHARED_DATA:-}" ]; then
+    :   # given by the caller (CA_SHARED_DATA=/nonexistent runs the skipped path)
+elif [ -d "$REPO/../shared/data" ]; then
     export CA_SHARED_DATA=$(cd "$REPO/../shared/data" && pwd)
 else
     export CA_SHARED_DATA=/nonexistent
