@@ -365,6 +365,8 @@ typedef struct IngestState
 	int64		blank_lines;
 } IngestState;
 
+static void report_progress(IngestState *st, bool restart);
+
 /* ---------------------------------------------------------------------
  * Rejects
  * ---------------------------------------------------------------------
@@ -592,6 +594,7 @@ insert_checked(IngestState *st, int lo, int hi)
 		CurrentResourceOwner = oldowner;
 		if (!is_row_error(edata->sqlerrcode))
 			ReThrowError(edata);
+		report_progress(st, true);
 		if (hi - lo == 1)
 		{
 			RowOrigin  *o = &st->origins[lo];
@@ -634,8 +637,7 @@ flush_rows(IngestState *st)
 	st->nbuffered = 0;
 	st->buffered_bytes = 0;
 	MemoryContextReset(st->batchcxt);
-	pgstat_progress_update_param(PROGRESS_COPY_TUPLES_PROCESSED, st->rows_loaded);
-	pgstat_progress_update_param(PROGRESS_COPY_TUPLES_EXCLUDED, st->rows_rejected);
+	report_progress(st, false);
 }
 
 /* ---------------------------------------------------------------------
@@ -654,6 +656,28 @@ consumed_offset(IngestState *st)
 	return st->src->pos - (cs->raw_buf_len - cs->input_buf_index);
 }
 
+/*
+ * (Re)state our progress in pg_stat_progress_copy.  BeginCopyFrom starts
+ * the report, but aborting a subtransaction (a rejected batch) ends it,
+ * so it is started again after each.
+ */
+static void
+report_progress(IngestState *st, bool restart)
+{
+	const int	index[] = {PROGRESS_COPY_COMMAND, PROGRESS_COPY_TYPE, PROGRESS_COPY_BYTES_TOTAL,
+	PROGRESS_COPY_TUPLES_PROCESSED, PROGRESS_COPY_TUPLES_EXCLUDED};
+	int64		values[5];
+
+	if (restart)
+		pgstat_progress_start_command(PROGRESS_COMMAND_COPY, RelationGetRelid(st->rel));
+	values[0] = PROGRESS_COPY_COMMAND_FROM;
+	values[1] = st->src->file ? PROGRESS_COPY_TYPE_FILE : PROGRESS_COPY_TYPE_CALLBACK;
+	values[2] = st->src->size;
+	values[3] = st->rows_loaded;
+	values[4] = st->rows_rejected;
+	pgstat_progress_update_multi_param(5, index, values);
+}
+
 static void
 start_parser(IngestState *st, int64 offset, int64 line_base)
 {
@@ -664,7 +688,7 @@ start_parser(IngestState *st, int64 offset, int64 line_base)
 	st->reader = ca_copy_reader_begin(st->rel, st->copy_options, source_produce, st->src);
 	st->cstate = ca_copy_reader_state(st->reader);
 	st->transcoding = st->cstate->need_transcoding;
-	pgstat_progress_update_param(PROGRESS_COPY_BYTES_TOTAL, st->src->size);
+	report_progress(st, false);
 }
 
 static void
@@ -1032,6 +1056,8 @@ run_batch(IngestState *st)
 		CurrentResourceOwner = oldowner;
 		if (!is_row_error(edata->sqlerrcode))
 			ReThrowError(edata);
+		if (st->cstate)
+			report_progress(st, true);
 
 		/* the slot being filled holds nothing */
 		ExecClearTuple(st->slots[st->nbuffered]);
@@ -1646,8 +1672,13 @@ find_loaded(const char *target, const char *column, const char *value,
 				   "ORDER BY load_id LIMIT 1",
 				   column,
 				   match_identity ? " AND file_size = $3 AND file_mtime = $4" : "");
+
+	/*
+	 * Not read-only: in READ COMMITTED that takes a new snapshot, which sees
+	 * a concurrent load that committed while we waited for its lock.
+	 */
 	SPI_connect();
-	SPI_execute_with_args(sql, match_identity ? 4 : 2, types, values, NULL, true, 1);
+	SPI_execute_with_args(sql, match_identity ? 4 : 2, types, values, NULL, false, 1);
 	if (SPI_processed > 0)
 	{
 		bool		isnull;
@@ -1801,10 +1832,13 @@ load_source(IngestState *st)
 		flush_rows(st);
 		flush_rejects(st);
 		check_reject_limits(st, true);
+		stop_parser(st, false);
+		pgstat_progress_end_command();
 	}
-	PG_FINALLY();
+	PG_CATCH();
 	{
 		stop_parser(st, true);
+		PG_RE_THROW();
 	}
 	PG_END_TRY();
 }
