@@ -333,8 +333,9 @@ typedef struct IngestState
 	Size		buffered_bytes;
 	MemoryContext batchcxt;
 
-	/* rejects waiting to be written */
+	/* rejects waiting to be written, and the statement that writes them */
 	List	   *rejects;
+	SPIPlanPtr	reject_plan;
 	MemoryContext rejectcxt;
 
 	/* COPY parser and position */
@@ -455,6 +456,17 @@ flush_rejects(IngestState *st)
 	if (st->rejects == NIL)
 		return;
 	SPI_connect();
+	if (st->reject_plan == NULL)
+	{
+		/* planned once per load: a file can have many rejects */
+		st->reject_plan = SPI_prepare("INSERT INTO customer_analytics.ingest_reject "
+									  "(load_id, target, file, line_number, byte_offset, raw_line, raw_truncated, "
+									  " column_name, sqlstate, message, detail) "
+									  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+									  11, types);
+		if (st->reject_plan == NULL || SPI_keepplan(st->reject_plan) != 0)
+			elog(ERROR, "could not prepare the insert into ingest_reject");
+	}
 	foreach(lc, st->rejects)
 	{
 		PendingReject *r = lfirst(lc);
@@ -481,11 +493,7 @@ flush_rejects(IngestState *st)
 		values[10] = r->detail ? CStringGetTextDatum(r->detail) : (Datum) 0;
 		if (r->detail == NULL)
 			nulls[10] = 'n';
-		SPI_execute_with_args("INSERT INTO customer_analytics.ingest_reject "
-							  "(load_id, target, file, line_number, byte_offset, raw_line, raw_truncated, "
-							  " column_name, sqlstate, message, detail) "
-							  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-							  11, types, values, nulls, false, 0);
+		SPI_execute_plan(st->reject_plan, values, nulls, false, 0);
 	}
 	SPI_finish();
 	st->rejects = NIL;
@@ -499,6 +507,13 @@ flush_rejects(IngestState *st)
 static void
 insert_slots(IngestState *st, int lo, int hi)
 {
+	/*
+	 * heap_multi_insert and the index AMs allocate as they go: in the batch
+	 * context, which flush_rows() resets, so memory does not grow with the
+	 * file.
+	 */
+	MemoryContext old = MemoryContextSwitchTo(st->batchcxt);
+
 	/*
 	 * A bulk-insert state keeps a page pinned between calls, which must not
 	 * cross the subtransactions of checked mode.
@@ -519,6 +534,7 @@ insert_slots(IngestState *st, int lo, int hi)
 			ExecARInsertTriggers(st->estate, st->rri, st->slots[i], recheck, NULL);
 		list_free(recheck);
 	}
+	MemoryContextSwitchTo(old);
 }
 
 static bool
@@ -1832,12 +1848,18 @@ load_source(IngestState *st)
 		flush_rows(st);
 		flush_rejects(st);
 		check_reject_limits(st, true);
+		if (st->reject_plan)
+			SPI_freeplan(st->reject_plan);
+		st->reject_plan = NULL;
 		stop_parser(st, false);
 		pgstat_progress_end_command();
 	}
 	PG_CATCH();
 	{
 		stop_parser(st, true);
+		if (st->reject_plan)
+			SPI_freeplan(st->reject_plan);
+		st->reject_plan = NULL;
 		PG_RE_THROW();
 	}
 	PG_END_TRY();
