@@ -61,6 +61,7 @@ _PG_init(void)
 {
 	define_core_settings();
 	ca_ingest_init();
+	ca_rfm_init();
 
 	MarkGUCPrefixReserved(CA_GUC_PREFIX);
 }

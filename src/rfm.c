@@ -1,0 +1,1219 @@
+/*
+ * rfm.c
+ *	  RFM scoring: recency, frequency and monetary value per customer, their
+ *	  tie-aware quintile scores, and the named segment of each RFM cell.
+ *
+ *	- rfm_agg(order_ts, amount): an aggregate over one row per order, with a
+ *	  concrete fixed-size state type (rfm_state) and a combine function, so
+ *	  it runs in parallel and can be pushed down by Citus.  Money is summed
+ *	  exactly, in int64 units of 0.0001.
+ *	- quintile_breaks(float8): the four cut points percentile_disc(0.2, 0.4,
+ *	  0.6, 0.8) would give, as one parallel-safe aggregate (its state, all
+ *	  the values, is a concrete varlena type); quintile_score() scores a
+ *	  value against them so that equal values always get the same score.
+ *	- rfm(): the whole job in one call.  It scans the source table itself,
+ *	  collapses order lines into orders and customer versions (SCD2) into
+ *	  customers, then scores; three NTILE passes over a GROUP BY are what it
+ *	  replaces.
+ *
+ * What counts, in rfm_agg and rfm() alike: a row without a timestamp is not
+ * an order; a NULL amount is an order worth 0; a negative amount is a
+ * return: it nets against monetary but is not a purchase and moves neither
+ * the first nor the last order.  rfm() on the star schema counts completed
+ * order lines only (cancelled ones never happened, returned ones came
+ * back), of known customers, up to as_of.
+ */
+#include "postgres.h"
+
+#include <math.h>
+
+#include "access/htup_details.h"
+#include "access/relation.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_collation.h"
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "common/int.h"
+#include "executor/spi.h"
+#include "executor/tuptable.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "parser/parse_relation.h"
+#include "utils/acl.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/float.h"
+#include "utils/guc.h"
+#include "utils/hsearch.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/numeric.h"
+#include "utils/rel.h"
+#include "utils/rls.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+#include "utils/typcache.h"
+
+#include "customer_analytics.h"
+
+PG_FUNCTION_INFO_V1(ca_rfm_state_in);
+PG_FUNCTION_INFO_V1(ca_rfm_state_out);
+PG_FUNCTION_INFO_V1(ca_rfm_agg_sfunc);
+PG_FUNCTION_INFO_V1(ca_rfm_agg_combine);
+PG_FUNCTION_INFO_V1(ca_rfm_agg_final);
+PG_FUNCTION_INFO_V1(ca_quantile_state_in);
+PG_FUNCTION_INFO_V1(ca_quantile_state_out);
+PG_FUNCTION_INFO_V1(ca_quintile_breaks_sfunc);
+PG_FUNCTION_INFO_V1(ca_quintile_breaks_combine);
+PG_FUNCTION_INFO_V1(ca_quintile_breaks_final);
+PG_FUNCTION_INFO_V1(ca_quintile_score);
+PG_FUNCTION_INFO_V1(ca_reference_time);
+PG_FUNCTION_INFO_V1(ca_rfm);
+
+#define MONEY_SCALE 4			/* money is summed in units of 0.0001 */
+#define MONEY_UNIT INT64CONST(10000)
+
+/* settings */
+static char *rfm_segment_map = NULL;
+static char *as_of_setting = NULL;
+static int	top_customers = 100;
+
+void
+ca_rfm_init(void)
+{
+	DefineCustomStringVariable(CA_GUC_PREFIX ".rfm_segment_map",
+							   "Which map of customer_analytics.rfm_segment_rule names the RFM segments.",
+							   NULL,
+							   &rfm_segment_map,
+							   "default",
+							   PGC_USERSET, 0,
+							   NULL, NULL, NULL);
+	DefineCustomStringVariable(CA_GUC_PREFIX ".as_of",
+							   "Reference time for recency in the RFM views; empty means now.",
+							   "Set it to the end of a historical data set, e.g. '2011-12-10'.",
+							   &as_of_setting,
+							   "",
+							   PGC_USERSET, 0,
+							   NULL, NULL, NULL);
+	DefineCustomIntVariable(CA_GUC_PREFIX ".top_customers",
+							"How many customers the top_customers view keeps.",
+							NULL,
+							&top_customers,
+							100, 1, 1000000,
+							PGC_USERSET, 0,
+							NULL, NULL, NULL);
+}
+
+/* ---------------------------------------------------------------------
+ * Exact money: numeric -> int64 units of 0.0001
+ * ---------------------------------------------------------------------
+ *
+ * Converting through numeric arithmetic costs an allocation per row, more
+ * than the rest of the work.  The numeric on-disk format is stable (it has
+ * to be, for pg_upgrade), so it is read directly here: a 16-bit header
+ * (short or long form), then base-10000 digits.
+ */
+#define NBASE 10000
+#define NUMERIC_SIGN_MASK 0xC000
+#define NUMERIC_NEG 0x4000
+#define NUMERIC_SHORT 0x8000
+#define NUMERIC_SPECIAL 0xC000
+#define NUMERIC_SHORT_SIGN_MASK 0x2000
+#define NUMERIC_SHORT_WEIGHT_SIGN_MASK 0x0040
+#define NUMERIC_SHORT_WEIGHT_MASK 0x003F
+
+typedef enum MoneyResult
+{
+	MONEY_OK,
+	MONEY_TOO_PRECISE,
+	MONEY_OUT_OF_RANGE,
+	MONEY_NOT_FINITE
+} MoneyResult;
+
+static MoneyResult
+numeric_to_units(Datum value, int64 *units)
+{
+	struct varlena *v = (struct varlena *) PG_DETOAST_DATUM_PACKED(value);
+	const char *data = VARDATA_ANY(v);
+	int			len = VARSIZE_ANY_EXHDR(v);
+	uint16		header;
+	int			weight;
+	bool		negative;
+	int			ndigits;
+	const char *digits;
+	int128		acc = 0;
+
+	memcpy(&header, data, sizeof(uint16));
+	if ((header & NUMERIC_SIGN_MASK) == NUMERIC_SPECIAL)
+		return MONEY_NOT_FINITE;
+	if ((header & NUMERIC_SIGN_MASK) == NUMERIC_SHORT)
+	{
+		negative = (header & NUMERIC_SHORT_SIGN_MASK) != 0;
+		weight = header & NUMERIC_SHORT_WEIGHT_MASK;
+		if (header & NUMERIC_SHORT_WEIGHT_SIGN_MASK)
+			weight |= ~NUMERIC_SHORT_WEIGHT_MASK;
+		digits = data + sizeof(uint16);
+		ndigits = (len - sizeof(uint16)) / sizeof(int16);
+	}
+	else
+	{
+		int16		w;
+
+		negative = (header & NUMERIC_SIGN_MASK) == NUMERIC_NEG;
+		memcpy(&w, data + sizeof(uint16), sizeof(int16));
+		weight = w;
+		digits = data + 2 * sizeof(uint16);
+		ndigits = (len - 2 * sizeof(uint16)) / sizeof(int16);
+	}
+
+	/* digit i is worth NBASE^(weight - i); a unit is NBASE^-1 */
+	for (int i = 0; i < ndigits; i++)
+	{
+		int16		d;
+		int			exponent = weight - i + 1;	/* power of NBASE, in units */
+
+		memcpy(&d, digits + i * sizeof(int16), sizeof(int16));
+		if (d == 0)
+			continue;
+		if (exponent < 0)
+			return MONEY_TOO_PRECISE;
+		if (exponent > 5)
+			return MONEY_OUT_OF_RANGE;
+		{
+			int128		term = d;
+
+			for (int e = 0; e < exponent; e++)
+				term *= NBASE;
+			acc += term;
+		}
+	}
+	if (acc > PG_INT64_MAX)
+		return MONEY_OUT_OF_RANGE;
+	*units = negative ? -(int64) acc : (int64) acc;
+	if ((Pointer) v != DatumGetPointer(value))
+		pfree(v);
+	return MONEY_OK;
+}
+
+static int64
+amount_units(Datum value, Oid type)
+{
+	int64		units = 0;
+
+	switch (type)
+	{
+		case NUMERICOID:
+			switch (numeric_to_units(value, &units))
+			{
+				case MONEY_OK:
+					return units;
+				case MONEY_TOO_PRECISE:
+					ereport(ERROR,
+							(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+							 errmsg("amount %s has more than %d decimal places",
+									DatumGetCString(DirectFunctionCall1(numeric_out, value)), MONEY_SCALE),
+							 errdetail("Monetary values are summed exactly to %d decimal places.", MONEY_SCALE),
+							 errhint("Round the amounts first, e.g. round(amount, %d).", MONEY_SCALE)));
+					break;
+				case MONEY_NOT_FINITE:
+					ereport(ERROR,
+							(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+							 errmsg("amount %s is not a finite number",
+									DatumGetCString(DirectFunctionCall1(numeric_out, value)))));
+					break;
+				default:
+					ereport(ERROR,
+							(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+							 errmsg("amount %s is too large",
+									DatumGetCString(DirectFunctionCall1(numeric_out, value))),
+							 errdetail("Monetary sums are kept below 922,337,203,685,477 in units of 0.0001.")));
+			}
+			break;
+		case INT2OID:
+			return (int64) DatumGetInt16(value) * MONEY_UNIT;
+		case INT4OID:
+			return (int64) DatumGetInt32(value) * MONEY_UNIT;
+		case INT8OID:
+			if (pg_mul_s64_overflow(DatumGetInt64(value), MONEY_UNIT, &units))
+				ereport(ERROR,
+						(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+						 errmsg("amount " INT64_FORMAT " is too large", DatumGetInt64(value))));
+			return units;
+		case FLOAT4OID:
+		case FLOAT8OID:
+			{
+				double		d = type == FLOAT4OID ? DatumGetFloat4(value) : DatumGetFloat8(value);
+
+				if (isnan(d) || fabs(d) * MONEY_UNIT >= 9.2e18)
+					ereport(ERROR,
+							(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+							 errmsg("amount %g cannot be summed", d)));
+				return (int64) llround(d * MONEY_UNIT);
+			}
+		default:
+			elog(ERROR, "unsupported amount type %u", type);
+	}
+	return 0;
+}
+
+static Datum
+units_to_numeric(int64 units)
+{
+	return NumericGetDatum(int64_div_fast_to_numeric(units, MONEY_SCALE));
+}
+
+static void
+add_units(int64 *sum, int64 units)
+{
+	if (pg_add_s64_overflow(*sum, units, sum))
+		ereport(ERROR,
+				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+				 errmsg("monetary sum out of range"),
+				 errdetail("Monetary sums are kept below 922,337,203,685,477 in units of 0.0001.")));
+}
+
+/* ---------------------------------------------------------------------
+ * rfm_state and rfm_agg
+ * ---------------------------------------------------------------------
+ */
+typedef struct RfmState
+{
+	int64		frequency;		/* purchases: rows with a non-negative or NULL amount */
+	int64		monetary;		/* sum of amounts, units of 0.0001 */
+	TimestampTz first_order;	/* of purchases; valid if frequency > 0 */
+	TimestampTz last_order;
+	int64		returns;		/* rows with a negative amount */
+} RfmState;
+
+StaticAssertDecl(sizeof(RfmState) == 40, "rfm_state is declared with INTERNALLENGTH = 40");
+
+/* one row into the state: the rules in the file header */
+static inline void
+rfm_add(RfmState *s, TimestampTz ts, bool amount_null, int64 units)
+{
+	if (!amount_null && units < 0)
+	{
+		add_units(&s->monetary, units);
+		s->returns++;
+		return;
+	}
+	if (!amount_null)
+		add_units(&s->monetary, units);
+	if (s->frequency == 0 || ts < s->first_order)
+		s->first_order = ts;
+	if (s->frequency == 0 || ts > s->last_order)
+		s->last_order = ts;
+	s->frequency++;
+}
+
+static void
+rfm_merge(RfmState *a, const RfmState *b)
+{
+	if (b->frequency > 0)
+	{
+		if (a->frequency == 0 || b->first_order < a->first_order)
+			a->first_order = b->first_order;
+		if (a->frequency == 0 || b->last_order > a->last_order)
+			a->last_order = b->last_order;
+	}
+	a->frequency += b->frequency;
+	a->returns += b->returns;
+	add_units(&a->monetary, b->monetary);
+}
+
+Datum
+ca_rfm_state_in(PG_FUNCTION_ARGS)
+{
+	char	   *str = PG_GETARG_CSTRING(0);
+	RfmState   *s = palloc0(sizeof(RfmState));
+	long long	freq,
+				ret,
+				first,
+				last,
+				money;
+
+	if (sscanf(str, "(%lld,%lld,%lld,%lld,%lld)", &freq, &money, &first, &last, &ret) != 5)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+				 errmsg("invalid input syntax for type rfm_state: \"%s\"", str),
+				 errdetail("Expected (frequency,monetary units,first order,last order,returns) as integers.")));
+	s->frequency = freq;
+	s->monetary = money;
+	s->first_order = first;
+	s->last_order = last;
+	s->returns = ret;
+	PG_RETURN_POINTER(s);
+}
+
+Datum
+ca_rfm_state_out(PG_FUNCTION_ARGS)
+{
+	RfmState   *s = (RfmState *) PG_GETARG_POINTER(0);
+
+	PG_RETURN_CSTRING(psprintf("(" INT64_FORMAT "," INT64_FORMAT "," INT64_FORMAT "," INT64_FORMAT "," INT64_FORMAT ")",
+							   s->frequency, s->monetary, s->first_order, s->last_order, s->returns));
+}
+
+static MemoryContext
+aggregate_context(FunctionCallInfo fcinfo, const char *name)
+{
+	MemoryContext aggcxt;
+
+	if (!AggCheckCallContext(fcinfo, &aggcxt))
+		elog(ERROR, "%s called in non-aggregate context", name);
+	return aggcxt;
+}
+
+/* rfm_agg(order_ts timestamptz, amount numeric) transition */
+Datum
+ca_rfm_agg_sfunc(PG_FUNCTION_ARGS)
+{
+	MemoryContext aggcxt = aggregate_context(fcinfo, "rfm_agg");
+	RfmState   *s;
+
+	if (PG_ARGISNULL(0))
+		s = MemoryContextAllocZero(aggcxt, sizeof(RfmState));
+	else
+		s = (RfmState *) PG_GETARG_POINTER(0);
+	if (!PG_ARGISNULL(1))
+	{
+		bool		amount_null = PG_ARGISNULL(2);
+
+		rfm_add(s, PG_GETARG_TIMESTAMPTZ(1), amount_null,
+				amount_null ? 0 : amount_units(PG_GETARG_DATUM(2), NUMERICOID));
+	}
+	Assert(s->frequency >= 0 && s->returns >= 0);
+	PG_RETURN_POINTER(s);
+}
+
+Datum
+ca_rfm_agg_combine(PG_FUNCTION_ARGS)
+{
+	MemoryContext aggcxt = aggregate_context(fcinfo, "rfm_agg");
+	RfmState   *a;
+
+	if (PG_ARGISNULL(1))
+	{
+		if (PG_ARGISNULL(0))
+			PG_RETURN_NULL();
+		PG_RETURN_POINTER(PG_GETARG_POINTER(0));
+	}
+	if (PG_ARGISNULL(0))
+	{
+		a = MemoryContextAlloc(aggcxt, sizeof(RfmState));
+		memcpy(a, PG_GETARG_POINTER(1), sizeof(RfmState));
+		PG_RETURN_POINTER(a);
+	}
+	a = (RfmState *) PG_GETARG_POINTER(0);
+	rfm_merge(a, (RfmState *) PG_GETARG_POINTER(1));
+	PG_RETURN_POINTER(a);
+}
+
+/* -> rfm_summary (first_order, last_order, frequency, monetary, returns) */
+Datum
+ca_rfm_agg_final(PG_FUNCTION_ARGS)
+{
+	RfmState   *s;
+	TupleDesc	tupdesc;
+	Datum		values[5];
+	bool		nulls[5] = {false, false, false, false, false};
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	s = (RfmState *) PG_GETARG_POINTER(0);
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "rfm_agg must return a composite type");
+	tupdesc = BlessTupleDesc(tupdesc);
+	values[0] = TimestampTzGetDatum(s->first_order);
+	values[1] = TimestampTzGetDatum(s->last_order);
+	nulls[0] = nulls[1] = (s->frequency == 0);
+	values[2] = Int64GetDatum(s->frequency);
+	values[3] = units_to_numeric(s->monetary);
+	values[4] = Int64GetDatum(s->returns);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/* ---------------------------------------------------------------------
+ * quantile_state and quintile_breaks
+ * ---------------------------------------------------------------------
+ */
+typedef struct QuantileState
+{
+	int32		vl_len_;
+	int32		padding;
+	int64		count;			/* values held */
+	float8		values[FLEXIBLE_ARRAY_MEMBER];	/* room for more: see varsize */
+} QuantileState;
+
+#define QS_HEADER offsetof(QuantileState, values)
+#define QS_CAPACITY(qs) ((VARSIZE(qs) - QS_HEADER) / sizeof(float8))
+#define QS_MAX_VALUES ((MaxAllocSize - QS_HEADER) / sizeof(float8))
+
+static QuantileState *
+qs_make(MemoryContext cxt, int64 capacity)
+{
+	QuantileState *qs;
+
+	if (capacity > (int64) QS_MAX_VALUES)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("quintile_breaks cannot hold more than %zu values", (size_t) QS_MAX_VALUES),
+				 errhint("Compute the breaks on a sample, or per partition.")));
+	qs = MemoryContextAlloc(cxt, QS_HEADER + capacity * sizeof(float8));
+	SET_VARSIZE(qs, QS_HEADER + capacity * sizeof(float8));
+	qs->padding = 0;
+	qs->count = 0;
+	return qs;
+}
+
+Datum
+ca_quantile_state_in(PG_FUNCTION_ARGS)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+			 errmsg("type quantile_state has no text input"),
+			 errdetail("It is the internal state of quintile_breaks() and is only built by that aggregate.")));
+	PG_RETURN_NULL();
+}
+
+Datum
+ca_quantile_state_out(PG_FUNCTION_ARGS)
+{
+	QuantileState *qs = (QuantileState *) PG_DETOAST_DATUM(PG_GETARG_DATUM(0));
+
+	PG_RETURN_CSTRING(psprintf("(" INT64_FORMAT " values)", qs->count));
+}
+
+/* quintile_breaks(value float8) transition: NULLs are skipped */
+Datum
+ca_quintile_breaks_sfunc(PG_FUNCTION_ARGS)
+{
+	MemoryContext aggcxt = aggregate_context(fcinfo, "quintile_breaks");
+	QuantileState *qs = PG_ARGISNULL(0) ? NULL : (QuantileState *) PG_GETARG_POINTER(0);
+
+	if (PG_ARGISNULL(1))
+	{
+		if (qs == NULL)
+			PG_RETURN_NULL();
+		PG_RETURN_POINTER(qs);
+	}
+	if (qs == NULL)
+		qs = qs_make(aggcxt, 64);
+	else if (qs->count == (int64) QS_CAPACITY(qs))
+	{
+		int64		capacity = Min((int64) QS_CAPACITY(qs) * 2, (int64) QS_MAX_VALUES);
+
+		if (capacity <= qs->count)
+			qs_make(aggcxt, capacity + 1);	/* reports the limit */
+		qs = repalloc(qs, QS_HEADER + capacity * sizeof(float8));
+		SET_VARSIZE(qs, QS_HEADER + capacity * sizeof(float8));
+	}
+	qs->values[qs->count++] = PG_GETARG_FLOAT8(1);
+	PG_RETURN_POINTER(qs);
+}
+
+Datum
+ca_quintile_breaks_combine(PG_FUNCTION_ARGS)
+{
+	MemoryContext aggcxt = aggregate_context(fcinfo, "quintile_breaks");
+	QuantileState *a = PG_ARGISNULL(0) ? NULL : (QuantileState *) PG_GETARG_POINTER(0);
+	QuantileState *b = PG_ARGISNULL(1) ? NULL : (QuantileState *) PG_DETOAST_DATUM(PG_GETARG_DATUM(1));
+	QuantileState *r;
+
+	if (b == NULL || b->count == 0)
+	{
+		if (a == NULL)
+			PG_RETURN_NULL();
+		PG_RETURN_POINTER(a);
+	}
+	r = qs_make(aggcxt, (a ? a->count : 0) + b->count);
+	if (a)
+		memcpy(r->values, a->values, a->count * sizeof(float8));
+	memcpy(r->values + (a ? a->count : 0), b->values, b->count * sizeof(float8));
+	r->count = (a ? a->count : 0) + b->count;
+	PG_RETURN_POINTER(r);
+}
+
+static int
+compare_float8(const void *a, const void *b)
+{
+	return float8_cmp_internal(*(const float8 *) a, *(const float8 *) b);
+}
+
+static int
+compare_int64(const void *a, const void *b)
+{
+	int64		x = *(const int64 *) a;
+	int64		y = *(const int64 *) b;
+
+	return x < y ? -1 : x > y ? 1 : 0;
+}
+
+/*
+ * percentile_disc(p) of n sorted values: the first value whose position is
+ * at least p * n (1-based), as PostgreSQL computes it.
+ */
+static inline int64
+disc_position(double p, int64 n)
+{
+	int64		row = (int64) ceil(p * n);
+
+	return Max(row, 1) - 1;
+}
+
+static const double quintile_fractions[4] = {0.2, 0.4, 0.6, 0.8};
+
+/* -> float8[4]: the values at 0.2, 0.4, 0.6 and 0.8; sorts the state */
+Datum
+ca_quintile_breaks_final(PG_FUNCTION_ARGS)
+{
+	QuantileState *qs;
+	Datum		breaks[4];
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	qs = (QuantileState *) PG_GETARG_POINTER(0);
+	if (qs->count == 0)
+		PG_RETURN_NULL();
+	/* sorting keeps the same multiset: the state stays shareable */
+	qsort(qs->values, qs->count, sizeof(float8), compare_float8);
+	for (int i = 0; i < 4; i++)
+		breaks[i] = Float8GetDatum(qs->values[disc_position(quintile_fractions[i], qs->count)]);
+	PG_RETURN_ARRAYTYPE_P(construct_array(breaks, 4, FLOAT8OID, sizeof(float8), FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+}
+
+/* score 1..5 of a value against ascending breaks; ties share a score */
+static inline int
+score_against(double value, const double *breaks, bool descending)
+{
+	int			above = 0;
+
+	for (int i = 0; i < 4; i++)
+		if (float8_cmp_internal(value, breaks[i]) > 0)
+			above++;
+	return descending ? 5 - above : 1 + above;
+}
+
+/* quintile_score(value float8, breaks float8[], descending bool) */
+Datum
+ca_quintile_score(PG_FUNCTION_ARGS)
+{
+	double		value = PG_GETARG_FLOAT8(0);
+	ArrayType  *arr = PG_GETARG_ARRAYTYPE_P(1);
+	bool		descending = PG_GETARG_BOOL(2);
+	Datum	   *elems;
+	bool	   *nulls;
+	int			n;
+	double		breaks[4];
+
+	deconstruct_array(arr, FLOAT8OID, sizeof(float8), FLOAT8PASSBYVAL, TYPALIGN_DOUBLE,
+					  &elems, &nulls, &n);
+	if (ARR_NDIM(arr) > 1 || n != 4)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("quintile breaks must be an array of 4 values, not %d", n),
+				 errhint("Compute them with customer_analytics.quintile_breaks(value).")));
+	for (int i = 0; i < 4; i++)
+	{
+		if (nulls[i])
+			ereport(ERROR,
+					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+					 errmsg("quintile break %d is NULL", i + 1)));
+		breaks[i] = DatumGetFloat8(elems[i]);
+		if (i > 0 && float8_cmp_internal(breaks[i], breaks[i - 1]) < 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("quintile breaks must not decrease: break %d (%g) is below break %d (%g)",
+							i + 1, breaks[i], i, breaks[i - 1])));
+	}
+	PG_RETURN_INT32(score_against(value, breaks, descending));
+}
+
+/* reference_time(): customer_analytics.as_of, or now() */
+Datum
+ca_reference_time(PG_FUNCTION_ARGS)
+{
+	if (as_of_setting == NULL || as_of_setting[0] == '\0')
+		PG_RETURN_TIMESTAMPTZ(GetCurrentTransactionStartTimestamp());
+	PG_RETURN_DATUM(DirectFunctionCall3(timestamptz_in, CStringGetDatum(as_of_setting),
+										ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
+}
+
+/* ---------------------------------------------------------------------
+ * rfm(): scan, aggregate per customer, score, name
+ * ---------------------------------------------------------------------
+ */
+/* 64-bit key to a well-mixed 32-bit hash (splitmix64's finalizer) */
+static inline uint32
+mix64(uint64 k)
+{
+	k = (k ^ (k >> 30)) * UINT64CONST(0xBF58476D1CE4E5B9);
+	k = (k ^ (k >> 27)) * UINT64CONST(0x94D049BB133111EB);
+	return (uint32) (k ^ (k >> 31));
+}
+
+typedef struct CustomerAcc
+{
+	uint64		key;			/* hash key: durable index or customer hash */
+	uint32		status;			/* simplehash bookkeeping */
+	char	   *customer_id;	/* text form */
+	int64		customer_key;	/* current version, default source only; -1 none */
+	RfmState	rfm;
+	int			r,
+				f,
+				m;
+} CustomerAcc;
+
+#define SH_PREFIX custacc
+#define SH_ELEMENT_TYPE CustomerAcc
+#define SH_KEY_TYPE uint64
+#define SH_KEY key
+#define SH_HASH_KEY(tb, key) mix64(key)
+#define SH_EQUAL(tb, a, b) ((a) == (b))
+#define SH_SCOPE static inline
+#define SH_DEFINE
+#define SH_DECLARE
+#include "lib/simplehash.h"
+
+typedef struct SeenOrder
+{
+	uint64		key;			/* hash of (customer, order) */
+	uint32		status;
+} SeenOrder;
+
+#define SH_PREFIX seenorder
+#define SH_ELEMENT_TYPE SeenOrder
+#define SH_KEY_TYPE uint64
+#define SH_KEY key
+#define SH_HASH_KEY(tb, key) mix64(key)
+#define SH_EQUAL(tb, a, b) ((a) == (b))
+#define SH_SCOPE static inline
+#define SH_DEFINE
+#define SH_DECLARE
+#include "lib/simplehash.h"
+
+/* a version of a customer (dim_customer row) and its durable customer */
+typedef struct VersionMap
+{
+	uint64		key;			/* customer_key */
+	uint32		status;
+	uint32		durable;		/* index into durable ids */
+} VersionMap;
+
+#define SH_PREFIX versionmap
+#define SH_ELEMENT_TYPE VersionMap
+#define SH_KEY_TYPE uint64
+#define SH_KEY key
+#define SH_HASH_KEY(tb, key) mix64(key)
+#define SH_EQUAL(tb, a, b) ((a) == (b))
+#define SH_SCOPE static inline
+#define SH_DEFINE
+#define SH_DECLARE
+#include "lib/simplehash.h"
+
+typedef struct RfmScan
+{
+	MemoryContext cxt;
+	custacc_hash *customers;
+	seenorder_hash *seen;
+	TimestampTz as_of;
+	bool		star_schema;	/* source is fact_order_line */
+	/* star schema: version -> durable customer */
+	versionmap_hash *versions;
+	char	  **durable_ids;
+	int64	   *current_keys;
+	/* generic source: how to read and hash its columns */
+	Oid			customer_type;
+	Oid			order_type;
+	Oid			ts_type;
+	Oid			amount_type;
+	FmgrInfo	customer_out;
+	FmgrInfo	customer_hash;
+	FmgrInfo	order_hash;
+	bool		has_order;
+	int64		rows_seen;
+} RfmScan;
+
+static TimestampTz
+to_timestamptz(Datum d, Oid type)
+{
+	switch (type)
+	{
+		case TIMESTAMPTZOID:
+			return DatumGetTimestampTz(d);
+		case TIMESTAMPOID:
+			return DatumGetTimestampTz(DirectFunctionCall1(timestamp_timestamptz, d));
+		case DATEOID:
+			return DatumGetTimestampTz(DirectFunctionCall1(date_timestamptz, d));
+		default:
+			elog(ERROR, "unsupported timestamp type %u", type);
+	}
+	return 0;
+}
+
+static uint64
+hash_value(FmgrInfo *hashfn, Datum d)
+{
+	return DatumGetUInt64(FunctionCall2Coll(hashfn, C_COLLATION_OID, d, UInt64GetDatum(0x5ca1ab1e)));
+}
+
+/* One row (already filtered) into the per-customer accumulators. */
+static void
+rfm_scan_row(RfmScan *sc, uint64 custkey, Datum customer, Datum order, bool order_null,
+			 Datum ts, bool amount_null, Datum amount)
+{
+	TimestampTz t = to_timestamptz(ts, sc->ts_type);
+	int64		units = amount_null ? 0 : amount_units(amount, sc->amount_type);
+	CustomerAcc *acc;
+	bool		found;
+
+	if (t > sc->as_of)
+		return;					/* not yet happened at as_of */
+	acc = custacc_insert(sc->customers, custkey, &found);
+	if (!found)
+	{
+		memset(&acc->rfm, 0, sizeof(RfmState));
+		acc->customer_id = NULL;
+		acc->customer_key = -1;
+		if (sc->star_schema)
+		{
+			acc->customer_id = sc->durable_ids[custkey];
+			acc->customer_key = sc->current_keys[custkey];
+		}
+		else
+		{
+			MemoryContext old = MemoryContextSwitchTo(sc->cxt);
+
+			acc->customer_id = OutputFunctionCall(&sc->customer_out, customer);
+			MemoryContextSwitchTo(old);
+		}
+	}
+
+	/*
+	 * With an order column, the lines of one order make one purchase: the
+	 * first line seen counts it, the others add their amounts.  A return is
+	 * never a purchase.
+	 */
+	if (sc->has_order && !order_null && (amount_null || units >= 0))
+	{
+		uint64		okey = hash_combine64(custkey * UINT64CONST(0x9E3779B97F4A7C15),
+										  hash_value(&sc->order_hash, order));
+		bool		seen;
+
+		seenorder_insert(sc->seen, okey, &seen);
+		if (seen)
+		{
+			if (!amount_null)
+				add_units(&acc->rfm.monetary, units);
+			if (t > acc->rfm.last_order)
+				acc->rfm.last_order = t;
+			if (t < acc->rfm.first_order)
+				acc->rfm.first_order = t;
+			return;
+		}
+	}
+	rfm_add(&acc->rfm, t, amount_null, units);
+}
+
+/* Load dim_customer: version key -> durable customer id and current key. */
+static void
+load_customer_versions(RfmScan *sc)
+{
+	MemoryContext old;
+	int			ndurable = 0;
+
+	SPI_connect();
+	SPI_execute("SELECT customer_key, customer_id, is_current FROM customer_analytics.dim_customer "
+				"WHERE customer_key <> -1 ORDER BY customer_id, valid_from", true, 0);
+	old = MemoryContextSwitchTo(sc->cxt);
+	sc->versions = versionmap_create(sc->cxt, Max(SPI_processed, 16), NULL);
+	sc->durable_ids = palloc(sizeof(char *) * Max(SPI_processed, 1));
+	sc->current_keys = palloc(sizeof(int64) * Max(SPI_processed, 1));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		bool		isnull;
+		int64		key = DatumGetInt64(SPI_getbinval(tup, SPI_tuptable->tupdesc, 1, &isnull));
+		char	   *id = SPI_getvalue(tup, SPI_tuptable->tupdesc, 2);
+		bool		current = DatumGetBool(SPI_getbinval(tup, SPI_tuptable->tupdesc, 3, &isnull));
+		VersionMap *v;
+		bool		found;
+
+		/* rows come grouped by customer_id: a new id starts a durable customer */
+		if (ndurable == 0 || strcmp(sc->durable_ids[ndurable - 1], id) != 0)
+		{
+			sc->durable_ids[ndurable] = pstrdup(id);
+			sc->current_keys[ndurable] = -1;
+			ndurable++;
+		}
+		if (current)
+			sc->current_keys[ndurable - 1] = key;
+		v = versionmap_insert(sc->versions, (uint64) key, &found);
+		v->durable = ndurable - 1;
+	}
+	MemoryContextSwitchTo(old);
+	SPI_finish();
+}
+
+static AttrNumber
+column_attnum(Relation rel, const char *column, const char *role, Oid *type,
+			  const Oid *allowed, int nallowed)
+{
+	AttrNumber	att = attnameAttNum(rel, column, false);
+	Oid			t;
+
+	if (att == InvalidAttrNumber)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_COLUMN),
+				 errmsg("column \"%s\" (the %s) does not exist in %s", column, role,
+						RelationGetRelationName(rel)),
+				 errhint("Name the source's columns with customer_column, ts_column, amount_column and order_column.")));
+	t = TupleDescAttr(RelationGetDescr(rel), att - 1)->atttypid;
+	if (allowed)
+	{
+		bool		ok = false;
+
+		for (int i = 0; i < nallowed; i++)
+			ok |= (t == allowed[i]);
+		if (!ok)
+			ereport(ERROR,
+					(errcode(ERRCODE_DATATYPE_MISMATCH),
+					 errmsg("column \"%s\" (the %s) has type %s", column, role, format_type_be(t)),
+					 errhint(strcmp(role, "amount") == 0
+							 ? "Amounts must be numeric, integer or floating point."
+							 : "Timestamps must be timestamptz, timestamp or date.")));
+	}
+	*type = t;
+	return att;
+}
+
+/*
+ * Scan a table directly (no executor, no SPI per row).  For the star schema
+ * only completed lines of known customers count.
+ */
+static void
+scan_table(RfmScan *sc, Relation rel, AttrNumber cust_att, AttrNumber order_att,
+		   AttrNumber ts_att, AttrNumber amount_att, AttrNumber status_att)
+{
+	TableScanDesc scan = table_beginscan(rel, GetActiveSnapshot(), 0, NULL);
+	TupleTableSlot *slot = table_slot_create(rel, NULL);
+	MemoryContext rowcxt = AllocSetContextCreate(CurrentMemoryContext, "rfm row", ALLOCSET_SMALL_SIZES);
+	AttrNumber	natts = Max(Max(cust_att, order_att), Max(Max(ts_att, amount_att), status_att));
+
+	while (table_scan_getnextslot(scan, ForwardScanDirection, slot))
+	{
+		bool		cnull,
+					onull = true,
+					tnull,
+					anull;
+		Datum		cust,
+					order = (Datum) 0,
+					ts,
+					amount;
+		uint64		custkey;
+		MemoryContext old;
+
+		CHECK_FOR_INTERRUPTS();
+		slot_getsomeattrs(slot, natts);
+		ts = slot_getattr(slot, ts_att, &tnull);
+		cust = slot_getattr(slot, cust_att, &cnull);
+		if (tnull || cnull)
+			continue;
+		if (status_att)
+		{
+			bool		snull;
+			Datum		status = slot_getattr(slot, status_att, &snull);
+			text	   *st = DatumGetTextPP(status);
+
+			if (snull || VARSIZE_ANY_EXHDR(st) != 9 || memcmp(VARDATA_ANY(st), "completed", 9) != 0)
+				continue;
+		}
+		if (sc->star_schema)
+		{
+			VersionMap *v = versionmap_lookup(sc->versions, (uint64) DatumGetInt64(cust));
+
+			if (v == NULL)
+				continue;		/* the unknown customer */
+			custkey = v->durable;
+		}
+		else
+			custkey = hash_value(&sc->customer_hash, cust);
+		if (order_att)
+			order = slot_getattr(slot, order_att, &onull);
+		amount = slot_getattr(slot, amount_att, &anull);
+		old = MemoryContextSwitchTo(rowcxt);
+		rfm_scan_row(sc, custkey, cust, order, onull, ts, anull, amount);
+		MemoryContextSwitchTo(old);
+		MemoryContextReset(rowcxt);
+		sc->rows_seen++;
+	}
+	ExecDropSingleTupleTableSlot(slot);
+	table_endscan(scan);
+	MemoryContextDelete(rowcxt);
+}
+
+/*
+ * A view, or a table with row-level security: read it through SQL, which
+ * applies the policies (slower, but the same result).
+ */
+static void
+scan_query(RfmScan *sc, Relation rel, const char *cust, const char *order,
+		   const char *ts, const char *amount)
+{
+	char	   *sql = psprintf("SELECT %s, %s, %s, %s FROM %s",
+							   quote_identifier(cust), order ? quote_identifier(order) : "NULL",
+							   quote_identifier(ts), quote_identifier(amount),
+							   quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
+														  RelationGetRelationName(rel)));
+	Portal		portal;
+	MemoryContext rowcxt = AllocSetContextCreate(CurrentMemoryContext, "rfm row", ALLOCSET_SMALL_SIZES);
+
+	SPI_connect();
+	portal = SPI_cursor_open_with_args(NULL, sql, 0, NULL, NULL, NULL, true, 0);
+	for (;;)
+	{
+		SPI_cursor_fetch(portal, true, 10000);
+		if (SPI_processed == 0)
+			break;
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			HeapTuple	tup = SPI_tuptable->vals[i];
+			TupleDesc	td = SPI_tuptable->tupdesc;
+			bool		cnull,
+						onull,
+						tnull,
+						anull;
+			Datum		c = SPI_getbinval(tup, td, 1, &cnull);
+			Datum		o = SPI_getbinval(tup, td, 2, &onull);
+			Datum		t = SPI_getbinval(tup, td, 3, &tnull);
+			Datum		a = SPI_getbinval(tup, td, 4, &anull);
+			MemoryContext old;
+
+			if (cnull || tnull)
+				continue;
+			old = MemoryContextSwitchTo(rowcxt);
+			rfm_scan_row(sc, hash_value(&sc->customer_hash, c), c, o, onull, t, anull, a);
+			MemoryContextSwitchTo(old);
+			MemoryContextReset(rowcxt);
+			sc->rows_seen++;
+		}
+		SPI_freetuptable(SPI_tuptable);
+		CHECK_FOR_INTERRUPTS();
+	}
+	SPI_cursor_close(portal);
+	SPI_finish();
+	MemoryContextDelete(rowcxt);
+}
+
+/* the segment of each of the 125 cells, from the chosen map */
+static void
+load_segments(char *segments[5][5][5], const char *map, MemoryContext cxt)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1];
+
+	values[0] = CStringGetTextDatum(map);
+	SPI_connect();
+	SPI_execute_with_args("SELECT r, f, m, segment FROM customer_analytics.rfm_segment_cells($1)",
+						  1, types, values, NULL, true, 0);
+	if (SPI_processed != 125)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("RFM segment map \"%s\" does not name all 125 cells", map),
+				 errhint("See SELECT * FROM customer_analytics.rfm_check_segment_map('%s');", map)));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		bool		isnull;
+		int			r = DatumGetInt32(SPI_getbinval(tup, SPI_tuptable->tupdesc, 1, &isnull));
+		int			f = DatumGetInt32(SPI_getbinval(tup, SPI_tuptable->tupdesc, 2, &isnull));
+		int			m = DatumGetInt32(SPI_getbinval(tup, SPI_tuptable->tupdesc, 3, &isnull));
+
+		segments[r - 1][f - 1][m - 1] = MemoryContextStrdup(cxt, SPI_getvalue(tup, SPI_tuptable->tupdesc, 4));
+	}
+	SPI_finish();
+}
+
+/* exact breaks of int64 values, as percentile_disc */
+static void
+int64_breaks(int64 *values, int64 n, double *breaks)
+{
+	qsort(values, n, sizeof(int64), compare_int64);
+	for (int i = 0; i < 4; i++)
+		breaks[i] = (double) values[disc_position(quintile_fractions[i], n)];
+}
+
+/*
+ * rfm(as_of, source, customer_column, ts_column, amount_column, order_column)
+ *	 RETURNS TABLE (customer_key bigint, customer_id text, recency_days int,
+ *					frequency bigint, monetary numeric, r int, f int, m int,
+ *					rfm_cell text, segment text)
+ */
+Datum
+ca_rfm(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	RfmScan		sc;
+	Relation	rel;
+	Oid			fact_oid;
+	Oid			nsp = get_namespace_oid("customer_analytics", false);
+	char	   *segments[5][5][5];
+	custacc_iterator it;
+	CustomerAcc *acc;
+	int64		n = 0;
+	int64	   *rec,
+			   *freq,
+			   *mon;
+	double		rb[4],
+				fb[4],
+				mb[4];
+	static const Oid amount_types[] = {NUMERICOID, INT2OID, INT4OID, INT8OID, FLOAT4OID, FLOAT8OID};
+	static const Oid ts_types[] = {TIMESTAMPTZOID, TIMESTAMPOID, DATEOID};
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("as_of and source must not be NULL")));
+	memset(&sc, 0, sizeof(sc));
+	sc.as_of = PG_GETARG_TIMESTAMPTZ(0);
+	sc.cxt = AllocSetContextCreate(CurrentMemoryContext, "rfm", ALLOCSET_DEFAULT_SIZES);
+	sc.customers = custacc_create(sc.cxt, 1024, NULL);
+	sc.seen = seenorder_create(sc.cxt, 4096, NULL);
+
+	rel = relation_open(PG_GETARG_OID(1), AccessShareLock);
+	if (pg_class_aclcheck(RelationGetRelid(rel), GetUserId(), ACL_SELECT) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied for %s", RelationGetRelationName(rel))));
+	fact_oid = get_relname_relid("fact_order_line", nsp);
+	sc.star_schema = (RelationGetRelid(rel) == fact_oid);
+
+	if (sc.star_schema)
+	{
+		sc.ts_type = TIMESTAMPTZOID;
+		sc.amount_type = NUMERICOID;
+		sc.has_order = true;
+		fmgr_info(lookup_type_cache(TEXTOID, TYPECACHE_HASH_EXTENDED_PROC)->hash_extended_proc,
+				  &sc.order_hash);
+		load_customer_versions(&sc);
+		scan_table(&sc, rel, attnameAttNum(rel, "customer_key", false), attnameAttNum(rel, "order_id", false),
+				   attnameAttNum(rel, "order_ts", false), attnameAttNum(rel, "revenue", false),
+				   attnameAttNum(rel, "status", false));
+	}
+	else
+	{
+		char	   *cust_col,
+				   *ts_col,
+				   *amount_col,
+				   *order_col = NULL;
+		AttrNumber	ca,
+					oa = 0,
+					ta,
+					aa;
+		TypeCacheEntry *tc;
+		Oid			outfn;
+		bool		varlena;
+
+		if (PG_ARGISNULL(2) || PG_ARGISNULL(3) || PG_ARGISNULL(4))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("rfm() on %s needs customer_column, ts_column and amount_column",
+							RelationGetRelationName(rel)),
+					 errhint("e.g. rfm(now(), 'my_orders', customer_column => 'customer', ts_column => 'ordered_at', amount_column => 'total').")));
+		cust_col = text_to_cstring(PG_GETARG_TEXT_PP(2));
+		ts_col = text_to_cstring(PG_GETARG_TEXT_PP(3));
+		amount_col = text_to_cstring(PG_GETARG_TEXT_PP(4));
+		if (!PG_ARGISNULL(5))
+			order_col = text_to_cstring(PG_GETARG_TEXT_PP(5));
+		ca = column_attnum(rel, cust_col, "customer", &sc.customer_type, NULL, 0);
+		ta = column_attnum(rel, ts_col, "timestamp", &sc.ts_type, ts_types, lengthof(ts_types));
+		aa = column_attnum(rel, amount_col, "amount", &sc.amount_type, amount_types, lengthof(amount_types));
+		if (order_col)
+		{
+			oa = column_attnum(rel, order_col, "order", &sc.order_type, NULL, 0);
+			tc = lookup_type_cache(sc.order_type, TYPECACHE_HASH_EXTENDED_PROC);
+			if (!OidIsValid(tc->hash_extended_proc))
+				ereport(ERROR,
+						(errcode(ERRCODE_UNDEFINED_FUNCTION),
+						 errmsg("orders cannot be told apart: type %s has no hash function",
+								format_type_be(sc.order_type))));
+			fmgr_info(tc->hash_extended_proc, &sc.order_hash);
+			sc.has_order = true;
+		}
+		tc = lookup_type_cache(sc.customer_type, TYPECACHE_HASH_EXTENDED_PROC);
+		if (!OidIsValid(tc->hash_extended_proc))
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_FUNCTION),
+					 errmsg("customers cannot be told apart: type %s has no hash function",
+							format_type_be(sc.customer_type))));
+		fmgr_info(tc->hash_extended_proc, &sc.customer_hash);
+		getTypeOutputInfo(sc.customer_type, &outfn, &varlena);
+		fmgr_info(outfn, &sc.customer_out);
+
+		if ((rel->rd_rel->relkind == RELKIND_RELATION || rel->rd_rel->relkind == RELKIND_MATVIEW) &&
+			check_enable_rls(RelationGetRelid(rel), InvalidOid, false) != RLS_ENABLED)
+			scan_table(&sc, rel, ca, oa, ta, aa, 0);
+		else
+			scan_query(&sc, rel, cust_col, order_col, ts_col, amount_col);
+	}
+	relation_close(rel, AccessShareLock);
+
+	/* scores: exact quintile breaks over the customers with a purchase */
+	rec = palloc(sizeof(int64) * Max(sc.customers->members, 1));
+	freq = palloc(sizeof(int64) * Max(sc.customers->members, 1));
+	mon = palloc(sizeof(int64) * Max(sc.customers->members, 1));
+	custacc_start_iterate(sc.customers, &it);
+	while ((acc = custacc_iterate(sc.customers, &it)) != NULL)
+	{
+		if (acc->rfm.frequency == 0)
+			continue;
+		rec[n] = (sc.as_of - acc->rfm.last_order) / USECS_PER_DAY;
+		freq[n] = acc->rfm.frequency;
+		mon[n] = acc->rfm.monetary;
+		n++;
+	}
+	InitMaterializedSRF(fcinfo, 0);
+	if (n == 0)
+		return (Datum) 0;
+	int64_breaks(rec, n, rb);
+	int64_breaks(freq, n, fb);
+	int64_breaks(mon, n, mb);
+	load_segments(segments, rfm_segment_map ? rfm_segment_map : "default", sc.cxt);
+
+	custacc_start_iterate(sc.customers, &it);
+	while ((acc = custacc_iterate(sc.customers, &it)) != NULL)
+	{
+		Datum		values[10];
+		bool		nulls[10] = {false};
+		int64		recency;
+		int			r,
+					f,
+					m;
+
+		/* customers with only returns have no purchase to score */
+		if (acc->rfm.frequency == 0)
+			continue;
+		recency = (sc.as_of - acc->rfm.last_order) / USECS_PER_DAY;
+		r = score_against((double) recency, rb, true);
+		f = score_against((double) acc->rfm.frequency, fb, false);
+		m = score_against((double) acc->rfm.monetary, mb, false);
+		values[0] = Int64GetDatum(acc->customer_key);
+		nulls[0] = acc->customer_key < 0;
+		values[1] = CStringGetTextDatum(acc->customer_id);
+		values[2] = Int32GetDatum((int32) recency);
+		values[3] = Int64GetDatum(acc->rfm.frequency);
+		values[4] = units_to_numeric(acc->rfm.monetary);
+		values[5] = Int32GetDatum(r);
+		values[6] = Int32GetDatum(f);
+		values[7] = Int32GetDatum(m);
+		values[8] = CStringGetTextDatum(psprintf("%d%d%d", r, f, m));
+		values[9] = CStringGetTextDatum(segments[r - 1][f - 1][m - 1]);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	MemoryContextDelete(sc.cxt);
+	return (Datum) 0;
+}
