@@ -10,6 +10,8 @@
 BENCH_DIR=$REPO/bench
 BENCH_OUT=${BENCH_OUT:-$BENCH_DIR/out}
 BENCH_PORT=${BENCH_PORT:-54330}
+# rfm.sh raises it so that both of its table sizes stay in memory
+BENCH_SHARED_BUFFERS=${BENCH_SHARED_BUFFERS:-1GB}
 
 bench_start() {
     local data=$BENCH_OUT/pgdata
@@ -26,7 +28,7 @@ listen_addresses = ''
 unix_socket_directories = '$BENCH_OUT'
 shared_preload_libraries = 'pg_cron'
 cron.database_name = 'bench'
-shared_buffers = '1GB'
+shared_buffers = '$BENCH_SHARED_BUFFERS'
 work_mem = '64MB'
 maintenance_work_mem = '512MB'
 max_wal_size = '16GB'

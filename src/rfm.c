@@ -358,25 +358,29 @@ ca_rfm_state_out(PG_FUNCTION_ARGS)
 							   s->frequency, s->monetary, s->first_order, s->last_order, s->returns));
 }
 
-static MemoryContext
-aggregate_context(FunctionCallInfo fcinfo, const char *name)
+/*
+ * The transition functions update their state in place, which only an
+ * aggregate may do.  A new state is made in the per-call context: these
+ * are ordinary (not internal) types, so whenever the returned pointer
+ * differs from the old state the executor copies the new one into the
+ * aggregate context and frees the old one itself.
+ */
+static void
+check_aggregate_context(FunctionCallInfo fcinfo, const char *name)
 {
-	MemoryContext aggcxt;
-
-	if (!AggCheckCallContext(fcinfo, &aggcxt))
+	if (!AggCheckCallContext(fcinfo, NULL))
 		elog(ERROR, "%s called in non-aggregate context", name);
-	return aggcxt;
 }
 
 /* rfm_agg(order_ts timestamptz, amount numeric) transition */
 Datum
 ca_rfm_agg_sfunc(PG_FUNCTION_ARGS)
 {
-	MemoryContext aggcxt = aggregate_context(fcinfo, "rfm_agg");
 	RfmState   *s;
 
+	check_aggregate_context(fcinfo, "rfm_agg");
 	if (PG_ARGISNULL(0))
-		s = MemoryContextAllocZero(aggcxt, sizeof(RfmState));
+		s = palloc0(sizeof(RfmState));
 	else
 		s = (RfmState *) PG_GETARG_POINTER(0);
 	if (!PG_ARGISNULL(1))
@@ -393,9 +397,9 @@ ca_rfm_agg_sfunc(PG_FUNCTION_ARGS)
 Datum
 ca_rfm_agg_combine(PG_FUNCTION_ARGS)
 {
-	MemoryContext aggcxt = aggregate_context(fcinfo, "rfm_agg");
 	RfmState   *a;
 
+	check_aggregate_context(fcinfo, "rfm_agg");
 	if (PG_ARGISNULL(1))
 	{
 		if (PG_ARGISNULL(0))
@@ -404,7 +408,7 @@ ca_rfm_agg_combine(PG_FUNCTION_ARGS)
 	}
 	if (PG_ARGISNULL(0))
 	{
-		a = MemoryContextAlloc(aggcxt, sizeof(RfmState));
+		a = palloc(sizeof(RfmState));
 		memcpy(a, PG_GETARG_POINTER(1), sizeof(RfmState));
 		PG_RETURN_POINTER(a);
 	}
@@ -492,7 +496,6 @@ ca_quantile_state_out(PG_FUNCTION_ARGS)
 Datum
 ca_quintile_breaks_sfunc(PG_FUNCTION_ARGS)
 {
-	MemoryContext aggcxt = aggregate_context(fcinfo, "quintile_breaks");
 	QuantileState *qs = PG_ARGISNULL(0) ? NULL : (QuantileState *) PG_GETARG_POINTER(0);
 
 	if (PG_ARGISNULL(1))
@@ -501,16 +504,21 @@ ca_quintile_breaks_sfunc(PG_FUNCTION_ARGS)
 			PG_RETURN_NULL();
 		PG_RETURN_POINTER(qs);
 	}
+	/* growing makes a new state (see check_aggregate_context); repalloc would free the old one twice */
+	check_aggregate_context(fcinfo, "quintile_breaks");
 	if (qs == NULL)
-		qs = qs_make(aggcxt, 64);
+		qs = qs_make(CurrentMemoryContext, 64);
 	else if (qs->count == (int64) QS_CAPACITY(qs))
 	{
 		int64		capacity = Min((int64) QS_CAPACITY(qs) * 2, (int64) QS_MAX_VALUES);
+		QuantileState *grown;
 
 		if (capacity <= qs->count)
-			qs_make(aggcxt, capacity + 1);	/* reports the limit */
-		qs = repalloc(qs, QS_HEADER + capacity * sizeof(float8));
-		SET_VARSIZE(qs, QS_HEADER + capacity * sizeof(float8));
+			qs_make(CurrentMemoryContext, capacity + 1);	/* reports the limit */
+		grown = qs_make(CurrentMemoryContext, capacity);
+		memcpy(grown->values, qs->values, qs->count * sizeof(float8));
+		grown->count = qs->count;
+		qs = grown;
 	}
 	qs->values[qs->count++] = PG_GETARG_FLOAT8(1);
 	PG_RETURN_POINTER(qs);
@@ -519,18 +527,18 @@ ca_quintile_breaks_sfunc(PG_FUNCTION_ARGS)
 Datum
 ca_quintile_breaks_combine(PG_FUNCTION_ARGS)
 {
-	MemoryContext aggcxt = aggregate_context(fcinfo, "quintile_breaks");
 	QuantileState *a = PG_ARGISNULL(0) ? NULL : (QuantileState *) PG_GETARG_POINTER(0);
 	QuantileState *b = PG_ARGISNULL(1) ? NULL : (QuantileState *) PG_DETOAST_DATUM(PG_GETARG_DATUM(1));
 	QuantileState *r;
 
+	check_aggregate_context(fcinfo, "quintile_breaks");
 	if (b == NULL || b->count == 0)
 	{
 		if (a == NULL)
 			PG_RETURN_NULL();
 		PG_RETURN_POINTER(a);
 	}
-	r = qs_make(aggcxt, (a ? a->count : 0) + b->count);
+	r = qs_make(CurrentMemoryContext, (a ? a->count : 0) + b->count);
 	if (a)
 		memcpy(r->values, a->values, a->count * sizeof(float8));
 	memcpy(r->values + (a ? a->count : 0), b->values, b->count * sizeof(float8));
@@ -736,6 +744,17 @@ typedef struct RfmScan
 	FmgrInfo	order_hash;
 	bool		has_order;
 	int64		rows_seen;
+
+	/*
+	 * The lines of an order, and the orders of a customer, usually sit next
+	 * to each other in the table: remembering the last ones saves most hash
+	 * probes, which are cache misses on big tables.  (The entry pointer
+	 * stays valid because every insertion replaces it.)
+	 */
+	uint64		last_custkey;
+	CustomerAcc *last_acc;
+	uint64		last_order_key;
+	bool		last_order_valid;
 } RfmScan;
 
 static TimestampTz
@@ -773,7 +792,17 @@ rfm_scan_row(RfmScan *sc, uint64 custkey, Datum customer, Datum order, bool orde
 
 	if (t > sc->as_of)
 		return;					/* not yet happened at as_of */
-	acc = custacc_insert(sc->customers, custkey, &found);
+	if (sc->last_acc && sc->last_custkey == custkey)
+	{
+		acc = sc->last_acc;
+		found = true;
+	}
+	else
+	{
+		acc = custacc_insert(sc->customers, custkey, &found);
+		sc->last_acc = acc;
+		sc->last_custkey = custkey;
+	}
 	if (!found)
 	{
 		memset(&acc->rfm, 0, sizeof(RfmState));
@@ -804,7 +833,14 @@ rfm_scan_row(RfmScan *sc, uint64 custkey, Datum customer, Datum order, bool orde
 										  hash_value(&sc->order_hash, order));
 		bool		seen;
 
-		seenorder_insert(sc->seen, okey, &seen);
+		if (sc->last_order_valid && sc->last_order_key == okey)
+			seen = true;
+		else
+		{
+			seenorder_insert(sc->seen, okey, &seen);
+			sc->last_order_key = okey;
+			sc->last_order_valid = true;
+		}
 		if (seen)
 		{
 			if (!amount_null)
@@ -1081,10 +1117,14 @@ ca_rfm(PG_FUNCTION_ARGS)
 	memset(&sc, 0, sizeof(sc));
 	sc.as_of = PG_GETARG_TIMESTAMPTZ(0);
 	sc.cxt = AllocSetContextCreate(CurrentMemoryContext, "rfm", ALLOCSET_DEFAULT_SIZES);
-	sc.customers = custacc_create(sc.cxt, 1024, NULL);
-	sc.seen = seenorder_create(sc.cxt, 4096, NULL);
-
 	rel = relation_open(PG_GETARG_OID(1), AccessShareLock);
+	/* sized from the planner's row estimate, so the tables rarely grow */
+	{
+		double		rows = Max(rel->rd_rel->reltuples, 0);
+
+		sc.customers = custacc_create(sc.cxt, (uint32) Min(Max(rows / 8, 1024), 16 * 1024 * 1024), NULL);
+		sc.seen = seenorder_create(sc.cxt, (uint32) Min(Max(rows / 2, 4096), 64 * 1024 * 1024), NULL);
+	}
 	if (pg_class_aclcheck(RelationGetRelid(rel), GetUserId(), ACL_SELECT) != ACLCHECK_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
