@@ -40,6 +40,8 @@ listen_addresses = ''
 unix_socket_directories = '$OUT'
 shared_preload_libraries = 'pg_cron'
 cron.database_name = 'warehouse'
+cron.use_background_workers = on
+max_worker_processes = 20
 max_wal_size = '4GB'
 CONF
     as_pg_user "$PG_BINDIR/pg_ctl" -D "$DATA" -l "$OUT/server.log" -w start >/dev/null

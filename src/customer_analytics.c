@@ -62,6 +62,8 @@ _PG_init(void)
 	define_core_settings();
 	ca_ingest_init();
 	ca_rfm_init();
+	ca_cron_link_init();
+	ca_pipeline_init();
 
 	MarkGUCPrefixReserved(CA_GUC_PREFIX);
 }

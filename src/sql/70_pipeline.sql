@@ -1,0 +1,557 @@
+
+/*
+ * The pipeline: what Airflow and `dbt build` did, inside the database.
+ *
+ * run_pipeline() runs the steps of a scope in dependency order: ingest the
+ * landing directories, transform(), data-quality checks, refresh of every
+ * materialized view built on the star schema (order derived from
+ * pg_depend, user views included), then the tasks that act on the results
+ * (alerts) and the purge of old history.  It is a procedure that commits
+ * after every step, so a failed step is recorded, not rolled back with the
+ * rest.  One run at a time: a second one is logged as skipped.
+ */
+
+/* Landing directories that the ingest step loads, in load_order */
+CREATE TABLE customer_analytics.landing (
+    target     regclass NOT NULL,
+    directory  text NOT NULL CHECK (directory LIKE '/%'),
+    pattern    text NOT NULL DEFAULT '*.csv',
+    load_order integer NOT NULL DEFAULT 100,
+    enabled    boolean NOT NULL DEFAULT true,
+    PRIMARY KEY (target, directory, pattern)
+);
+COMMENT ON TABLE customer_analytics.landing IS
+    'Landing directories the pipeline''s ingest step loads with ingest_directory(target, directory, pattern), in load_order (dimensions before facts)';
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics.landing', '');
+
+/* Steps besides the view refreshes; users may add their own */
+CREATE TABLE customer_analytics.pipeline_task (
+    task       text PRIMARY KEY CHECK (task !~ '^refresh '),
+    scope      text NOT NULL DEFAULT 'all',
+    command    text NOT NULL,
+    depends_on text[] NOT NULL DEFAULT '{}',
+    ordinal    integer NOT NULL DEFAULT 500,
+    builtin    boolean NOT NULL DEFAULT false,
+    enabled    boolean NOT NULL DEFAULT true
+);
+COMMENT ON TABLE customer_analytics.pipeline_task IS
+    'Steps of run_pipeline() other than the view refreshes (which come from pg_depend): the SQL to run, the steps it depends on (a task name or ''refresh <view>''), its scope. A command that is a SELECT returns the rows it affected; $1 is the run id';
+INSERT INTO customer_analytics.pipeline_task (task, command, depends_on, ordinal, builtin) VALUES
+    ('ingest', 'SELECT customer_analytics.pipeline_ingest($1)', '{}', 10, true),
+    ('transform', 'SELECT sum(rows_affected)::bigint FROM customer_analytics.transform()', '{ingest}', 20, true),
+    ('checks', 'SELECT customer_analytics.pipeline_checks($1)', '{transform}', 30, true),
+    ('purge', 'SELECT customer_analytics.pipeline_purge()', '{}', 1000, true);
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics.pipeline_task', 'WHERE NOT builtin');
+
+CREATE FUNCTION customer_analytics.session_client()
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN a.backend_type = 'client backend' THEN COALESCE(NULLIF(a.application_name, ''), 'client')
+                ELSE a.backend_type END   -- pg_cron's background workers say pg_cron
+    FROM pg_stat_activity a WHERE a.pid = pg_backend_pid()
+$$;
+COMMENT ON FUNCTION customer_analytics.session_client() IS
+    'Who is running this session: the application name of a client, or the kind of background worker (pg_cron)';
+
+CREATE TABLE customer_analytics.pipeline_run (
+    run_id       bigserial PRIMARY KEY,
+    scope        text NOT NULL,
+    status       text NOT NULL DEFAULT 'running'
+                 CHECK (status IN ('running', 'succeeded', 'failed', 'skipped')),
+    started_at   timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    finished_at  timestamptz,
+    triggered_by text DEFAULT customer_analytics.session_client(),
+    run_by       name NOT NULL DEFAULT CURRENT_USER,
+    backend_pid  integer NOT NULL DEFAULT pg_catalog.pg_backend_pid(),
+    error        text
+);
+CREATE INDEX pipeline_run_started_idx ON customer_analytics.pipeline_run (started_at);
+COMMENT ON TABLE customer_analytics.pipeline_run IS
+    'One row per run_pipeline() call: scope, status (running, succeeded, failed, skipped), times, who triggered it (pg_cron runs say pg_cron), and why it failed or was skipped';
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics.pipeline_run', '');
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics.pipeline_run_run_id_seq', '');
+
+CREATE TABLE customer_analytics.pipeline_step (
+    run_id        bigint NOT NULL REFERENCES customer_analytics.pipeline_run ON DELETE CASCADE,
+    step_no       integer NOT NULL,
+    step          text NOT NULL,
+    depends_on    text[] NOT NULL DEFAULT '{}',
+    status        text NOT NULL CHECK (status IN ('running', 'succeeded', 'failed', 'blocked', 'retrying')),
+    attempts      integer NOT NULL DEFAULT 1,
+    started_at    timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    finished_at   timestamptz,
+    rows_affected bigint,
+    sqlstate      text,
+    error         text,
+    PRIMARY KEY (run_id, step)
+);
+COMMENT ON TABLE customer_analytics.pipeline_step IS
+    'One row per step of a run: status (succeeded, failed, blocked by a failed dependency or check, retrying), attempts, times, rows affected, and the error with its SQLSTATE';
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics.pipeline_step', '');
+
+/* ---------------------------------------------------------------------
+ * Data-quality checks (dbt tests)
+ * --------------------------------------------------------------------- */
+
+CREATE TABLE customer_analytics.quality_check (
+    name        text PRIMARY KEY,
+    kind        text NOT NULL CHECK (kind IN ('not_null', 'unique', 'relationship', 'accepted_values',
+                                              'freshness', 'row_count_change', 'custom')),
+    target      text NOT NULL,
+    column_name text,
+    params      jsonb NOT NULL DEFAULT '{}',
+    severity    text NOT NULL DEFAULT 'error' CHECK (severity IN ('warn', 'error')),
+    enabled     boolean NOT NULL DEFAULT true,
+    builtin     boolean NOT NULL DEFAULT false,
+    CHECK (kind IN ('custom', 'row_count_change') OR column_name IS NOT NULL)
+);
+COMMENT ON TABLE customer_analytics.quality_check IS
+    'Data-quality checks (dbt tests): not_null, unique (column_name may list several), relationship (params: to, field), accepted_values (params: values), freshness (params: max_age), row_count_change (params: days, threshold), custom (params: sql returning the failing rows). An error-severity failure stops the refresh of the views built on its target';
+
+-- Built-in checks test what the schema's constraints cannot: keys,
+-- domains and one current version per customer are already enforced.
+INSERT INTO customer_analytics.quality_check (name, kind, target, column_name, params, severity, builtin) VALUES
+    ('event customer exists', 'relationship', 'customer_analytics.fact_event', 'customer_key',
+     '{"to": "customer_analytics.dim_customer", "field": "customer_key"}', 'error', true),
+    ('event product exists', 'relationship', 'customer_analytics.fact_event', 'product_key',
+     '{"to": "customer_analytics.dim_product", "field": "product_key"}', 'error', true),
+    ('order line has its customer version', 'custom', 'customer_analytics.fact_order_line', NULL,
+     '{"sql": "SELECT f.order_id, f.line_number, f.order_ts, c.valid_from, c.valid_to FROM customer_analytics.fact_order_line f JOIN customer_analytics.dim_customer c USING (customer_key) WHERE f.customer_key <> -1 AND NOT (f.order_ts >= c.valid_from AND f.order_ts < c.valid_to) AND c.valid_from > (SELECT min(v.valid_from) FROM customer_analytics.dim_customer v WHERE v.customer_id = c.customer_id)"}',
+     'warn', true),
+    ('no negative revenue', 'custom', 'customer_analytics.fact_order_line', NULL,
+     '{"sql": "SELECT order_id, line_number, quantity, unit_price, discount, revenue FROM customer_analytics.fact_order_line WHERE revenue < 0"}',
+     'warn', true),
+    ('orders are fresh', 'freshness', 'customer_analytics.fact_order_line', 'order_ts', '{"max_age": "2 days"}', 'warn', true),
+    ('events are fresh', 'freshness', 'customer_analytics.fact_event', 'event_ts', '{"max_age": "1 day"}', 'warn', true),
+    ('order volume is usual', 'row_count_change', 'customer_analytics.fact_order_line', 'order_ts',
+     '{"days": 28, "threshold": 4}', 'warn', true);
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics.quality_check', 'WHERE NOT builtin');
+
+CREATE TABLE customer_analytics.quality_result (
+    result_id    bigserial PRIMARY KEY,
+    run_id       bigint REFERENCES customer_analytics.pipeline_run ON DELETE CASCADE,
+    check_name   text NOT NULL,
+    checked_at   timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+    severity     text NOT NULL,
+    passed       boolean NOT NULL,
+    failing_rows bigint NOT NULL,
+    sample       jsonb
+);
+CREATE INDEX quality_result_run_idx ON customer_analytics.quality_result (run_id);
+CREATE INDEX quality_result_checked_idx ON customer_analytics.quality_result (checked_at);
+COMMENT ON TABLE customer_analytics.quality_result IS
+    'Every check result: passed or not, number of failing rows and a sample of up to 5 of them';
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics.quality_result', '');
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics.quality_result_result_id_seq', '');
+
+/* The query returning a check's failing rows */
+CREATE FUNCTION customer_analytics.quality_check_sql(c customer_analytics.quality_check)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tbl text;
+    cols text;
+BEGIN
+    IF c.kind <> 'custom' THEN
+        IF to_regclass(c.target) IS NULL THEN
+            RAISE EXCEPTION 'quality check "%": table "%" does not exist', c.name, c.target
+                USING ERRCODE = 'undefined_table';
+        END IF;
+        tbl := to_regclass(c.target)::text;
+        IF c.column_name IS NOT NULL THEN
+            SELECT string_agg(quote_ident(btrim(x)), ', ') INTO cols FROM unnest(string_to_array(c.column_name, ',')) x;
+        END IF;
+    END IF;
+    RETURN CASE c.kind
+        WHEN 'not_null' THEN format('SELECT * FROM %s WHERE %s IS NULL', tbl, cols)
+        WHEN 'unique' THEN format('SELECT %s, count(*) AS occurrences FROM %s GROUP BY %s HAVING count(*) > 1', cols, tbl, cols)
+        WHEN 'relationship' THEN format(
+            'SELECT x.* FROM %s x WHERE x.%s IS NOT NULL AND NOT EXISTS (SELECT FROM %s y WHERE y.%I = x.%s)',
+            tbl, cols, to_regclass(c.params->>'to')::text, c.params->>'field', cols)
+        WHEN 'accepted_values' THEN format(
+            'SELECT %s, count(*) AS occurrences FROM %s WHERE %s IS NOT NULL AND %s::text <> ALL (%L::text[]) GROUP BY 1',
+            cols, tbl, cols, cols, ARRAY(SELECT jsonb_array_elements_text(c.params->'values')))
+        WHEN 'freshness' THEN format(
+            'SELECT max(%s) AS newest, now() - max(%s) AS age FROM %s HAVING max(%s) IS NULL OR max(%s) < now() - %L::interval',
+            cols, cols, tbl, cols, cols, COALESCE(c.params->>'max_age', '1 day'))
+        WHEN 'row_count_change' THEN format(
+            $q$WITH days AS (
+                   SELECT d::date AS day, (SELECT count(*) FROM %2$s t WHERE t.%1$s >= d AND t.%1$s < d + interval '1 day') AS n
+                   FROM generate_series((SELECT date_trunc('day', max(%1$s)) FROM %2$s) - %3$s * interval '1 day',
+                                        (SELECT date_trunc('day', max(%1$s)) FROM %2$s), interval '1 day') d
+               ), scored AS (
+                   SELECT day, n, (n - avg(n) OVER w) / NULLIF(stddev_samp(n) OVER w, 0) AS z
+                   FROM days WINDOW w AS (ORDER BY day ROWS BETWEEN %3$s PRECEDING AND 1 PRECEDING)
+               )
+               SELECT day, n AS rows, round(z::numeric, 2) AS z FROM scored
+               WHERE day = (SELECT max(day) FROM days) AND abs(z) > %4$s$q$,
+            COALESCE(cols, 'loaded_at'), tbl, COALESCE((c.params->>'days')::int, 28),
+            COALESCE((c.params->>'threshold')::float8, 3))
+        WHEN 'custom' THEN c.params->>'sql'
+    END;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.quality_check_sql(customer_analytics.quality_check) IS
+    'The SQL that returns the failing rows of a quality check';
+
+CREATE FUNCTION customer_analytics.run_checks(run_id bigint DEFAULT NULL, only_target text DEFAULT NULL)
+RETURNS TABLE (check_name text, kind text, target text, severity text, passed boolean,
+               failing_rows bigint, sample jsonb)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    c customer_analytics.quality_check;
+    q text;
+BEGIN
+    FOR c IN SELECT * FROM customer_analytics.quality_check qc
+             WHERE qc.enabled AND (only_target IS NULL OR qc.target = only_target) ORDER BY qc.name LOOP
+        check_name := c.name; kind := c.kind; target := c.target; severity := c.severity;
+        BEGIN
+            q := customer_analytics.quality_check_sql(c);
+            EXECUTE format('SELECT count(*), (SELECT jsonb_agg(to_jsonb(s)) FROM (SELECT * FROM (%s) f LIMIT 5) s) FROM (%s) f', q, q)
+                INTO failing_rows, sample;
+        EXCEPTION WHEN OTHERS THEN
+            -- a check that cannot run has failed, with its error as the sample
+            failing_rows := -1;
+            sample := jsonb_build_object('error', SQLERRM, 'sqlstate', SQLSTATE);
+        END;
+        passed := failing_rows = 0;
+        INSERT INTO customer_analytics.quality_result (run_id, check_name, severity, passed, failing_rows, sample)
+        VALUES (run_checks.run_id, c.name, c.severity, passed, failing_rows, sample);
+        IF NOT passed THEN
+            PERFORM customer_analytics.raise_alert('quality_check', c.name,
+                jsonb_build_object('target', c.target, 'kind', c.kind, 'failing_rows', failing_rows, 'sample', sample,
+                                   'run_id', run_checks.run_id),
+                dedup_key => format('quality_check:%s:%s', c.name, COALESCE(run_checks.run_id::text, clock_timestamp()::text)),
+                severity => CASE c.severity WHEN 'error' THEN 'error' ELSE 'warn' END);
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.run_checks(bigint, text) IS
+    'Runs every enabled quality check (or those of one target): a row per check with passed, the number of failing rows (-1: the check itself failed) and a sample of up to 5; logs each in quality_result and raises an alert for each failure';
+
+/* ---------------------------------------------------------------------
+ * Dependency order of the materialized views
+ * --------------------------------------------------------------------- */
+
+/*
+ * Every materialized view built, directly or through plain views, on the
+ * extension's objects (ours and users' own), with the materialized views
+ * and tables it reads.  From pg_depend: a view's _RETURN rule depends on
+ * the relations it reads (a regclass constant counts too).
+ */
+CREATE FUNCTION customer_analytics.refresh_plan()
+RETURNS TABLE (level integer, matview regclass, depends_on regclass[], reads regclass[], concurrent boolean)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH RECURSIVE direct AS (
+        SELECT DISTINCT r.ev_class AS viewid, d.refobjid AS uses
+        FROM pg_rewrite r
+        JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+                        AND d.refclassid = 'pg_class'::regclass AND d.refobjid <> r.ev_class
+    ), reach AS (          -- what each matview reads, looking through plain views
+        SELECT d.viewid AS mv, d.uses FROM direct d JOIN pg_class c ON c.oid = d.viewid WHERE c.relkind = 'm'
+        UNION
+        SELECT r.mv, d.uses FROM reach r JOIN pg_class c ON c.oid = r.uses AND c.relkind = 'v'
+                                         JOIN direct d ON d.viewid = r.uses
+    ), ours AS (
+        SELECT DISTINCT r.mv FROM reach r JOIN pg_class c ON c.oid = r.uses
+        WHERE c.relnamespace = 'customer_analytics'::regnamespace
+        UNION
+        SELECT c.oid FROM pg_class c WHERE c.relkind = 'm' AND c.relnamespace = 'customer_analytics'::regnamespace
+    ), edges AS (
+        SELECT DISTINCT r.mv, r.uses FROM reach r JOIN ours o ON o.mv = r.mv
+        JOIN pg_class c ON c.oid = r.uses AND c.relkind = 'm' JOIN ours o2 ON o2.mv = r.uses
+    ), depth AS (
+        SELECT mv, 0 AS level FROM ours
+        UNION ALL
+        SELECT e.mv, d.level + 1 FROM depth d JOIN edges e ON e.uses = d.mv WHERE d.level < 100
+    )
+    SELECT max(d.level)::integer, d.mv::regclass,
+           ARRAY(SELECT e.uses::regclass FROM edges e WHERE e.mv = d.mv ORDER BY e.uses::regclass::text),
+           ARRAY(SELECT DISTINCT r.uses::regclass FROM reach r JOIN pg_class c ON c.oid = r.uses AND c.relkind IN ('r', 'p', 'f', 'm')
+                 WHERE r.mv = d.mv ORDER BY 1),
+           c.relispopulated AND EXISTS (
+               SELECT FROM pg_index i WHERE i.indrelid = d.mv AND i.indisunique AND i.indisvalid
+                 AND i.indpred IS NULL AND i.indexprs IS NULL)
+    FROM depth d JOIN pg_class c ON c.oid = d.mv
+    GROUP BY d.mv, c.relispopulated
+    ORDER BY 1, 2::text
+$$;
+COMMENT ON FUNCTION customer_analytics.refresh_plan() IS
+    'The materialized views built on the extension''s objects (users'' own included), with their level (0 = reads only tables), the materialized views they depend on, the tables they read, and whether they can be refreshed concurrently; derived from pg_depend';
+
+/*
+ * The steps of a scope in an order that respects every dependency
+ * (Kahn's algorithm; ties by ordinal, then name).
+ */
+CREATE FUNCTION customer_analytics.pipeline_plan(scope text DEFAULT 'all')
+RETURNS TABLE (step_no integer, step text, command text, depends_on text[])
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    placed text[] := '{}';
+    pick record;
+    n integer := 0;
+BEGIN
+    CREATE TEMP TABLE IF NOT EXISTS ca_plan_steps (step text, command text, depends_on text[], ordinal int) ON COMMIT DROP;
+    TRUNCATE ca_plan_steps;
+    INSERT INTO ca_plan_steps
+    SELECT t.task, t.command, t.depends_on, t.ordinal
+    FROM customer_analytics.pipeline_task t WHERE t.enabled AND t.scope = pipeline_plan.scope;
+    IF scope = 'all' THEN
+        INSERT INTO ca_plan_steps
+        SELECT 'refresh ' || customer_analytics.qualified_name(p.matview),
+               format('REFRESH MATERIALIZED VIEW %s%s', CASE WHEN p.concurrent THEN 'CONCURRENTLY ' ELSE '' END, p.matview),
+               ARRAY['checks'] || ARRAY(SELECT 'refresh ' || customer_analytics.qualified_name(x) FROM unnest(p.depends_on) x),
+               100 + p.level
+        FROM customer_analytics.refresh_plan() p;
+    END IF;
+    -- a dependency on a step that is not in this plan is no dependency
+    UPDATE ca_plan_steps s SET depends_on = ARRAY(SELECT d FROM unnest(s.depends_on) d
+                                                  WHERE d IN (SELECT step FROM ca_plan_steps));
+    LOOP
+        SELECT s.* INTO pick FROM ca_plan_steps s
+        WHERE NOT s.step = ANY (placed) AND s.depends_on <@ placed
+        ORDER BY s.ordinal, s.step LIMIT 1;
+        EXIT WHEN NOT FOUND;
+        n := n + 1;
+        placed := placed || pick.step;
+        step_no := n; step := pick.step; command := pick.command; depends_on := pick.depends_on;
+        RETURN NEXT;
+    END LOOP;
+    IF n < (SELECT count(*) FROM ca_plan_steps) THEN
+        RAISE EXCEPTION 'the pipeline''s steps depend on each other in a cycle'
+            USING ERRCODE = 'invalid_recursion',
+                  DETAIL = 'Steps in the cycle: ' || (SELECT string_agg(step, ', ' ORDER BY step) FROM ca_plan_steps WHERE NOT step = ANY (placed)) || '.',
+                  HINT = 'Fix depends_on in customer_analytics.pipeline_task.';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.pipeline_plan(text) IS
+    'The steps run_pipeline(scope) will run, in order: tasks of pipeline_task and, for scope all, a refresh step per materialized view in dependency order';
+
+/* ---------------------------------------------------------------------
+ * Steps
+ * --------------------------------------------------------------------- */
+
+CREATE FUNCTION customer_analytics.pipeline_ingest(run_id bigint)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    l record;
+    f record;
+    total bigint := 0;
+BEGIN
+    FOR l IN SELECT * FROM customer_analytics.landing WHERE enabled ORDER BY load_order, target::text, directory LOOP
+        FOR f IN SELECT * FROM customer_analytics.ingest_directory(l.target, l.directory, l.pattern) LOOP
+            total := total + COALESCE(f.rows_loaded, 0);
+            IF f.status = 'failed' THEN
+                PERFORM customer_analytics.raise_alert('ingest', f.file,
+                    jsonb_build_object('target', l.target::text, 'load_id', f.load_id, 'run_id', run_id),
+                    dedup_key => 'ingest:' || f.load_id, severity => 'error');
+            END IF;
+        END LOOP;
+    END LOOP;
+    RETURN total;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.pipeline_ingest(bigint) IS
+    'The pipeline''s ingest step: ingest_directory() on every enabled landing directory; a file that fails raises an alert. Returns the rows loaded';
+
+CREATE FUNCTION customer_analytics.pipeline_checks(run_id bigint)
+RETURNS bigint
+LANGUAGE sql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT count(*) FILTER (WHERE NOT passed) FROM customer_analytics.run_checks(run_id)
+$$;
+COMMENT ON FUNCTION customer_analytics.pipeline_checks(bigint) IS
+    'The pipeline''s checks step: run_checks() for the run; returns the number of failed checks';
+
+CREATE FUNCTION customer_analytics.pipeline_purge()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    keep interval := current_setting('customer_analytics.history_retention')::interval;
+    runs bigint;
+    cron_rows bigint := 0;
+BEGIN
+    DELETE FROM customer_analytics.pipeline_run WHERE started_at < now() - keep AND status <> 'running';
+    GET DIAGNOSTICS runs = ROW_COUNT;
+    DELETE FROM customer_analytics.quality_result WHERE run_id IS NULL AND checked_at < now() - keep;
+    cron_rows := customer_analytics.pipeline_purge_cron_history(keep);
+    RETURN runs + cron_rows;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.pipeline_purge() IS
+    'The pipeline''s purge step: deletes runs, steps and check results older than customer_analytics.history_retention, and pg_cron''s run details of this database''s pipeline jobs; returns the rows deleted';
+
+CREATE FUNCTION customer_analytics.pipeline_lock_key()
+RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT 7411000000000000001::bigint $$;
+COMMENT ON FUNCTION customer_analytics.pipeline_lock_key() IS
+    'The advisory lock (session level, bigint key) a running pipeline holds';
+
+/* Run one step in a subtransaction and record it; returns its status ('retry' to try again) */
+CREATE FUNCTION customer_analytics.pipeline_execute_step(run bigint, step_no integer, step text, command text,
+                                                         depends_on text[], attempt integer)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    blocker text;
+    affected bigint;
+    st text;
+    msg text;
+    detail text;
+    failed_checks text;
+BEGIN
+    -- a failed dependency blocks the step (a failed check only blocks what reads its table)
+    SELECT string_agg(s.step, ', ' ORDER BY s.step_no) INTO blocker
+    FROM customer_analytics.pipeline_step s
+    WHERE s.run_id = run AND s.step = ANY (depends_on) AND s.step <> 'checks' AND s.status IN ('failed', 'blocked');
+    IF blocker IS NULL AND step LIKE 'refresh %' THEN
+        SELECT string_agg(DISTINCT format('%s (%s)', r.check_name, c.target), ', ') INTO failed_checks
+        FROM customer_analytics.quality_result r
+        JOIN customer_analytics.quality_check c ON c.name = r.check_name
+        JOIN customer_analytics.refresh_plan() p ON 'refresh ' || customer_analytics.qualified_name(p.matview) = step
+        WHERE r.run_id = run AND NOT r.passed AND r.severity = 'error'
+          AND (to_regclass(c.target) = ANY (p.reads) OR c.kind = 'custom');
+    END IF;
+    IF blocker IS NOT NULL OR failed_checks IS NOT NULL THEN
+        INSERT INTO customer_analytics.pipeline_step (run_id, step_no, step, depends_on, status, attempts, finished_at, error)
+        VALUES (run, step_no, step, depends_on, 'blocked', 0, clock_timestamp(),
+                CASE WHEN blocker IS NOT NULL THEN 'not run: step ' || blocker || ' did not succeed'
+                     ELSE 'not run: error-severity checks failed on what it reads: ' || failed_checks END)
+        ON CONFLICT ON CONSTRAINT pipeline_step_pkey DO UPDATE SET status = 'blocked', error = EXCLUDED.error,
+            finished_at = EXCLUDED.finished_at;
+        RETURN 'blocked';
+    END IF;
+
+    INSERT INTO customer_analytics.pipeline_step (run_id, step_no, step, depends_on, status, attempts)
+    VALUES (run, step_no, step, depends_on, 'running', attempt)
+    ON CONFLICT ON CONSTRAINT pipeline_step_pkey DO UPDATE SET status = 'running', attempts = attempt,
+        sqlstate = NULL, error = NULL;
+    BEGIN
+        IF command ~* '^\s*(SELECT|WITH)\M' THEN
+            EXECUTE command INTO affected USING run;
+        ELSE
+            EXECUTE command;
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, msg = MESSAGE_TEXT, detail = PG_EXCEPTION_DETAIL;
+        -- transient failures are retried (serialization, deadlock, lock timeout, connection, resources)
+        IF (st IN ('40001', '40P01', '55P03') OR st LIKE '08%' OR st LIKE '53%')
+           AND attempt <= current_setting('customer_analytics.pipeline_retries')::integer THEN
+            UPDATE customer_analytics.pipeline_step s SET status = 'retrying', sqlstate = st, error = msg
+            WHERE s.run_id = run AND s.step = pipeline_execute_step.step;
+            RETURN 'retry';
+        END IF;
+        UPDATE customer_analytics.pipeline_step s
+        SET status = 'failed', finished_at = clock_timestamp(), sqlstate = st,
+            error = msg || COALESCE(' (' || NULLIF(detail, '') || ')', '')
+        WHERE s.run_id = run AND s.step = pipeline_execute_step.step;
+        PERFORM customer_analytics.raise_alert('pipeline', step,
+            jsonb_build_object('run_id', run, 'sqlstate', st, 'error', msg),
+            dedup_key => format('pipeline:%s:%s', run, step), severity => 'error');
+        RETURN 'failed';
+    END;
+
+    IF step = 'checks' AND EXISTS (SELECT FROM customer_analytics.quality_result r
+                                   WHERE r.run_id = run AND NOT r.passed AND r.severity = 'error') THEN
+        UPDATE customer_analytics.pipeline_step s
+        SET status = 'failed', finished_at = clock_timestamp(), rows_affected = affected, sqlstate = '23000',
+            error = 'error-severity checks failed: ' ||
+                    (SELECT string_agg(r.check_name, ', ' ORDER BY r.check_name) FROM customer_analytics.quality_result r
+                     WHERE r.run_id = run AND NOT r.passed AND r.severity = 'error')
+        WHERE s.run_id = run AND s.step = 'checks';
+        RETURN 'failed';
+    END IF;
+    UPDATE customer_analytics.pipeline_step s
+    SET status = 'succeeded', finished_at = clock_timestamp(), rows_affected = affected
+    WHERE s.run_id = run AND s.step = pipeline_execute_step.step;
+    RETURN 'succeeded';
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.pipeline_execute_step(bigint, integer, text, text, text[], integer) IS
+    'Runs one pipeline step unless a dependency failed, records it in pipeline_step, and says succeeded, failed, blocked or retry';
+
+CREATE PROCEDURE customer_analytics.run_pipeline(scope text DEFAULT 'all')
+LANGUAGE plpgsql
+-- no SET clause: a procedure with one cannot commit
+AS $$
+DECLARE
+    run bigint;
+    s record;
+    status text;
+    attempt integer;
+    holder integer;
+BEGIN
+    -- a run cancelled in this session may have left its lock behind
+    WHILE EXISTS (SELECT FROM pg_catalog.pg_locks l
+                  WHERE l.locktype = 'advisory' AND l.pid = pg_catalog.pg_backend_pid()
+                    AND ((l.classid::bigint << 32) | l.objid::bigint) = customer_analytics.pipeline_lock_key()) LOOP
+        PERFORM pg_catalog.pg_advisory_unlock(customer_analytics.pipeline_lock_key());
+    END LOOP;
+    IF NOT pg_catalog.pg_try_advisory_lock(customer_analytics.pipeline_lock_key()) THEN
+        SELECT l.pid INTO holder FROM pg_catalog.pg_locks l
+        WHERE l.locktype = 'advisory' AND l.granted
+          AND ((l.classid::bigint << 32) | l.objid::bigint) = customer_analytics.pipeline_lock_key();
+        INSERT INTO customer_analytics.pipeline_run (scope, status, finished_at, error)
+        VALUES (scope, 'skipped', pg_catalog.clock_timestamp(),
+                'another run was in progress' || COALESCE(' (backend ' || holder || ')', ''));
+        RAISE NOTICE 'pipeline run skipped: another run is in progress';
+        COMMIT;
+        RETURN;
+    END IF;
+    -- holding the lock, no other run is alive: one left running was interrupted
+    UPDATE customer_analytics.pipeline_run r SET status = 'failed', finished_at = pg_catalog.clock_timestamp(),
+        error = 'interrupted (server stopped or run cancelled)'
+    WHERE r.status = 'running';
+    INSERT INTO customer_analytics.pipeline_run (scope) VALUES (scope) RETURNING run_id INTO run;
+    COMMIT;
+
+    FOR s IN SELECT * FROM customer_analytics.pipeline_plan(scope) ORDER BY step_no LOOP
+        attempt := 0;
+        LOOP
+            attempt := attempt + 1;
+            status := customer_analytics.pipeline_execute_step(run, s.step_no, s.step, s.command, s.depends_on, attempt);
+            COMMIT;
+            EXIT WHEN status <> 'retry';
+            PERFORM pg_catalog.pg_sleep(pg_catalog.current_setting('customer_analytics.pipeline_retry_backoff')::float8
+                                        * 2 ^ (attempt - 1));
+        END LOOP;
+    END LOOP;
+
+    UPDATE customer_analytics.pipeline_run r
+    SET finished_at = pg_catalog.clock_timestamp(),
+        status = CASE WHEN EXISTS (SELECT FROM customer_analytics.pipeline_step p
+                                   WHERE p.run_id = run AND p.status IN ('failed', 'blocked'))
+                      THEN 'failed' ELSE 'succeeded' END,
+        error = (SELECT pg_catalog.string_agg(p.step || ': ' || p.error, '; ' ORDER BY p.step_no)
+                 FROM customer_analytics.pipeline_step p WHERE p.run_id = run AND p.status = 'failed')
+    WHERE r.run_id = run;
+    COMMIT;
+    PERFORM pg_catalog.pg_advisory_unlock(customer_analytics.pipeline_lock_key());
+END
+$$;
+COMMENT ON PROCEDURE customer_analytics.run_pipeline(text) IS
+    'Runs the pipeline (CALL customer_analytics.run_pipeline()): every step of pipeline_plan(scope) in order, committing after each, retrying transient failures, blocking the steps that depend on a failed one; logged in pipeline_run and pipeline_step. A second run while one is in progress is skipped and logged';
