@@ -9,7 +9,7 @@ SET datestyle = 'ISO, YMD';
 SET extra_float_digits = 0;
 
 -- reference implementation: the same recursions, written independently
-CREATE FUNCTION pg_temp.hw_ref(y float8[], m int, a float8, b float8, g float8,
+CREATE FUNCTION pg_temp.hw_ref(y float8[], m int, a float8, b float8, g float8, phi float8,
                                OUT level float8, OUT trend float8, OUT sse float8, OUT seasonals float8[])
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
@@ -33,10 +33,10 @@ BEGIN
     sse := 0;
     FOR t IN m + 1 .. n LOOP
         k := ((t - 1) % m) + 1;
-        e := y[t] - (level + trend + s[k]);
+        e := y[t] - (level + phi * trend + s[k]);
         sse := sse + e * e;
-        l_new := a * (y[t] - s[k]) + (1 - a) * (level + trend);
-        trend := b * (l_new - level) + (1 - b) * trend;
+        l_new := a * (y[t] - s[k]) + (1 - a) * (level + phi * trend);
+        trend := b * (l_new - level) + (1 - b) * phi * trend;
         s[k] := g * (y[t] - l_new) + (1 - g) * s[k];
         level := l_new;
     END LOOP;
@@ -46,7 +46,8 @@ END
 $$;
 
 -- 1. a noiseless series (trend 2 per day, weekly pattern summing to 0) is
--- recovered exactly, whatever the parameters: zero error, exact forecast
+-- recovered exactly by the undamped model (phi = 1), whatever the smoothing
+-- parameters: zero error, exact forecast
 CREATE TEMP TABLE clean AS
 SELECT '2025-01-06'::date + t AS day,
        100 + 2 * t + (ARRAY[10, -5, 0, 3, -8, 4, -4])[(t % 7) + 1] AS value
@@ -54,12 +55,12 @@ FROM generate_series(0, 69) t;
 SELECT (m).period, (m).n, (m).first_ts, (m).last_ts,
        abs((m).sse) < 1e-12 AS no_error, abs((m).trend - 2) < 1e-9 AS trend_2,
        abs((m).level - (100 + 2 * 69)) < 1e-9 AS level_ok
-FROM (SELECT holt_winters(day, value) AS m FROM clean) x;
+FROM (SELECT holt_winters(day, value, 7, 0.5, 0.4, 0.3, 1) AS m FROM clean) x;
 SELECT count(*) AS days,
        max(abs(f.yhat - (100 + 2 * t + (ARRAY[10, -5, 0, 3, -8, 4, -4])[(t % 7) + 1]))) < 1e-8 AS exact,
        min(f.ts) AS first_day, max(f.ts) AS last_day,
        bool_and(f.lo <= f.yhat AND f.yhat <= f.hi) AS ordered
-FROM forecast((SELECT holt_winters(day, value) FROM clean), 21) f,
+FROM forecast((SELECT holt_winters(day, value, 7, 0.5, 0.4, 0.3, 1) FROM clean), 21) f,
      LATERAL (SELECT f.ts - '2025-01-06'::date AS t) tt;
 
 -- 2. a noisy series with gaps and duplicate days, fed in random order, with
@@ -85,21 +86,22 @@ CREATE TEMP TABLE dense AS
 SELECT array_agg(CASE WHEN day IN ('2025-04-01', '2025-05-14', '2025-05-17') THEN 0 ELSE value END ORDER BY day) AS y
 FROM noisy;
 CREATE TEMP TABLE given AS
-SELECT holt_winters(day, value, 7, 0.3, 0.1, 0.2 ORDER BY random()) AS m FROM noisy_rows;
-SELECT (g.m).alpha, (g.m).beta, (g.m).gamma, (g.m).n,
+SELECT holt_winters(day, value, 7, 0.3, 0.1, 0.2, 0.9 ORDER BY random()) AS m FROM noisy_rows;
+SELECT (g.m).alpha, (g.m).beta, (g.m).gamma, (g.m).phi, (g.m).n,
        abs((g.m).level - r.level) < 1e-7 AS level_same,
        abs((g.m).trend - r.trend) < 1e-9 AS trend_same,
        abs((g.m).sse - r.sse) < 1e-6 * r.sse AS sse_same,
        (SELECT max(abs(a - b)) FROM unnest((g.m).seasonals, r.seasonals) AS u(a, b)) < 1e-7 AS seasonals_same,
        abs((g.m).residual_sd - sqrt(r.sse / (120 - 7))) < 1e-9 AS sd_same
-FROM given g, dense d, LATERAL pg_temp.hw_ref(d.y, 7, 0.3, 0.1, 0.2) r;
+FROM given g, dense d, LATERAL pg_temp.hw_ref(d.y, 7, 0.3, 0.1, 0.2, 0.9) r;
 
--- the forecast: point = level + h trend + seasonal; interval from the
--- ETS(A,A,A) variance, computed here from its definition
+-- the forecast: point = level + (phi + .. + phi^h) trend + seasonal;
+-- interval from the ETS(A,Ad,A) variance, computed here from its definition
 SELECT count(*) AS days,
-       max(abs(f.yhat - ((g.m).level + h * (g.m).trend + (g.m).seasonals[((h - 1) % 7) + 1]))) < 1e-9 AS points_ok,
+       max(abs(f.yhat - ((g.m).level + 0.9 * (1 - 0.9 ^ h) / 0.1 * (g.m).trend + (g.m).seasonals[((h - 1) % 7) + 1]))) < 1e-9 AS points_ok,
        max(abs((f.hi - f.lo) / 2 - 1.959963984540054 * (g.m).residual_sd *
-               sqrt(1 + (SELECT COALESCE(sum(power(0.3 + 0.3 * 0.1 * j + CASE WHEN j % 7 = 0 THEN 0.7 * 0.2 ELSE 0 END, 2)), 0)
+               sqrt(1 + (SELECT COALESCE(sum(power(0.3 + 0.3 * 0.1 * (0.9 * (1 - 0.9 ^ j) / 0.1)
+                                                   + CASE WHEN j % 7 = 0 THEN 0.7 * 0.2 ELSE 0 END, 2)), 0)
                          FROM generate_series(1, h - 1) j)))) < 1e-6 AS intervals_ok
 FROM given g, LATERAL forecast(g.m, 28) f, LATERAL (SELECT f.ts - (g.m).last_ts AS h) hh;
 -- 80% intervals are narrower, same centre
@@ -111,15 +113,17 @@ SELECT round(normal_quantile(0.975)::numeric, 9) AS z975, round(normal_quantile(
 -- 3. fitted parameters: at least as good (one-step SSE) as every point of
 -- a grid, and the fit with given parameters is what the grid says
 CREATE TEMP TABLE fitted AS SELECT holt_winters(day, value) AS m FROM noisy_rows;
-SELECT (f.m).alpha BETWEEN 0 AND 1 AND (f.m).beta BETWEEN 0 AND 1 AND (f.m).gamma BETWEEN 0 AND 1 AS in_bounds,
+SELECT (f.m).alpha BETWEEN 0 AND 1 AND (f.m).beta BETWEEN 0 AND 1 AND (f.m).gamma BETWEEN 0 AND 1
+       AND (f.m).phi BETWEEN 0.8 AND 1 AS in_bounds,
        (f.m).sse <= (SELECT min(r.sse)
                      FROM generate_series(0.05, 0.95, 0.15) a, generate_series(0.0, 0.5, 0.1) b,
-                          generate_series(0.0, 0.9, 0.15) g, dense d,
-                          LATERAL pg_temp.hw_ref(d.y, 7, a, b, g) r) AS beats_grid
+                          generate_series(0.0, 0.9, 0.15) g, unnest(ARRAY[0.85, 0.95, 0.999]) phi, dense d,
+                          LATERAL pg_temp.hw_ref(d.y, 7, a, b, g, phi) r) AS beats_grid
 FROM fitted f;
 -- only the NULL parameters are fitted
-SELECT (m).alpha = 0.5 AS alpha_kept, (m).beta <> 0.5 AS beta_fitted, (m).gamma = 0.25 AS gamma_kept
-FROM (SELECT holt_winters(day, value, 7, 0.5, NULL, 0.25) AS m FROM noisy_rows) x;
+SELECT (m).alpha = 0.5 AS alpha_kept, (m).beta <> 0.5 AS beta_fitted, (m).gamma = 0.25 AS gamma_kept,
+       (m).phi = 1 AS phi_kept
+FROM (SELECT holt_winters(day, value, 7, 0.5, NULL, 0.25, 1) AS m FROM noisy_rows) x;
 -- another period
 SELECT (m).period, array_length((m).seasonals, 1) AS terms
 FROM (SELECT holt_winters(day, value, 3) AS m FROM noisy_rows) x;
@@ -134,11 +138,12 @@ SELECT count(*) AS rows_for_null_model FROM forecast(NULL, 5);
 \set VERBOSITY terse
 SELECT holt_winters(day, value, 1) FROM clean;
 SELECT holt_winters(day, value, 7, 1.5, NULL, NULL) FROM clean;
+SELECT holt_winters(day, value, 7, NULL, NULL, NULL, 0.5) FROM clean;
 SELECT holt_winters(day, 'infinity'::float8) FROM clean;
 SELECT holt_winters('infinity'::date, 1) FROM clean;
 SELECT * FROM forecast((SELECT holt_winters(day, value) FROM clean), -1);
 SELECT * FROM forecast((SELECT holt_winters(day, value) FROM clean), 5, 1.0);
-SELECT * FROM forecast(ROW(7, 0.1, 0.1, 0.1, 1, 0, '{1,2,3}', 0, 10, '2025-01-01', '2025-01-10', 1)::hw_model, 5);
+SELECT * FROM forecast(ROW(7, 0.1, 0.1, 0.1, 1, 1, 0, '{1,2,3}', 0, 10, '2025-01-01', '2025-01-10', 1)::hw_model, 5);
 SELECT normal_quantile(1);
 SELECT * FROM sales_forecast_backtest(holdout => 0);
 \set VERBOSITY default

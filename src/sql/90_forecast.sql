@@ -22,6 +22,7 @@ CREATE TYPE customer_analytics.hw_model AS (
     alpha       float8,
     beta        float8,
     gamma       float8,
+    phi         float8,
     level       float8,
     trend       float8,
     seasonals   float8[],
@@ -32,13 +33,15 @@ CREATE TYPE customer_analytics.hw_model AS (
     residual_sd float8
 );
 COMMENT ON TYPE customer_analytics.hw_model IS
-    'A fitted additive Holt-Winters model of a daily series: period, smoothing parameters alpha (level), beta (trend), gamma (season), the final level and trend (per day), seasonals[k] = seasonal term of day last_ts + k (k = 1 .. period), sum of squared one-step errors after the first period (sse), days in the series (n), its first and last day, and the residual standard deviation sqrt(sse / (n - period))';
+    'A fitted additive Holt-Winters model of a daily series: period, smoothing parameters alpha (level), beta (trend), gamma (season), trend damping phi (1 = undamped), the final level and trend (per day), seasonals[k] = seasonal term of day last_ts + k (k = 1 .. period), sum of squared one-step errors after the first period (sse), days in the series (n), its first and last day, and the residual standard deviation sqrt(sse / (n - period))';
 
 CREATE FUNCTION customer_analytics.holt_winters_sfunc(internal, date, float8)
     RETURNS internal AS 'MODULE_PATHNAME', 'ca_hw_sfunc' LANGUAGE C IMMUTABLE PARALLEL SAFE;
 CREATE FUNCTION customer_analytics.holt_winters_sfunc(internal, date, float8, integer)
     RETURNS internal AS 'MODULE_PATHNAME', 'ca_hw_sfunc' LANGUAGE C IMMUTABLE PARALLEL SAFE;
 CREATE FUNCTION customer_analytics.holt_winters_sfunc(internal, date, float8, integer, float8, float8, float8)
+    RETURNS internal AS 'MODULE_PATHNAME', 'ca_hw_sfunc' LANGUAGE C IMMUTABLE PARALLEL SAFE;
+CREATE FUNCTION customer_analytics.holt_winters_sfunc(internal, date, float8, integer, float8, float8, float8, float8)
     RETURNS internal AS 'MODULE_PATHNAME', 'ca_hw_sfunc' LANGUAGE C IMMUTABLE PARALLEL SAFE;
 CREATE FUNCTION customer_analytics.holt_winters_final(internal)
     RETURNS customer_analytics.hw_model AS 'MODULE_PATHNAME', 'ca_hw_final' LANGUAGE C IMMUTABLE PARALLEL SAFE;
@@ -65,12 +68,22 @@ CREATE AGGREGATE customer_analytics.holt_winters(day date, value float8, period 
     FINALFUNC_MODIFY = READ_WRITE,
     PARALLEL = SAFE
 );
+CREATE AGGREGATE customer_analytics.holt_winters(day date, value float8, period integer,
+                                                 alpha float8, beta float8, gamma float8, phi float8) (
+    SFUNC = customer_analytics.holt_winters_sfunc,
+    STYPE = internal,
+    FINALFUNC = customer_analytics.holt_winters_final,
+    FINALFUNC_MODIFY = READ_WRITE,
+    PARALLEL = SAFE
+);
 COMMENT ON AGGREGATE customer_analytics.holt_winters(date, float8) IS
-    'Additive Holt-Winters model (weekly seasonality) of a daily series, rows in any order: values of the same day are summed, a day without rows counts as 0, a NULL value as 0, a NULL day is skipped; parameters fitted by minimising the one-step squared error (Nelder-Mead). NULL when the series spans fewer than two periods';
+    'Additive Holt-Winters model (damped additive trend, weekly seasonality) of a daily series, rows in any order: values of the same day are summed, a day without rows counts as 0, a NULL value as 0, a NULL day is skipped; alpha, beta, gamma in [0, 1] and the damping phi in [0.8, 1] fitted by minimising the one-step squared error (Nelder-Mead). NULL when the series spans fewer than two periods';
 COMMENT ON AGGREGATE customer_analytics.holt_winters(date, float8, integer) IS
     'Additive Holt-Winters model of a daily series with the given seasonal period in days (2 .. 366; taken from the first row); see holt_winters(date, float8)';
 COMMENT ON AGGREGATE customer_analytics.holt_winters(date, float8, integer, float8, float8, float8) IS
-    'Additive Holt-Winters model with smoothing parameters alpha, beta, gamma in [0, 1] given (taken from the first row); a NULL parameter is fitted. See holt_winters(date, float8)';
+    'Additive Holt-Winters model with smoothing parameters alpha, beta, gamma in [0, 1] given (taken from the first row); a NULL parameter is fitted, and so is the damping phi. See holt_winters(date, float8)';
+COMMENT ON AGGREGATE customer_analytics.holt_winters(date, float8, integer, float8, float8, float8, float8) IS
+    'Additive Holt-Winters model with smoothing parameters alpha, beta, gamma in [0, 1] and trend damping phi in [0.8, 1] given (taken from the first row; phi = 1 is the classic undamped model); a NULL parameter is fitted. See holt_winters(date, float8)';
 
 CREATE FUNCTION customer_analytics.forecast(model customer_analytics.hw_model, horizon integer,
                                             level float8 DEFAULT 0.95)
@@ -78,7 +91,7 @@ CREATE FUNCTION customer_analytics.forecast(model customer_analytics.hw_model, h
     AS 'MODULE_PATHNAME', 'ca_hw_forecast'
     LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE ROWS 28;
 COMMENT ON FUNCTION customer_analytics.forecast(customer_analytics.hw_model, integer, float8) IS
-    'The next horizon days after the model''s last day: point forecast yhat and a prediction interval [lo, hi] at the given level (approximation: normal errors with the in-sample residual standard deviation and the analytic h-step variance of additive Holt-Winters, ignoring the uncertainty of the fitted parameters; not clipped at 0)';
+    'The next horizon days after the model''s last day: point forecast yhat and a prediction interval [lo, hi] at the given level (approximation: normal errors with the in-sample residual standard deviation and the analytic h-step variance of additive damped Holt-Winters, ETS(A,Ad,A), ignoring the uncertainty of the fitted parameters; not clipped at 0)';
 
 CREATE FUNCTION customer_analytics.normal_quantile(p float8)
     RETURNS float8 AS 'MODULE_PATHNAME', 'ca_normal_quantile'
