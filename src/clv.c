@@ -158,8 +158,8 @@ bgnbd_conditional(const BgnbdParams *m, double t, double x, double tx, double T)
 {
 	double		c = m->a + m->b + x - 1;
 	double		num = c / (m->a - 1) *
-		(1 - exp((m->r + x) * (log(m->alpha + T) - log(m->alpha + T + t))) *
-		 hyp2f1(m->r + x, m->b + x, c, t / (m->alpha + T + t)));
+	(1 - exp((m->r + x) * (log(m->alpha + T) - log(m->alpha + T + t))) *
+	 hyp2f1(m->r + x, m->b + x, c, t / (m->alpha + T + t)));
 
 	return num * bgnbd_p_alive(m, x, tx, T);
 }

@@ -315,7 +315,7 @@ typedef struct HwProblem
 	const double *y;
 	int			n;
 	int			period;
-	double		params[HW_NPARAMS];	/* NaN = free */
+	double		params[HW_NPARAMS]; /* NaN = free */
 	double	   *season;			/* scratch */
 } HwProblem;
 
