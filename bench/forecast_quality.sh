@@ -85,6 +85,36 @@ if [ -f "$SHARED/online_retail/online_retail_2010_2011.csv" ]; then
                round(mape_hw::numeric, 1), round(mape_naive::numeric, 1),
                round(100 * (1 - mape_hw / mape_naive)::numeric, 1) || '% |'
         FROM bench.backtest('online_retail', '2011-12-08')"
+    # CLV out of sample: BG/NBD fitted on the history before a cut-off day,
+    # expected purchase days in the next 90 days against what happened
+    bench_psql -q -c "CREATE TABLE bench.retail_days AS
+        SELECT customer_id, invoice_date::date AS day, sum(quantity * unit_price)::float8 AS revenue
+        FROM bench.online_retail
+        WHERE customer_id IS NOT NULL AND invoice_no NOT LIKE 'C%' AND invoice_no NOT LIKE 'A%'
+          AND quantity > 0 AND unit_price > 0
+        GROUP BY 1, 2"
+    bench_psql -q <<'SQL'
+CREATE FUNCTION bench.clv_holdout(cutoff date, days int DEFAULT 90)
+RETURNS TABLE (customers bigint, predicted float8, actual bigint, r float8, alpha float8, a float8, b float8)
+LANGUAGE sql AS $$
+    WITH calib AS (
+        SELECT customer_id, count(*) - 1 AS x, max(day) - min(day) AS t_x, cutoff - min(day) AS "T"
+        FROM bench.retail_days WHERE day < cutoff GROUP BY 1
+    ),
+    fit AS (SELECT customer_analytics.bgnbd_fit(x, t_x, "T") AS bg FROM calib)
+    SELECT count(*), sum(customer_analytics.bgnbd_expected_purchases(f.bg, days, c.x, c.t_x, c."T")),
+           (SELECT count(*) FROM bench.retail_days d JOIN calib c2 USING (customer_id)
+            WHERE d.day >= cutoff AND d.day < cutoff + days),
+           min((f.bg).r), min((f.bg).alpha), min((f.bg).a), min((f.bg).b)
+    FROM calib c, fit f
+$$;
+SQL
+    CLV_ROWS=$(bench_psql -At -F ' | ' -c "
+        SELECT '| ' || c || ' .. ' || (c + 89), customers, round(predicted), actual,
+               round((100 * (predicted / actual - 1))::numeric, 1) || '%',
+               'r ' || round(r::numeric, 3) || ', alpha ' || round(alpha::numeric, 1) || ' days, a ' ||
+               round(a::numeric, 4) || ', b ' || round(b::numeric) || ' |'
+        FROM unnest(ARRAY['2011-06-01', '2011-09-09']::date[]) c, LATERAL bench.clv_holdout(c)")
 fi
 
 if [ -f "$SHARED/olist/subset_2017_10k/orders.csv" ]; then
@@ -113,5 +143,17 @@ if [ -f "$SHARED/olist/subset_2017_10k/orders.csv" ]; then
                round(mape_hw::numeric, 1), round(mape_naive::numeric, 1),
                round(100 * (1 - mape_hw / mape_naive)::numeric, 1) || '% |'
         FROM bench.backtest('olist', '2017-11-17')"
+fi
+if [ -n "${CLV_ROWS:-}" ]; then
+    echo
+    echo "## Customer lifetime value out of sample (UCI Online Retail)"
+    echo
+    echo "BG/NBD fitted on every customer's purchase days before the cut-off (time unit: days);"
+    echo "the sum over those customers of the expected purchase days in the next 90 days against"
+    echo "the purchase days they made."
+    echo
+    echo "| 90 days | customers | predicted | actual | error | fitted |"
+    echo "|---|---:|---:|---:|---:|---|"
+    echo "$CLV_ROWS"
 fi
 } | bench_record forecast_quality
