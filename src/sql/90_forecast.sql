@@ -1,7 +1,7 @@
 /*
  * Forecasting and customer lifetime value (src/forecast.c, src/clv.c).
  *
- * Sales: Holt-Winters (additive trend and weekly seasonality) fitted per
+ * Sales: Holt-Winters (damped additive trend, weekly seasonality) fitted per
  * series by the holt_winters() aggregate; sales_forecast holds the next
  * 28 days of completed revenue overall and per category, and
  * sales_forecast_accuracy the backtest of the same models on the last 28
