@@ -1,0 +1,613 @@
+/*
+ * clv.c
+ *	  Customer lifetime value: the BG/NBD model of repeat purchases (Fader,
+ *	  Hardie and Lee 2005, "Counting your customers the easy way") and the
+ *	  Gamma-Gamma model of spend per purchase (Fader, Hardie and Lee 2005,
+ *	  "RFM and CLV"; Fader and Hardie 2013 note), fitted by maximum
+ *	  likelihood.
+ *
+ *	- bgnbd_fit(x, t_x, T): aggregate over one row per customer (x repeat
+ *	  purchases, the last at t_x, observed for T, all in one time unit)
+ *	  returning a bgnbd_model (r, alpha, a, b, log-likelihood, customers).
+ *	- gamma_gamma_fit(x, m_x): aggregate over customers with x >= 1 repeat
+ *	  purchases of mean value m_x, returning a gamma_gamma_model.
+ *	- bgnbd_loglik, bgnbd_expected_purchases (unconditional and
+ *	  conditional on a customer's history), bgnbd_p_alive,
+ *	  gamma_gamma_expected_value: the model's formulas.
+ *
+ * Both fits minimise the negative log-likelihood with Nelder-Mead
+ * (forecast.c) over the logarithms of the parameters, restarted from its
+ * own end point until it stops improving.  Identical customers are
+ * collapsed into one weighted term first, which on day-granular data
+ * (everyone who bought once and has the same T) removes most of the work.
+ */
+#include "postgres.h"
+
+#include <math.h>
+
+#include "access/htup_details.h"
+#include "executor/executor.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/builtins.h"
+#include "utils/float.h"
+#include "utils/memutils.h"
+
+#include "customer_analytics.h"
+
+PG_FUNCTION_INFO_V1(ca_bgnbd_sfunc);
+PG_FUNCTION_INFO_V1(ca_bgnbd_final);
+PG_FUNCTION_INFO_V1(ca_gg_sfunc);
+PG_FUNCTION_INFO_V1(ca_gg_final);
+PG_FUNCTION_INFO_V1(ca_bgnbd_loglik);
+PG_FUNCTION_INFO_V1(ca_bgnbd_expected);
+PG_FUNCTION_INFO_V1(ca_bgnbd_conditional);
+PG_FUNCTION_INFO_V1(ca_bgnbd_p_alive);
+PG_FUNCTION_INFO_V1(ca_gg_expected);
+
+#define LOG_PARAM_BOUND 20.0	/* fitted parameters within e^-20 .. e^20 */
+
+/* one customer (BG/NBD: x, t_x, T; Gamma-Gamma: x, m_x, unused) */
+typedef struct ClvRow
+{
+	double		v[3];
+	double		weight;
+} ClvRow;
+
+typedef struct ClvState
+{
+	int64		nrows;
+	int64		capacity;
+	ClvRow	   *rows;
+} ClvState;
+
+typedef struct BgnbdParams
+{
+	double		r,
+				alpha,
+				a,
+				b;
+} BgnbdParams;
+
+typedef struct GgParams
+{
+	double		p,
+				q,
+				gamma;
+} GgParams;
+
+/* ---------------------------------------------------------------------
+ * Formulas
+ * ---------------------------------------------------------------------
+ */
+
+static inline double
+log_add_exp(double u, double v)
+{
+	double		mx = Max(u, v);
+
+	return mx + log(exp(u - mx) + exp(v - mx));
+}
+
+/* log-likelihood of one customer, FHL 2005 equation (6) */
+static double
+bgnbd_ll(const BgnbdParams *m, double x, double tx, double T)
+{
+	double		a1 = lgamma(m->r + x) - lgamma(m->r) + m->r * log(m->alpha);
+	double		a2 = lgamma(m->a + m->b) + lgamma(m->b + x) - lgamma(m->b) - lgamma(m->a + m->b + x);
+	double		a3 = -(m->r + x) * log(m->alpha + T);
+
+	if (x > 0)
+	{
+		double		a4 = log(m->a) - log(m->b + x - 1) - (m->r + x) * log(m->alpha + tx);
+
+		return a1 + a2 + log_add_exp(a3, a4);
+	}
+	return a1 + a2 + a3;
+}
+
+/*
+ * Gauss hypergeometric function 2F1(a, b; c; z) for 0 <= z < 1, by its
+ * series (the models only need it there).
+ */
+static double
+hyp2f1(double a, double b, double c, double z)
+{
+	double		term = 1,
+				sum = 1;
+
+	if (!(z >= 0 && z < 1))
+		elog(ERROR, "hypergeometric series called outside [0, 1): %g", z);
+	for (int k = 0; k < 1000000; k++)
+	{
+		term *= (a + k) * (b + k) / ((c + k) * (k + 1)) * z;
+		sum += term;
+		if (fabs(term) <= 1e-15 * fabs(sum))
+			break;
+		if ((k & 1023) == 1023)
+			CHECK_FOR_INTERRUPTS();
+	}
+	return sum;
+}
+
+/* P(alive | x, t_x, T), FHL 2005 equation (11) */
+static double
+bgnbd_p_alive(const BgnbdParams *m, double x, double tx, double T)
+{
+	if (x <= 0)
+		return 1.0;
+	return 1.0 / (1.0 + m->a / (m->b + x - 1) *
+				  exp((m->r + x) * (log(m->alpha + T) - log(m->alpha + tx))));
+}
+
+/* E[X(t)], purchases of a new customer in t, FHL 2005 equation (9) */
+static double
+bgnbd_expected(const BgnbdParams *m, double t)
+{
+	double		ab1 = m->a + m->b - 1;
+
+	return ab1 / (m->a - 1) *
+		(1 - pow(m->alpha / (m->alpha + t), m->r) *
+		 hyp2f1(m->r, m->b, ab1, t / (m->alpha + t)));
+}
+
+/* E[Y(t) | x, t_x, T], FHL 2005 equation (10) */
+static double
+bgnbd_conditional(const BgnbdParams *m, double t, double x, double tx, double T)
+{
+	double		c = m->a + m->b + x - 1;
+	double		num = c / (m->a - 1) *
+	(1 - exp((m->r + x) * (log(m->alpha + T) - log(m->alpha + T + t))) *
+	 hyp2f1(m->r + x, m->b + x, c, t / (m->alpha + T + t)));
+
+	return num * bgnbd_p_alive(m, x, tx, T);
+}
+
+/* log-likelihood of one customer's mean spend, Fader and Hardie 2013 (3) */
+static double
+gg_ll(const GgParams *m, double x, double mx)
+{
+	double		px = m->p * x;
+
+	return lgamma(px + m->q) - lgamma(px) - lgamma(m->q) + m->q * log(m->gamma) +
+		(px - 1) * log(mx) + px * log(x) - (px + m->q) * log(m->gamma + x * mx);
+}
+
+/* E[M | x, m_x], the expected spend per purchase */
+static double
+gg_expected(const GgParams *m, double x, double mx)
+{
+	return m->p * (m->gamma + x * mx) / (m->p * x + m->q - 1);
+}
+
+/* ---------------------------------------------------------------------
+ * Arguments
+ * ---------------------------------------------------------------------
+ */
+
+static double
+model_field(HeapTupleHeader t, const char *type, const char *name)
+{
+	bool		isnull;
+	double		v = DatumGetFloat8(GetAttributeByName(t, name, &isnull));
+
+	if (isnull || !(v > 0) || !isfinite(v))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s parameter %s must be a positive number", type, name),
+				 errhint("Fit the model with the matching aggregate, or build it with ROW(...)::customer_analytics.%s.",
+						 type)));
+	return v;
+}
+
+static void
+get_bgnbd(FunctionCallInfo fcinfo, int argno, BgnbdParams *m)
+{
+	HeapTupleHeader t = PG_GETARG_HEAPTUPLEHEADER(argno);
+
+	m->r = model_field(t, "bgnbd_model", "r");
+	m->alpha = model_field(t, "bgnbd_model", "alpha");
+	m->a = model_field(t, "bgnbd_model", "a");
+	m->b = model_field(t, "bgnbd_model", "b");
+	/* a = 1 is a removable singularity of the expectations: step beside it */
+	if (fabs(m->a - 1) < 1e-9)
+		m->a = 1 + 1e-9;
+}
+
+static void
+get_gg(FunctionCallInfo fcinfo, int argno, GgParams *m)
+{
+	HeapTupleHeader t = PG_GETARG_HEAPTUPLEHEADER(argno);
+
+	m->p = model_field(t, "gamma_gamma_model", "p");
+	m->q = model_field(t, "gamma_gamma_model", "q");
+	m->gamma = model_field(t, "gamma_gamma_model", "gamma");
+}
+
+/* a customer's summary: x >= 0 repeat purchases, 0 <= t_x <= T */
+static void
+check_history(double x, double tx, double T)
+{
+	if (!(x >= 0) || !isfinite(x))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("repeat purchases x must be a non-negative number, not %g", x)));
+	if (!(T >= 0) || !isfinite(T))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("observation period T must be a non-negative number, not %g", T)));
+	if (x > 0 && (!(tx >= 0) || tx > T))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("time of last purchase t_x = %g is outside 0 .. T = %g", tx, T),
+				 errdetail("t_x is the time from the first purchase to the last, T from the first purchase to the end of observation.")));
+}
+
+static void
+check_horizon(double t)
+{
+	if (!(t >= 0) || !isfinite(t))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("time t must be a non-negative number, not %g", t)));
+}
+
+/* ---------------------------------------------------------------------
+ * Aggregates
+ * ---------------------------------------------------------------------
+ */
+
+static ClvState *
+clv_state(FunctionCallInfo fcinfo, const char *name)
+{
+	MemoryContext aggcxt;
+	ClvState   *s;
+
+	if (!AggCheckCallContext(fcinfo, &aggcxt))
+		elog(ERROR, "%s called in non-aggregate context", name);
+	if (!PG_ARGISNULL(0))
+		return (ClvState *) PG_GETARG_POINTER(0);
+	s = MemoryContextAllocZero(aggcxt, sizeof(ClvState));
+	s->capacity = 1024;
+	s->rows = MemoryContextAlloc(aggcxt, s->capacity * sizeof(ClvRow));
+	return s;
+}
+
+static void
+clv_add(ClvState *s, double v0, double v1, double v2)
+{
+	if (s->nrows == s->capacity)
+	{
+		if ((Size) s->capacity * 2 * sizeof(ClvRow) > MaxAllocSize)
+			ereport(ERROR,
+					(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+					 errmsg("too many customers for one model fit")));
+		s->capacity *= 2;
+		s->rows = repalloc(s->rows, s->capacity * sizeof(ClvRow));
+	}
+	s->rows[s->nrows].v[0] = v0;
+	s->rows[s->nrows].v[1] = v1;
+	s->rows[s->nrows].v[2] = v2;
+	s->rows[s->nrows].weight = 1;
+	s->nrows++;
+}
+
+static int
+row_cmp(const void *pa, const void *pb)
+{
+	const ClvRow *a = pa;
+	const ClvRow *b = pb;
+
+	for (int i = 0; i < 3; i++)
+		if (a->v[i] != b->v[i])
+			return a->v[i] < b->v[i] ? -1 : 1;
+	return 0;
+}
+
+/* collapse identical customers into weighted rows; returns the count */
+static int64
+clv_collapse(ClvState *s)
+{
+	int64		k = 0;
+
+	qsort(s->rows, s->nrows, sizeof(ClvRow), row_cmp);
+	for (int64 i = 0; i < s->nrows; i++)
+	{
+		if (k > 0 && row_cmp(&s->rows[k - 1], &s->rows[i]) == 0)
+			s->rows[k - 1].weight += s->rows[i].weight;
+		else
+			s->rows[k++] = s->rows[i];
+	}
+	return k;
+}
+
+typedef struct ClvProblem
+{
+	const ClvRow *rows;
+	int64		nrows;
+} ClvProblem;
+
+static bool
+log_params_ok(const double *x, int n)
+{
+	for (int i = 0; i < n; i++)
+		if (!(fabs(x[i]) <= LOG_PARAM_BOUND))
+			return false;
+	return true;
+}
+
+static double
+bgnbd_negll(void *arg, const double *x)
+{
+	ClvProblem *p = arg;
+	BgnbdParams m;
+	double		ll = 0;
+
+	if (!log_params_ok(x, 4))
+		return get_float8_nan();
+	m.r = exp(x[0]);
+	m.alpha = exp(x[1]);
+	m.a = exp(x[2]);
+	m.b = exp(x[3]);
+	for (int64 i = 0; i < p->nrows; i++)
+		ll += p->rows[i].weight * bgnbd_ll(&m, p->rows[i].v[0], p->rows[i].v[1], p->rows[i].v[2]);
+	return -ll;
+}
+
+static double
+gg_negll(void *arg, const double *x)
+{
+	ClvProblem *p = arg;
+	GgParams	m;
+	double		ll = 0;
+
+	if (!log_params_ok(x, 3))
+		return get_float8_nan();
+	m.p = exp(x[0]);
+	m.q = exp(x[1]);
+	m.gamma = exp(x[2]);
+	for (int64 i = 0; i < p->nrows; i++)
+		ll += p->rows[i].weight * gg_ll(&m, p->rows[i].v[0], p->rows[i].v[1]);
+	return -ll;
+}
+
+/* minimise from x, restarting until a restart no longer improves */
+static double
+fit_restarting(CaObjective f, void *arg, int n, double *x)
+{
+	double		best = ca_nelder_mead(f, arg, n, x, 1.0, 1e-12, 2000);
+
+	for (int i = 0; i < 10; i++)
+	{
+		double		v = ca_nelder_mead(f, arg, n, x, 0.1, 1e-12, 2000);
+
+		if (!(v < best - 1e-9 * fabs(best)))
+		{
+			best = Min(best, v);
+			break;
+		}
+		best = v;
+	}
+	return best;
+}
+
+/* bgnbd_fit(x float8, t_x float8, T float8) transition: one customer */
+Datum
+ca_bgnbd_sfunc(PG_FUNCTION_ARGS)
+{
+	ClvState   *s = clv_state(fcinfo, "bgnbd_fit");
+	double		x,
+				tx,
+				T;
+
+	/* a customer without a complete summary is left out */
+	if (PG_ARGISNULL(1) || PG_ARGISNULL(2) || PG_ARGISNULL(3))
+		PG_RETURN_POINTER(s);
+	x = PG_GETARG_FLOAT8(1);
+	tx = PG_GETARG_FLOAT8(2);
+	T = PG_GETARG_FLOAT8(3);
+	check_history(x, tx, T);
+	clv_add(s, x, x > 0 ? tx : 0, T);
+	PG_RETURN_POINTER(s);
+}
+
+Datum
+ca_bgnbd_final(PG_FUNCTION_ARGS)
+{
+	ClvState   *s;
+	ClvProblem	prob;
+	double		x[4];
+	double		mean_x = 0,
+				mean_T = 0,
+				negll;
+	TupleDesc	tupdesc;
+	Datum		values[6];
+	bool		nulls[6] = {0};
+	int64		customers;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	s = (ClvState *) PG_GETARG_POINTER(0);
+	if (s->nrows == 0)
+		PG_RETURN_NULL();
+	customers = s->nrows;
+	for (int64 i = 0; i < s->nrows; i++)
+	{
+		mean_x += s->rows[i].v[0];
+		mean_T += s->rows[i].v[2];
+	}
+	mean_x /= s->nrows;
+	mean_T /= s->nrows;
+	prob.nrows = clv_collapse(s);
+	prob.rows = s->rows;
+
+	/* start at r = 1 with the rate r / alpha the data show, a = b = 1 */
+	x[0] = 0;
+	x[1] = log(Max(mean_T, 1e-6) / (mean_x + 0.5));
+	x[1] = Min(Max(x[1], -LOG_PARAM_BOUND + 1), LOG_PARAM_BOUND - 1);
+	x[2] = 0;
+	x[3] = 0;
+	negll = fit_restarting(bgnbd_negll, &prob, 4, x);
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "bgnbd_fit final function must return a composite type");
+	tupdesc = BlessTupleDesc(tupdesc);
+	for (int i = 0; i < 4; i++)
+		values[i] = Float8GetDatum(exp(x[i]));
+	values[4] = Float8GetDatum(-negll);
+	values[5] = Int64GetDatum(customers);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/* gamma_gamma_fit(x float8, m_x float8) transition: one customer */
+Datum
+ca_gg_sfunc(PG_FUNCTION_ARGS)
+{
+	ClvState   *s = clv_state(fcinfo, "gamma_gamma_fit");
+	double		x,
+				mx;
+
+	if (PG_ARGISNULL(1) || PG_ARGISNULL(2))
+		PG_RETURN_POINTER(s);
+	x = PG_GETARG_FLOAT8(1);
+	mx = PG_GETARG_FLOAT8(2);
+	if (!isfinite(x) || !isfinite(mx))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("gamma_gamma_fit arguments must be finite, not x = %g, m_x = %g", x, mx)));
+	/* the model describes the spend of repeat purchases: others say nothing */
+	if (x < 1 || mx <= 0)
+		PG_RETURN_POINTER(s);
+	clv_add(s, x, mx, 0);
+	PG_RETURN_POINTER(s);
+}
+
+Datum
+ca_gg_final(PG_FUNCTION_ARGS)
+{
+	ClvState   *s;
+	ClvProblem	prob;
+	double		x[3];
+	double		mean_m = 0,
+				negll;
+	TupleDesc	tupdesc;
+	Datum		values[5];
+	bool		nulls[5] = {0};
+	int64		customers;
+
+	if (PG_ARGISNULL(0))
+		PG_RETURN_NULL();
+	s = (ClvState *) PG_GETARG_POINTER(0);
+	if (s->nrows == 0)
+		PG_RETURN_NULL();
+	customers = s->nrows;
+	for (int64 i = 0; i < s->nrows; i++)
+		mean_m += s->rows[i].v[1];
+	mean_m /= s->nrows;
+	prob.nrows = clv_collapse(s);
+	prob.rows = s->rows;
+
+	/* p = 1, q = 2: E[M] = p gamma / (q - 1) = the mean spend */
+	x[0] = 0;
+	x[1] = log(2.0);
+	x[2] = Min(Max(log(mean_m), -LOG_PARAM_BOUND + 1), LOG_PARAM_BOUND - 1);
+	negll = fit_restarting(gg_negll, &prob, 3, x);
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "gamma_gamma_fit final function must return a composite type");
+	tupdesc = BlessTupleDesc(tupdesc);
+	for (int i = 0; i < 3; i++)
+		values[i] = Float8GetDatum(exp(x[i]));
+	values[3] = Float8GetDatum(-negll);
+	values[4] = Int64GetDatum(customers);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+/* ---------------------------------------------------------------------
+ * Scalar functions
+ * ---------------------------------------------------------------------
+ */
+
+/* bgnbd_loglik(model, x, t_x, T) */
+Datum
+ca_bgnbd_loglik(PG_FUNCTION_ARGS)
+{
+	BgnbdParams m;
+	double		x = PG_GETARG_FLOAT8(1),
+				tx = PG_GETARG_FLOAT8(2),
+				T = PG_GETARG_FLOAT8(3);
+
+	get_bgnbd(fcinfo, 0, &m);
+	check_history(x, tx, T);
+	PG_RETURN_FLOAT8(bgnbd_ll(&m, x, tx, T));
+}
+
+/* bgnbd_expected_purchases(model, t) */
+Datum
+ca_bgnbd_expected(PG_FUNCTION_ARGS)
+{
+	BgnbdParams m;
+	double		t = PG_GETARG_FLOAT8(1);
+
+	get_bgnbd(fcinfo, 0, &m);
+	check_horizon(t);
+	PG_RETURN_FLOAT8(bgnbd_expected(&m, t));
+}
+
+/* bgnbd_expected_purchases(model, t, x, t_x, T) */
+Datum
+ca_bgnbd_conditional(PG_FUNCTION_ARGS)
+{
+	BgnbdParams m;
+	double		t = PG_GETARG_FLOAT8(1),
+				x = PG_GETARG_FLOAT8(2),
+				tx = PG_GETARG_FLOAT8(3),
+				T = PG_GETARG_FLOAT8(4);
+
+	get_bgnbd(fcinfo, 0, &m);
+	check_horizon(t);
+	check_history(x, tx, T);
+	PG_RETURN_FLOAT8(bgnbd_conditional(&m, t, x, tx, T));
+}
+
+/* bgnbd_p_alive(model, x, t_x, T) */
+Datum
+ca_bgnbd_p_alive(PG_FUNCTION_ARGS)
+{
+	BgnbdParams m;
+	double		x = PG_GETARG_FLOAT8(1),
+				tx = PG_GETARG_FLOAT8(2),
+				T = PG_GETARG_FLOAT8(3);
+
+	get_bgnbd(fcinfo, 0, &m);
+	check_history(x, tx, T);
+	PG_RETURN_FLOAT8(bgnbd_p_alive(&m, x, tx, T));
+}
+
+/* gamma_gamma_expected_value(model, x, m_x) */
+Datum
+ca_gg_expected(PG_FUNCTION_ARGS)
+{
+	GgParams	m;
+	double		x = PG_GETARG_FLOAT8(1),
+				mx = PG_GETARG_FLOAT8(2);
+
+	get_gg(fcinfo, 0, &m);
+	if (!(m.q > 1))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("gamma_gamma_model q must be greater than 1 for a finite expected spend, not %g", m.q)));
+	if (!(x >= 0) || !isfinite(x))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("repeat purchases x must be a non-negative number, not %g", x)));
+	/* without repeat purchases, the population mean */
+	if (x == 0)
+		PG_RETURN_FLOAT8(m.p * m.gamma / (m.q - 1));
+	if (!(mx > 0) || !isfinite(mx))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("mean spend m_x must be a positive number, not %g", mx)));
+	PG_RETURN_FLOAT8(gg_expected(&m, x, mx));
+}
