@@ -55,6 +55,14 @@ BEGIN
         PERFORM pg_sleep(0.5);
     END LOOP;
 END $$;
+-- pg_cron records the job as done just after the CALL returns
+DO $$
+BEGIN
+    FOR i IN 1 .. 20 LOOP
+        EXIT WHEN NOT EXISTS (SELECT FROM customer_analytics.pipeline_cron_runs() WHERE status IN ('starting', 'running'));
+        PERFORM pg_sleep(0.5);
+    END LOOP;
+END $$;
 SELECT scope, status, triggered_by, run_by FROM customer_analytics.pipeline_run ORDER BY run_id LIMIT 1;
 SELECT status, return_message FROM customer_analytics.pipeline_cron_runs() ORDER BY runid LIMIT 1;
 SELECT customer_analytics.unschedule_pipeline() AS unscheduled, customer_analytics.unschedule_pipeline() AS again;
@@ -72,6 +80,13 @@ BEGIN
     END LOOP;
 END $$;
 SELECT scope, status, triggered_by FROM customer_analytics.pipeline_run ORDER BY run_id LIMIT 1;
+DO $$
+BEGIN
+    FOR i IN 1 .. 20 LOOP
+        EXIT WHEN NOT EXISTS (SELECT FROM cron.job_run_details WHERE status IN ('starting', 'running'));
+        PERFORM pg_sleep(0.5);
+    END LOOP;
+END $$;
 SELECT j.jobname, d.status, d.return_message
 FROM cron.job_run_details d JOIN cron.job j USING (jobid) ORDER BY d.runid LIMIT 1;
 SELECT scope, last_status, schedule, next_run IS NOT NULL AS has_next_run FROM customer_analytics.pipeline_status WHERE scope = 'all';

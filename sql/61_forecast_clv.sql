@@ -167,6 +167,10 @@ SELECT gamma_gamma_expected_value(ROW(1, 0.5, 1, NULL, NULL)::gamma_gamma_model,
 SELECT bgnbd_fit(x, t_x, "T") IS NULL AS no_rows FROM histories WHERE false;
 
 -- 5. customer_clv on the sample shop
+-- start from an empty star schema (earlier tests leave theirs)
+TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, transform_state;
+DELETE FROM dim_customer WHERE customer_key <> -1;
+DELETE FROM dim_product WHERE product_key <> -1;
 SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 2000, days => 180, seed => 7, events => false);
 SELECT count(*) > 0 AS transformed FROM transform();
 SET customer_analytics.as_of = '2025-06-30';
