@@ -19,6 +19,14 @@ SELECT s, mean(s), variance(s), zscore(1, s) FROM (SELECT stats_agg(7) AS s) t;
 SELECT s, variance(s), zscore(8, s) FROM (SELECT stats_agg(5) AS s FROM generate_series(1, 10)) t;
 -- text form round trip, and bad input
 SELECT '(4,2.5,5)'::stats, mean('(4,2.5,5)'::stats), variance('(4,2.5,5)'::stats);
+-- binary form round trip (COPY BINARY, Citus): exact, anchor included
+CREATE TEMP TABLE stats_copy AS SELECT stats_agg(x) AS s FROM (VALUES (1e9 + 0.25), (1e9 + 0.5), (1e9 + 1.25)) v(x);
+SELECT current_setting('data_directory') || '/ca_regress_stats.bin' AS stats_file \gset
+COPY stats_copy TO :'stats_file' (FORMAT binary);
+CREATE TEMP TABLE stats_back (s stats);
+COPY stats_back FROM :'stats_file' (FORMAT binary);
+SELECT b.s AS back, variance(b.s) = variance(c.s) AND mean(b.s) = mean(c.s) AS same
+FROM stats_back b, stats_copy c;
 SELECT '(4,2.5)'::stats;
 SELECT '(-1,0,0)'::stats;
 SELECT '(2,1,-3)'::stats;
@@ -55,6 +63,11 @@ SELECT count(*) AS rows,
 FROM sliding;
 -- the constant series: every z is NULL (stddev 0), none is an error or infinity
 SELECT count(*) AS rows, count(z) AS scored FROM sliding WHERE g = 3;
+-- a growing frame (its start never moves: the plain transition, in place)
+SELECT count(*) FILTER (WHERE count(s) <> n OR abs(mean(s) - m) > 1e-12 * abs(m)
+                           OR abs(stddev(s) - sd) > 1e-10 * sd) AS growing_differs
+FROM (SELECT stats_agg(x) OVER w AS s, count(x) OVER w AS n, avg(x) OVER w AS m, stddev_samp(x) OVER w AS sd
+      FROM series WINDOW w AS (PARTITION BY g ORDER BY i)) t;
 
 -- 4. numerical stability: values around 1e9 with a variance of about 1/12,
 -- frames of 364, and a huge value (1e15) passing through, against exact

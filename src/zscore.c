@@ -53,6 +53,8 @@
 
 PG_FUNCTION_INFO_V1(ca_stats_in);
 PG_FUNCTION_INFO_V1(ca_stats_out);
+PG_FUNCTION_INFO_V1(ca_stats_send);
+PG_FUNCTION_INFO_V1(ca_stats_recv);
 PG_FUNCTION_INFO_V1(ca_stats_sfunc);
 PG_FUNCTION_INFO_V1(ca_stats_combine);
 PG_FUNCTION_INFO_V1(ca_stats_msfunc);
@@ -288,6 +290,39 @@ ca_stats_out(PG_FUNCTION_ARGS)
 
 	PG_RETURN_CSTRING(psprintf("(" INT64_FORMAT ",%s,%s)", s->count,
 							   float8out_internal(stats_mean(s)), float8out_internal(s->m2)));
+}
+
+/* binary form: int64 count, float8 anchor, float8 mean from it, float8 m2 */
+Datum
+ca_stats_send(PG_FUNCTION_ARGS)
+{
+	Stats	   *s = (Stats *) PG_GETARG_POINTER(0);
+	StringInfoData buf;
+
+	pq_begintypsend(&buf);
+	pq_sendint64(&buf, s->count);
+	pq_sendfloat8(&buf, s->shift);
+	pq_sendfloat8(&buf, s->mean);
+	pq_sendfloat8(&buf, s->m2);
+	PG_RETURN_BYTEA_P(pq_endtypsend(&buf));
+}
+
+Datum
+ca_stats_recv(PG_FUNCTION_ARGS)
+{
+	StringInfo	buf = (StringInfo) PG_GETARG_POINTER(0);
+	Stats	   *s = palloc(sizeof(Stats));
+
+	s->count = pq_getmsgint64(buf);
+	s->shift = pq_getmsgfloat8(buf);
+	s->mean = pq_getmsgfloat8(buf);
+	s->m2 = pq_getmsgfloat8(buf);
+	if (s->count < 0 || s->m2 < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
+				 errmsg("invalid binary value for type stats"),
+				 errdetail("The count and the sum of squared deviations must not be negative.")));
+	PG_RETURN_POINTER(s);
 }
 
 /*

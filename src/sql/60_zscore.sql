@@ -9,9 +9,15 @@ CREATE FUNCTION customer_analytics.stats_in(cstring) RETURNS customer_analytics.
     AS 'MODULE_PATHNAME', 'ca_stats_in' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 CREATE FUNCTION customer_analytics.stats_out(customer_analytics.stats) RETURNS cstring
     AS 'MODULE_PATHNAME', 'ca_stats_out' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION customer_analytics.stats_recv(internal) RETURNS customer_analytics.stats
+    AS 'MODULE_PATHNAME', 'ca_stats_recv' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION customer_analytics.stats_send(customer_analytics.stats) RETURNS bytea
+    AS 'MODULE_PATHNAME', 'ca_stats_send' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 CREATE TYPE customer_analytics.stats (
     INPUT = customer_analytics.stats_in,
     OUTPUT = customer_analytics.stats_out,
+    RECEIVE = customer_analytics.stats_recv,
+    SEND = customer_analytics.stats_send,
     INTERNALLENGTH = 32,
     ALIGNMENT = double,
     STORAGE = plain
