@@ -5,9 +5,10 @@
  *	  seasonal baselines.
  *
  *	- stats_agg(float8) -> stats: count, mean and M2 (sum of squared
- *	  deviations) by Welford's method, merged by Chan's formula.  stats is a
- *	  fixed-size concrete type and is its own state, so the aggregate runs in
- *	  parallel (and Citus can push it down).  As a window aggregate over a
+ *	  deviations) by Welford's method on values minus an anchor (see
+ *	  stats_add), merged by Chan's formula.  stats is a fixed-size concrete
+ *	  type and is its own state, so the aggregate runs in parallel (and
+ *	  Citus can push it down).  As a window aggregate over a
  *	  sliding frame it removes the row that leaves the frame (inverse
  *	  Welford) instead of recomputing: O(1) per row whatever the frame.
  *	  Inverse updates can lose precision (a huge value leaves, a tiny
@@ -888,7 +889,8 @@ typedef struct Point
 	TimestampTz ts;
 	double		value;
 	bool		value_null;
-	int64		seq;			/* input order, to keep equal timestamps stable */
+	int64		seq;			/* input order, to keep equal timestamps
+								 * stable */
 } Point;
 
 typedef struct PointResult
@@ -1344,6 +1346,9 @@ detect_anomalies(FunctionCallInfo fcinfo, bool from_table)
 	int64		n;
 	PointResult *res;
 
+	if (PG_NARGS() != a + 8)
+		elog(ERROR, "detect_anomalies() called with %d arguments: the extension's SQL and library differ in version",
+			 PG_NARGS());
 	if (PG_ARGISNULL(0))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
