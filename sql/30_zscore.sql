@@ -190,6 +190,13 @@ FROM detect_anomalies('pts'::regclass, 'k', 'd', 'v', method => 'trailing', wind
 SELECT count(*) FILTER (WHERE is_anomaly) AS flagged
 FROM detect_anomalies('pts'::regclass, 'k', 'd', 'v', method => 'trailing', window_size => 4, min_history => 4,
                       direction => 'drop');
+-- points at +/-infinity or without a time are left out; values below the
+-- sqrt scale's domain count as 0 and the expected value is never negative
+SELECT series, ts, value, expected >= 0 AS expected_not_negative
+FROM detect_anomalies($$SELECT 'x', t, v FROM (VALUES ('-infinity'::timestamptz, 1), (NULL, 2),
+        ('2025-01-01', 0), ('2025-01-02', -5), ('2025-01-03', 0), ('infinity', 3)) s(t, v)$$,
+        method => 'robust', scale => 'sqrt', min_history => 1)
+ORDER BY ts;
 -- the threshold comes from the setting when not given
 SET customer_analytics.zscore_threshold = 8;
 SELECT count(*) FILTER (WHERE is_anomaly) AS flagged

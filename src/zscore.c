@@ -44,6 +44,7 @@
 #include "libpq/pqformat.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/date.h"
 #include "utils/float.h"
 #include "utils/guc.h"
 #include "utils/lsyscache.h"
@@ -963,7 +964,8 @@ from_scale(double y, Scale scale)
 	switch (scale)
 	{
 		case SCALE_SQRT:
-			return Max(y * y / 4.0 - 0.375, 0.0);
+			/* below the scale's lowest value (that of 0) means 0 */
+			return (y <= 2.0 * sqrt(0.375)) ? 0.0 : y * y / 4.0 - 0.375;
 		case SCALE_LOG:
 			return expm1(y);
 		default:
@@ -1281,6 +1283,9 @@ read_points(const char *query, int64 *npoints, MemoryContext cxt)
 
 			if (tnull)
 				continue;		/* a point without a time is nowhere */
+			if (types[1] == DATEOID ? DATE_NOT_FINITE(DatumGetDateADT(t))
+				: TIMESTAMP_NOT_FINITE(DatumGetTimestamp(t)))
+				continue;		/* nor is one at +/-infinity */
 			old = MemoryContextSwitchTo(cxt);
 			if (n == capacity)
 			{
