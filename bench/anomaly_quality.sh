@@ -11,7 +11,7 @@
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 ensure_root "$@"
-SEEDS=${SEEDS:-"42 7 99"}
+SEEDS=${SEEDS:-"42 7 99"}            # reported; the default was chosen on seeds 1 2 3
 SIZES=${SIZES:-"10000 50000"}
 
 install_packages
@@ -45,17 +45,18 @@ UNION SELECT c.category, s.day FROM customer_analytics.sample_anomaly s
 CREATE TEMP TABLE flagged (label text, series text, day date);
 INSERT INTO flagged SELECT 'view anomalies (default: seasonal)', series, day FROM customer_analytics.anomalies;
 INSERT INTO flagged
-SELECT m || ', ' || metric || ' ' || sc || CASE WHEN mr > 0 THEN ', changes >= 50%' ELSE '' END || ', threshold ' || t,
+SELECT m || ', ' || metric || ' ' || sc || ', window ' || w || CASE WHEN mr > 0 THEN ', changes >= 50%' ELSE '' END || ', threshold ' || t,
        a.series, (a.ts AT TIME ZONE 'UTC')::date
 FROM (VALUES ('trailing'), ('robust'), ('seasonal')) m(m),
      (VALUES ('orders', 'sqrt', 0.5), ('orders', 'sqrt', 0.0), ('orders', 'linear', 0.0), ('revenue', 'log', 0.5),
              ('revenue', 'linear', 0.0)) x(metric, sc, mr),
+     (VALUES (28), (56)) ww(w),
      (VALUES (3.0), (4.0)) th(t),
      customer_analytics.detect_anomalies(
         format(\$f\$SELECT category, period_start::timestamp AT TIME ZONE 'UTC', %1\$s
                   FROM customer_analytics.product_category_sales WHERE grain = 'day'
                 UNION ALL SELECT 'total', day::timestamp AT TIME ZONE 'UTC', %1\$s FROM customer_analytics.daily_sales\$f\$, metric),
-        method => m, scale => sc, min_relative_change => mr, threshold => t) a
+        method => m, scale => sc, min_relative_change => mr, threshold => t, window_size => w) a
 WHERE a.is_anomaly;
 SELECT l.label, (SELECT count(*) FROM customer_analytics.sample_anomaly),
        (SELECT count(*) FROM customer_analytics.sample_anomaly s JOIN flagged f USING (series, day) WHERE f.label = l.label),
@@ -86,7 +87,9 @@ bench_record anomaly_quality <<MD
 \`generate_sample_data(customers, days => 365, seed)\` plants about 11
 anomalies a year (flash-sale spikes x3-x4 in a category, category
 stock-outs, shop-wide outages); \`transform()\`, then the views. Every
-(category, day) and (total, day) point is scored; seeds: $SEEDS.
+(category, day) and (total, day) point is scored; seeds: $SEEDS. (The
+default method's window and minimum change were chosen on seeds 1, 2 and 3,
+50,000 customers, then measured here on other seeds.)
 
 - **recall**: planted anomalies flagged on their own series and day;
 - **precision**: flagged points that a planted anomaly moves (its category,
@@ -100,7 +103,7 @@ $(table "")
 
 The default (the \`anomalies\` view): seasonal baseline (median of the same
 weekday over the 4 previous weeks, then z and robust z of the residual over
-the 28 previous residuals, both must pass), on daily order counts on the
+the 56 previous residuals, both must pass), on daily order counts on the
 sqrt scale (Poisson noise made even), threshold 3.0
 (\`customer_analytics.zscore_threshold\`), changes under 50% ignored.
 

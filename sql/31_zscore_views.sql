@@ -50,7 +50,7 @@ WHERE m.grain = 'month';
 SELECT count(*) = (SELECT count(*) FROM detect_anomalies(
            $q$SELECT category, period_start::timestamp AT TIME ZONE 'UTC', orders FROM product_category_sales WHERE grain = 'day'
               UNION ALL SELECT 'total', day::timestamp AT TIME ZONE 'UTC', orders FROM daily_sales$q$,
-           method => 'seasonal', scale => 'sqrt', min_relative_change => 0.5) WHERE is_anomaly) AS same_as_detect,
+           method => 'seasonal', scale => 'sqrt', window_size => 56, min_relative_change => 0.5) WHERE is_anomaly) AS same_as_detect,
        bool_and(abs(z) > 3 AND abs(robust_z) > 3 AND abs(orders - expected) >= 0.5 * expected) AS all_pass
 FROM anomalies;
 -- (how many planted anomalies the view finds depends on the shop's size:
