@@ -64,6 +64,7 @@ _PG_init(void)
 	ca_rfm_init();
 	ca_cron_link_init();
 	ca_pipeline_init();
+	ca_zscore_init();
 
 	MarkGUCPrefixReserved(CA_GUC_PREFIX);
 }

@@ -11,6 +11,14 @@
  * rest.  One run at a time: a second one is logged as skipped.
  */
 
+CREATE FUNCTION customer_analytics.qualified_name(rel regclass)
+RETURNS text
+LANGUAGE sql STABLE STRICT PARALLEL SAFE
+AS $$ SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel $$;
+COMMENT ON FUNCTION customer_analytics.qualified_name(regclass) IS
+    'schema.name of a relation whatever the search_path (how pipeline steps name the views they refresh)';
+
 /* Landing directories that the ingest step loads, in load_order */
 CREATE TABLE customer_analytics.landing (
     target     regclass NOT NULL,
@@ -30,17 +38,24 @@ CREATE TABLE customer_analytics.pipeline_task (
     scope      text NOT NULL DEFAULT 'all',
     command    text NOT NULL,
     depends_on text[] NOT NULL DEFAULT '{}',
+    feeds      text[] NOT NULL DEFAULT '{}',
     ordinal    integer NOT NULL DEFAULT 500,
     builtin    boolean NOT NULL DEFAULT false,
     enabled    boolean NOT NULL DEFAULT true
 );
 COMMENT ON TABLE customer_analytics.pipeline_task IS
-    'Steps of run_pipeline() other than the view refreshes (which come from pg_depend): the SQL to run, the steps it depends on (a task name or ''refresh <view>''), its scope. A command that is a SELECT returns the rows it affected; $1 is the run id';
+    'Steps of run_pipeline() other than the view refreshes (which come from pg_depend): the SQL to run, the steps it depends on (a task name or ''refresh <schema.view>''), the tables it writes (feeds: the refresh of every view reading them waits for it), its scope, and an ordinal ordering steps that are ready together. A command that is a SELECT returns the rows it affected; $1 is the run id';
 INSERT INTO customer_analytics.pipeline_task (task, command, depends_on, ordinal, builtin) VALUES
     ('ingest', 'SELECT customer_analytics.pipeline_ingest($1)', '{}', 10, true),
     ('transform', 'SELECT sum(rows_affected)::bigint FROM customer_analytics.transform()', '{ingest}', 20, true),
     ('checks', 'SELECT customer_analytics.pipeline_checks($1)', '{transform}', 30, true),
     ('purge', 'SELECT customer_analytics.pipeline_purge()', '{}', 1000, true);
+-- the sales rollups (60_zscore.sql) before the views that read them, then
+-- the anomaly alerts once their view is fresh
+INSERT INTO customer_analytics.pipeline_task (task, command, depends_on, feeds, ordinal, builtin) VALUES
+    ('sales rollup', 'SELECT customer_analytics.refresh_sales_rollup()', '{transform}',
+     '{customer_analytics.sales_rollup_day,customer_analytics.sales_rollup_category}', 40, true),
+    ('anomaly alerts', 'SELECT customer_analytics.alert_new_anomalies()', '{"refresh customer_analytics.anomalies"}', '{}', 300, true);
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics.pipeline_task', 'WHERE NOT builtin');
 
 CREATE FUNCTION customer_analytics.session_client()
@@ -313,7 +328,11 @@ BEGIN
         INSERT INTO ca_plan_steps
         SELECT 'refresh ' || customer_analytics.qualified_name(p.matview),
                format('REFRESH MATERIALIZED VIEW %s%s', CASE WHEN p.concurrent THEN 'CONCURRENTLY ' ELSE '' END, p.matview),
-               ARRAY['checks'] || ARRAY(SELECT 'refresh ' || customer_analytics.qualified_name(x) FROM unnest(p.depends_on) x),
+               ARRAY['checks'] || ARRAY(SELECT 'refresh ' || customer_analytics.qualified_name(x) FROM unnest(p.depends_on) x)
+                   || ARRAY(SELECT t.task FROM customer_analytics.pipeline_task t
+                            WHERE t.enabled AND t.scope = 'all'
+                              AND t.feeds && ARRAY(SELECT customer_analytics.qualified_name(x) FROM unnest(p.reads) x)
+                            ORDER BY t.task),
                100 + p.level
         FROM customer_analytics.refresh_plan() p;
     END IF;

@@ -211,14 +211,6 @@ LEFT JOIN jobs j ON j.jobname = customer_analytics.pipeline_job_name(s.scope);
 COMMENT ON VIEW customer_analytics.pipeline_status IS
     'Per pipeline scope: the last run and its status, the last success and the last failure with its error, and the pg_cron schedule with its next run (empty when pg_cron cannot be reached)';
 
-CREATE FUNCTION customer_analytics.qualified_name(rel regclass)
-RETURNS text
-LANGUAGE sql STABLE STRICT PARALLEL SAFE
-AS $$ SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
-      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel $$;
-COMMENT ON FUNCTION customer_analytics.qualified_name(regclass) IS
-    'schema.name of a relation whatever the search_path (how pipeline steps name the views they refresh)';
-
 CREATE VIEW customer_analytics.view_freshness AS
 SELECT p.matview, p.level,
        (SELECT max(s.finished_at) FROM customer_analytics.pipeline_step s

@@ -1,0 +1,121 @@
+-- Incremental maintenance of the sales views: after random appends,
+-- re-staged (changed) order lines, late data for old days, a product
+-- changing category and deleted lines, the views built from the
+-- incrementally kept rollups equal a computation from the facts.
+SET client_min_messages = warning;
+SET search_path = customer_analytics, public;
+SET timezone = 'UTC';
+SET datestyle = 'ISO, YMD';
+
+TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, transform_state;
+DELETE FROM dim_customer WHERE customer_key <> -1;
+DELETE FROM dim_product WHERE product_key <> -1;
+SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 300, days => 90, seed => 11, events => false);
+SELECT count(*) > 0 AS transformed FROM transform();
+SELECT refresh_sales_rollup() > 0 AS first_build;
+
+-- the same figures straight from the facts (the views' definitions before the rollups)
+CREATE TEMP VIEW expected_day AS
+SELECT d.date AS day, sum(f.revenue) AS revenue, count(DISTINCT f.order_id) AS orders,
+       count(DISTINCT c.customer_id) FILTER (WHERE f.customer_key <> -1) AS customers
+FROM fact_order_line f JOIN dim_date d USING (date_key) JOIN dim_customer c USING (customer_key)
+WHERE f.status = 'completed' GROUP BY 1;
+CREATE TEMP VIEW expected_category AS
+SELECT d.date AS day, p.category, sum(f.revenue) AS revenue, count(DISTINCT f.order_id) AS orders, sum(f.quantity) AS units
+FROM fact_order_line f JOIN dim_date d USING (date_key) JOIN dim_product p USING (product_key)
+WHERE f.status = 'completed' GROUP BY 1, 2;
+
+CREATE FUNCTION pg_temp.differences() RETURNS TABLE (what text, n bigint) LANGUAGE sql AS $$
+    SELECT 'rollup day', count(*) FROM ((TABLE expected_day EXCEPT TABLE sales_rollup_day)
+                                        UNION ALL (TABLE sales_rollup_day EXCEPT TABLE expected_day)) x
+    UNION ALL
+    SELECT 'rollup category', count(*) FROM ((TABLE expected_category EXCEPT TABLE sales_rollup_category)
+                                             UNION ALL (TABLE sales_rollup_category EXCEPT TABLE expected_category)) x
+    UNION ALL
+    SELECT 'daily_sales', count(*) FROM (
+        (SELECT day, revenue, orders, customers FROM daily_sales WHERE orders > 0 EXCEPT TABLE expected_day)
+        UNION ALL (TABLE expected_day EXCEPT SELECT day, revenue, orders, customers FROM daily_sales)) x
+    UNION ALL
+    SELECT 'product_category_sales', count(*) FROM (
+        (SELECT period_start, category, revenue, orders, units FROM product_category_sales
+         WHERE grain = 'day' AND orders > 0 EXCEPT TABLE expected_category)
+        UNION ALL (TABLE expected_category EXCEPT SELECT period_start, category, revenue, orders, units
+                   FROM product_category_sales WHERE grain = 'day')) x
+$$;
+-- one pipeline step's worth: the rollup, then the views
+CREATE FUNCTION pg_temp.refresh() RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+    days bigint := customer_analytics.refresh_sales_rollup();
+BEGIN
+    REFRESH MATERIALIZED VIEW customer_analytics.daily_sales;
+    REFRESH MATERIALIZED VIEW customer_analytics.product_category_sales;
+    RETURN days;
+END $$;
+SELECT pg_temp.refresh() AS days_recomputed;
+SELECT * FROM pg_temp.differences();
+
+-- 1. appends: new orders on the last days and on days after them
+SELECT setseed(0.11);
+SELECT max(order_ts) AS last_ts FROM fact_order_line \gset
+INSERT INTO stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price, discount, status, channel)
+SELECT 'NEW-' || g, 1, (SELECT customer_id FROM stg_customers ORDER BY customer_id OFFSET (g * 7) % 250 LIMIT 1),
+       (SELECT product_id FROM stg_products ORDER BY product_id OFFSET (g * 3) % 100 LIMIT 1),
+       :'last_ts'::timestamptz - interval '2 days' + (random() * 5) * interval '1 day',
+       1 + (random() * 3)::int, round((5 + random() * 100)::numeric, 2), 0, 'completed', 'web'
+FROM generate_series(1, 60) g;
+SELECT count(*) > 0 AS transformed FROM transform();
+SELECT pg_temp.refresh() BETWEEN 1 AND 7 AS only_recent_days;
+SELECT * FROM pg_temp.differences();
+
+-- 2. re-staged lines: some completed lines come again cancelled or with new quantities
+INSERT INTO stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price, discount, status, channel)
+SELECT order_id, line_number, customer_id, product_id, order_ts,
+       quantity + 1, unit_price, discount, CASE WHEN random() < 0.5 THEN 'cancelled' ELSE status END, channel
+FROM (SELECT DISTINCT ON (order_id, line_number) * FROM stg_orders ORDER BY order_id, line_number, stage_id DESC) s
+WHERE status = 'completed' AND random() < 0.03;
+SELECT count(*) > 0 AS transformed FROM transform();
+SELECT pg_temp.refresh() > 0 AS recomputed;
+SELECT * FROM pg_temp.differences();
+
+-- 3. late-arriving orders for old days
+INSERT INTO stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price, discount, status, channel)
+SELECT 'LATE-' || g, l, (SELECT customer_id FROM stg_customers ORDER BY customer_id OFFSET (g * 11) % 250 LIMIT 1),
+       (SELECT product_id FROM stg_products ORDER BY product_id OFFSET (g + l) % 100 LIMIT 1),
+       timestamptz '2025-01-03 10:00+00' + (g % 20) * interval '1 day', 2, 9.99, 0, 'completed', 'app'
+FROM generate_series(1, 20) g, generate_series(1, 2) l;
+SELECT count(*) > 0 AS transformed FROM transform();
+SELECT pg_temp.refresh() AS days_recomputed;
+SELECT * FROM pg_temp.differences();
+
+-- 4. a product moves to another category (SCD1): all its days change
+INSERT INTO stg_products (product_id, name, category, subcategory, unit_cost, list_price, updated_at)
+SELECT product_id, name, 'Clearance', subcategory, unit_cost, list_price, now()
+FROM dim_product WHERE product_key = (SELECT product_key FROM fact_order_line WHERE status = 'completed'
+                                      GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1);
+SELECT count(*) > 0 AS transformed FROM transform();
+SELECT pg_temp.refresh() > 10 AS many_days;
+SELECT count(*) > 0 AS clearance_rows FROM sales_rollup_category WHERE category = 'Clearance';
+SELECT * FROM pg_temp.differences();
+
+-- 5. lines deleted from the facts
+DELETE FROM fact_order_line WHERE order_id IN (SELECT order_id FROM fact_order_line ORDER BY order_id LIMIT 25);
+SELECT pg_temp.refresh() > 0 AS recomputed;
+SELECT * FROM pg_temp.differences();
+
+-- nothing changed: nothing recomputed
+SELECT pg_temp.refresh() AS days_recomputed;
+
+-- a full rebuild gives the same rollups
+CREATE TEMP TABLE incremental_day AS TABLE sales_rollup_day;
+CREATE TEMP TABLE incremental_category AS TABLE sales_rollup_category;
+SELECT refresh_sales_rollup(full_refresh => true) > 0 AS rebuilt;
+SELECT (SELECT count(*) FROM ((TABLE incremental_day EXCEPT TABLE sales_rollup_day)
+                              UNION ALL (TABLE sales_rollup_day EXCEPT TABLE incremental_day)) x) AS day_differences,
+       (SELECT count(*) FROM ((TABLE incremental_category EXCEPT TABLE sales_rollup_category)
+                              UNION ALL (TABLE sales_rollup_category EXCEPT TABLE incremental_category)) x) AS category_differences;
+
+-- TRUNCATE empties the rollups at the next refresh
+TRUNCATE fact_order_line CASCADE;
+SELECT pg_temp.refresh() AS days_after_truncate;
+SELECT count(*) AS rollup_days FROM sales_rollup_day;
+SELECT * FROM pg_temp.differences();
