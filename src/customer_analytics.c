@@ -62,6 +62,7 @@ _PG_init(void)
 	define_core_settings();
 	ca_ingest_init();
 	ca_rfm_init();
+	ca_sessionize_init();
 
 	MarkGUCPrefixReserved(CA_GUC_PREFIX);
 }
