@@ -9,7 +9,9 @@
  *	  pause.  The rule: an event starts a new session when it comes MORE
  *	  than gap after the previous event (a pause exactly equal to the gap
  *	  continues the session).  One pass, constant state per partition: it
- *	  replaces lag() + a CASE + a running sum() (two window passes).
+ *	  replaces lag() + a CASE + a running sum() (two window passes).  The
+ *	  gap is read from the first row of each partition (it is meant to be a
+ *	  constant).
  *	- session_gap(), event_lateness(): the effective settings
  *	  customer_analytics.session_gap and customer_analytics.event_lateness,
  *	  validated when set.
@@ -184,6 +186,9 @@ ca_event_lateness(PG_FUNCTION_ARGS)
 /* per partition, zeroed by the executor at each partition start */
 typedef struct SessionState
 {
+	bool		have_gap;		/* gap read (from the partition's first row) */
+	bool		gap_null;
+	int64		gap_usecs;
 	bool		started;		/* seen a non-NULL ts in this partition */
 	TimestampTz last_ts;		/* the previous non-NULL ts */
 	int64		session;		/* its session number */
@@ -196,28 +201,40 @@ ca_session_number(PG_FUNCTION_ARGS)
 	SessionState *state;
 	bool		isnull;
 	TimestampTz ts;
-	Interval   *gap;
 	int64		gap_usecs;
 
 	state = (SessionState *) WinGetPartitionLocalMemory(winobj, sizeof(SessionState));
 	/* rows before this one are not needed again: let the executor drop them */
 	WinSetMarkPosition(winobj, WinGetCurrentPosition(winobj));
 
+	/*
+	 * The gap is read once per partition, from its first row: it is meant to
+	 * be a constant, and evaluating it again for every row would cost a
+	 * good part of the function's time.
+	 */
+	if (!state->have_gap)
+	{
+		Interval   *gap;
+
+		state->have_gap = true;
+		gap = DatumGetIntervalP(WinGetFuncArgCurrent(winobj, 1, &isnull));
+		state->gap_null = isnull;
+		if (!isnull && (!interval_usecs(gap, &state->gap_usecs) || state->gap_usecs <= 0))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("session gap must be a positive duration without months"),
+					 errdetail("The gap given was %s.",
+							   DatumGetCString(DirectFunctionCall1(interval_out,
+																   IntervalPGetDatum(gap)))),
+					 errhint("Use a duration such as '30 minutes'.")));
+	}
+	if (state->gap_null)
+		PG_RETURN_NULL();
+	gap_usecs = state->gap_usecs;
+
 	ts = DatumGetTimestampTz(WinGetFuncArgCurrent(winobj, 0, &isnull));
 	if (isnull)
 		PG_RETURN_NULL();		/* no time, no session; others unaffected */
-
-	gap = DatumGetIntervalP(WinGetFuncArgCurrent(winobj, 1, &isnull));
-	if (isnull)
-		PG_RETURN_NULL();
-	if (!interval_usecs(gap, &gap_usecs) || gap_usecs <= 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("session gap must be a positive duration without months"),
-				 errdetail("The gap given was %s.",
-						   DatumGetCString(DirectFunctionCall1(interval_out,
-															   IntervalPGetDatum(gap)))),
-				 errhint("Use a duration such as '30 minutes'.")));
 
 	if (!state->started)
 	{

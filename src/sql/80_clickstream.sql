@@ -28,7 +28,7 @@ CREATE FUNCTION customer_analytics.session_number(ts timestamptz, gap interval D
     RETURNS bigint
     AS 'MODULE_PATHNAME', 'ca_session_number' LANGUAGE C IMMUTABLE WINDOW PARALLEL SAFE;
 COMMENT ON FUNCTION customer_analytics.session_number(timestamptz, interval) IS
-    'Window function: session number of each event of a visitor, used as session_number(ts, gap) OVER (PARTITION BY visitor ORDER BY ts). 1 for the first event; an event more than gap after the previous one starts the next session (a pause exactly equal to gap does not). A NULL ts or gap gives NULL and leaves the count alone; rows out of time order are an error; gap must be positive, without months (days are 24 hours)';
+    'Window function: session number of each event of a visitor, used as session_number(ts, gap) OVER (PARTITION BY visitor ORDER BY ts). 1 for the first event; an event more than gap after the previous one starts the next session (a pause exactly equal to gap does not). The gap is read from the first row of each partition (pass a constant). A NULL ts gives NULL and leaves the count alone, a NULL gap NULL for the partition; rows out of time order are an error; gap must be positive, without months (days are 24 hours)';
 
 /* ---------------------------------------------------------------------
  * Capture
