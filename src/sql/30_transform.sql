@@ -483,6 +483,16 @@ BEGIN
      * group; the anonymous events in its group precede it and take its
      * customer.
      */
+    -- only sessions where something can change: an anonymous event and an
+    -- identified one, or events stitched before
+    CREATE TEMP TABLE ca_stitch_sessions ON COMMIT DROP AS
+    SELECT f.session_id
+    FROM fact_event f
+    WHERE f.session_id IN (SELECT b.session_id FROM ca_batch_events b)
+    GROUP BY f.session_id
+    HAVING (bool_or(f.customer_id IS NULL) AND bool_or(f.customer_id IS NOT NULL))
+           OR bool_or(f.customer_stitched);
+    ANALYZE ca_stitch_sessions;
     WITH sess AS (
         SELECT f.event_id, f.customer_key, f.customer_id, f.customer_stitched,
                count(*) FILTER (WHERE f.customer_id IS NOT NULL AND NOT f.customer_stitched)
@@ -490,7 +500,7 @@ BEGIN
                          ROWS UNBOUNDED PRECEDING) AS grp,
                f.session_id
         FROM fact_event f
-        WHERE f.session_id IN (SELECT b.session_id FROM ca_batch_events b)
+        WHERE f.session_id IN (SELECT c.session_id FROM ca_stitch_sessions c)
     ), linked AS (
         SELECT s.event_id, s.customer_key, s.customer_id, s.customer_stitched,
                max(s.customer_key) FILTER (WHERE s.customer_id IS NOT NULL AND NOT s.customer_stitched)
@@ -528,8 +538,8 @@ BEGIN
     GET DIAGNOSTICS n = ROW_COUNT;
     step := 'fact_event_late_customers'; rows_affected := n; RETURN NEXT;
 
-    IF prev IS NULL THEN        -- a full pass: everything loaded counts
-        SELECT max(f.event_ts) INTO mark FROM fact_event f;
+    IF prev IS NULL THEN        -- a full pass: everything staged counts
+        SELECT max(b.event_ts) INTO mark FROM ca_batch_events b;
     ELSE
         SELECT GREATEST(saved.watermark, max(b.event_ts)) INTO mark FROM ca_batch_events b;
     END IF;
@@ -545,7 +555,7 @@ BEGIN
             watermark = excluded.watermark,
             last_run_at = excluded.last_run_at;
 
-    DROP TABLE ca_batch_events, ca_event_customers;
+    DROP TABLE ca_batch_events, ca_event_customers, ca_stitch_sessions;
 END
 $$;
 

@@ -150,9 +150,11 @@ CREATE TABLE customer_analytics.clickstream_state (
 COMMENT ON TABLE customer_analytics.clickstream_state IS
     'Internal: the settings the sessions table was built with; a different gap or time zone makes refresh_clickstream() rebuild it';
 
--- the events of one visitor, from a time (incremental refresh)
-CREATE INDEX fact_event_customer_ts_idx ON customer_analytics.fact_event (customer_id, event_ts)
-    WHERE customer_id IS NOT NULL;
+-- the events of one visitor, from a time (incremental refresh): by key,
+-- not by customer_id, as a text index costs the full load twice as much
+CREATE INDEX fact_event_customer_ts_idx ON customer_analytics.fact_event (customer_key, event_ts)
+    WHERE customer_key IS NOT NULL;
+-- ids not (yet) in dim_customer: few, found by id
 CREATE INDEX fact_event_unknown_customer_idx ON customer_analytics.fact_event (customer_id)
     WHERE customer_key = -1;
 
@@ -232,6 +234,7 @@ BEGIN
         CREATE TEMP TABLE ca_changed ON COMMIT DROP AS
         WITH taken AS (DELETE FROM clickstream_change RETURNING visitor, since)
         SELECT visitor, min(since) AS since FROM taken GROUP BY visitor;
+        ANALYZE ca_changed;
 
         WITH gone AS (
             DELETE FROM sessions s USING ca_changed c
@@ -250,8 +253,16 @@ BEGIN
         SELECT c.visitor, f.event_id, f.event_ts, f.customer_id, f.customer_key,
                f.event_type, f.channel, f.device
         FROM ca_changed c
-        JOIN fact_event f ON f.customer_id = substr(c.visitor, 3) AND f.event_ts >= c.since
-        WHERE c.visitor LIKE 'c:%' AND f.customer_id IS NOT NULL
+        JOIN dim_customer d ON d.customer_id = substr(c.visitor, 3)
+        JOIN fact_event f ON f.customer_key = d.customer_key AND f.event_ts >= c.since
+        WHERE c.visitor LIKE 'c:%' AND d.customer_key <> -1
+        UNION ALL
+        SELECT c.visitor, f.event_id, f.event_ts, f.customer_id, f.customer_key,
+               f.event_type, f.channel, f.device
+        FROM ca_changed c
+        JOIN fact_event f ON f.customer_key = -1 AND f.customer_id = substr(c.visitor, 3)
+                         AND f.event_ts >= c.since
+        WHERE c.visitor LIKE 'c:%'
         UNION ALL
         SELECT c.visitor, f.event_id, f.event_ts, f.customer_id, f.customer_key,
                f.event_type, f.channel, f.device
@@ -261,6 +272,7 @@ BEGIN
         DROP TABLE ca_changed;
     END IF;
     step := 'sessions_removed'; rows_affected := n; RETURN NEXT;
+    ANALYZE ca_session_events;
 
     INSERT INTO sessions (visitor, session_start, session_end, date_key, customer_id, customer_key,
                           events, pages, product_views, add_to_carts, checkouts, purchases,
