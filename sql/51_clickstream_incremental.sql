@@ -21,14 +21,17 @@ TRUNCATE stg_events;
 SELECT step, rows_affected > 0 AS wrote FROM transform() WHERE step IN ('dim_customer', 'fact_order_line', 'fact_event');
 
 -- arrival: most events within ten minutes, one in ten up to two days late;
--- 2% are delivered again later, 1% again with a corrected channel
+-- 3% are delivered again a day or two later: 1% as they were, 1% with a
+-- corrected channel, 1% with a corrected time (25 minutes later, which
+-- can join or split sessions where they were and where they go)
 SELECT setseed(0.25);
 CREATE TEMP TABLE arrivals AS
 SELECT p.*, p.event_ts + CASE WHEN random() < 0.1 THEN random() * interval '2 days'
                               ELSE random() * interval '10 minutes' END AS arrives
 FROM pool p;
 INSERT INTO arrivals
-SELECT event_id, event_ts, customer_id, session_id, event_type, product_id, order_id,
+SELECT event_id, CASE WHEN r >= 0.01 AND r < 0.02 THEN event_ts + interval '25 minutes' ELSE event_ts END,
+       customer_id, session_id, event_type, product_id, order_id,
        CASE WHEN r < 0.01 THEN 'corrected' ELSE channel END, device,
        event_ts + interval '1 day' + random() * interval '1 day'
 FROM (SELECT p.*, random() AS r FROM pool p) x
@@ -75,8 +78,10 @@ FROM fact_event a
 WHERE a.customer_id IS NULL
   AND EXISTS (SELECT 1 FROM fact_event b WHERE b.session_id = a.session_id AND b.customer_id IS NOT NULL
                 AND (b.event_ts, b.event_id) > (a.event_ts, a.event_id));
-SELECT count(*) FILTER (WHERE customer_stitched) > 0 AS some_stitched,
-       count(*) FILTER (WHERE channel = 'corrected') AS corrected FROM fact_event;
+SELECT count(*) FILTER (WHERE f.customer_stitched) > 0 AS some_stitched,
+       count(*) FILTER (WHERE f.channel = 'corrected') AS corrected,
+       count(*) FILTER (WHERE f.event_ts <> p.event_ts) AS retimed
+FROM fact_event f JOIN pool p USING (event_id);
 
 -- the sessions equal an independent sessionization (lag + running sum)
 CREATE TEMP VIEW lag_sessions AS
@@ -110,3 +115,12 @@ SELECT (SELECT count(DISTINCT event_id) FROM pool) = (SELECT count(*) FROM fact_
 
 -- and a nothing-new refresh writes nothing
 SELECT step, rows_affected FROM refresh_clickstream() ORDER BY step;
+
+-- events deleted from the facts (say, a visitor's erasure request) leave
+-- the sessions right after the next refresh
+DELETE FROM fact_event WHERE hashtext(event_id) % 50 = 0;
+SELECT step, rows_affected > 0 AS wrote FROM refresh_clickstream() WHERE step LIKE 'sessions%' ORDER BY step;
+SELECT (SELECT count(*) FROM (SELECT visitor, session_start, session_end, events, purchases FROM sessions
+                              EXCEPT SELECT * FROM lag_sessions) d) AS only_incremental,
+       (SELECT count(*) FROM (SELECT * FROM lag_sessions
+                              EXCEPT SELECT visitor, session_start, session_end, events, purchases FROM sessions) d) AS only_lag;
