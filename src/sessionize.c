@@ -209,8 +209,8 @@ ca_session_number(PG_FUNCTION_ARGS)
 
 	/*
 	 * The gap is read once per partition, from its first row: it is meant to
-	 * be a constant, and evaluating it again for every row would cost a
-	 * good part of the function's time.
+	 * be a constant, and evaluating it again for every row would cost a good
+	 * part of the function's time.
 	 */
 	if (!state->have_gap)
 	{

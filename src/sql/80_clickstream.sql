@@ -317,7 +317,6 @@ AS $$
 BEGIN
     RETURN QUERY SELECT * FROM transform_events(full_refresh);
     RETURN QUERY SELECT * FROM refresh_sessions(full_refresh);
-    UPDATE clickstream_state SET last_run_at = now();
 END
 $$;
 COMMENT ON FUNCTION customer_analytics.refresh_clickstream(boolean) IS
