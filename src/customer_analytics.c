@@ -65,6 +65,7 @@ _PG_init(void)
 	ca_cron_link_init();
 	ca_pipeline_init();
 	ca_zscore_init();
+	ca_sessionize_init();
 
 	MarkGUCPrefixReserved(CA_GUC_PREFIX);
 }

@@ -21,6 +21,7 @@ extern char *ca_business_timezone;
 /* per-module settings, defined from _PG_init */
 extern void ca_ingest_init(void);
 extern void ca_rfm_init(void);
+extern void ca_sessionize_init(void);
 extern void ca_zscore_init(void);
 extern void ca_cron_link_init(void);
 extern void ca_pipeline_init(void);

@@ -216,6 +216,8 @@ CREATE TABLE customer_analytics.fact_event (
     event_ts     timestamptz NOT NULL,
     date_key     integer NOT NULL,
     customer_key bigint,
+    customer_id  text,
+    customer_stitched boolean NOT NULL DEFAULT false,
     session_id   text NOT NULL,
     event_type   text NOT NULL
                  CHECK (event_type IN ('page_view', 'product_view', 'add_to_cart', 'checkout', 'purchase')),
@@ -231,8 +233,23 @@ CREATE INDEX fact_event_session_idx ON customer_analytics.fact_event (session_id
 CREATE INDEX fact_event_date_idx ON customer_analytics.fact_event USING brin (date_key);
 COMMENT ON TABLE customer_analytics.fact_event IS
     'Clickstream facts, one row per event; customer_key NULL means an anonymous visitor, -1 an id not in dim_customer. Keys reference dim_date, dim_customer and dim_product (checked by transform and the quality checks, not by constraints)';
+COMMENT ON COLUMN customer_analytics.fact_event.customer_id IS
+    'The customer''s natural key: as the event gave it, or taken from a later event of the same session (customer_stitched); NULL for an anonymous visitor';
+COMMENT ON COLUMN customer_analytics.fact_event.customer_stitched IS
+    'The event itself was anonymous; customer_id and customer_key come from the next identified event of its session';
 
 /* transform() bookkeeping */
+
+CREATE TABLE customer_analytics.event_transform_state (
+    singleton         boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    snapshot          pg_snapshot NOT NULL,
+    own_xid           xid8,
+    system_identifier bigint NOT NULL,
+    watermark         timestamptz,
+    last_run_at       timestamptz
+);
+COMMENT ON TABLE customer_analytics.event_transform_state IS
+    'Where the event part of transform() (transform_events) stopped: its own snapshot, so that events can be processed every minute apart from the batch tables, and the event-time watermark (latest event time processed, never later than the run) from which the lateness window is counted; own_xid: the run''s own transaction, whose rows the next run sees again';
 
 CREATE TABLE customer_analytics.transform_state (
     singleton         boolean PRIMARY KEY DEFAULT true CHECK (singleton),
@@ -258,6 +275,7 @@ SELECT pg_catalog.pg_extension_config_dump('customer_analytics.dim_date', '');
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics.fact_order_line', '');
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics.fact_event', '');
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics.transform_state', '');
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics.event_transform_state', '');
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics.load_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics.stage_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics.customer_key_seq', '');

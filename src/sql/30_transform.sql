@@ -155,13 +155,7 @@ BEGIN
     WHERE ca_newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
     ORDER BY s.order_id, s.line_number, s.stage_id DESC;
 
-    CREATE TEMP TABLE ca_batch_events ON COMMIT DROP AS
-    SELECT DISTINCT ON (s.event_id) s.*
-    FROM stg_events s
-    WHERE ca_newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
-    ORDER BY s.event_id, s.stage_id DESC;
-
-    ANALYZE ca_batch_products, ca_batch_customers, ca_batch_orders, ca_batch_events;
+    ANALYZE ca_batch_products, ca_batch_customers, ca_batch_orders;
 
     /* products: type 1, the latest staged version overwrites */
     INSERT INTO dim_product AS d (product_id, name, category, subcategory, unit_cost, list_price,
@@ -239,9 +233,7 @@ BEGIN
 
     /* calendar */
     SELECT ensure_dim_date(min(d), max(d)) INTO n
-    FROM (SELECT (order_ts AT TIME ZONE tz)::date AS d FROM ca_batch_orders
-          UNION ALL
-          SELECT (event_ts AT TIME ZONE tz)::date FROM ca_batch_events) days;
+    FROM (SELECT (order_ts AT TIME ZONE tz)::date AS d FROM ca_batch_orders) days;
     step := 'dim_date'; rows_affected := n; RETURN NEXT;
 
     /*
@@ -257,8 +249,7 @@ BEGIN
            d.valid_to
     FROM dim_customer d
     WHERE d.customer_key <> -1
-      AND d.customer_id IN (SELECT o.customer_id FROM ca_batch_orders o
-                            UNION SELECT e.customer_id FROM ca_batch_events e);
+      AND d.customer_id IN (SELECT o.customer_id FROM ca_batch_orders o);
     ANALYZE ca_customer_lookup;
 
     /* order lines */
@@ -332,35 +323,6 @@ BEGIN
     END IF;
     step := 'late_dimension_fixes'; rows_affected := n; RETURN NEXT;
 
-    /* clickstream events; anonymous stays NULL, an unknown id is -1 */
-    INSERT INTO fact_event AS f
-        (event_id, event_ts, date_key, customer_key, session_id, event_type,
-         product_key, order_id, channel, device, stage_id, load_id)
-    SELECT s.event_id, s.event_ts, date_key((s.event_ts AT TIME ZONE tz)::date),
-           CASE WHEN s.customer_id IS NULL THEN NULL
-                ELSE COALESCE(c.customer_key, -1) END,
-           s.session_id, s.event_type,
-           CASE WHEN s.product_id IS NULL THEN NULL ELSE COALESCE(p.product_key, -1) END,
-           s.order_id, s.channel, s.device, s.stage_id, s.load_id
-    FROM ca_batch_events s
-    LEFT JOIN ca_customer_lookup c
-           ON c.customer_id = s.customer_id AND s.event_ts >= c.valid_from AND s.event_ts < c.valid_to
-    LEFT JOIN dim_product p ON p.product_id = s.product_id
-    ON CONFLICT (event_id) DO UPDATE
-        SET event_ts = excluded.event_ts, date_key = excluded.date_key,
-            customer_key = excluded.customer_key, session_id = excluded.session_id,
-            event_type = excluded.event_type, product_key = excluded.product_key,
-            order_id = excluded.order_id, channel = excluded.channel,
-            device = excluded.device, stage_id = excluded.stage_id, load_id = excluded.load_id
-        WHERE excluded.stage_id > f.stage_id
-          AND (f.event_ts, f.customer_key, f.session_id, f.event_type, f.product_key,
-               f.order_id, f.channel, f.device)
-              IS DISTINCT FROM
-              (excluded.event_ts, excluded.customer_key, excluded.session_id, excluded.event_type,
-               excluded.product_key, excluded.order_id, excluded.channel, excluded.device);
-    GET DIAGNOSTICS n = ROW_COUNT;
-    step := 'fact_event'; rows_affected := n; RETURN NEXT;
-
     INSERT INTO transform_state (singleton, snapshot, system_identifier, last_run_at)
     VALUES (true, snap, sysid, now())
     ON CONFLICT (singleton) DO UPDATE
@@ -368,10 +330,234 @@ BEGIN
             system_identifier = excluded.system_identifier,
             last_run_at = excluded.last_run_at;
 
-    DROP TABLE ca_batch_products, ca_batch_customers, ca_batch_orders, ca_batch_events,
+    DROP TABLE ca_batch_products, ca_batch_customers, ca_batch_orders,
                ca_new_versions, ca_customer_lookup;
+
+    /* clickstream events: their own snapshot, so refresh_clickstream() can run them alone */
+    RETURN QUERY SELECT * FROM transform_events(full_refresh);
 END
 $$;
 
 COMMENT ON FUNCTION customer_analytics.transform(boolean) IS
-    'Move staged rows into the star schema: products (SCD1), customers (SCD2), calendar, order lines and events (upsert on natural keys, newer versions win, unknown members for missing keys, late-arriving dimensions repaired). Incremental: only rows staged since the last run; full_refresh => true reprocesses all staged rows (safe: idempotent). Returns the rows written per step';
+    'Move staged rows into the star schema: products (SCD1), customers (SCD2), calendar, order lines and events (upsert on natural keys, newer versions win, unknown members for missing keys, late-arriving dimensions repaired). Incremental: only rows staged since the last run; full_refresh => true reprocesses all staged rows (safe: idempotent). Events go through transform_events(). Returns the rows written per step';
+
+/*
+ * transform_events(): the clickstream part of transform(), callable on its
+ * own (refresh_clickstream() runs it every minute, apart from the nightly
+ * batch).  It keeps its own snapshot in event_transform_state, so events are
+ * exactly-once whichever of the two runs them.
+ *
+ * - Only events staged since the last run are read; an unchanged event is
+ *   not rewritten.
+ * - Event time: the watermark is the latest event time processed (never
+ *   later than the run itself, so a clock running ahead cannot push it).
+ *   An event older than the watermark is late; within the lateness window
+ *   (customer_analytics.event_lateness) it is processed like any other,
+ *   and the sessions it touches are rebuilt by refresh_clickstream().
+ *   Later than that it is left in stg_events, counted (step
+ *   fact_event_too_late) and alerted; a full refresh loads it.
+ * - Identity stitching: an anonymous event takes the customer of the next
+ *   identified event of its session (same session_id, at or after it), so a
+ *   visitor who logs in at the cart owns the pages browsed before.
+ *   Anonymous events after the last identified event stay anonymous.
+ * - Events whose customer id was not yet in dim_customer (key -1) get the
+ *   real key once the customer arrives.
+ */
+CREATE FUNCTION customer_analytics.transform_events(full_refresh boolean DEFAULT false)
+RETURNS TABLE (step text, rows_affected bigint)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, pg_temp
+AS $$
+DECLARE
+    saved       event_transform_state;
+    snap        pg_snapshot;
+    prev        pg_snapshot;
+    lo          xid8;
+    hi          xid8;
+    own_xid     xid8;
+    sysid       bigint;
+    tz          text := business_timezone();
+    lateness    interval := event_lateness();
+    cutoff      timestamptz;
+    mark        timestamptz;
+    n           bigint;
+    late        record;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('customer_analytics.transform_events'));
+
+    SELECT system_identifier INTO sysid FROM pg_control_system();
+    SELECT * INTO saved FROM event_transform_state;
+    snap := pg_current_snapshot();
+    own_xid := pg_current_xact_id_if_assigned();
+    IF full_refresh OR saved IS NULL OR saved.system_identifier <> sysid
+       OR pg_snapshot_xmin(saved.snapshot) > pg_snapshot_xmax(snap) THEN
+        prev := NULL;
+        lo := '0'::xid8;
+    ELSE
+        prev := saved.snapshot;
+        lo := pg_snapshot_xmin(prev);
+        cutoff := saved.watermark - lateness;   -- NULL: no limit, or nothing processed yet
+    END IF;
+    hi := pg_snapshot_xmax(snap);
+
+    CREATE TEMP TABLE ca_batch_events ON COMMIT DROP AS
+    SELECT DISTINCT ON (s.event_id) s.*
+    FROM stg_events s
+    WHERE ca_newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
+    ORDER BY s.event_id, s.stage_id DESC;
+
+    /* too late for an incremental run: leave them staged, say so */
+    n := 0;
+    IF cutoff IS NOT NULL THEN
+        WITH gone AS (
+            DELETE FROM ca_batch_events b
+            WHERE b.event_ts < cutoff
+              -- rows the previous run took from its own transaction come again: not late
+              AND b.staged_xid IS DISTINCT FROM saved.own_xid
+            RETURNING b.event_ts, b.load_id
+        )
+        SELECT count(*) AS events, min(event_ts) AS oldest, max(event_ts) AS newest,
+               array_agg(DISTINCT load_id) FILTER (WHERE load_id IS NOT NULL) AS loads
+        INTO late FROM gone;
+        n := late.events;
+        IF n > 0 THEN
+            PERFORM raise_alert('late_events', 'stg_events',
+                                jsonb_build_object('events', n, 'oldest', late.oldest,
+                                                   'newest', late.newest, 'cutoff', cutoff,
+                                                   'loads', late.loads),
+                                severity => 'warn');
+        END IF;
+    END IF;
+    step := 'fact_event_too_late'; rows_affected := n; RETURN NEXT;
+    ANALYZE ca_batch_events;
+
+    PERFORM ensure_dim_date(min((event_ts AT TIME ZONE tz)::date), max((event_ts AT TIME ZONE tz)::date))
+    FROM ca_batch_events;
+
+    CREATE TEMP TABLE ca_event_customers ON COMMIT DROP AS
+    SELECT d.customer_id, d.customer_key,
+           CASE WHEN row_number() OVER (PARTITION BY d.customer_id ORDER BY d.valid_from) = 1
+                THEN '-infinity'::timestamptz ELSE d.valid_from END AS valid_from,
+           d.valid_to
+    FROM dim_customer d
+    WHERE d.customer_key <> -1
+      AND d.customer_id IN (SELECT e.customer_id FROM ca_batch_events e);
+    ANALYZE ca_event_customers;
+
+    /* anonymous stays NULL, an unknown id is -1 */
+    INSERT INTO fact_event AS f
+        (event_id, event_ts, date_key, customer_key, customer_id, customer_stitched, session_id,
+         event_type, product_key, order_id, channel, device, stage_id, load_id)
+    SELECT s.event_id, s.event_ts, date_key((s.event_ts AT TIME ZONE tz)::date),
+           CASE WHEN s.customer_id IS NULL THEN NULL
+                ELSE COALESCE(c.customer_key, -1) END,
+           s.customer_id, false,
+           s.session_id, s.event_type,
+           CASE WHEN s.product_id IS NULL THEN NULL ELSE COALESCE(p.product_key, -1) END,
+           s.order_id, s.channel, s.device, s.stage_id, s.load_id
+    FROM ca_batch_events s
+    LEFT JOIN ca_event_customers c
+           ON c.customer_id = s.customer_id AND s.event_ts >= c.valid_from AND s.event_ts < c.valid_to
+    LEFT JOIN dim_product p ON p.product_id = s.product_id
+    ON CONFLICT (event_id) DO UPDATE
+        SET event_ts = excluded.event_ts, date_key = excluded.date_key,
+            customer_key = excluded.customer_key, customer_id = excluded.customer_id,
+            customer_stitched = false, session_id = excluded.session_id,
+            event_type = excluded.event_type, product_key = excluded.product_key,
+            order_id = excluded.order_id, channel = excluded.channel,
+            device = excluded.device, stage_id = excluded.stage_id, load_id = excluded.load_id
+        WHERE excluded.stage_id > f.stage_id
+          AND (f.event_ts, f.customer_key, f.customer_id, f.customer_stitched, f.session_id,
+               f.event_type, f.product_key, f.order_id, f.channel, f.device)
+              IS DISTINCT FROM
+              (excluded.event_ts, excluded.customer_key, excluded.customer_id, false,
+               excluded.session_id, excluded.event_type, excluded.product_key,
+               excluded.order_id, excluded.channel, excluded.device);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    step := 'fact_event'; rows_affected := n; RETURN NEXT;
+
+    /*
+     * Identity stitching, over the whole of every session this run touched
+     * (an identifying event may arrive after the anonymous ones, or before).
+     * Walking a session backwards in time, each identified event opens a
+     * group; the anonymous events in its group precede it and take its
+     * customer.
+     */
+    -- only sessions where something can change: an anonymous event and an
+    -- identified one, or events stitched before
+    CREATE TEMP TABLE ca_stitch_sessions ON COMMIT DROP AS
+    SELECT f.session_id
+    FROM fact_event f
+    WHERE f.session_id IN (SELECT b.session_id FROM ca_batch_events b)
+    GROUP BY f.session_id
+    HAVING (bool_or(f.customer_id IS NULL) AND bool_or(f.customer_id IS NOT NULL))
+           OR bool_or(f.customer_stitched);
+    ANALYZE ca_stitch_sessions;
+    WITH sess AS (
+        SELECT f.event_id, f.customer_key, f.customer_id, f.customer_stitched,
+               count(*) FILTER (WHERE f.customer_id IS NOT NULL AND NOT f.customer_stitched)
+                   OVER (PARTITION BY f.session_id ORDER BY f.event_ts DESC, f.event_id DESC
+                         ROWS UNBOUNDED PRECEDING) AS grp,
+               f.session_id
+        FROM fact_event f
+        WHERE f.session_id IN (SELECT c.session_id FROM ca_stitch_sessions c)
+    ), linked AS (
+        SELECT s.event_id, s.customer_key, s.customer_id, s.customer_stitched,
+               max(s.customer_key) FILTER (WHERE s.customer_id IS NOT NULL AND NOT s.customer_stitched)
+                   OVER g AS new_key,
+               max(s.customer_id) FILTER (WHERE s.customer_id IS NOT NULL AND NOT s.customer_stitched)
+                   OVER g AS new_id
+        FROM sess s
+        WINDOW g AS (PARTITION BY s.session_id, s.grp)
+    )
+    UPDATE fact_event f
+    SET customer_key = l.new_key, customer_id = l.new_id, customer_stitched = l.new_id IS NOT NULL
+    FROM linked l
+    WHERE f.event_id = l.event_id
+      AND (l.customer_id IS NULL OR l.customer_stitched)
+      AND (l.customer_key, l.customer_id, l.customer_stitched)
+          IS DISTINCT FROM (l.new_key, l.new_id, l.new_id IS NOT NULL);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    step := 'fact_event_stitched'; rows_affected := n; RETURN NEXT;
+
+    /* late-arriving customers: -1 becomes the version in effect */
+    WITH versions AS (
+        SELECT d.customer_id, d.customer_key,
+               CASE WHEN row_number() OVER (PARTITION BY d.customer_id ORDER BY d.valid_from) = 1
+                    THEN '-infinity'::timestamptz ELSE d.valid_from END AS valid_from,
+               d.valid_to
+        FROM dim_customer d
+        WHERE d.customer_key <> -1
+          AND d.customer_id IN (SELECT e.customer_id FROM fact_event e WHERE e.customer_key = -1)
+    )
+    UPDATE fact_event f
+    SET customer_key = v.customer_key
+    FROM versions v
+    WHERE f.customer_key = -1 AND v.customer_id = f.customer_id
+      AND f.event_ts >= v.valid_from AND f.event_ts < v.valid_to;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    step := 'fact_event_late_customers'; rows_affected := n; RETURN NEXT;
+
+    IF prev IS NULL THEN        -- a full pass: everything staged counts
+        SELECT max(b.event_ts) INTO mark FROM ca_batch_events b;
+    ELSE
+        SELECT GREATEST(saved.watermark, max(b.event_ts)) INTO mark FROM ca_batch_events b;
+    END IF;
+    IF mark > now() THEN
+        mark := now();
+    END IF;
+    INSERT INTO event_transform_state (singleton, snapshot, own_xid, system_identifier, watermark, last_run_at)
+    VALUES (true, snap, own_xid, sysid, mark, now())
+    ON CONFLICT (singleton) DO UPDATE
+        SET snapshot = excluded.snapshot,
+            own_xid = excluded.own_xid,
+            system_identifier = excluded.system_identifier,
+            watermark = excluded.watermark,
+            last_run_at = excluded.last_run_at;
+
+    DROP TABLE ca_batch_events, ca_event_customers, ca_stitch_sessions;
+END
+$$;
+
+COMMENT ON FUNCTION customer_analytics.transform_events(boolean) IS
+    'The clickstream part of transform(), on its own snapshot: newly staged events into fact_event (upsert on event_id, the latest staged version wins), anonymous events stitched to the next identified event of their session, events of late-arriving customers re-pointed. Events older than the watermark minus customer_analytics.event_lateness are left staged, counted and alerted (a full refresh loads them). Returns the rows written per step';

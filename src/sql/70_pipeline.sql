@@ -420,12 +420,12 @@ $$;
 COMMENT ON FUNCTION customer_analytics.pipeline_purge() IS
     'The pipeline''s purge step: deletes runs, steps and check results older than customer_analytics.history_retention, and pg_cron''s run details of this database''s pipeline jobs; returns the rows deleted';
 
-CREATE FUNCTION customer_analytics.pipeline_lock_key()
+CREATE FUNCTION customer_analytics.pipeline_lock_key(scope text DEFAULT 'all')
 RETURNS bigint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT 7411000000000000001::bigint $$;
-COMMENT ON FUNCTION customer_analytics.pipeline_lock_key() IS
-    'The advisory lock (session level, bigint key) a running pipeline holds';
+AS $$ SELECT (7411::bigint << 32) | (pg_catalog.hashtext(scope)::bigint & 4294967295) $$;
+COMMENT ON FUNCTION customer_analytics.pipeline_lock_key(text) IS
+    'The advisory lock (session level, bigint key) a running pipeline of a scope holds: one run per scope at a time';
 
 /* Run one step in a subtransaction and record it; returns its status ('retry' to try again) */
 CREATE FUNCTION customer_analytics.pipeline_execute_step(run bigint, step_no integer, step text, command text,
@@ -527,13 +527,13 @@ BEGIN
     -- a run cancelled in this session may have left its lock behind
     WHILE EXISTS (SELECT FROM pg_catalog.pg_locks l
                   WHERE l.locktype = 'advisory' AND l.pid = pg_catalog.pg_backend_pid()
-                    AND ((l.classid::bigint << 32) | l.objid::bigint) = customer_analytics.pipeline_lock_key()) LOOP
-        PERFORM pg_catalog.pg_advisory_unlock(customer_analytics.pipeline_lock_key());
+                    AND ((l.classid::bigint << 32) | l.objid::bigint) = customer_analytics.pipeline_lock_key(scope)) LOOP
+        PERFORM pg_catalog.pg_advisory_unlock(customer_analytics.pipeline_lock_key(scope));
     END LOOP;
-    IF NOT pg_catalog.pg_try_advisory_lock(customer_analytics.pipeline_lock_key()) THEN
+    IF NOT pg_catalog.pg_try_advisory_lock(customer_analytics.pipeline_lock_key(scope)) THEN
         SELECT l.pid INTO holder FROM pg_catalog.pg_locks l
         WHERE l.locktype = 'advisory' AND l.granted
-          AND ((l.classid::bigint << 32) | l.objid::bigint) = customer_analytics.pipeline_lock_key();
+          AND ((l.classid::bigint << 32) | l.objid::bigint) = customer_analytics.pipeline_lock_key(scope);
         INSERT INTO customer_analytics.pipeline_run (scope, status, finished_at, error)
         VALUES (scope, 'skipped', pg_catalog.clock_timestamp(),
                 'another run was in progress' || COALESCE(' (backend ' || holder || ')', ''));
@@ -569,7 +569,7 @@ BEGIN
                  FROM customer_analytics.pipeline_step p WHERE p.run_id = run AND p.status = 'failed')
     WHERE r.run_id = run;
     COMMIT;
-    PERFORM pg_catalog.pg_advisory_unlock(customer_analytics.pipeline_lock_key());
+    PERFORM pg_catalog.pg_advisory_unlock(customer_analytics.pipeline_lock_key(scope));
 END
 $$;
 COMMENT ON PROCEDURE customer_analytics.run_pipeline(text) IS
