@@ -58,6 +58,18 @@ INSERT INTO quality_check (name, kind, target, column_name, params, severity) VA
 SELECT check_name, kind, severity, passed, failing_rows, CASE jsonb_typeof(sample) WHEN 'array' THEN jsonb_array_length(sample) END AS sample_rows
 FROM run_checks() WHERE check_name NOT IN ('orders are fresh', 'events are fresh', 'order volume is usual') ORDER BY check_name;
 SELECT sample FROM run_checks(only_target => 'public.no_such_table');
+-- row_count_change scores the newest day against the days before it (stats_agg, zscore)
+CREATE TABLE public.visits AS
+SELECT timestamptz '2025-03-01 00:00+00' + d * interval '1 day' + i * interval '1 minute' AS ts
+FROM generate_series(0, 28) d, generate_series(1, 100 + d % 3 * 5 + CASE WHEN d = 28 THEN 300 ELSE 0 END) i;
+INSERT INTO quality_check (name, kind, target, column_name, params, severity) VALUES
+  ('visits volume', 'row_count_change', 'public.visits', 'ts', '{"days": 28, "threshold": 3}', 'warn');
+SELECT check_name, passed, failing_rows, sample->0->>'rows' AS newest_day_rows, (sample->0->>'z')::numeric > 3 AS z_above_3
+FROM run_checks(only_target => 'public.visits');
+DELETE FROM public.visits WHERE ts >= '2025-03-29' AND ts < '2025-03-29 00:00+00'::timestamptz + interval '1 day' AND extract(minute FROM ts) + 60 * extract(hour FROM ts) > 105;
+SELECT check_name, passed, failing_rows FROM run_checks(only_target => 'public.visits');
+DELETE FROM quality_check WHERE name = 'visits volume';
+DROP TABLE public.visits;
 DELETE FROM quality_check WHERE name = 'no such table';
 -- each kind finds what it should
 SELECT quality_check_sql(c) FROM quality_check c WHERE name IN ('event customer exists', 'customer email unique') ORDER BY name;

@@ -155,6 +155,8 @@ DELETE FROM dim_customer WHERE customer_key <> -1;
 DELETE FROM dim_product WHERE product_key <> -1;
 SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 8000, days => 130, seed => 42, events => false);
 SELECT count(*) > 0 AS transformed FROM transform();
+-- the daily series come from the sales rollup
+SELECT refresh_sales_rollup() > 0 AS rolled_up;
 
 -- the daily series: dense, 0 on days without sales, totals match the facts
 SELECT scope, count(*) AS days, count(DISTINCT category) AS series,

@@ -58,6 +58,20 @@ INSERT INTO customer_analytics.pipeline_task (task, command, depends_on, feeds, 
     ('anomaly alerts', 'SELECT customer_analytics.alert_new_anomalies()', '{"refresh customer_analytics.anomalies"}', '{}', 300, true);
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics.pipeline_task', 'WHERE NOT builtin');
 
+/* How often a view needs refreshing, when not at every run */
+CREATE TABLE customer_analytics.refresh_policy (
+    matview      text PRIMARY KEY,
+    min_interval interval NOT NULL CHECK (min_interval >= '0'),
+    builtin      boolean NOT NULL DEFAULT false
+);
+COMMENT ON TABLE customer_analytics.refresh_policy IS
+    'Views the pipeline refreshes less often than every run: a refresh step is skipped while the view''s last successful refresh is younger than min_interval (models refitted daily, say). matview is schema.name';
+INSERT INTO customer_analytics.refresh_policy (matview, min_interval, builtin) VALUES
+    ('customer_analytics.clv_model', '1 day', true),
+    ('customer_analytics.sales_forecast_accuracy', '1 day', true),
+    ('customer_analytics.customer_clv', '1 day', true);
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics.refresh_policy', 'WHERE NOT builtin');
+
 CREATE FUNCTION customer_analytics.session_client()
 RETURNS text
 LANGUAGE sql STABLE
@@ -93,7 +107,7 @@ CREATE TABLE customer_analytics.pipeline_step (
     step_no       integer NOT NULL,
     step          text NOT NULL,
     depends_on    text[] NOT NULL DEFAULT '{}',
-    status        text NOT NULL CHECK (status IN ('running', 'succeeded', 'failed', 'blocked', 'retrying')),
+    status        text NOT NULL CHECK (status IN ('running', 'succeeded', 'failed', 'blocked', 'retrying', 'skipped')),
     attempts      integer NOT NULL DEFAULT 1,
     started_at    timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     finished_at   timestamptz,
@@ -103,7 +117,7 @@ CREATE TABLE customer_analytics.pipeline_step (
     PRIMARY KEY (run_id, step)
 );
 COMMENT ON TABLE customer_analytics.pipeline_step IS
-    'One row per step of a run: status (succeeded, failed, blocked by a failed dependency or check, retrying), attempts, times, rows affected, and the error with its SQLSTATE';
+    'One row per step of a run: status (succeeded, failed, blocked by a failed dependency or check, retrying, skipped: refreshed recently enough by its refresh policy), attempts, times, rows affected, and the error with its SQLSTATE';
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics.pipeline_step', '');
 
 /* ---------------------------------------------------------------------
@@ -194,16 +208,21 @@ BEGIN
             'SELECT max(%s) AS newest, now() - max(%s) AS age FROM %s HAVING max(%s) IS NULL OR max(%s) < now() - %L::interval',
             cols, cols, tbl, cols, cols, COALESCE(c.params->>'max_age', '1 day'))
         WHEN 'row_count_change' THEN format(
-            $q$WITH days AS (
-                   SELECT d::date AS day, (SELECT count(*) FROM %2$s t WHERE t.%1$s >= d AND t.%1$s < d + interval '1 day') AS n
-                   FROM generate_series((SELECT date_trunc('day', max(%1$s)) FROM %2$s) - %3$s * interval '1 day',
-                                        (SELECT date_trunc('day', max(%1$s)) FROM %2$s), interval '1 day') d
+            $q$WITH newest AS (SELECT date_trunc('day', max(%1$s)) AS day FROM %2$s),
+               counts AS (
+                   SELECT date_trunc('day', t.%1$s) AS day, count(*) AS n
+                   FROM %2$s t, newest
+                   WHERE t.%1$s >= newest.day - %3$s * interval '1 day' GROUP BY 1
+               ), days AS (
+                   SELECT d AS day, COALESCE(c.n, 0) AS n
+                   FROM newest, generate_series(newest.day - %3$s * interval '1 day', newest.day, interval '1 day') d
+                   LEFT JOIN counts c ON c.day = d
                ), scored AS (
-                   SELECT day, n, (n - avg(n) OVER w) / NULLIF(stddev_samp(n) OVER w, 0) AS z
+                   SELECT day, n, customer_analytics.zscore(n, customer_analytics.stats_agg(n::float8) OVER w) AS z
                    FROM days WINDOW w AS (ORDER BY day ROWS BETWEEN %3$s PRECEDING AND 1 PRECEDING)
                )
-               SELECT day, n AS rows, round(z::numeric, 2) AS z FROM scored
-               WHERE day = (SELECT max(day) FROM days) AND abs(z) > %4$s$q$,
+               SELECT scored.day::date AS day, scored.n AS rows, round(scored.z::numeric, 2) AS z FROM scored, newest
+               WHERE scored.day = newest.day AND abs(scored.z) > %4$s$q$,
             COALESCE(cols, 'loaded_at'), tbl, COALESCE((c.params->>'days')::int, 28),
             COALESCE((c.params->>'threshold')::float8, 3))
         WHEN 'custom' THEN c.params->>'sql'
@@ -454,6 +473,16 @@ BEGIN
         JOIN customer_analytics.refresh_plan() p ON 'refresh ' || customer_analytics.qualified_name(p.matview) = step
         WHERE r.run_id = run AND NOT r.passed AND r.severity = 'error'
           AND (to_regclass(c.target) = ANY (p.reads) OR c.kind = 'custom');
+    END IF;
+    -- a view refreshed recently enough by its policy is left alone
+    IF blocker IS NULL AND failed_checks IS NULL AND step LIKE 'refresh %' AND EXISTS (
+           SELECT FROM customer_analytics.refresh_policy rp
+           JOIN customer_analytics.pipeline_step ps ON ps.step = 'refresh ' || rp.matview AND ps.status = 'succeeded'
+           WHERE 'refresh ' || rp.matview = step AND ps.finished_at > clock_timestamp() - rp.min_interval) THEN
+        INSERT INTO customer_analytics.pipeline_step (run_id, step_no, step, depends_on, status, attempts, finished_at, error)
+        VALUES (run, step_no, step, depends_on, 'skipped', 0, clock_timestamp(), 'refreshed recently enough (refresh_policy)')
+        ON CONFLICT ON CONSTRAINT pipeline_step_pkey DO UPDATE SET status = 'skipped', error = EXCLUDED.error;
+        RETURN 'skipped';
     END IF;
     IF blocker IS NOT NULL OR failed_checks IS NOT NULL THEN
         INSERT INTO customer_analytics.pipeline_step (run_id, step_no, step, depends_on, status, attempts, finished_at, error)
