@@ -5,6 +5,8 @@
  * have one or qualify every operator and type name (the ones the planner
  * inlines, and run_pipeline(), a procedure, which cannot have a SET clause
  * and commit); run_pipeline() ends a run through pipeline_finish().
+ * clv_model gets a unique index, so that the pipeline refreshes it
+ * CONCURRENTLY (readers were locked out while the models were refitted).
  * Privileges: grant_analyst(), grant_loader(), revoke_access(), and
  * reject_reader, whose roles may read every rejected line.
  *
@@ -249,6 +251,9 @@ CREATE OR REPLACE FUNCTION customer_analytics.visitor(customer_id text, session_
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     AS $$ SELECT CASE WHEN customer_id IS NOT NULL THEN 'c:' OPERATOR(pg_catalog.||) customer_id
                       ELSE 's:' OPERATOR(pg_catalog.||) session_id END $$;
+
+-- 90_forecast.sql: clv_model (one row) refreshed CONCURRENTLY by the pipeline
+CREATE UNIQUE INDEX clv_model_as_of_idx ON customer_analytics.clv_model (as_of);
 
 -- 95_privileges.sql (new)
 
