@@ -167,5 +167,28 @@ is($node->safe_psql('old', q{
            || ' ' || (SELECT count(*) > 0 FROM customer_analytics.customer_rfm)}),
     '1 true', 'grant_analyst works on the updated database (rejects kept, readable once granted)');
 
+# What the update fixes: a look-alike "=" on text in public, reached by
+# 0.1's functions under search_path = public, pg_catalog, and no longer
+# after the update (sql/95_security.sql plants many more against 0.2).
+$node->safe_psql('postgres', 'CREATE DATABASE hijack');
+$node->safe_psql('hijack', q{
+    CREATE EXTENSION customer_analytics VERSION '0.1';
+    CREATE TABLE public.sprung (what text);
+    CREATE FUNCTION public.evil_eq(a text, b text) RETURNS boolean LANGUAGE sql VOLATILE
+    AS $$ INSERT INTO public.sprung VALUES ('text ='); SELECT a OPERATOR(pg_catalog.=) b $$;
+    CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = text, FUNCTION = public.evil_eq);
+});
+my $victim = q{
+    SET search_path = public, pg_catalog;
+    SELECT customer_analytics.rfm_segment(5, 5, 5) IS NOT NULL;
+    SELECT customer_analytics.track_event('page_view', 'victim') IS NOT NULL;
+    RESET search_path;
+    SELECT count(*) FROM public.sprung;
+    TRUNCATE public.sprung;
+};
+like($node->safe_psql('hijack', $victim), qr/^t\nt\n[1-9]\d*$/, '0.1: the look-alike operator runs inside the extension');
+$node->safe_psql('hijack', q{ALTER EXTENSION customer_analytics UPDATE TO '0.2'});
+is($node->safe_psql('hijack', $victim), "t\nt\n0", '0.2 after the update: it never runs');
+
 $node->stop;
 done_testing();
