@@ -3,6 +3,12 @@
 # C sources and the SQL pieces of the install script are discovered by
 # wildcard, so a new capability is a new src/<name>.c plus
 # src/sql/NN_<name>.sql; the NN prefix orders the pieces in the script.
+#
+# Releasing a version: copy the built customer_analytics--<old>.sql to a
+# committed file, raise default_version in the control file, and write
+# customer_analytics--<old>--<new>.sql doing what the changed pieces do
+# (t/005_upgrade.pl checks that an upgraded and a fresh install have the
+# same catalog).
 
 EXTENSION  = customer_analytics
 EXTVERSION = $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(EXTENSION).control)
@@ -10,8 +16,12 @@ EXTVERSION = $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(EXTENSION).
 MODULE_big = $(EXTENSION)
 OBJS       = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 SQL_PIECES = $(sort $(wildcard src/sql/*.sql))
+# The current version's script is built from the pieces; the scripts of
+# released versions (frozen, committed) and the upgrade scripts between
+# them are installed as they are, so ALTER EXTENSION ... UPDATE works
+# from every release.
 DATA_built = $(EXTENSION)--$(EXTVERSION).sql
-DATA       = $(filter-out $(DATA_built),$(wildcard $(EXTENSION)--*--*.sql))
+DATA       = $(filter-out $(DATA_built),$(wildcard $(EXTENSION)--*.sql))
 
 PG_CPPFLAGS = -I$(srcdir)/src -I$(shell $(PG_CONFIG) --includedir)
 SHLIB_LINK  = -lpq

@@ -279,6 +279,29 @@ connect_to_cron_database(const char *hint_statement)
 						 "or run this in database \"%s\" yourself: %s",
 						 cron_db ? cron_db : "postgres", hint_statement)));
 	}
+
+	/*
+	 * The remote session's search_path is whatever its role's default is:
+	 * make it safe, so that no object in a public schema over there can
+	 * stand in for pg_catalog's or cron's (the queries name cron.*).
+	 */
+	{
+		PGresult   *res = PQexec(conn, "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)");
+
+		if (PQresultStatus(res) != PGRES_TUPLES_OK)
+		{
+			char	   *msg = pchomp(PQresultErrorMessage(res));
+
+			PQclear(res);
+			PQfinish(conn);
+			ereport(ERROR,
+					(errcode(ERRCODE_CONNECTION_FAILURE),
+					 errmsg("could not set a safe search_path on the connection to pg_cron's database \"%s\"",
+							cron_db ? cron_db : "postgres"),
+					 errdetail("%s", msg)));
+		}
+		PQclear(res);
+	}
 	return conn;
 }
 

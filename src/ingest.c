@@ -1343,8 +1343,8 @@ load_imputation_rules(IngestState *st)
 	st->impute = palloc0(sizeof(ImputeRule) * (st->tupdesc->natts + 1));
 	values[0] = ObjectIdGetDatum(RelationGetRelid(st->rel));
 	SPI_connect();
-	SPI_execute_with_args("SELECT column_name::text, rule, value FROM customer_analytics.imputation_rule "
-						  "WHERE target = $1 ORDER BY column_name",
+	SPI_execute_with_args("SELECT column_name::pg_catalog.text, rule, value FROM customer_analytics.imputation_rule "
+						  "WHERE target OPERATOR(pg_catalog.=) $1 ORDER BY column_name",
 						  1, types, values, NULL, true, 0);
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
@@ -1684,10 +1684,12 @@ find_loaded(const char *target, const char *column, const char *value,
 	values[2] = Int64GetDatum(size);
 	values[3] = TimestampTzGetDatum(mtime);
 	sql = psprintf("SELECT load_id FROM customer_analytics.ingest_load "
-				   "WHERE target = $1 AND %s = $2 AND status = 'loaded'%s "
+				   "WHERE target OPERATOR(pg_catalog.=) $1 AND %s OPERATOR(pg_catalog.=) $2 "
+				   "AND status OPERATOR(pg_catalog.=) 'loaded'%s "
 				   "ORDER BY load_id LIMIT 1",
 				   column,
-				   match_identity ? " AND file_size = $3 AND file_mtime = $4" : "");
+				   match_identity ? " AND file_size OPERATOR(pg_catalog.=) $3"
+				   " AND file_mtime OPERATOR(pg_catalog.=) $4" : "");
 
 	/*
 	 * Not read-only: in READ COMMITTED that takes a new snapshot, which sees
@@ -1792,7 +1794,7 @@ record_load(IngestState *st, const char *status, const char *checksum, int64 siz
 						  " rows_read, rows_loaded, rows_rejected, rows_imputed, blank_lines, imputed, options, "
 						  " message, started_at, finished_at) "
 						  "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, "
-						  " $15::jsonb, $16::jsonb, $17, $18, clock_timestamp())",
+						  " $15::pg_catalog.jsonb, $16::pg_catalog.jsonb, $17, $18, pg_catalog.clock_timestamp())",
 						  18, types, values, nulls, false, 0);
 	SPI_finish();
 }

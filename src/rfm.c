@@ -864,7 +864,7 @@ load_customer_versions(RfmScan *sc)
 
 	SPI_connect();
 	SPI_execute("SELECT customer_key, customer_id, is_current FROM customer_analytics.dim_customer "
-				"WHERE customer_key <> -1 ORDER BY customer_id, valid_from", true, 0);
+				"WHERE customer_key OPERATOR(pg_catalog.<>) -1 ORDER BY customer_id, valid_from", true, 0);
 	old = MemoryContextSwitchTo(sc->cxt);
 	sc->versions = versionmap_create(sc->cxt, Max(SPI_processed, 16), NULL);
 	sc->durable_ids = palloc(sizeof(char *) * Max(SPI_processed, 1));

@@ -1,5 +1,8 @@
 # pg_dump / pg_restore of a database with loaded data keeps every row of
-# every user-data table, and the restored database keeps working.
+# every user-data table (checksums per table), the users' pipeline tasks,
+# checks, views and grants, and the restored database keeps working: its
+# derived tables are rebuilt the same, the pipeline runs, and it can be
+# scheduled with pg_cron and run by it.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -8,7 +11,14 @@ use Test::More;
 
 my $node = PostgreSQL::Test::Cluster->new('dump');
 $node->init;
+$node->append_conf('postgresql.conf', q{
+shared_preload_libraries = 'pg_cron'
+cron.database_name = 'postgres'
+cron.use_background_workers = on
+max_worker_processes = 20
+});
 $node->start;
+$node->safe_psql('postgres', 'CREATE EXTENSION pg_cron');
 
 $node->safe_psql('postgres', 'CREATE DATABASE warehouse');
 $node->safe_psql('warehouse', q{
@@ -16,6 +26,21 @@ $node->safe_psql('warehouse', q{
     SELECT count(*) FROM customer_analytics.generate_sample_data(customers => 400, days => 60, seed => 5);
     SELECT count(*) FROM customer_analytics.transform();
     SELECT count(*) FROM customer_analytics.refresh_clickstream();
+    -- what users add: a task, a check, a view of their own on the star
+    -- schema (the pipeline refreshes it), an analyst role
+    INSERT INTO customer_analytics.pipeline_task (task, command, depends_on)
+    VALUES ('count lines', 'SELECT count(*) FROM customer_analytics.fact_order_line', '{transform}');
+    INSERT INTO customer_analytics.quality_check (name, kind, target, column_name, params)
+    VALUES ('known channels', 'accepted_values', 'customer_analytics.fact_order_line', 'channel',
+            '{"values": ["web", "mobile_app", "marketplace"]}');
+    CREATE MATERIALIZED VIEW public.category_revenue AS
+    SELECT p.category, sum(f.revenue) AS revenue, count(*) AS lines
+    FROM customer_analytics.fact_order_line f JOIN customer_analytics.dim_product p USING (product_key)
+    GROUP BY 1;
+    CREATE UNIQUE INDEX ON public.category_revenue (category);
+    CREATE ROLE wh_analyst;
+    SELECT count(*) FROM customer_analytics.grant_analyst('wh_analyst', raw_rejects => true);
+    CALL customer_analytics.run_pipeline();
     -- a row staged after the last transform must survive too, and be
     -- transformed after the restore
     INSERT INTO customer_analytics.stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price)
@@ -39,9 +64,21 @@ sub checksums
 	}
 	return $out;
 }
+is($node->safe_psql('warehouse', q{SELECT status FROM customer_analytics.pipeline_run ORDER BY run_id DESC LIMIT 1}),
+    'succeeded', 'the source ran its pipeline');
 my $before = checksums('warehouse');
 like($before, qr/fact_order_line [1-9]\d* /, 'source has order lines');
 like($before, qr/stg_events [1-9]\d* /, 'source has staged events');
+like($before, qr/reject_reader 1 /, 'source has a reader of all rejects');
+like($before, qr/pipeline_step [1-9]\d* /, 'source has the steps of its run');
+
+# The tables pg_dump does not keep are derived ones, rebuilt below.
+is($node->safe_psql('warehouse', q{
+    SELECT string_agg(c.relname, ' ' ORDER BY c.relname) FROM pg_class c
+    WHERE c.relnamespace = 'customer_analytics'::regnamespace AND c.relkind = 'r'
+      AND c.oid NOT IN (SELECT unnest(extconfig) FROM pg_extension WHERE extname = 'customer_analytics')}),
+    'clickstream_change clickstream_state sales_dirty_day sales_rollup_category sales_rollup_day sessions',
+    'only derived tables are left out of the dump');
 
 my $dump = $node->basedir . '/warehouse.dump';
 $node->command_ok([ 'pg_dump', '-Fc', '-d', $node->connstr('warehouse'), '-f', $dump ],
@@ -63,6 +100,31 @@ $node->safe_psql('restored', 'SELECT count(*) FROM customer_analytics.refresh_cl
 is($node->safe_psql('restored', $sessions_sql), $sessions_before,
     'the first refresh after the restore rebuilds the same sessions');
 
+# the sales rollups are derived too: the first refresh rebuilds the same
+my $rollup_sql = q{SELECT (SELECT count(*) || ' ' || md5(string_agg(r::text, ',' ORDER BY r::text)) FROM customer_analytics.sales_rollup_day r)
+                  || ' ' || (SELECT count(*) || ' ' || md5(string_agg(r::text, ',' ORDER BY r::text)) FROM customer_analytics.sales_rollup_category r)};
+my $rollup_before = $node->safe_psql('warehouse', $rollup_sql);
+like($rollup_before, qr/^[1-9]\d* \w+ [1-9]\d* /, 'source has sales rollups');
+$node->safe_psql('restored', 'SELECT customer_analytics.refresh_sales_rollup()');
+is($node->safe_psql('restored', $rollup_sql), $rollup_before,
+    'the first rollup refresh after the restore rebuilds the same rollups');
+
+# the users' objects: builtin rows once (from CREATE EXTENSION), theirs
+# (from the dump), the view, the grants
+is($node->safe_psql('restored', q{
+    SELECT (SELECT string_agg(task || ':' || builtin, ' ' ORDER BY task) FROM customer_analytics.pipeline_task)
+    || ' / ' || (SELECT count(*) FILTER (WHERE builtin) || ' ' || string_agg(name, ',') FILTER (WHERE NOT builtin)
+                 FROM customer_analytics.quality_check)}),
+    $node->safe_psql('warehouse', q{
+    SELECT (SELECT string_agg(task || ':' || builtin, ' ' ORDER BY task) FROM customer_analytics.pipeline_task)
+    || ' / ' || (SELECT count(*) FILTER (WHERE builtin) || ' ' || string_agg(name, ',') FILTER (WHERE NOT builtin)
+                 FROM customer_analytics.quality_check)}),
+    'pipeline tasks and quality checks: the builtin ones once, the user\'s restored');
+is($node->safe_psql('restored', q{
+    SET ROLE wh_analyst;
+    SELECT (SELECT count(*) FROM customer_analytics.fact_order_line) > 0, (SELECT count(*) FROM customer_analytics.ingest_reject) >= 0}),
+    "t|t", "the analyst's grants are restored");
+
 # the sequences continue after the restored data
 my $seq = $node->safe_psql('restored', q{
     SELECT (SELECT last_value FROM customer_analytics.stage_id_seq)
@@ -82,6 +144,41 @@ is($node->safe_psql('restored', q{
     SELECT count(*) FROM customer_analytics.transform();
     SELECT count(*) - count(DISTINCT customer_key) FROM customer_analytics.dim_customer}),
     "4\n9\n0", 'new loads after the restore get fresh surrogate keys');
+
+# The pipeline runs in the restored database: the user's task and view
+# are in its plan, and a run succeeds.
+my $plan = $node->safe_psql('restored', q{SELECT string_agg(step, ', ' ORDER BY step_no) FROM customer_analytics.pipeline_plan()});
+like($plan, qr/count lines/, "the user's task is in the restored pipeline");
+like($plan, qr/refresh public\.category_revenue/, "the user's view is in the restored pipeline");
+$node->safe_psql('restored', 'CALL customer_analytics.run_pipeline()');
+is($node->safe_psql('restored', q{
+    SELECT r.status || ' ' || (SELECT count(*) FROM customer_analytics.pipeline_step s
+                              WHERE s.run_id = r.run_id AND s.status NOT IN ('succeeded', 'skipped'))
+    FROM customer_analytics.pipeline_run r ORDER BY r.run_id DESC LIMIT 1}), 'succeeded 0',
+    'a pipeline run in the restored database succeeds, every step');
+is($node->safe_psql('restored', q{
+    SELECT (SELECT sum(revenue) FROM public.category_revenue)
+         = (SELECT sum(revenue) FROM customer_analytics.fact_order_line)}), 't',
+    "the run refreshed the user's view from the restored facts");
+
+# Scheduling from the restored database (pg_cron lives in postgres: the
+# loopback connection), and pg_cron running it at the next minute.
+my $started = $node->safe_psql('restored', 'SELECT max(run_id) FROM customer_analytics.pipeline_run');
+cmp_ok($node->safe_psql('restored', q{SELECT customer_analytics.schedule_pipeline('* * * * *')}), '>', 0,
+    'the restored database can schedule its pipeline');
+is($node->safe_psql('restored', q{SELECT jobname || ' ' || database FROM customer_analytics.pipeline_jobs()}),
+    'customer_analytics restored all restored', 'the job is in pg_cron for the restored database');
+my $cron_run = '';
+foreach my $i (1 .. 180)
+{
+	$cron_run = $node->safe_psql('restored', qq{
+		SELECT status || ' ' || triggered_by FROM customer_analytics.pipeline_run
+		WHERE run_id > $started AND status <> 'running' ORDER BY run_id LIMIT 1});
+	last if $cron_run ne '';
+	sleep 1;
+}
+is($cron_run, 'succeeded pg_cron', 'pg_cron ran the restored pipeline, and the run succeeded');
+ok($node->safe_psql('restored', q{SELECT customer_analytics.unschedule_pipeline()}) eq 't', 'unscheduled');
 
 $node->stop;
 done_testing();

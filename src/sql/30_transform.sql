@@ -34,9 +34,9 @@ CREATE FUNCTION customer_analytics.date_key(day date)
 RETURNS integer
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 AS $$
-    SELECT (pg_catalog.date_part('year', day) * 10000
-            + pg_catalog.date_part('month', day) * 100
-            + pg_catalog.date_part('day', day))::integer
+    SELECT (((pg_catalog.date_part('year', day) OPERATOR(pg_catalog.*) 10000)
+             OPERATOR(pg_catalog.+) (pg_catalog.date_part('month', day) OPERATOR(pg_catalog.*) 100))
+            OPERATOR(pg_catalog.+) pg_catalog.date_part('day', day))::integer
 $$;
 COMMENT ON FUNCTION customer_analytics.date_key(date) IS
     'dim_date key of a day: YYYYMMDD as an integer';
@@ -90,10 +90,10 @@ CREATE FUNCTION customer_analytics.ca_newly_staged(xid xid8, lo xid8, hi xid8,
 RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
-    SELECT (xid >= lo AND xid < hi
+    SELECT (xid OPERATOR(pg_catalog.>=) lo AND xid OPERATOR(pg_catalog.<) hi
             AND pg_catalog.pg_visible_in_snapshot(xid, cur)
             AND (prev IS NULL OR NOT pg_catalog.pg_visible_in_snapshot(xid, prev)))
-           OR xid = own
+           OR xid OPERATOR(pg_catalog.=) own
 $$;
 COMMENT ON FUNCTION customer_analytics.ca_newly_staged(xid8, xid8, xid8, pg_snapshot, pg_snapshot, xid8) IS
     'Internal to transform(): whether a staged row belongs to the current run';

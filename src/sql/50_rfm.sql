@@ -108,7 +108,9 @@ COMMENT ON FUNCTION customer_analytics.reference_time() IS
 CREATE FUNCTION customer_analytics.top_customers_limit()
     RETURNS integer
     LANGUAGE sql STABLE PARALLEL SAFE
-    AS $$ SELECT COALESCE(NULLIF(pg_catalog.current_setting('customer_analytics.top_customers', true), ''), '100')::integer $$;
+    AS $$ SELECT (CASE WHEN pg_catalog.current_setting('customer_analytics.top_customers', true) OPERATOR(pg_catalog.<>) ''
+                       THEN pg_catalog.current_setting('customer_analytics.top_customers', true)
+                       ELSE '100' END)::integer $$;
 COMMENT ON FUNCTION customer_analytics.top_customers_limit() IS
     'How many customers top_customers keeps (setting customer_analytics.top_customers, default 100)';
 
@@ -156,6 +158,7 @@ SELECT pg_catalog.pg_extension_config_dump('customer_analytics.rfm_segment_rule'
 CREATE FUNCTION customer_analytics.rfm_map_coverage(map text)
 RETURNS TABLE (r integer, f integer, m integer, rules integer, segments text[])
 LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT gr.r, gf.f, gm.m, count(s.segment)::integer,
            array_agg(s.segment ORDER BY s.segment) FILTER (WHERE s.segment IS NOT NULL)
@@ -176,6 +179,7 @@ COMMENT ON FUNCTION customer_analytics.rfm_map_coverage(text) IS
 CREATE FUNCTION customer_analytics.rfm_check_segment_map(map text)
 RETURNS TABLE (cell text, problem text)
 LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT format('%s%s%s', r, f, m),
            CASE WHEN rules = 0 THEN 'no rule names it'
@@ -190,6 +194,7 @@ COMMENT ON FUNCTION customer_analytics.rfm_check_segment_map(text) IS
 CREATE FUNCTION customer_analytics.rfm_segment_cells(map text)
 RETURNS TABLE (r integer, f integer, m integer, segment text)
 LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT r, f, m, segments[1] FROM customer_analytics.rfm_map_coverage(map) WHERE rules = 1
 $$;
@@ -200,6 +205,7 @@ CREATE FUNCTION customer_analytics.rfm_segment(r integer, f integer, m integer,
                                                map text DEFAULT NULL)
 RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT s.segment
     FROM customer_analytics.rfm_segment_rule s

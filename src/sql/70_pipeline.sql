@@ -14,6 +14,7 @@
 CREATE FUNCTION customer_analytics.qualified_name(rel regclass)
 RETURNS text
 LANGUAGE sql STABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
 AS $$ SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel $$;
 COMMENT ON FUNCTION customer_analytics.qualified_name(regclass) IS
@@ -442,7 +443,8 @@ COMMENT ON FUNCTION customer_analytics.pipeline_purge() IS
 CREATE FUNCTION customer_analytics.pipeline_lock_key(scope text DEFAULT 'all')
 RETURNS bigint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT (7411::bigint << 32) | (pg_catalog.hashtext(scope)::bigint & 4294967295) $$;
+AS $$ SELECT (7411::bigint OPERATOR(pg_catalog.<<) 32)
+             OPERATOR(pg_catalog.|) (pg_catalog.hashtext(scope)::bigint OPERATOR(pg_catalog.&) 4294967295) $$;
 COMMENT ON FUNCTION customer_analytics.pipeline_lock_key(text) IS
     'The advisory lock (session level, bigint key) a running pipeline of a scope holds: one run per scope at a time';
 
@@ -542,53 +544,11 @@ $$;
 COMMENT ON FUNCTION customer_analytics.pipeline_execute_step(bigint, integer, text, text, text[], integer) IS
     'Runs one pipeline step unless a dependency failed, records it in pipeline_step, and says succeeded, failed, blocked or retry';
 
-CREATE PROCEDURE customer_analytics.run_pipeline(scope text DEFAULT 'all')
-LANGUAGE plpgsql
--- no SET clause: a procedure with one cannot commit
-AS $$
-DECLARE
-    run bigint;
-    s record;
-    status text;
-    attempt integer;
-    holder integer;
-BEGIN
-    -- a run cancelled in this session may have left its lock behind
-    WHILE EXISTS (SELECT FROM pg_catalog.pg_locks l
-                  WHERE l.locktype = 'advisory' AND l.pid = pg_catalog.pg_backend_pid()
-                    AND ((l.classid::bigint << 32) | l.objid::bigint) = customer_analytics.pipeline_lock_key(scope)) LOOP
-        PERFORM pg_catalog.pg_advisory_unlock(customer_analytics.pipeline_lock_key(scope));
-    END LOOP;
-    IF NOT pg_catalog.pg_try_advisory_lock(customer_analytics.pipeline_lock_key(scope)) THEN
-        SELECT l.pid INTO holder FROM pg_catalog.pg_locks l
-        WHERE l.locktype = 'advisory' AND l.granted
-          AND ((l.classid::bigint << 32) | l.objid::bigint) = customer_analytics.pipeline_lock_key(scope);
-        INSERT INTO customer_analytics.pipeline_run (scope, status, finished_at, error)
-        VALUES (scope, 'skipped', pg_catalog.clock_timestamp(),
-                'another run was in progress' || COALESCE(' (backend ' || holder || ')', ''));
-        RAISE NOTICE 'pipeline run skipped: another run is in progress';
-        COMMIT;
-        RETURN;
-    END IF;
-    -- holding the lock, no other run is alive: one left running was interrupted
-    UPDATE customer_analytics.pipeline_run r SET status = 'failed', finished_at = pg_catalog.clock_timestamp(),
-        error = 'interrupted (server stopped or run cancelled)'
-    WHERE r.status = 'running';
-    INSERT INTO customer_analytics.pipeline_run (scope) VALUES (scope) RETURNING run_id INTO run;
-    COMMIT;
-
-    FOR s IN SELECT * FROM customer_analytics.pipeline_plan(scope) ORDER BY step_no LOOP
-        attempt := 0;
-        LOOP
-            attempt := attempt + 1;
-            status := customer_analytics.pipeline_execute_step(run, s.step_no, s.step, s.command, s.depends_on, attempt);
-            COMMIT;
-            EXIT WHEN status <> 'retry';
-            PERFORM pg_catalog.pg_sleep(pg_catalog.current_setting('customer_analytics.pipeline_retry_backoff')::float8
-                                        * 2 ^ (attempt - 1));
-        END LOOP;
-    END LOOP;
-
+/* How a run ended: failed if a step failed or was blocked (the errors of the failed ones) */
+CREATE PROCEDURE customer_analytics.pipeline_finish(run bigint)
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
     UPDATE customer_analytics.pipeline_run r
     SET finished_at = pg_catalog.clock_timestamp(),
         status = CASE WHEN EXISTS (SELECT FROM customer_analytics.pipeline_step p
@@ -597,6 +557,64 @@ BEGIN
         error = (SELECT pg_catalog.string_agg(p.step || ': ' || p.error, '; ' ORDER BY p.step_no)
                  FROM customer_analytics.pipeline_step p WHERE p.run_id = run AND p.status = 'failed')
     WHERE r.run_id = run;
+END;
+COMMENT ON PROCEDURE customer_analytics.pipeline_finish(bigint) IS
+    'The end of a run_pipeline() run: sets its finish time, its status (failed when a step failed or was blocked) and the errors of the failed steps';
+
+CREATE PROCEDURE customer_analytics.run_pipeline(scope text DEFAULT 'all')
+LANGUAGE plpgsql
+-- No SET clause: a procedure with one cannot commit.  So everything here
+-- is schema-qualified, operators and type names included: a caller's
+-- search_path (e.g. public first) must not choose what runs.
+AS $$
+DECLARE
+    run bigint;
+    s record;
+    status pg_catalog.text;
+    attempt integer;
+    holder integer;
+BEGIN
+    -- a run cancelled in this session may have left its lock behind
+    WHILE EXISTS (SELECT FROM pg_catalog.pg_locks l
+                  WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory'
+                    AND l.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()
+                    AND ((l.classid::bigint OPERATOR(pg_catalog.<<) 32) OPERATOR(pg_catalog.|) l.objid::bigint)
+                        OPERATOR(pg_catalog.=) customer_analytics.pipeline_lock_key(scope)) LOOP
+        PERFORM pg_catalog.pg_advisory_unlock(customer_analytics.pipeline_lock_key(scope));
+    END LOOP;
+    IF NOT pg_catalog.pg_try_advisory_lock(customer_analytics.pipeline_lock_key(scope)) THEN
+        SELECT l.pid INTO holder FROM pg_catalog.pg_locks l
+        WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.granted
+          AND ((l.classid::bigint OPERATOR(pg_catalog.<<) 32) OPERATOR(pg_catalog.|) l.objid::bigint)
+              OPERATOR(pg_catalog.=) customer_analytics.pipeline_lock_key(scope);
+        INSERT INTO customer_analytics.pipeline_run (scope, status, finished_at, error)
+        VALUES (scope, 'skipped', pg_catalog.clock_timestamp(),
+                pg_catalog.concat('another run was in progress', ' (backend ' OPERATOR(pg_catalog.||) holder OPERATOR(pg_catalog.||) ')'));
+        RAISE NOTICE 'pipeline run skipped: another run is in progress';
+        COMMIT;
+        RETURN;
+    END IF;
+    -- holding the lock, no other run is alive: one left running was interrupted
+    UPDATE customer_analytics.pipeline_run r SET status = 'failed', finished_at = pg_catalog.clock_timestamp(),
+        error = 'interrupted (server stopped or run cancelled)'
+    WHERE r.status OPERATOR(pg_catalog.=) 'running';
+    INSERT INTO customer_analytics.pipeline_run (scope) VALUES (scope) RETURNING run_id INTO run;
+    COMMIT;
+
+    FOR s IN SELECT * FROM customer_analytics.pipeline_plan(scope) ORDER BY step_no LOOP
+        attempt := 0;
+        LOOP
+            attempt := pg_catalog.int4pl(attempt, 1);
+            status := customer_analytics.pipeline_execute_step(run, s.step_no, s.step, s.command, s.depends_on, attempt);
+            COMMIT;
+            EXIT WHEN status OPERATOR(pg_catalog.<>) 'retry';
+            PERFORM pg_catalog.pg_sleep(pg_catalog.float8mul(
+                pg_catalog.current_setting('customer_analytics.pipeline_retry_backoff')::pg_catalog.float8,
+                pg_catalog.pow(2::pg_catalog.float8, pg_catalog.int4mi(attempt, 1)::pg_catalog.float8)));
+        END LOOP;
+    END LOOP;
+
+    CALL customer_analytics.pipeline_finish(run);
     COMMIT;
     PERFORM pg_catalog.pg_advisory_unlock(customer_analytics.pipeline_lock_key(scope));
 END

@@ -75,6 +75,7 @@ COMMENT ON FUNCTION customer_analytics.pg_cron_query(text, text[]) IS
 CREATE FUNCTION customer_analytics.pipeline_job_name(scope text DEFAULT 'all')
 RETURNS text
 LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
 AS $$ SELECT 'customer_analytics ' || pg_catalog.current_database() || ' ' || scope $$;
 COMMENT ON FUNCTION customer_analytics.pipeline_job_name(text) IS
     'The pg_cron job name of this database''s pipeline for a scope';

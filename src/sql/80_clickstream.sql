@@ -38,8 +38,9 @@ COMMENT ON FUNCTION customer_analytics.session_number(timestamptz, interval) IS
  * Plain PL/pgSQL over a plain INSERT: stg_events has no unique constraint
  * and its stage_id sequence is cached per backend, so concurrent writers
  * never wait for each other; a retried event (same event_id) is harmless,
- * transform keeps its latest staged version.  Fully schema-qualified rather
- * than SET search_path, which would cost a GUC save/restore per event.
+ * transform keeps its latest staged version.  Fully schema-qualified
+ * (operators and type names too) rather than SET search_path, which would
+ * cost a GUC save/restore per event.
  */
 CREATE FUNCTION customer_analytics.track_event(
     event_type  text,
@@ -55,22 +56,23 @@ RETURNS text
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
-    id text := COALESCE(event_id, pg_catalog.gen_random_uuid()::text);
+    id pg_catalog.text := COALESCE(event_id, pg_catalog.gen_random_uuid()::pg_catalog.text);
 BEGIN
-    IF event_type IS NULL OR event_type NOT IN ('page_view', 'product_view', 'add_to_cart', 'checkout', 'purchase') THEN
+    IF event_type IS NULL
+       OR NOT event_type OPERATOR(pg_catalog.=) ANY ('{page_view,product_view,add_to_cart,checkout,purchase}'::pg_catalog.text[]) THEN
         RAISE EXCEPTION 'invalid event_type: %', COALESCE(pg_catalog.quote_literal(event_type), 'NULL')
             USING ERRCODE = 'invalid_parameter_value',
                   DETAIL = 'Argument event_type of track_event().',
                   HINT = 'Use page_view, product_view, add_to_cart, checkout or purchase.';
     END IF;
-    IF session_id IS NULL OR session_id = '' THEN
+    IF session_id IS NULL OR session_id OPERATOR(pg_catalog.=) '' THEN
         RAISE EXCEPTION 'track_event() needs a session_id'
             USING ERRCODE = 'invalid_parameter_value',
                   DETAIL = pg_catalog.format('Argument session_id was %s for a %s event.',
                                              COALESCE(pg_catalog.quote_literal(session_id), 'NULL'), event_type),
                   HINT = 'Pass the visitor''s session or cookie id.';
     END IF;
-    IF id = '' THEN
+    IF id OPERATOR(pg_catalog.=) '' THEN
         RAISE EXCEPTION 'track_event() got an empty event_id'
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Pass NULL to have one generated.';
@@ -97,7 +99,8 @@ COMMENT ON FUNCTION customer_analytics.track_event(text, text, text, text, text,
 CREATE FUNCTION customer_analytics.visitor(customer_id text, session_id text)
     RETURNS text
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    AS $$ SELECT CASE WHEN customer_id IS NOT NULL THEN 'c:' || customer_id ELSE 's:' || session_id END $$;
+    AS $$ SELECT CASE WHEN customer_id IS NOT NULL THEN 'c:' OPERATOR(pg_catalog.||) customer_id
+                      ELSE 's:' OPERATOR(pg_catalog.||) session_id END $$;
 COMMENT ON FUNCTION customer_analytics.visitor(text, text) IS
     'Who a clickstream event belongs to for sessionization: ''c:<customer_id>'' for an identified (or stitched) customer, else ''s:<session_id>''';
 

@@ -401,6 +401,9 @@ SELECT customer_analytics.bgnbd_fit(s.x, s.t_x, s."T") AS bgnbd,
        customer_analytics.gamma_gamma_fit(s.x, s.m_x) AS gamma_gamma,
        customer_analytics.reference_time() AS as_of
 FROM customer_analytics.clv_summary(customer_analytics.reference_time()) s;
+-- one row: a unique index lets the pipeline refresh it CONCURRENTLY, so
+-- that readers are never locked out while the models are refitted
+CREATE UNIQUE INDEX clv_model_as_of_idx ON customer_analytics.clv_model (as_of);
 COMMENT ON MATERIALIZED VIEW customer_analytics.clv_model IS
     'The BG/NBD and Gamma-Gamma models fitted on every customer''s history as of reference_time() (time unit: days). Refresh it before customer_clv';
 

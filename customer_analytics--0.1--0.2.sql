@@ -1,0 +1,610 @@
+/*
+ * customer_analytics 0.1 -> 0.2
+ *
+ * search_path safety: the functions that had no SET search_path now either
+ * have one or qualify every operator and type name (the ones the planner
+ * inlines, and run_pipeline(), a procedure, which cannot have a SET clause
+ * and commit); run_pipeline() ends a run through pipeline_finish().
+ * clv_model gets a unique index, so that the pipeline refreshes it
+ * CONCURRENTLY (readers were locked out while the models were refitted).
+ * Privileges: grant_analyst(), grant_loader(), revoke_access(), and
+ * reject_reader, whose roles may read every rejected line.
+ *
+ * Each statement matches the piece of src/sql/ it comes from, so an
+ * upgraded 0.1 has the catalog of a fresh 0.2 (t/005_upgrade.pl).
+ */
+
+-- complain if script is sourced in psql, rather than via ALTER EXTENSION
+\echo Use "ALTER EXTENSION customer_analytics UPDATE TO '0.2'" to load this file. \quit
+
+
+-- 30_transform.sql: inlined, so qualified
+
+CREATE OR REPLACE FUNCTION customer_analytics.date_key(day date)
+RETURNS integer
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$
+    SELECT (((pg_catalog.date_part('year', day) OPERATOR(pg_catalog.*) 10000)
+             OPERATOR(pg_catalog.+) (pg_catalog.date_part('month', day) OPERATOR(pg_catalog.*) 100))
+            OPERATOR(pg_catalog.+) pg_catalog.date_part('day', day))::integer
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.ca_newly_staged(xid xid8, lo xid8, hi xid8,
+                                                   cur pg_snapshot, prev pg_snapshot, own xid8)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT (xid OPERATOR(pg_catalog.>=) lo AND xid OPERATOR(pg_catalog.<) hi
+            AND pg_catalog.pg_visible_in_snapshot(xid, cur)
+            AND (prev IS NULL OR NOT pg_catalog.pg_visible_in_snapshot(xid, prev)))
+           OR xid OPERATOR(pg_catalog.=) own
+$$;
+
+-- 50_rfm.sql
+
+CREATE OR REPLACE FUNCTION customer_analytics.top_customers_limit()
+    RETURNS integer
+    LANGUAGE sql STABLE PARALLEL SAFE
+    AS $$ SELECT (CASE WHEN pg_catalog.current_setting('customer_analytics.top_customers', true) OPERATOR(pg_catalog.<>) ''
+                       THEN pg_catalog.current_setting('customer_analytics.top_customers', true)
+                       ELSE '100' END)::integer $$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.rfm_map_coverage(map text)
+RETURNS TABLE (r integer, f integer, m integer, rules integer, segments text[])
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT gr.r, gf.f, gm.m, count(s.segment)::integer,
+           array_agg(s.segment ORDER BY s.segment) FILTER (WHERE s.segment IS NOT NULL)
+    FROM generate_series(1, 5) AS gr(r)
+    CROSS JOIN generate_series(1, 5) AS gf(f)
+    CROSS JOIN generate_series(1, 5) AS gm(m)
+    LEFT JOIN customer_analytics.rfm_segment_rule s
+           ON s.map_name = map
+          AND gr.r BETWEEN s.r_min AND s.r_max
+          AND gf.f BETWEEN s.f_min AND s.f_max
+          AND gm.m BETWEEN s.m_min AND s.m_max
+          AND (gf.f + gm.m) / 2.0 BETWEEN s.fm_min AND s.fm_max
+    GROUP BY gr.r, gf.f, gm.m
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.rfm_check_segment_map(map text)
+RETURNS TABLE (cell text, problem text)
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT format('%s%s%s', r, f, m),
+           CASE WHEN rules = 0 THEN 'no rule names it'
+                ELSE format('%s rules name it: %s', rules, array_to_string(segments, ', ')) END
+    FROM customer_analytics.rfm_map_coverage(map)
+    WHERE rules <> 1
+    ORDER BY 1
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.rfm_segment_cells(map text)
+RETURNS TABLE (r integer, f integer, m integer, segment text)
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT r, f, m, segments[1] FROM customer_analytics.rfm_map_coverage(map) WHERE rules = 1
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.rfm_segment(r integer, f integer, m integer,
+                                               map text DEFAULT NULL)
+RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT s.segment
+    FROM customer_analytics.rfm_segment_rule s
+    WHERE s.map_name = COALESCE(map, NULLIF(pg_catalog.current_setting('customer_analytics.rfm_segment_map', true), ''), 'default')
+      AND r BETWEEN s.r_min AND s.r_max AND f BETWEEN s.f_min AND s.f_max
+      AND m BETWEEN s.m_min AND s.m_max AND (f + m) / 2.0 BETWEEN s.fm_min AND s.fm_max
+$$;
+
+-- 70_pipeline.sql
+
+CREATE OR REPLACE FUNCTION customer_analytics.qualified_name(rel regclass)
+RETURNS text
+LANGUAGE sql STABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT pg_catalog.format('%I.%I', n.nspname, c.relname)
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = rel $$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.pipeline_lock_key(scope text DEFAULT 'all')
+RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT (7411::bigint OPERATOR(pg_catalog.<<) 32)
+             OPERATOR(pg_catalog.|) (pg_catalog.hashtext(scope)::bigint OPERATOR(pg_catalog.&) 4294967295) $$;
+
+/* How a run ended: failed if a step failed or was blocked (the errors of the failed ones) */
+CREATE PROCEDURE customer_analytics.pipeline_finish(run bigint)
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+BEGIN ATOMIC
+    UPDATE customer_analytics.pipeline_run r
+    SET finished_at = pg_catalog.clock_timestamp(),
+        status = CASE WHEN EXISTS (SELECT FROM customer_analytics.pipeline_step p
+                                   WHERE p.run_id = run AND p.status IN ('failed', 'blocked'))
+                      THEN 'failed' ELSE 'succeeded' END,
+        error = (SELECT pg_catalog.string_agg(p.step || ': ' || p.error, '; ' ORDER BY p.step_no)
+                 FROM customer_analytics.pipeline_step p WHERE p.run_id = run AND p.status = 'failed')
+    WHERE r.run_id = run;
+END;
+COMMENT ON PROCEDURE customer_analytics.pipeline_finish(bigint) IS
+    'The end of a run_pipeline() run: sets its finish time, its status (failed when a step failed or was blocked) and the errors of the failed steps';
+
+CREATE OR REPLACE PROCEDURE customer_analytics.run_pipeline(scope text DEFAULT 'all')
+LANGUAGE plpgsql
+-- No SET clause: a procedure with one cannot commit.  So everything here
+-- is schema-qualified, operators and type names included: a caller's
+-- search_path (e.g. public first) must not choose what runs.
+AS $$
+DECLARE
+    run bigint;
+    s record;
+    status pg_catalog.text;
+    attempt integer;
+    holder integer;
+BEGIN
+    -- a run cancelled in this session may have left its lock behind
+    WHILE EXISTS (SELECT FROM pg_catalog.pg_locks l
+                  WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory'
+                    AND l.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()
+                    AND ((l.classid::bigint OPERATOR(pg_catalog.<<) 32) OPERATOR(pg_catalog.|) l.objid::bigint)
+                        OPERATOR(pg_catalog.=) customer_analytics.pipeline_lock_key(scope)) LOOP
+        PERFORM pg_catalog.pg_advisory_unlock(customer_analytics.pipeline_lock_key(scope));
+    END LOOP;
+    IF NOT pg_catalog.pg_try_advisory_lock(customer_analytics.pipeline_lock_key(scope)) THEN
+        SELECT l.pid INTO holder FROM pg_catalog.pg_locks l
+        WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.granted
+          AND ((l.classid::bigint OPERATOR(pg_catalog.<<) 32) OPERATOR(pg_catalog.|) l.objid::bigint)
+              OPERATOR(pg_catalog.=) customer_analytics.pipeline_lock_key(scope);
+        INSERT INTO customer_analytics.pipeline_run (scope, status, finished_at, error)
+        VALUES (scope, 'skipped', pg_catalog.clock_timestamp(),
+                pg_catalog.concat('another run was in progress', ' (backend ' OPERATOR(pg_catalog.||) holder OPERATOR(pg_catalog.||) ')'));
+        RAISE NOTICE 'pipeline run skipped: another run is in progress';
+        COMMIT;
+        RETURN;
+    END IF;
+    -- holding the lock, no other run is alive: one left running was interrupted
+    UPDATE customer_analytics.pipeline_run r SET status = 'failed', finished_at = pg_catalog.clock_timestamp(),
+        error = 'interrupted (server stopped or run cancelled)'
+    WHERE r.status OPERATOR(pg_catalog.=) 'running';
+    INSERT INTO customer_analytics.pipeline_run (scope) VALUES (scope) RETURNING run_id INTO run;
+    COMMIT;
+
+    FOR s IN SELECT * FROM customer_analytics.pipeline_plan(scope) ORDER BY step_no LOOP
+        attempt := 0;
+        LOOP
+            attempt := pg_catalog.int4pl(attempt, 1);
+            status := customer_analytics.pipeline_execute_step(run, s.step_no, s.step, s.command, s.depends_on, attempt);
+            COMMIT;
+            EXIT WHEN status OPERATOR(pg_catalog.<>) 'retry';
+            PERFORM pg_catalog.pg_sleep(pg_catalog.float8mul(
+                pg_catalog.current_setting('customer_analytics.pipeline_retry_backoff')::pg_catalog.float8,
+                pg_catalog.pow(2::pg_catalog.float8, pg_catalog.int4mi(attempt, 1)::pg_catalog.float8)));
+        END LOOP;
+    END LOOP;
+
+    CALL customer_analytics.pipeline_finish(run);
+    COMMIT;
+    PERFORM pg_catalog.pg_advisory_unlock(customer_analytics.pipeline_lock_key(scope));
+END
+$$;
+
+-- 75_schedule.sql
+
+CREATE OR REPLACE FUNCTION customer_analytics.pipeline_job_name(scope text DEFAULT 'all')
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT 'customer_analytics ' || pg_catalog.current_database() || ' ' || scope $$;
+
+-- 80_clickstream.sql
+
+CREATE OR REPLACE FUNCTION customer_analytics.track_event(
+    event_type  text,
+    session_id  text,
+    customer_id text DEFAULT NULL,
+    product_id  text DEFAULT NULL,
+    order_id    text DEFAULT NULL,
+    channel     text DEFAULT NULL,
+    device      text DEFAULT NULL,
+    event_ts    timestamptz DEFAULT NULL,
+    event_id    text DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    id pg_catalog.text := COALESCE(event_id, pg_catalog.gen_random_uuid()::pg_catalog.text);
+BEGIN
+    IF event_type IS NULL
+       OR NOT event_type OPERATOR(pg_catalog.=) ANY ('{page_view,product_view,add_to_cart,checkout,purchase}'::pg_catalog.text[]) THEN
+        RAISE EXCEPTION 'invalid event_type: %', COALESCE(pg_catalog.quote_literal(event_type), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'Argument event_type of track_event().',
+                  HINT = 'Use page_view, product_view, add_to_cart, checkout or purchase.';
+    END IF;
+    IF session_id IS NULL OR session_id OPERATOR(pg_catalog.=) '' THEN
+        RAISE EXCEPTION 'track_event() needs a session_id'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = pg_catalog.format('Argument session_id was %s for a %s event.',
+                                             COALESCE(pg_catalog.quote_literal(session_id), 'NULL'), event_type),
+                  HINT = 'Pass the visitor''s session or cookie id.';
+    END IF;
+    IF id OPERATOR(pg_catalog.=) '' THEN
+        RAISE EXCEPTION 'track_event() got an empty event_id'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass NULL to have one generated.';
+    END IF;
+    INSERT INTO customer_analytics.stg_events
+        (event_id, event_ts, customer_id, session_id, event_type, product_id, order_id, channel, device)
+    VALUES (id, COALESCE(event_ts, pg_catalog.clock_timestamp()), customer_id, session_id, event_type,
+            product_id, order_id, channel, device);
+    RETURN id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.visitor(customer_id text, session_id text)
+    RETURNS text
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    AS $$ SELECT CASE WHEN customer_id IS NOT NULL THEN 'c:' OPERATOR(pg_catalog.||) customer_id
+                      ELSE 's:' OPERATOR(pg_catalog.||) session_id END $$;
+
+-- 90_forecast.sql: clv_model (one row) refreshed CONCURRENTLY by the pipeline
+CREATE UNIQUE INDEX clv_model_as_of_idx ON customer_analytics.clv_model (as_of);
+
+-- 95_privileges.sql (new)
+
+CREATE TABLE customer_analytics.reject_reader (
+    role regrole PRIMARY KEY
+);
+COMMENT ON TABLE customer_analytics.reject_reader IS
+    'Roles (and their members) that may read every rejected line in ingest_reject, not only those of their own loads; filled by grant_analyst(role, raw_rejects => true)';
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics.reject_reader', '');
+-- the policy below reads it as the querying user
+GRANT SELECT ON customer_analytics.reject_reader TO PUBLIC;
+
+CREATE POLICY ingest_reject_reader ON customer_analytics.ingest_reject FOR SELECT
+    USING (EXISTS (SELECT FROM customer_analytics.reject_reader r
+                   WHERE pg_catalog.pg_has_role(CURRENT_USER, r.role::oid, 'MEMBER')));
+
+CREATE FUNCTION customer_analytics.grant_analyst(grantee regrole, raw_rejects boolean DEFAULT false)
+RETURNS SETOF text
+LANGUAGE plpgsql VOLATILE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    rel regclass;
+    stmt text;
+BEGIN
+    stmt := format('GRANT USAGE ON SCHEMA customer_analytics TO %s', grantee);
+    EXECUTE stmt;
+    RETURN NEXT stmt;
+    -- every table and view but the staging tables and the raw rejects
+    FOR rel IN SELECT c.oid FROM pg_class c
+               WHERE c.relnamespace = 'customer_analytics'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm')
+                 AND c.relname NOT LIKE 'stg\_%' AND c.relname <> 'ingest_reject'
+               ORDER BY c.relname LOOP
+        stmt := format('GRANT SELECT ON %s TO %s', rel, grantee);
+        EXECUTE stmt;
+        RETURN NEXT stmt;
+    END LOOP;
+    IF raw_rejects THEN
+        stmt := format('GRANT SELECT ON customer_analytics.ingest_reject TO %s', grantee);
+        EXECUTE stmt;
+        RETURN NEXT stmt;
+        INSERT INTO customer_analytics.reject_reader VALUES (grantee) ON CONFLICT DO NOTHING;
+        RETURN NEXT format('INSERT INTO customer_analytics.reject_reader VALUES (%L)', grantee);
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION customer_analytics.grant_analyst(regrole, boolean) FROM PUBLIC;
+COMMENT ON FUNCTION customer_analytics.grant_analyst(regrole, boolean) IS
+    'Lets a role read the star schema, every view and the pipeline''s and ingestion''s records (not the staging tables); with raw_rejects, every rejected raw line too (else none). Returns the statements it ran';
+
+CREATE FUNCTION customer_analytics.grant_loader(grantee regrole)
+RETURNS SETOF text
+LANGUAGE plpgsql VOLATILE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    obj text;
+    stmt text;
+BEGIN
+    stmt := format('GRANT USAGE ON SCHEMA customer_analytics TO %s', grantee);
+    EXECUTE stmt;
+    RETURN NEXT stmt;
+    FOR stmt IN
+        -- the staging tables, and the sequences their defaults draw from
+        SELECT format('GRANT SELECT, INSERT ON %s TO %s', c.oid::regclass, grantee)
+        FROM pg_class c
+        WHERE c.relnamespace = 'customer_analytics'::regnamespace AND c.relkind = 'r' AND c.relname LIKE 'stg\_%'
+        UNION ALL
+        -- a load's own record and rejects (row-level security: its own only)
+        SELECT format('GRANT SELECT, INSERT ON %s TO %s', t::regclass, grantee)
+        FROM unnest(ARRAY['customer_analytics.ingest_load', 'customer_analytics.ingest_reject']) t
+        UNION ALL
+        SELECT format('GRANT SELECT ON %s TO %s', t::regclass, grantee)
+        FROM unnest(ARRAY['customer_analytics.imputation_rule', 'customer_analytics.ingest_summary']) t
+        UNION ALL
+        SELECT DISTINCT format('GRANT USAGE ON SEQUENCE %s TO %s', d.refobjid::regclass, grantee)
+        FROM pg_attrdef a
+        JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = a.oid
+                        AND d.refclassid = 'pg_class'::regclass
+        JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S'
+        WHERE a.adrelid IN (SELECT c.oid FROM pg_class c
+                            WHERE c.relnamespace = 'customer_analytics'::regnamespace
+                              AND (c.relname LIKE 'stg\_%' OR c.relname IN ('ingest_load', 'ingest_reject')))
+        ORDER BY 1
+    LOOP
+        EXECUTE stmt;
+        RETURN NEXT stmt;
+    END LOOP;
+    -- ingest_csv/ingest_csv_text draw load ids outside the defaults
+    stmt := format('GRANT USAGE ON SEQUENCE customer_analytics.load_id_seq TO %s', grantee);
+    EXECUTE stmt;
+    RETURN NEXT stmt;
+END
+$$;
+REVOKE ALL ON FUNCTION customer_analytics.grant_loader(regrole) FROM PUBLIC;
+COMMENT ON FUNCTION customer_analytics.grant_loader(regrole) IS
+    'Lets a role load data: INSERT into the staging tables (ingest_csv_text, track_event, COPY), its own ingest_load records and rejects. Reading server files with ingest_csv needs pg_read_server_files besides (granted apart, on purpose). Returns the statements it ran';
+
+CREATE FUNCTION customer_analytics.revoke_access(grantee regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    stmt text;
+BEGIN
+    DELETE FROM customer_analytics.reject_reader r WHERE r.role = grantee;
+    FOR stmt IN
+        SELECT format('REVOKE ALL ON %s FROM %s', c.oid::regclass, grantee)
+        FROM pg_class c
+        WHERE c.relnamespace = 'customer_analytics'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
+          AND c.relname <> 'reject_reader'
+        ORDER BY c.relname
+    LOOP
+        EXECUTE stmt;
+    END LOOP;
+    EXECUTE format('REVOKE USAGE ON SCHEMA customer_analytics FROM %s', grantee);
+END
+$$;
+REVOKE ALL ON FUNCTION customer_analytics.revoke_access(regrole) FROM PUBLIC;
+COMMENT ON FUNCTION customer_analytics.revoke_access(regrole) IS
+    'Takes back what grant_analyst() and grant_loader() gave a role (every privilege on the extension''s tables, views and sequences, and the schema)';
+
+-- Changed after the privilege work (kept in step with src/sql/): an index for
+-- the freshness and volume checks, refresh_policy, the volume check in one
+-- pass, skipped refresh steps, forecasts read from the sales rollup.
+
+CREATE INDEX fact_order_line_ts_idx ON customer_analytics.fact_order_line (order_ts);
+
+CREATE TABLE customer_analytics.refresh_policy (
+    matview      text PRIMARY KEY,
+    min_interval interval NOT NULL CHECK (min_interval >= '0'),
+    builtin      boolean NOT NULL DEFAULT false
+);
+COMMENT ON TABLE customer_analytics.refresh_policy IS
+    'Views the pipeline refreshes less often than every run: a refresh step is skipped while the view''s last successful refresh is younger than min_interval (models refitted daily, say). matview is schema.name';
+INSERT INTO customer_analytics.refresh_policy (matview, min_interval, builtin) VALUES
+    ('customer_analytics.clv_model', '1 day', true),
+    ('customer_analytics.sales_forecast_accuracy', '1 day', true),
+    ('customer_analytics.customer_clv', '1 day', true);
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics.refresh_policy', 'WHERE NOT builtin');
+
+ALTER TABLE customer_analytics.pipeline_step DROP CONSTRAINT pipeline_step_status_check,
+    ADD CONSTRAINT pipeline_step_status_check CHECK (status IN ('running', 'succeeded', 'failed', 'blocked', 'retrying', 'skipped'));
+
+COMMENT ON TABLE customer_analytics.pipeline_step IS
+    'One row per step of a run: status (succeeded, failed, blocked by a failed dependency or check, retrying, skipped: refreshed recently enough by its refresh policy), attempts, times, rows affected, and the error with its SQLSTATE';
+
+CREATE OR REPLACE FUNCTION customer_analytics.quality_check_sql(c customer_analytics.quality_check)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tbl text;
+    cols text;
+BEGIN
+    IF c.kind <> 'custom' THEN
+        IF to_regclass(c.target) IS NULL THEN
+            RAISE EXCEPTION 'quality check "%": table "%" does not exist', c.name, c.target
+                USING ERRCODE = 'undefined_table';
+        END IF;
+        tbl := to_regclass(c.target)::text;
+        IF c.column_name IS NOT NULL THEN
+            SELECT string_agg(quote_ident(btrim(x)), ', ') INTO cols FROM unnest(string_to_array(c.column_name, ',')) x;
+        END IF;
+    END IF;
+    RETURN CASE c.kind
+        WHEN 'not_null' THEN format('SELECT * FROM %s WHERE %s IS NULL', tbl, cols)
+        WHEN 'unique' THEN format('SELECT %s, count(*) AS occurrences FROM %s GROUP BY %s HAVING count(*) > 1', cols, tbl, cols)
+        WHEN 'relationship' THEN format(
+            'SELECT x.* FROM %s x WHERE x.%s IS NOT NULL AND NOT EXISTS (SELECT FROM %s y WHERE y.%I = x.%s)',
+            tbl, cols, to_regclass(c.params->>'to')::text, c.params->>'field', cols)
+        WHEN 'accepted_values' THEN format(
+            'SELECT %s, count(*) AS occurrences FROM %s WHERE %s IS NOT NULL AND %s::text <> ALL (%L::text[]) GROUP BY 1',
+            cols, tbl, cols, cols, ARRAY(SELECT jsonb_array_elements_text(c.params->'values')))
+        WHEN 'freshness' THEN format(
+            'SELECT max(%s) AS newest, now() - max(%s) AS age FROM %s HAVING max(%s) IS NULL OR max(%s) < now() - %L::interval',
+            cols, cols, tbl, cols, cols, COALESCE(c.params->>'max_age', '1 day'))
+        WHEN 'row_count_change' THEN format(
+            $q$WITH newest AS (SELECT date_trunc('day', max(%1$s)) AS day FROM %2$s),
+               counts AS (
+                   SELECT date_trunc('day', t.%1$s) AS day, count(*) AS n
+                   FROM %2$s t, newest
+                   WHERE t.%1$s >= newest.day - %3$s * interval '1 day' GROUP BY 1
+               ), days AS (
+                   SELECT d AS day, COALESCE(c.n, 0) AS n
+                   FROM newest, generate_series(newest.day - %3$s * interval '1 day', newest.day, interval '1 day') d
+                   LEFT JOIN counts c ON c.day = d
+               ), scored AS (
+                   SELECT day, n, customer_analytics.zscore(n, customer_analytics.stats_agg(n::float8) OVER w) AS z
+                   FROM days WINDOW w AS (ORDER BY day ROWS BETWEEN %3$s PRECEDING AND 1 PRECEDING)
+               )
+               SELECT scored.day::date AS day, scored.n AS rows, round(scored.z::numeric, 2) AS z FROM scored, newest
+               WHERE scored.day = newest.day AND abs(scored.z) > %4$s$q$,
+            COALESCE(cols, 'loaded_at'), tbl, COALESCE((c.params->>'days')::int, 28),
+            COALESCE((c.params->>'threshold')::float8, 3))
+        WHEN 'custom' THEN c.params->>'sql'
+    END;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.quality_check_sql(customer_analytics.quality_check) IS
+    'The SQL that returns the failing rows of a quality check';
+
+CREATE OR REPLACE FUNCTION customer_analytics.pipeline_execute_step(run bigint, step_no integer, step text, command text,
+                                                         depends_on text[], attempt integer)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    blocker text;
+    affected bigint;
+    st text;
+    msg text;
+    detail text;
+    failed_checks text;
+BEGIN
+    -- a failed dependency blocks the step (a failed check only blocks what reads its table)
+    SELECT string_agg(s.step, ', ' ORDER BY s.step_no) INTO blocker
+    FROM customer_analytics.pipeline_step s
+    WHERE s.run_id = run AND s.step = ANY (depends_on) AND s.step <> 'checks' AND s.status IN ('failed', 'blocked');
+    IF blocker IS NULL AND step LIKE 'refresh %' THEN
+        SELECT string_agg(DISTINCT format('%s (%s)', r.check_name, c.target), ', ') INTO failed_checks
+        FROM customer_analytics.quality_result r
+        JOIN customer_analytics.quality_check c ON c.name = r.check_name
+        JOIN customer_analytics.refresh_plan() p ON 'refresh ' || customer_analytics.qualified_name(p.matview) = step
+        WHERE r.run_id = run AND NOT r.passed AND r.severity = 'error'
+          AND (to_regclass(c.target) = ANY (p.reads) OR c.kind = 'custom');
+    END IF;
+    -- a view refreshed recently enough by its policy is left alone
+    IF blocker IS NULL AND failed_checks IS NULL AND step LIKE 'refresh %' AND EXISTS (
+           SELECT FROM customer_analytics.refresh_policy rp
+           JOIN customer_analytics.pipeline_step ps ON ps.step = 'refresh ' || rp.matview AND ps.status = 'succeeded'
+           WHERE 'refresh ' || rp.matview = step AND ps.finished_at > clock_timestamp() - rp.min_interval) THEN
+        INSERT INTO customer_analytics.pipeline_step (run_id, step_no, step, depends_on, status, attempts, finished_at, error)
+        VALUES (run, step_no, step, depends_on, 'skipped', 0, clock_timestamp(), 'refreshed recently enough (refresh_policy)')
+        ON CONFLICT ON CONSTRAINT pipeline_step_pkey DO UPDATE SET status = 'skipped', error = EXCLUDED.error;
+        RETURN 'skipped';
+    END IF;
+    IF blocker IS NOT NULL OR failed_checks IS NOT NULL THEN
+        INSERT INTO customer_analytics.pipeline_step (run_id, step_no, step, depends_on, status, attempts, finished_at, error)
+        VALUES (run, step_no, step, depends_on, 'blocked', 0, clock_timestamp(),
+                CASE WHEN blocker IS NOT NULL THEN 'not run: step ' || blocker || ' did not succeed'
+                     ELSE 'not run: error-severity checks failed on what it reads: ' || failed_checks END)
+        ON CONFLICT ON CONSTRAINT pipeline_step_pkey DO UPDATE SET status = 'blocked', error = EXCLUDED.error,
+            finished_at = EXCLUDED.finished_at;
+        RETURN 'blocked';
+    END IF;
+
+    INSERT INTO customer_analytics.pipeline_step (run_id, step_no, step, depends_on, status, attempts)
+    VALUES (run, step_no, step, depends_on, 'running', attempt)
+    ON CONFLICT ON CONSTRAINT pipeline_step_pkey DO UPDATE SET status = 'running', attempts = attempt,
+        sqlstate = NULL, error = NULL;
+    BEGIN
+        IF command ~* '^\s*(SELECT|WITH)\M' THEN
+            EXECUTE command INTO affected USING run;
+        ELSE
+            EXECUTE command;
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, msg = MESSAGE_TEXT, detail = PG_EXCEPTION_DETAIL;
+        -- transient failures are retried (serialization, deadlock, lock timeout, connection, resources)
+        IF (st IN ('40001', '40P01', '55P03') OR st LIKE '08%' OR st LIKE '53%')
+           AND attempt <= current_setting('customer_analytics.pipeline_retries')::integer THEN
+            UPDATE customer_analytics.pipeline_step s SET status = 'retrying', sqlstate = st, error = msg
+            WHERE s.run_id = run AND s.step = pipeline_execute_step.step;
+            RETURN 'retry';
+        END IF;
+        UPDATE customer_analytics.pipeline_step s
+        SET status = 'failed', finished_at = clock_timestamp(), sqlstate = st,
+            error = msg || COALESCE(' (' || NULLIF(detail, '') || ')', '')
+        WHERE s.run_id = run AND s.step = pipeline_execute_step.step;
+        PERFORM customer_analytics.raise_alert('pipeline', step,
+            jsonb_build_object('run_id', run, 'sqlstate', st, 'error', msg),
+            dedup_key => format('pipeline:%s:%s', run, step), severity => 'error');
+        RETURN 'failed';
+    END;
+
+    IF step = 'checks' AND EXISTS (SELECT FROM customer_analytics.quality_result r
+                                   WHERE r.run_id = run AND NOT r.passed AND r.severity = 'error') THEN
+        UPDATE customer_analytics.pipeline_step s
+        SET status = 'failed', finished_at = clock_timestamp(), rows_affected = affected, sqlstate = '23000',
+            error = 'error-severity checks failed: ' ||
+                    (SELECT string_agg(r.check_name, ', ' ORDER BY r.check_name) FROM customer_analytics.quality_result r
+                     WHERE r.run_id = run AND NOT r.passed AND r.severity = 'error')
+        WHERE s.run_id = run AND s.step = 'checks';
+        RETURN 'failed';
+    END IF;
+    UPDATE customer_analytics.pipeline_step s
+    SET status = 'succeeded', finished_at = clock_timestamp(), rows_affected = affected
+    WHERE s.run_id = run AND s.step = pipeline_execute_step.step;
+    RETURN 'succeeded';
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.pipeline_execute_step(bigint, integer, text, text, text[], integer) IS
+    'Runs one pipeline step unless a dependency failed, records it in pipeline_step, and says succeeded, failed, blocked or retry';
+
+CREATE OR REPLACE FUNCTION customer_analytics.sales_series(first_day date, last_day date)
+RETURNS TABLE (scope text, category text, day date, revenue float8)
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- from the sales rollup (refresh_sales_rollup() keeps it current),
+    -- not from the order lines: a row per day and category
+    WITH lines AS (
+        SELECT r.day, r.category, r.revenue
+        FROM customer_analytics.sales_rollup_category r
+        WHERE r.day BETWEEN first_day AND last_day
+    ),
+    series AS (
+        SELECT 'total' AS scope, '(all)' AS category
+        WHERE EXISTS (SELECT FROM lines)
+        UNION ALL
+        SELECT DISTINCT 'category', l.category FROM lines l
+    ),
+    filled AS (
+        SELECT 'total' AS scope, '(all)' AS category, l.day, l.revenue FROM lines l
+        UNION ALL
+        SELECT 'category', l.category, l.day, l.revenue FROM lines l
+        UNION ALL
+        -- every day of every series, so that a day without sales is a 0
+        SELECT s.scope, s.category, g.day::date, 0
+        FROM series s CROSS JOIN generate_series(first_day, last_day, interval '1 day') AS g(day)
+    )
+    SELECT x.scope, x.category, x.day, sum(x.revenue)::float8
+    FROM filled x
+    GROUP BY x.scope, x.category, x.day
+$$;
+COMMENT ON FUNCTION customer_analytics.sales_series(date, date) IS
+    'Daily revenue of completed order lines from first_day to last_day, one row per day (0 on days without sales): the total (scope ''total'', category ''(all)'') and each category that sold in the period (scope ''category'')';
+
+CREATE OR REPLACE FUNCTION customer_analytics.refresh_forecasts()
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    alerts integer;
+BEGIN
+    PERFORM customer_analytics.refresh_sales_rollup();
+    SELECT count(*) INTO alerts FROM customer_analytics.alert_forecast_misses();
+    REFRESH MATERIALIZED VIEW customer_analytics.sales_forecast;
+    REFRESH MATERIALIZED VIEW customer_analytics.sales_forecast_accuracy;
+    REFRESH MATERIALIZED VIEW customer_analytics.clv_model;
+    REFRESH MATERIALIZED VIEW customer_analytics.customer_clv;
+    RETURN alerts;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.refresh_forecasts() IS
+    'The pipeline step after transform(): raise forecast_miss alerts for the days just loaded (alert_forecast_misses), then refresh sales_forecast, sales_forecast_accuracy, clv_model and customer_clv in that order; returns the number of alerts raised';
+
+UPDATE customer_analytics.pipeline_task SET depends_on = '{"sales rollup"}' WHERE task = 'forecast misses' AND builtin;
