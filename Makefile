@@ -49,6 +49,8 @@ $(EXTENSION)--$(EXTVERSION).sql: $(SQL_PIECES) $(EXTENSION).control
 # Test fixtures (sql/data) and the shared real data sets (outside the repo),
 # located for the tests through the environment (psql \getenv).
 export CA_TEST_DATA = $(abspath $(srcdir)/sql/data)
+# the checkout itself: the docs tests read README.md and docs/ through it
+export CA_SOURCE_DIR = $(abspath $(srcdir))
 CA_SHARED_DATA ?= $(abspath $(srcdir)/../shared/data)
 export CA_SHARED_DATA
 

@@ -3,7 +3,8 @@
 # and install the extension, start a throwaway cluster (pg_cron preloaded)
 # in ./demo_out as an unprivileged user, create the extension, then run the
 # steps in scripts/demo/ in order: generate the sample shop, load and
-# transform it, run the analytics, print the reports.
+# transform it, run the analytics, print the reports; then draw charts of
+# them into ./demo_out/charts (scripts/charts.sh).
 #
 # To use an existing server instead, set the usual PG* variables (PGHOST,
 # PGPORT, PGUSER, PGDATABASE); nothing is started or stopped then.
@@ -77,6 +78,12 @@ for step in "$REPO"/scripts/demo/*.sql; do
     log "step $(basename "$step" .sql)"
     "${PSQL[@]}" -v customers="$CUSTOMERS" -v days="$DAYS" -v out="$OUT" -f - <"$step"
 done
+
+log "charts of the demo's output (gnuplot)"
+"$REPO/scripts/charts.sh" "$OUT/charts" >/dev/null
+chown -R "$PG_OS_USER" "$OUT/charts" 2>/dev/null || true
+echo "    charts: $(cd "$OUT/charts" && ls *.png | tr '\n' ' ')"
+echo "    in $OUT/charts (the data behind them in $OUT/charts/data)"
 
 if $OWN_CLUSTER; then
     log "done. The cluster keeps running: psql -h $OUT -p $DEMO_PORT -U postgres warehouse"
