@@ -608,3 +608,30 @@ COMMENT ON FUNCTION customer_analytics.refresh_forecasts() IS
     'The pipeline step after transform(): raise forecast_miss alerts for the days just loaded (alert_forecast_misses), then refresh sales_forecast, sales_forecast_accuracy, clv_model and customer_clv in that order; returns the number of alerts raised';
 
 UPDATE customer_analytics.pipeline_task SET depends_on = '{"sales rollup"}' WHERE task = 'forecast misses' AND builtin;
+
+CREATE OR REPLACE FUNCTION customer_analytics.pipeline_purge()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    keep interval := current_setting('customer_analytics.history_retention')::interval;
+    runs bigint;
+    cron_rows bigint := 0;
+BEGIN
+    DELETE FROM customer_analytics.pipeline_run WHERE started_at < now() - keep AND status <> 'running';
+    GET DIAGNOSTICS runs = ROW_COUNT;
+    DELETE FROM customer_analytics.quality_result WHERE run_id IS NULL AND checked_at < now() - keep;
+    -- pg_cron's history is purged where it can be reached; when it cannot
+    -- (pg_cron loaded but its extension not created, a refused loopback
+    -- connection) our own history is still purged
+    BEGIN
+        cron_rows := customer_analytics.pipeline_purge_cron_history(keep);
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pg_cron''s run details were not purged: %', SQLERRM;
+    END;
+    RETURN runs + cron_rows;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.pipeline_purge() IS
+    'The pipeline''s purge step: deletes runs, steps and check results older than customer_analytics.history_retention, and pg_cron''s run details of this database''s pipeline jobs; returns the rows deleted';
