@@ -24,6 +24,10 @@
 #     row was written; the next CALL run_pipeline() marks it failed
 #     ('interrupted ...'), succeeds itself, and the facts equal the clean
 #     run's.
+#  7. SIGKILL of the server during CALL run_pipeline() in its ingest step,
+#     loading a 1,000,000-row file of a landing directory: no row of it is
+#     staged and no load recorded; the next run marks the interrupted one
+#     failed, loads the file and stages every row exactly once.
 use strict;
 use warnings;
 use IPC::Run;
@@ -42,7 +46,7 @@ my $customers = 1500;
 my $days      = 365;
 my $seed      = 11;
 
-foreach my $db (qw(reference loads warehouse pipe1 pipe2))
+foreach my $db (qw(reference loads warehouse pipe1 pipe2 pipe3))
 {
 	$node->safe_psql('postgres', "CREATE DATABASE $db");
 	$node->safe_psql($db, 'CREATE EXTENSION customer_analytics');
@@ -81,6 +85,7 @@ SELECT 'fact_event ' || count(*) || ' ' || md5(string_agg(x, E'\n' ORDER BY x)) 
   LEFT JOIN customer_analytics.dim_product p USING (product_key)) s
 };
 my $reference = $node->safe_psql('reference', $star_sql);
+note "the clean run (rows and checksum per table):\n$reference";
 like($reference, qr/fact_order_line [1-9]\d* .*fact_event [1-9]\d* /s, 'the clean run has facts');
 
 my $facts_sql = q{SELECT (SELECT count(*) FROM customer_analytics.fact_order_line)
@@ -131,13 +136,14 @@ sub crash_and_restart
 		my ($postmaster, @children) = server_processes();
 		$node->kill9;    # the postmaster first, so that it restarts nothing
 		kill 'KILL', @children;
-		# wait until every one is gone (the shared memory is then free)
+		# wait until every one is gone, reaped by init (they are not our
+		# children): a new postmaster refuses to start while the old one's
+		# PID exists, even as a zombie
 		foreach my $pid (@children, $postmaster)
 		{
 			my $tries = 0;
 			while (kill(0, $pid) && $tries++ < 600)
 			{
-				# reap nothing: they are not our children
 				select(undef, undef, undef, 0.05);
 			}
 		}
@@ -167,9 +173,10 @@ sub wait_for
 ########################################################################
 my $rows = 1_000_000;
 my $dir  = $node->basedir;
-foreach my $file ('orders_a', 'orders_b')
+mkdir "$dir/landing" or die "mkdir: $!";
+foreach my $file ('orders_a', 'orders_b', 'landing/orders_c')
 {
-	my $prefix = $file eq 'orders_a' ? 'A' : 'B';
+	my $prefix = $file eq 'orders_a' ? 'A' : $file eq 'orders_b' ? 'B' : 'C';
 	$node->safe_psql('loads', qq{
 		COPY (SELECT '$prefix' || (g / 3) AS order_id, 1 + g % 3 AS line_number,
 		             'C' || lpad((g % 3000)::text, 7, '0') AS customer_id, 'P' || lpad((g % 200)::text, 5, '0') AS product_id,
@@ -284,12 +291,49 @@ foreach my $db ('pipe1', 'pipe2')
 		"$how during run_pipeline: the next run gives the clean run's star schema");
 }
 
+########################################################################
+# 7: CALL run_pipeline() in its ingest step
+########################################################################
+{
+	my $path = "$dir/landing/orders_c.csv";
+	# a pipeline that only loads (the transform of a million order lines
+	# is not what is under test here)
+	$node->safe_psql('pipe3', qq{
+		INSERT INTO customer_analytics.landing (target, directory) VALUES ('customer_analytics.stg_orders', '$dir/landing');
+		UPDATE customer_analytics.pipeline_task SET enabled = false WHERE task <> 'ingest'});
+	my $p = start_background('pipe3', 'CALL customer_analytics.run_pipeline()');
+	wait_for('pipe3', q{SELECT EXISTS (SELECT FROM pg_stat_progress_copy WHERE tuples_processed >= 100000)},
+		'sigkill during the pipeline\'s ingest step: the file is loading');
+	my $progress = $node->safe_psql('pipe3', 'SELECT max(tuples_processed) FROM pg_stat_progress_copy');
+	crash_and_restart('sigkill', $p);
+	note "pipeline ingest: killed with $progress of $rows rows processed";
+	cmp_ok($progress, '<', $rows, "sigkill during the pipeline's ingest step: killed before the end of the file");
+	is($node->safe_psql('pipe3', q{SELECT count(*) FROM customer_analytics.stg_orders}), '0',
+		"sigkill during the pipeline's ingest step: no row staged");
+	is($node->safe_psql('pipe3', q{SELECT count(*) FROM customer_analytics.ingest_load}), '0',
+		"sigkill during the pipeline's ingest step: no load recorded");
+	is($node->safe_psql('pipe3', 'SELECT string_agg(status, \',\') FROM customer_analytics.pipeline_run'),
+		'running', "sigkill during the pipeline's ingest step: the run is left 'running'");
+	$node->safe_psql('pipe3', 'CALL customer_analytics.run_pipeline()');
+	like($node->safe_psql('pipe3', q{
+		SELECT string_agg(run_id || ' ' || status || ' ' || COALESCE(error, ''), E'\n' ORDER BY run_id)
+		FROM customer_analytics.pipeline_run}),
+		qr/^1 failed interrupted[^\n]*\n\d+ succeeded $/,
+		"sigkill during the pipeline's ingest step: the next run marks the interrupted one failed and succeeds");
+	is($node->safe_psql('pipe3', qq{
+		SELECT string_agg(status || ' ' || rows_loaded, ',') FROM customer_analytics.ingest_load WHERE file = '$path'}),
+		"loaded $rows", "sigkill during the pipeline's ingest step: the next run loads the file once");
+	is($node->safe_psql('pipe3', q{
+		SELECT count(*) || ' ' || count(DISTINCT (order_id, line_number)) FROM customer_analytics.stg_orders}),
+		"$rows $rows", "sigkill during the pipeline's ingest step: every row of the file staged exactly once");
+}
+
 # the server is still healthy, and nothing but the injected faults happened
 is($node->safe_psql('postgres', 'SELECT 1'), '1', 'the server is up');
 my $log = slurp_file($node->logfile);
 unlike($log, qr/PANIC|TRAP:|terminated by signal (?!9)/, 'no PANIC, assertion or unexpected signal in the log');
 note "faults injected: $faults";
-is($faults, 6, 'six faults injected');
+is($faults, 7, 'seven faults injected');
 
 $node->stop;
 done_testing();
