@@ -156,6 +156,12 @@ SELECT rows_read, rows_loaded, rows_rejected
 FROM ingest_csv_text('public.child', E'id,parent_id\n1,1\n2,9\n3,2\n4,8\n5,1\n');
 SELECT line_number, sqlstate, message FROM ingest_reject WHERE target = 'public.child' ORDER BY line_number;
 SELECT * FROM public.child ORDER BY id;
+-- abort mode on key violations, found when the rows are written (a
+-- duplicate key, then an orphan): the file is refused whole, naming the
+-- first of them (this used to crash the backend)
+SELECT pg_temp.try('SELECT * FROM customer_analytics.ingest_csv_text(''public.child'', '
+                   'E''id,parent_id\n6,1\n1,2\n7,9\n'', on_error => ''abort'')');
+SELECT count(*) AS rows_written FROM public.child WHERE id >= 6;
 
 -- a landing directory: files in name order, only new ones, a bad file
 -- recorded as failed while the others load

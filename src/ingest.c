@@ -445,7 +445,11 @@ add_reject(IngestState *st, int sqlerrcode, const char *column,
 		st->abort_requested = true;
 }
 
-/* Write pending rejects to ingest_reject; outside any batch subtransaction. */
+/*
+ * Write pending rejects to ingest_reject; outside any batch subtransaction.
+ * Not once the load is to be aborted: nothing of it will be kept, and
+ * check_reject_limits() names the reject that aborted it from the list.
+ */
 static void
 flush_rejects(IngestState *st)
 {
@@ -453,7 +457,7 @@ flush_rejects(IngestState *st)
 	Oid			types[11] = {INT8OID, TEXTOID, TEXTOID, INT8OID, INT8OID, TEXTOID,
 	BOOLOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID};
 
-	if (st->rejects == NIL)
+	if (st->rejects == NIL || st->abort_requested)
 		return;
 	SPI_connect();
 	if (st->reject_plan == NULL)
@@ -1145,7 +1149,11 @@ check_reject_limits(IngestState *st, bool at_end)
 {
 	if (st->abort_requested)
 	{
-		PendingReject *r = llast(st->rejects);
+		/*
+		 * The first reject aborted the load (a bisected batch may have found
+		 * more after it).
+		 */
+		PendingReject *r = linitial(st->rejects);
 
 		ereport(ERROR,
 				(errcode(MAKE_SQLSTATE(r->sqlstate[0], r->sqlstate[1], r->sqlstate[2],
