@@ -282,8 +282,8 @@ connect_to_cron_database(const char *hint_statement)
 
 	/*
 	 * The remote session's search_path is whatever its role's default is:
-	 * make it safe, so that no object in a public schema over there can
-	 * stand in for pg_catalog's or cron's (the queries name cron.*).
+	 * make it safe, so that no object in a public schema over there can stand
+	 * in for pg_catalog's or cron's (the queries name cron.*).
 	 */
 	{
 		PGresult   *res = PQexec(conn, "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)");
@@ -317,7 +317,7 @@ ca_cron_remote_query(PG_FUNCTION_ARGS)
 	char	   *hint = PG_ARGISNULL(2) ? pstrdup(query) : text_to_cstring(PG_GETARG_TEXT_PP(2));
 	const char **param_values = NULL;
 	int			nparams = 0;
-	volatile PGconn *conn;
+	volatile	PGconn *conn;
 	char	   *wrapped;
 
 	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
@@ -346,8 +346,8 @@ ca_cron_remote_query(PG_FUNCTION_ARGS)
 			char	   *msg = pchomp(PQresultErrorMessage(res));
 			const char *field = PQresultErrorField(res, PG_DIAG_SQLSTATE);
 			int			sqlstate = field && strlen(field) == 5
-				? MAKE_SQLSTATE(field[0], field[1], field[2], field[3], field[4])
-				: ERRCODE_CONNECTION_FAILURE;
+			? MAKE_SQLSTATE(field[0], field[1], field[2], field[3], field[4])
+			: ERRCODE_CONNECTION_FAILURE;
 
 			PQclear(res);
 			ereport(ERROR,

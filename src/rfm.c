@@ -282,7 +282,8 @@ add_units(int64 *sum, int64 units)
  */
 typedef struct RfmState
 {
-	int64		frequency;		/* purchases: rows with a non-negative or NULL amount */
+	int64		frequency;		/* purchases: rows with a non-negative or NULL
+								 * amount */
 	int64		monetary;		/* sum of amounts, units of 0.0001 */
 	TimestampTz first_order;	/* of purchases; valid if frequency > 0 */
 	TimestampTz last_order;
@@ -504,7 +505,11 @@ ca_quintile_breaks_sfunc(PG_FUNCTION_ARGS)
 			PG_RETURN_NULL();
 		PG_RETURN_POINTER(qs);
 	}
-	/* growing makes a new state (see check_aggregate_context); repalloc would free the old one twice */
+
+	/*
+	 * growing makes a new state (see check_aggregate_context); repalloc would
+	 * free the old one twice
+	 */
 	check_aggregate_context(fcinfo, "quintile_breaks");
 	if (qs == NULL)
 		qs = qs_make(CurrentMemoryContext, 64);
@@ -669,7 +674,8 @@ typedef struct CustomerAcc
 	uint64		key;			/* hash key: durable index or customer hash */
 	uint32		status;			/* simplehash bookkeeping */
 	char	   *customer_id;	/* text form */
-	int64		customer_key;	/* current version, default source only; -1 none */
+	int64		customer_key;	/* current version, default source only; -1
+								 * none */
 	RfmState	rfm;
 	int			r,
 				f,
@@ -748,8 +754,8 @@ typedef struct RfmScan
 	/*
 	 * The lines of an order, and the orders of a customer, usually sit next
 	 * to each other in the table: remembering the last ones saves most hash
-	 * probes, which are cache misses on big tables.  (The entry pointer
-	 * stays valid because every insertion replaces it.)
+	 * probes, which are cache misses on big tables.  (The entry pointer stays
+	 * valid because every insertion replaces it.)
 	 */
 	uint64		last_custkey;
 	CustomerAcc *last_acc;
@@ -879,7 +885,10 @@ load_customer_versions(RfmScan *sc)
 		VersionMap *v;
 		bool		found;
 
-		/* rows come grouped by customer_id: a new id starts a durable customer */
+		/*
+		 * rows come grouped by customer_id: a new id starts a durable
+		 * customer
+		 */
 		if (ndurable == 0 || strcmp(sc->durable_ids[ndurable - 1], id) != 0)
 		{
 			sc->durable_ids[ndurable] = pstrdup(id);
@@ -896,8 +905,8 @@ load_customer_versions(RfmScan *sc)
 }
 
 static AttrNumber
-column_attnum(Relation rel, const char *column, const char *role, Oid *type,
-			  const Oid *allowed, int nallowed)
+column_attnum(Relation rel, const char *column, const char *role, Oid * type,
+			  const Oid * allowed, int nallowed)
 {
 	AttrNumber	att = attnameAttNum(rel, column, false);
 	Oid			t;
