@@ -8,6 +8,7 @@
 #ifndef CUSTOMER_ANALYTICS_H
 #define CUSTOMER_ANALYTICS_H
 
+#include "datatype/timestamp.h"
 #include "lib/stringinfo.h"
 #include "nodes/pg_list.h"
 #include "utils/relcache.h"
@@ -17,6 +18,9 @@
 
 /* customer_analytics.c */
 extern char *ca_business_timezone;
+
+/* a timestamptz, timestamp or date column's value as timestamptz */
+extern TimestampTz ca_datum_to_timestamptz(Datum d, Oid type);
 
 /* per-module settings, defined from _PG_init */
 extern void ca_ingest_init(void);

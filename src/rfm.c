@@ -763,23 +763,6 @@ typedef struct RfmScan
 	bool		last_order_valid;
 } RfmScan;
 
-static TimestampTz
-to_timestamptz(Datum d, Oid type)
-{
-	switch (type)
-	{
-		case TIMESTAMPTZOID:
-			return DatumGetTimestampTz(d);
-		case TIMESTAMPOID:
-			return DatumGetTimestampTz(DirectFunctionCall1(timestamp_timestamptz, d));
-		case DATEOID:
-			return DatumGetTimestampTz(DirectFunctionCall1(date_timestamptz, d));
-		default:
-			elog(ERROR, "unsupported timestamp type %u", type);
-	}
-	return 0;
-}
-
 static uint64
 hash_value(FmgrInfo *hashfn, Datum d)
 {
@@ -791,7 +774,7 @@ static void
 rfm_scan_row(RfmScan *sc, uint64 custkey, Datum customer, Datum order, bool order_null,
 			 Datum ts, bool amount_null, Datum amount)
 {
-	TimestampTz t = to_timestamptz(ts, sc->ts_type);
+	TimestampTz t = ca_datum_to_timestamptz(ts, sc->ts_type);
 	int64		units = amount_null ? 0 : amount_units(amount, sc->amount_type);
 	CustomerAcc *acc;
 	bool		found;

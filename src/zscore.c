@@ -1130,23 +1130,6 @@ score_series(const Point *p, int64 n, const DetectOptions *o, PointResult *res)
 	pfree(window.v);
 }
 
-static TimestampTz
-datum_to_timestamptz(Datum d, Oid type)
-{
-	switch (type)
-	{
-		case TIMESTAMPTZOID:
-			return DatumGetTimestampTz(d);
-		case TIMESTAMPOID:
-			return DatumGetTimestampTz(DirectFunctionCall1(timestamp_timestamptz, d));
-		case DATEOID:
-			return DatumGetTimestampTz(DirectFunctionCall1(date_timestamptz, d));
-		default:
-			elog(ERROR, "unsupported timestamp type %u", type);
-	}
-	return 0;
-}
-
 static double
 datum_to_float8(Datum d, Oid type)
 {
@@ -1314,7 +1297,7 @@ read_points(const char *query, int64 *npoints, MemoryContext cxt)
 				else
 					pt->series = name;
 			}
-			pt->ts = datum_to_timestamptz(t, types[1]);
+			pt->ts = ca_datum_to_timestamptz(t, types[1]);
 			pt->value_null = vnull;
 			pt->value = vnull ? 0 : datum_to_float8(v, types[2]);
 			pt->seq = n;
