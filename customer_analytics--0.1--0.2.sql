@@ -382,6 +382,7 @@ COMMENT ON FUNCTION customer_analytics.revoke_access(regrole) IS
 -- pass, skipped refresh steps, forecasts read from the sales rollup.
 
 CREATE INDEX fact_order_line_ts_idx ON customer_analytics.fact_order_line (order_ts);
+CREATE INDEX pipeline_step_step_idx ON customer_analytics.pipeline_step (step, finished_at);
 
 CREATE TABLE customer_analytics.refresh_policy (
     matview      text PRIMARY KEY,
@@ -477,7 +478,10 @@ BEGIN
     SELECT string_agg(s.step, ', ' ORDER BY s.step_no) INTO blocker
     FROM customer_analytics.pipeline_step s
     WHERE s.run_id = run AND s.step = ANY (depends_on) AND s.step <> 'checks' AND s.status IN ('failed', 'blocked');
-    IF blocker IS NULL AND step LIKE 'refresh %' THEN
+    -- (refresh_plan() walks pg_depend: only worth it when an error check failed)
+    IF blocker IS NULL AND step LIKE 'refresh %'
+       AND EXISTS (SELECT FROM customer_analytics.quality_result r
+                   WHERE r.run_id = run AND NOT r.passed AND r.severity = 'error') THEN
         SELECT string_agg(DISTINCT format('%s (%s)', r.check_name, c.target), ', ') INTO failed_checks
         FROM customer_analytics.quality_result r
         JOIN customer_analytics.quality_check c ON c.name = r.check_name
@@ -635,3 +639,13 @@ END
 $$;
 COMMENT ON FUNCTION customer_analytics.pipeline_purge() IS
     'The pipeline''s purge step: deletes runs, steps and check results older than customer_analytics.history_retention, and pg_cron''s run details of this database''s pipeline jobs; returns the rows deleted';
+
+-- view_freshness reads each view's latest refresh once
+CREATE OR REPLACE VIEW customer_analytics.view_freshness AS
+SELECT p.matview, p.level, ok.refreshed_at, now() - ok.refreshed_at AS age,
+       (SELECT s.status FROM customer_analytics.pipeline_step s
+        WHERE s.step = v.step ORDER BY s.run_id DESC LIMIT 1) AS last_step_status
+FROM customer_analytics.refresh_plan() p
+CROSS JOIN LATERAL (SELECT 'refresh ' || customer_analytics.qualified_name(p.matview) AS step) v
+CROSS JOIN LATERAL (SELECT max(s.finished_at) AS refreshed_at FROM customer_analytics.pipeline_step s
+                    WHERE s.step = v.step AND s.status = 'succeeded') ok;

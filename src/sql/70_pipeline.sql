@@ -119,6 +119,8 @@ CREATE TABLE customer_analytics.pipeline_step (
 );
 COMMENT ON TABLE customer_analytics.pipeline_step IS
     'One row per step of a run: status (succeeded, failed, blocked by a failed dependency or check, retrying, skipped: refreshed recently enough by its refresh policy), attempts, times, rows affected, and the error with its SQLSTATE';
+-- the latest refresh of a view: refresh_policy and view_freshness look it up by step
+CREATE INDEX pipeline_step_step_idx ON customer_analytics.pipeline_step (step, finished_at);
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics.pipeline_step', '');
 
 /* ---------------------------------------------------------------------
@@ -475,7 +477,10 @@ BEGIN
     SELECT string_agg(s.step, ', ' ORDER BY s.step_no) INTO blocker
     FROM customer_analytics.pipeline_step s
     WHERE s.run_id = run AND s.step = ANY (depends_on) AND s.step <> 'checks' AND s.status IN ('failed', 'blocked');
-    IF blocker IS NULL AND step LIKE 'refresh %' THEN
+    -- (refresh_plan() walks pg_depend: only worth it when an error check failed)
+    IF blocker IS NULL AND step LIKE 'refresh %'
+       AND EXISTS (SELECT FROM customer_analytics.quality_result r
+                   WHERE r.run_id = run AND NOT r.passed AND r.severity = 'error') THEN
         SELECT string_agg(DISTINCT format('%s (%s)', r.check_name, c.target), ', ') INTO failed_checks
         FROM customer_analytics.quality_result r
         JOIN customer_analytics.quality_check c ON c.name = r.check_name

@@ -213,13 +213,12 @@ COMMENT ON VIEW customer_analytics.pipeline_status IS
     'Per pipeline scope: the last run and its status, the last success and the last failure with its error, and the pg_cron schedule with its next run (empty when pg_cron cannot be reached)';
 
 CREATE VIEW customer_analytics.view_freshness AS
-SELECT p.matview, p.level,
-       (SELECT max(s.finished_at) FROM customer_analytics.pipeline_step s
-        WHERE s.step = 'refresh ' || customer_analytics.qualified_name(p.matview) AND s.status = 'succeeded') AS refreshed_at,
-       now() - (SELECT max(s.finished_at) FROM customer_analytics.pipeline_step s
-                WHERE s.step = 'refresh ' || customer_analytics.qualified_name(p.matview) AND s.status = 'succeeded') AS age,
+SELECT p.matview, p.level, ok.refreshed_at, now() - ok.refreshed_at AS age,
        (SELECT s.status FROM customer_analytics.pipeline_step s
-        WHERE s.step = 'refresh ' || customer_analytics.qualified_name(p.matview) ORDER BY s.run_id DESC LIMIT 1) AS last_step_status
-FROM customer_analytics.refresh_plan() p;
+        WHERE s.step = v.step ORDER BY s.run_id DESC LIMIT 1) AS last_step_status
+FROM customer_analytics.refresh_plan() p
+CROSS JOIN LATERAL (SELECT 'refresh ' || customer_analytics.qualified_name(p.matview) AS step) v
+CROSS JOIN LATERAL (SELECT max(s.finished_at) AS refreshed_at FROM customer_analytics.pipeline_step s
+                    WHERE s.step = v.step AND s.status = 'succeeded') ok;
 COMMENT ON VIEW customer_analytics.view_freshness IS
     'Each materialized view the pipeline refreshes: when it was last refreshed successfully, how long ago, and the status of its latest refresh step';
