@@ -257,10 +257,22 @@ RESET force_parallel_mode;
 ------------------------------------------------------------------------
 SET customer_analytics.as_of = :'as_of';
 SET customer_analytics.top_customers = 5;
-REFRESH MATERIALIZED VIEW customer_rfm;
+SELECT refresh_customer_rfm() > 0 AS scored;
 REFRESH MATERIALIZED VIEW top_customers;
 REFRESH MATERIALIZED VIEW segment_summary;
-SELECT count(*) = (SELECT count(*) FROM rfm(:'as_of')) AS all_customers FROM customer_rfm;
+SELECT count(*) = (SELECT count(*) FROM rfm(:'as_of')) AS all_customers,
+       count(*) FILTER (WHERE as_of = :'as_of') = count(*) AS as_of_shown FROM customer_rfm;
+-- customer_rfm holds exactly rfm(as_of), from its rollup
+SELECT count(*) AS differences FROM (
+    (SELECT customer_key, customer_id, recency_days, frequency, monetary, r, f, m, rfm_cell, segment
+     FROM customer_rfm EXCEPT ALL SELECT * FROM rfm(:'as_of'))
+    UNION ALL (SELECT * FROM rfm(:'as_of') EXCEPT ALL
+               SELECT customer_key, customer_id, recency_days, frequency, monetary, r, f, m, rfm_cell, segment
+               FROM customer_rfm)) x;
+-- a map that does not exist is refused, naming the check to run
+SET customer_analytics.rfm_segment_map = 'no such map';
+SELECT refresh_customer_rfm();
+RESET customer_analytics.rfm_segment_map;
 SELECT rank, t.customer_id = r.customer_id AS same_customer, t.monetary = r.monetary AS same_monetary
 FROM top_customers t
 JOIN (SELECT customer_id, monetary, row_number() OVER (ORDER BY monetary DESC, customer_id) AS rn FROM rfm(:'as_of')) r ON r.rn = t.rank
@@ -268,8 +280,9 @@ ORDER BY rank;
 SELECT sum(customers) = (SELECT count(*) FROM customer_rfm) AS customers_add_up,
        sum(revenue_share) BETWEEN 0.999 AND 1.001 AS shares_add_up
 FROM segment_summary;
--- concurrent refresh works (the unique indexes are there)
-REFRESH MATERIALIZED VIEW CONCURRENTLY customer_rfm;
+-- nothing changed: no score is rewritten; concurrent refresh of the views
+-- on customer_rfm works (the unique indexes are there)
+SELECT refresh_customer_rfm() AS rows_written;
 REFRESH MATERIALIZED VIEW CONCURRENTLY top_customers;
 REFRESH MATERIALIZED VIEW CONCURRENTLY segment_summary;
 RESET customer_analytics.top_customers;

@@ -105,8 +105,8 @@ INSERT INTO pipeline_task (task, command, depends_on, ordinal) VALUES
   ('flaky', 'SELECT public.flaky()', '{transform}', 40),
   ('broken', 'SELECT 1 / 0', '{transform}', 41),
   ('after broken', 'SELECT 1', '{broken}', 42),
-  ('after rfm', 'SELECT count(*) FROM customer_analytics.customer_rfm', '{"refresh customer_analytics.customer_rfm"}', 200);
-SELECT step_no, step, depends_on FROM pipeline_plan() WHERE step IN ('flaky', 'broken', 'after broken', 'after rfm', 'refresh customer_analytics.customer_rfm') ORDER BY step_no;
+  ('after rfm', 'SELECT count(*) FROM customer_analytics.customer_rfm', '{"customer rfm"}', 200);
+SELECT step_no, step, depends_on FROM pipeline_plan() WHERE step IN ('flaky', 'broken', 'after broken', 'after rfm', 'customer rfm') ORDER BY step_no;
 CALL run_pipeline();
 SELECT run_id, status, error FROM pipeline_run WHERE run_id = 3;
 SELECT step, status, attempts, rows_affected, sqlstate, error

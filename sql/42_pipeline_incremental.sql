@@ -1,11 +1,14 @@
--- Incremental maintenance of the sales views: after random appends,
--- re-staged (changed) order lines, late data for old days, a product
--- changing category and deleted lines, the views built from the
--- incrementally kept rollups equal a computation from the facts.
+-- Incremental maintenance of the sales views and of customer_rfm: after
+-- random appends, re-staged (changed) order lines, late data for old days,
+-- a product changing category, customers' new versions and deleted lines,
+-- what is built from the incrementally kept rollups equals a computation
+-- from the facts (rfm(as_of) for customer_rfm).
 SET client_min_messages = warning;
 SET search_path = customer_analytics, public;
 SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
+-- recency from after every order line: customer_rfm is scored from its rollup
+SET customer_analytics.as_of = '2030-01-01 00:00+00';
 
 TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, transform_state;
 DELETE FROM dim_customer WHERE customer_key <> -1;
@@ -41,12 +44,20 @@ CREATE FUNCTION pg_temp.differences() RETURNS TABLE (what text, n bigint) LANGUA
          WHERE grain = 'day' AND orders > 0 EXCEPT TABLE expected_category)
         UNION ALL (TABLE expected_category EXCEPT SELECT period_start, category, revenue, orders, units
                    FROM product_category_sales WHERE grain = 'day')) x
+    UNION ALL
+    SELECT 'customer_rfm', count(*) FROM (
+        (SELECT customer_key, customer_id, recency_days, frequency, monetary, r, f, m, rfm_cell, segment
+         FROM customer_rfm EXCEPT ALL SELECT * FROM rfm(reference_time()))
+        UNION ALL (SELECT * FROM rfm(reference_time()) EXCEPT ALL
+                   SELECT customer_key, customer_id, recency_days, frequency, monetary, r, f, m, rfm_cell, segment
+                   FROM customer_rfm)) x
 $$;
 -- one pipeline step's worth: the rollup, then the views
 CREATE FUNCTION pg_temp.refresh() RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
     days bigint := customer_analytics.refresh_sales_rollup();
 BEGIN
+    PERFORM customer_analytics.refresh_customer_rfm();
     REFRESH MATERIALIZED VIEW customer_analytics.daily_sales;
     REFRESH MATERIALIZED VIEW customer_analytics.product_category_sales;
     RETURN days;
@@ -63,9 +74,29 @@ SELECT 'NEW-' || g, 1, (SELECT customer_id FROM stg_customers ORDER BY customer_
        :'last_ts'::timestamptz - interval '2 days' + (random() * 5) * interval '1 day',
        1 + (random() * 3)::int, round((5 + random() * 100)::numeric, 2), 0, 'completed', 'web'
 FROM generate_series(1, 60) g;
+-- and a return (a completed line with negative revenue)
+INSERT INTO stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price, discount, status, channel)
+SELECT 'RET-1', 1, (SELECT customer_id FROM stg_customers ORDER BY customer_id LIMIT 1),
+       (SELECT product_id FROM stg_products ORDER BY product_id LIMIT 1), :'last_ts', 1, 10, 25, 'completed', 'web';
 SELECT count(*) > 0 AS transformed FROM transform();
+-- new orders are queued, not recomputed
+SELECT count(*) AS customers_noted, (SELECT count(*) FROM rfm_new_line) AS lines_queued FROM rfm_dirty_customer;
 SELECT pg_temp.refresh() BETWEEN 1 AND 7 AS only_recent_days;
+SELECT min(revenue) < 0 AS has_a_return FROM fact_order_line WHERE status = 'completed';
 SELECT * FROM pg_temp.differences();
+
+-- 1b. a line added to an order loaded before: the order is not new (one
+-- purchase, not two), its customer is recomputed
+SELECT frequency AS frequency_before FROM customer_rfm
+WHERE customer_id = (SELECT customer_id FROM stg_orders WHERE order_id = 'NEW-1') \gset
+INSERT INTO stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price, discount, status, channel)
+SELECT order_id, 2, customer_id, product_id, order_ts + interval '1 minute', 1, 5, 0, 'completed', channel
+FROM stg_orders WHERE order_id = 'NEW-1';
+SELECT count(*) > 0 AS transformed FROM transform();
+SELECT pg_temp.refresh() >= 0 AS refreshed;
+SELECT frequency = :frequency_before AS same_purchases FROM customer_rfm
+WHERE customer_id = (SELECT customer_id FROM stg_orders WHERE order_id = 'NEW-1' LIMIT 1);
+SELECT * FROM pg_temp.differences() WHERE what = 'customer_rfm';
 
 -- 2. re-staged lines: some completed lines come again cancelled or with new quantities
 INSERT INTO stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price, discount, status, channel)
@@ -97,18 +128,47 @@ SELECT pg_temp.refresh() > 10 AS many_days;
 SELECT count(*) > 0 AS clearance_rows FROM sales_rollup_category WHERE category = 'Clearance';
 SELECT * FROM pg_temp.differences();
 
+-- 4b. customers change (new SCD2 versions): their current key moves
+INSERT INTO stg_customers (customer_id, name, email, city, state, country, signup_date, updated_at)
+SELECT customer_id, name, email, 'Elsewhere', state, country, signup_date, :'last_ts'::timestamptz + interval '1 hour'
+FROM dim_customer WHERE is_current AND customer_key <> -1 ORDER BY customer_id LIMIT 5;
+SELECT count(*) > 0 AS transformed FROM transform();
+SELECT count(*) AS customers_noted FROM rfm_dirty_customer;
+SELECT pg_temp.refresh() >= 0 AS refreshed;
+SELECT count(*) AS moved_customers_scored FROM customer_rfm r JOIN dim_customer d USING (customer_key)
+WHERE d.city = 'Elsewhere' AND d.is_current;
+SELECT * FROM pg_temp.differences();
+
 -- 5. lines deleted from the facts
 DELETE FROM fact_order_line WHERE order_id IN (SELECT order_id FROM fact_order_line ORDER BY order_id LIMIT 25);
 SELECT pg_temp.refresh() > 0 AS recomputed;
 SELECT * FROM pg_temp.differences();
 
--- nothing changed: nothing recomputed
+-- nothing changed: nothing recomputed, no score rewritten
 SELECT pg_temp.refresh() AS days_recomputed;
+SELECT refresh_customer_rfm() AS rfm_rows_written;
+
+-- an as_of before the newest lines: scored from the facts, still rfm(as_of)
+SET customer_analytics.as_of = '2025-01-20 00:00+00';
+SELECT refresh_customer_rfm() > 0 AS rescored;
+SELECT * FROM pg_temp.differences() WHERE what = 'customer_rfm';
+SELECT DISTINCT as_of FROM customer_rfm;
+SET customer_analytics.as_of = '2030-01-01 00:00+00';
+SELECT refresh_customer_rfm() > 0 AS rescored;
+SELECT * FROM pg_temp.differences() WHERE what = 'customer_rfm';
+
+-- the customer_rfm view keeps rfm()'s columns and types
+SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+WHERE a.attrelid = 'customer_rfm'::regclass AND a.attnum > 0 ORDER BY a.attnum;
 
 -- a full rebuild gives the same rollups
 CREATE TEMP TABLE incremental_day AS TABLE sales_rollup_day;
 CREATE TEMP TABLE incremental_category AS TABLE sales_rollup_category;
+CREATE TEMP TABLE incremental_rfm AS TABLE rfm_rollup_customer;
 SELECT refresh_sales_rollup(full_refresh => true) > 0 AS rebuilt;
+SELECT refresh_customer_rfm(full_refresh => true) AS rfm_rows_written;
+SELECT count(*) AS rfm_rollup_differences FROM ((TABLE incremental_rfm EXCEPT TABLE rfm_rollup_customer)
+                                                UNION ALL (TABLE rfm_rollup_customer EXCEPT TABLE incremental_rfm)) x;
 SELECT (SELECT count(*) FROM ((TABLE incremental_day EXCEPT TABLE sales_rollup_day)
                               UNION ALL (TABLE sales_rollup_day EXCEPT TABLE incremental_day)) x) AS day_differences,
        (SELECT count(*) FROM ((TABLE incremental_category EXCEPT TABLE sales_rollup_category)
@@ -118,4 +178,5 @@ SELECT (SELECT count(*) FROM ((TABLE incremental_day EXCEPT TABLE sales_rollup_d
 TRUNCATE fact_order_line CASCADE;
 SELECT pg_temp.refresh() AS days_after_truncate;
 SELECT count(*) AS rollup_days FROM sales_rollup_day;
+SELECT count(*) AS rfm_customers FROM customer_rfm;
 SELECT * FROM pg_temp.differences();

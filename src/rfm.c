@@ -71,6 +71,7 @@ PG_FUNCTION_INFO_V1(ca_quintile_breaks_sfunc);
 PG_FUNCTION_INFO_V1(ca_quintile_breaks_combine);
 PG_FUNCTION_INFO_V1(ca_quintile_breaks_final);
 PG_FUNCTION_INFO_V1(ca_quintile_score);
+PG_FUNCTION_INFO_V1(ca_rfm_from_rollup);
 PG_FUNCTION_INFO_V1(ca_reference_time);
 PG_FUNCTION_INFO_V1(ca_rfm);
 
@@ -1249,3 +1250,159 @@ ca_rfm(PG_FUNCTION_ARGS)
 	MemoryContextDelete(sc.cxt);
 	return (Datum) 0;
 }
+
+/* ---------------------------------------------------------------------
+ * rfm_from_rollup(): rfm() scored from rfm_rollup_customer
+ * ---------------------------------------------------------------------
+ */
+typedef struct RollupRow
+{
+	char	   *customer_id;
+	int64		customer_key;	/* -1: no current version */
+	int64		recency;
+	int64		frequency;
+	int64		monetary;		/* units of 0.0001 */
+} RollupRow;
+
+/*
+ * rfm_from_rollup(as_of) RETURNS the columns of rfm()
+ *
+ * refresh_customer_rfm() rescoring every customer after each change is
+ * what keeps customer_rfm exact; reading the rollup (a row per customer)
+ * instead of the facts is what makes that cheap.  The breaks and scores
+ * are computed exactly as rfm() does.
+ */
+Datum
+ca_rfm_from_rollup(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	TimestampTz as_of = PG_GETARG_TIMESTAMPTZ(0);
+	Oid			nsp = get_namespace_oid("customer_analytics", false);
+	Oid			relid = get_relname_relid("rfm_rollup_customer", nsp);
+	MemoryContext cxt;
+	MemoryContext old;
+	Relation	rel;
+	TableScanDesc scan;
+	TupleTableSlot *slot;
+	AttrNumber	id_att,
+				key_att,
+				last_att,
+				freq_att,
+				mon_att;
+	RollupRow  *rows;
+	int64		n = 0,
+				cap = 1024;
+	int64	   *rec,
+			   *freq,
+			   *mon;
+	double		rb[4],
+				fb[4],
+				mb[4];
+	char	   *segments[5][5][5];
+
+	if (!OidIsValid(relid))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("table customer_analytics.rfm_rollup_customer does not exist")));
+	cxt = AllocSetContextCreate(CurrentMemoryContext, "rfm_from_rollup", ALLOCSET_DEFAULT_SIZES);
+	rel = table_open(relid, AccessShareLock);
+	if (pg_class_aclcheck(relid, GetUserId(), ACL_SELECT) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied for table rfm_rollup_customer")));
+	id_att = attnameAttNum(rel, "customer_id", false);
+	key_att = attnameAttNum(rel, "customer_key", false);
+	last_att = attnameAttNum(rel, "last_order", false);
+	freq_att = attnameAttNum(rel, "frequency", false);
+	mon_att = attnameAttNum(rel, "monetary", false);
+
+	old = MemoryContextSwitchTo(cxt);
+	rows = palloc(sizeof(RollupRow) * cap);
+	MemoryContextSwitchTo(old);
+	scan = table_beginscan(rel, GetActiveSnapshot(), 0, NULL);
+	slot = table_slot_create(rel, NULL);
+	while (table_scan_getnextslot(scan, ForwardScanDirection, slot))
+	{
+		bool		isnull;
+		Datum		d;
+		int64		frequency;
+		RollupRow  *row;
+
+		CHECK_FOR_INTERRUPTS();
+		slot_getallattrs(slot);
+		d = slot_getattr(slot, freq_att, &isnull);
+		frequency = isnull ? 0 : DatumGetInt64(d);
+		if (frequency <= 0)
+			continue;			/* only returns: no purchase to score */
+		d = slot_getattr(slot, last_att, &isnull);
+		if (isnull)
+			continue;
+		if (n == cap)
+		{
+			cap *= 2;
+			rows = repalloc_huge(rows, sizeof(RollupRow) * cap);
+		}
+		row = &rows[n++];
+		row->recency = (as_of - DatumGetTimestampTz(d)) / USECS_PER_DAY;
+		row->frequency = frequency;
+		old = MemoryContextSwitchTo(cxt);
+		row->customer_id = TextDatumGetCString(slot_getattr(slot, id_att, &isnull));
+		d = slot_getattr(slot, mon_att, &isnull);
+		row->monetary = isnull ? 0 : amount_units(d, NUMERICOID);
+		MemoryContextSwitchTo(old);
+		d = slot_getattr(slot, key_att, &isnull);
+		row->customer_key = isnull ? -1 : DatumGetInt64(d);
+	}
+	ExecDropSingleTupleTableSlot(slot);
+	table_endscan(scan);
+	table_close(rel, AccessShareLock);
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (n == 0)
+	{
+		MemoryContextDelete(cxt);
+		return (Datum) 0;
+	}
+	old = MemoryContextSwitchTo(cxt);
+	rec = palloc(sizeof(int64) * n);
+	freq = palloc(sizeof(int64) * n);
+	mon = palloc(sizeof(int64) * n);
+	MemoryContextSwitchTo(old);
+	for (int64 i = 0; i < n; i++)
+	{
+		rec[i] = rows[i].recency;
+		freq[i] = rows[i].frequency;
+		mon[i] = rows[i].monetary;
+	}
+	int64_breaks(rec, n, rb);
+	int64_breaks(freq, n, fb);
+	int64_breaks(mon, n, mb);
+	load_segments(segments, rfm_segment_map ? rfm_segment_map : "default", cxt);
+
+	for (int64 i = 0; i < n; i++)
+	{
+		RollupRow  *row = &rows[i];
+		Datum		values[10];
+		bool		nulls[10] = {false};
+		int			r = score_against((double) row->recency, rb, true);
+		int			f = score_against((double) row->frequency, fb, false);
+		int			m = score_against((double) row->monetary, mb, false);
+		char		cell[4] = {'0' + r, '0' + f, '0' + m, '\0'};
+
+		values[0] = Int64GetDatum(row->customer_key);
+		nulls[0] = row->customer_key < 0;
+		values[1] = CStringGetTextDatum(row->customer_id);
+		values[2] = Int32GetDatum((int32) row->recency);
+		values[3] = Int64GetDatum(row->frequency);
+		values[4] = units_to_numeric(row->monetary);
+		values[5] = Int32GetDatum(r);
+		values[6] = Int32GetDatum(f);
+		values[7] = Int32GetDatum(m);
+		values[8] = CStringGetTextDatum(cell);
+		values[9] = CStringGetTextDatum(segments[r - 1][f - 1][m - 1]);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	MemoryContextDelete(cxt);
+	return (Datum) 0;
+}
+

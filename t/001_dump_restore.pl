@@ -77,7 +77,7 @@ is($node->safe_psql('warehouse', q{
     SELECT string_agg(c.relname, ' ' ORDER BY c.relname) FROM pg_class c
     WHERE c.relnamespace = 'customer_analytics'::regnamespace AND c.relkind = 'r'
       AND c.oid NOT IN (SELECT unnest(extconfig) FROM pg_extension WHERE extname = 'customer_analytics')}),
-    'clickstream_change clickstream_state sales_dirty_day sales_rollup_category sales_rollup_day sessions',
+    'clickstream_change clickstream_state rfm_dirty_customer rfm_new_line rfm_rollup_customer sales_dirty_day sales_rollup_category sales_rollup_day sessions',
     'only derived tables are left out of the dump');
 
 my $dump = $node->basedir . '/warehouse.dump';
@@ -108,6 +108,18 @@ like($rollup_before, qr/^[1-9]\d* \w+ [1-9]\d* /, 'source has sales rollups');
 $node->safe_psql('restored', 'SELECT customer_analytics.refresh_sales_rollup()');
 is($node->safe_psql('restored', $rollup_sql), $rollup_before,
     'the first rollup refresh after the restore rebuilds the same rollups');
+
+# customer_rfm's scores are dumped; its rollup is derived: the first
+# refresh after the restore rebuilds it, and rewrites no score
+my $rfm_sql = q{SELECT count(*) || ' ' || md5(string_agg(r::text, ',' ORDER BY r::text)) FROM customer_analytics.rfm_rollup_customer r};
+my $rfm_before = $node->safe_psql('warehouse', $rfm_sql);
+like($rfm_before, qr/^[1-9]\d* /, 'source has an RFM rollup');
+is($node->safe_psql('restored', q{
+    SELECT customer_analytics.refresh_customer_rfm()
+    FROM (SELECT set_config('customer_analytics.as_of', as_of::text, false)
+          FROM customer_analytics.customer_rfm_refresh) same_as_of}),
+    '0', 'the first RFM refresh after the restore rewrites no score');
+is($node->safe_psql('restored', $rfm_sql), $rfm_before, 'and rebuilds the same RFM rollup');
 
 # the users' objects: builtin rows once (from CREATE EXTENSION), theirs
 # (from the dump), the view, the grants

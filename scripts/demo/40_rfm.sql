@@ -1,7 +1,7 @@
 -- Demo step: RFM scores, segments and the best customers.
 \pset footer off
 \timing on
-REFRESH MATERIALIZED VIEW customer_analytics.customer_rfm;
+SELECT customer_analytics.refresh_customer_rfm() AS rfm_rows_written;
 REFRESH MATERIALIZED VIEW customer_analytics.top_customers;
 REFRESH MATERIALIZED VIEW customer_analytics.segment_summary;
 \timing off

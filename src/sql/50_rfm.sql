@@ -281,17 +281,306 @@ LANGUAGE C STABLE PARALLEL RESTRICTED;
 COMMENT ON FUNCTION customer_analytics.rfm(timestamptz, regclass, text, text, text, text) IS
     'RFM of every customer with a purchase up to as_of: recency in days, purchases, monetary value, tie-aware quintile scores r, f, m (5 is best: recent, frequent, big), the cell (''555'') and its segment. On the star schema it collapses order lines into orders and customer versions into customers, counting completed lines of known customers; on any other table or view, name its customer, timestamp and amount columns (and an order column to collapse lines)';
 
-/* Views on the star schema */
+/*
+ * customer_rfm, kept incrementally.  Scoring needs every customer (the
+ * quintile breaks move with each purchase), but a customer's recency,
+ * frequency and monetary inputs only change with their order lines or
+ * versions.  refresh_customer_rfm() keeps those inputs per customer in
+ * rfm_rollup_customer: a new order (all of its lines new) is added to its
+ * customer's row from rfm_new_line; any other change (an updated or deleted
+ * line, a new version of the customer, a line added to an older order)
+ * notes the customer in rfm_dirty_customer, and their row is recomputed
+ * from their lines.  Then every customer is scored from the rollup and only
+ * the rows whose scores changed are written: readers never wait, and there
+ * is no REFRESH ... CONCURRENTLY diff of the whole view.
+ */
+CREATE TABLE customer_analytics.rfm_rollup_customer (
+    customer_id  text PRIMARY KEY,
+    customer_key bigint,
+    last_order   timestamptz,
+    frequency    bigint NOT NULL,
+    monetary     numeric NOT NULL
+);
+COMMENT ON TABLE customer_analytics.rfm_rollup_customer IS
+    'Per customer with a completed line: the current version''s key, last purchase, purchases and monetary value (rfm_agg over one row per order, returns apart), kept incrementally by refresh_customer_rfm(); derived data, rebuilt with refresh_customer_rfm(true)';
 
-CREATE MATERIALIZED VIEW customer_analytics.customer_rfm AS
-SELECT r.customer_id, r.customer_key, r.recency_days, r.frequency, r.monetary,
-       r.r, r.f, r.m, r.rfm_cell, r.segment, customer_analytics.reference_time() AS as_of
-FROM customer_analytics.rfm(customer_analytics.reference_time(),
-                            'customer_analytics.fact_order_line'::regclass) r;
-CREATE UNIQUE INDEX customer_rfm_customer_idx ON customer_analytics.customer_rfm (customer_id);
-CREATE INDEX customer_rfm_segment_idx ON customer_analytics.customer_rfm (segment);
-COMMENT ON MATERIALIZED VIEW customer_analytics.customer_rfm IS
-    'RFM scores and segment of every customer, as of reference_time() (setting customer_analytics.as_of, else the time of the refresh)';
+CREATE TABLE customer_analytics.rfm_dirty_customer (
+    customer_id text UNIQUE NULLS NOT DISTINCT
+);
+COMMENT ON TABLE customer_analytics.rfm_dirty_customer IS
+    'Customers whose order lines or versions changed since the last refresh_customer_rfm() (NULL: everyone, after a TRUNCATE)';
+
+CREATE TABLE customer_analytics.rfm_new_line (
+    customer_id text NOT NULL,
+    order_id    text NOT NULL,
+    order_ts    timestamptz NOT NULL,
+    revenue     numeric NOT NULL,
+    purchase    boolean NOT NULL
+);
+COMMENT ON TABLE customer_analytics.rfm_new_line IS
+    'Order lines inserted since the last refresh_customer_rfm() (purchase: a completed line of a known customer); an order whose lines are all here is added to its customer''s rollup without reading their other lines';
+
+CREATE TABLE customer_analytics.customer_rfm_score (
+    customer_id  text PRIMARY KEY,
+    customer_key bigint,
+    recency_days integer NOT NULL,
+    frequency    bigint NOT NULL,
+    monetary     numeric NOT NULL,
+    r            integer NOT NULL,
+    f            integer NOT NULL,
+    m            integer NOT NULL,
+    rfm_cell     text NOT NULL,
+    segment      text NOT NULL
+);
+CREATE INDEX customer_rfm_score_segment_idx ON customer_analytics.customer_rfm_score (segment);
+COMMENT ON TABLE customer_analytics.customer_rfm_score IS
+    'The scores behind customer_rfm, written by refresh_customer_rfm() (only the rows that changed)';
+
+CREATE TABLE customer_analytics.customer_rfm_refresh (
+    id           boolean PRIMARY KEY DEFAULT true CHECK (id),
+    as_of        timestamptz NOT NULL,
+    refreshed_at timestamptz NOT NULL
+);
+COMMENT ON TABLE customer_analytics.customer_rfm_refresh IS
+    'One row: the reference time of the scores in customer_rfm_score and when refresh_customer_rfm() last wrote them';
+-- what analysts read is dumped like a materialized view's contents; the
+-- rollup is rebuilt by the first refresh after a restore
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics.customer_rfm_score', '');
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics.customer_rfm_refresh', '');
+
+CREATE FUNCTION customer_analytics.note_dirty_customers()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        INSERT INTO customer_analytics.rfm_dirty_customer VALUES (NULL) ON CONFLICT DO NOTHING;
+    ELSIF TG_TABLE_NAME = 'dim_customer' THEN
+        -- a new, changed or removed version moves the customer's current key
+        -- or which lines are theirs
+        IF TG_OP = 'INSERT' THEN
+            INSERT INTO customer_analytics.rfm_dirty_customer
+            SELECT DISTINCT customer_id FROM new_rows ON CONFLICT DO NOTHING;
+        ELSIF TG_OP = 'DELETE' THEN
+            INSERT INTO customer_analytics.rfm_dirty_customer
+            SELECT DISTINCT customer_id FROM old_rows ON CONFLICT DO NOTHING;
+        ELSE
+            INSERT INTO customer_analytics.rfm_dirty_customer
+            SELECT customer_id FROM old_rows UNION SELECT customer_id FROM new_rows ON CONFLICT DO NOTHING;
+        END IF;
+    ELSIF TG_OP = 'INSERT' THEN
+        -- new lines are usually new orders: queued, added without a recompute
+        INSERT INTO customer_analytics.rfm_new_line (customer_id, order_id, order_ts, revenue, purchase)
+        SELECT c.customer_id, r.order_id, r.order_ts, r.revenue, r.status = 'completed' AND r.customer_key <> -1
+        FROM new_rows r JOIN customer_analytics.dim_customer c USING (customer_key);
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO customer_analytics.rfm_dirty_customer
+        SELECT DISTINCT c.customer_id
+        FROM (SELECT DISTINCT customer_key FROM old_rows) r
+        JOIN customer_analytics.dim_customer c USING (customer_key)
+        ON CONFLICT DO NOTHING;
+    ELSE
+        INSERT INTO customer_analytics.rfm_dirty_customer
+        SELECT DISTINCT c.customer_id
+        FROM (SELECT customer_key FROM old_rows UNION SELECT customer_key FROM new_rows) r
+        JOIN customer_analytics.dim_customer c USING (customer_key)
+        ON CONFLICT DO NOTHING;
+    END IF;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.note_dirty_customers() IS
+    'Statement trigger: queues new order lines in rfm_new_line, and notes in rfm_dirty_customer the customers whose order lines or versions changed otherwise';
+
+CREATE TRIGGER fact_order_line_dirty_customers_ins AFTER INSERT ON customer_analytics.fact_order_line
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_customers();
+CREATE TRIGGER fact_order_line_dirty_customers_upd AFTER UPDATE ON customer_analytics.fact_order_line
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_customers();
+CREATE TRIGGER fact_order_line_dirty_customers_del AFTER DELETE ON customer_analytics.fact_order_line
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_customers();
+CREATE TRIGGER fact_order_line_dirty_customers_trunc AFTER TRUNCATE ON customer_analytics.fact_order_line
+    FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_customers();
+CREATE TRIGGER dim_customer_dirty_customers_ins AFTER INSERT ON customer_analytics.dim_customer
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_customers();
+CREATE TRIGGER dim_customer_dirty_customers_upd AFTER UPDATE ON customer_analytics.dim_customer
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_customers();
+CREATE TRIGGER dim_customer_dirty_customers_del AFTER DELETE ON customer_analytics.dim_customer
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_customers();
+CREATE TRIGGER dim_customer_dirty_customers_trunc AFTER TRUNCATE ON customer_analytics.dim_customer
+    FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_customers();
+
+/*
+ * What rfm() returns on the star schema, scored from rfm_rollup_customer
+ * instead of the facts (src/rfm.c): the same breaks and scores.  Valid
+ * while no order line is later than as_of (the rollup holds them all).
+ */
+CREATE FUNCTION customer_analytics.rfm_from_rollup(as_of timestamptz)
+RETURNS TABLE (customer_key bigint, customer_id text, recency_days integer, frequency bigint,
+               monetary numeric, r integer, f integer, m integer, rfm_cell text, segment text)
+AS 'MODULE_PATHNAME', 'ca_rfm_from_rollup'
+LANGUAGE C STABLE STRICT PARALLEL RESTRICTED
+ROWS 10000;
+COMMENT ON FUNCTION customer_analytics.rfm_from_rollup(timestamptz) IS
+    'rfm(as_of) of the star schema computed from rfm_rollup_customer (the same rows, much faster); what refresh_customer_rfm() writes while no order line is later than as_of';
+
+CREATE FUNCTION customer_analytics.refresh_customer_rfm(full_refresh boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ids text[];
+    everyone boolean;
+    as_of timestamptz := customer_analytics.reference_time();
+    map text := COALESCE(NULLIF(current_setting('customer_analytics.rfm_segment_map', true), ''), 'default');
+    redo bigint;
+    rounds integer := 0;
+    later boolean;
+    changed bigint;
+BEGIN
+    -- one maintainer at a time; readers never wait
+    PERFORM pg_advisory_xact_lock(hashtext('customer_analytics.refresh_customer_rfm'));
+    IF (SELECT count(*) FROM customer_analytics.rfm_segment_cells(map)) <> 125 THEN
+        RAISE EXCEPTION 'RFM segment map "%" does not name all 125 cells', map
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = format('See SELECT * FROM customer_analytics.rfm_check_segment_map(%L);', map);
+    END IF;
+    LOOP
+        rounds := rounds + 1;
+        -- take the noted customers (those noted by transactions still running stay for next time)
+        WITH taken AS (DELETE FROM customer_analytics.rfm_dirty_customer RETURNING customer_id)
+        SELECT array_agg(customer_id) FILTER (WHERE customer_id IS NOT NULL), bool_or(customer_id IS NULL)
+        INTO ids, everyone FROM taken;
+        IF full_refresh OR everyone
+           OR (NOT EXISTS (SELECT FROM customer_analytics.rfm_rollup_customer)
+               AND EXISTS (SELECT FROM customer_analytics.fact_order_line)) THEN
+            DELETE FROM customer_analytics.rfm_rollup_customer;
+            ids := NULL;
+            everyone := true;
+            full_refresh := false;
+        ELSIF ids IS NOT NULL THEN
+            DELETE FROM customer_analytics.rfm_rollup_customer WHERE customer_id IN (SELECT unnest(ids));
+        END IF;
+        IF everyone OR ids IS NOT NULL THEN
+            -- rfm()'s inputs: completed lines of known customers, the lines of
+            -- an order one purchase (at its latest line), a return on its own.
+            -- The queued lines this statement sees are in the facts it reads:
+            -- they are consumed here, not added again below.
+            WITH consumed AS (
+                DELETE FROM customer_analytics.rfm_new_line q
+                WHERE everyone OR q.customer_id IN (SELECT unnest(ids))
+            )
+            INSERT INTO customer_analytics.rfm_rollup_customer (customer_id, customer_key, last_order, frequency, monetary)
+            SELECT o.customer_id, cur.customer_key, (o.s).last_order, (o.s).frequency, (o.s).monetary
+            FROM (SELECT x.customer_id, customer_analytics.rfm_agg(x.ts, x.amount) AS s
+                  FROM (SELECT c.customer_id, max(fl.order_ts) AS ts, sum(fl.revenue) AS amount
+                        FROM customer_analytics.fact_order_line fl
+                        JOIN customer_analytics.dim_customer c ON c.customer_key = fl.customer_key
+                        WHERE fl.status = 'completed' AND fl.revenue >= 0 AND c.customer_key <> -1
+                          AND (everyone OR c.customer_id IN (SELECT unnest(ids)))
+                        GROUP BY c.customer_id, fl.order_id
+                        UNION ALL
+                        SELECT c.customer_id, fl.order_ts, fl.revenue
+                        FROM customer_analytics.fact_order_line fl
+                        JOIN customer_analytics.dim_customer c ON c.customer_key = fl.customer_key
+                        WHERE fl.status = 'completed' AND fl.revenue < 0 AND c.customer_key <> -1
+                          AND (everyone OR c.customer_id IN (SELECT unnest(ids)))) x
+                  GROUP BY x.customer_id) o
+            LEFT JOIN customer_analytics.dim_customer cur ON cur.customer_id = o.customer_id AND cur.is_current
+                                                         AND cur.customer_key <> -1;
+        END IF;
+
+        -- new orders are added to their customers' rows; an order that had
+        -- lines before (its line count in the facts is larger) is not new:
+        -- its customers are recomputed in the next round
+        WITH taken AS (
+            DELETE FROM customer_analytics.rfm_new_line RETURNING *
+        ), orders AS (
+            SELECT t.order_id,
+                   count(*) = (SELECT count(*) FROM customer_analytics.fact_order_line f
+                               WHERE f.order_id = t.order_id) AS whole
+            FROM taken t GROUP BY t.order_id
+        ), noted AS (
+            INSERT INTO customer_analytics.rfm_dirty_customer
+            SELECT DISTINCT t.customer_id FROM taken t JOIN orders o USING (order_id) WHERE NOT o.whole
+            ON CONFLICT DO NOTHING
+            RETURNING 1
+        ), per_order AS (
+            SELECT t.customer_id, max(t.order_ts) AS ts, sum(t.revenue) AS amount
+            FROM taken t JOIN orders o USING (order_id)
+            WHERE o.whole AND t.purchase AND t.revenue >= 0
+            GROUP BY t.customer_id, t.order_id
+            UNION ALL
+            SELECT t.customer_id, t.order_ts, t.revenue
+            FROM taken t JOIN orders o USING (order_id)
+            WHERE o.whole AND t.purchase AND t.revenue < 0
+        ), added AS (
+            INSERT INTO customer_analytics.rfm_rollup_customer AS u (customer_id, customer_key, last_order, frequency, monetary)
+            SELECT p.customer_id, cur.customer_key, (p.s).last_order, (p.s).frequency, (p.s).monetary
+            FROM (SELECT customer_id, customer_analytics.rfm_agg(ts, amount) AS s FROM per_order GROUP BY customer_id) p
+            LEFT JOIN customer_analytics.dim_customer cur ON cur.customer_id = p.customer_id AND cur.is_current
+                                                         AND cur.customer_key <> -1
+            ON CONFLICT (customer_id) DO UPDATE
+                SET last_order = greatest(u.last_order, excluded.last_order),
+                    frequency = u.frequency + excluded.frequency,
+                    monetary = u.monetary + excluded.monetary
+            RETURNING 1
+        )
+        SELECT count(*) FROM noted INTO redo;   -- (added runs all the same)
+        EXIT WHEN redo = 0 OR rounds >= 10;
+    END LOOP;
+
+    -- lines later than as_of (an as_of in the past) are not in rfm(as_of):
+    -- then the scores come from the facts
+    later := EXISTS (SELECT FROM customer_analytics.fact_order_line WHERE order_ts > as_of);
+    WITH scored AS (
+        SELECT * FROM customer_analytics.rfm(as_of) WHERE later
+        UNION ALL
+        SELECT * FROM customer_analytics.rfm_from_rollup(as_of) WHERE NOT later
+    ), diff AS MATERIALIZED (      -- one pass over both: what to write
+        SELECT s.*, t.customer_id AS old_customer_id
+        FROM scored s FULL JOIN customer_analytics.customer_rfm_score t ON t.customer_id = s.customer_id
+        WHERE s.customer_id IS NULL OR t.customer_id IS NULL
+           OR (t.customer_key, t.recency_days, t.frequency, t.monetary, t.rfm_cell, t.segment)
+              IS DISTINCT FROM (s.customer_key, s.recency_days, s.frequency, s.monetary, s.rfm_cell, s.segment)
+    ), updated AS (
+        UPDATE customer_analytics.customer_rfm_score t
+        SET customer_key = d.customer_key, recency_days = d.recency_days, frequency = d.frequency,
+            monetary = d.monetary, r = d.r, f = d.f, m = d.m, rfm_cell = d.rfm_cell, segment = d.segment
+        FROM diff d
+        WHERE t.customer_id = d.customer_id AND d.old_customer_id IS NOT NULL
+        RETURNING 1
+    ), inserted AS (
+        INSERT INTO customer_analytics.customer_rfm_score
+            (customer_id, customer_key, recency_days, frequency, monetary, r, f, m, rfm_cell, segment)
+        SELECT d.customer_id, d.customer_key, d.recency_days, d.frequency, d.monetary, d.r, d.f, d.m, d.rfm_cell, d.segment
+        FROM diff d WHERE d.old_customer_id IS NULL
+        RETURNING 1
+    ), deleted AS (
+        DELETE FROM customer_analytics.customer_rfm_score t
+        USING diff d
+        WHERE t.customer_id = d.old_customer_id AND d.customer_id IS NULL
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM updated) + (SELECT count(*) FROM inserted) + (SELECT count(*) FROM deleted)
+    INTO changed;
+    INSERT INTO customer_analytics.customer_rfm_refresh (id, as_of, refreshed_at)
+    VALUES (true, as_of, clock_timestamp())
+    ON CONFLICT (id) DO UPDATE SET as_of = EXCLUDED.as_of, refreshed_at = EXCLUDED.refreshed_at;
+    RETURN changed;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.refresh_customer_rfm(boolean) IS
+    'Brings customer_rfm up to date as of reference_time(): adds new orders to their customers'' RFM inputs, recomputes the inputs of customers whose lines or versions changed otherwise (everyone with full_refresh, after a TRUNCATE, or when the rollup is empty), rescores every customer and writes the rows that changed; returns their number. The pipeline calls it after transform()';
+
+CREATE VIEW customer_analytics.customer_rfm AS
+SELECT s.customer_id, s.customer_key, s.recency_days, s.frequency, s.monetary,
+       s.r, s.f, s.m, s.rfm_cell, s.segment, a.as_of
+FROM customer_analytics.customer_rfm_score s
+CROSS JOIN customer_analytics.customer_rfm_refresh a;
+COMMENT ON VIEW customer_analytics.customer_rfm IS
+    'RFM scores and segment of every customer, as of reference_time() at the last refresh_customer_rfm() (setting customer_analytics.as_of, else the time of the refresh); the same rows as rfm(as_of)';
 
 CREATE MATERIALIZED VIEW customer_analytics.top_customers AS
 SELECT t.rank, t.customer_id, t.customer_key, d.name, d.email, d.city, d.country,

@@ -42,21 +42,26 @@ CREATE TABLE customer_analytics.pipeline_task (
     feeds      text[] NOT NULL DEFAULT '{}',
     ordinal    integer NOT NULL DEFAULT 500,
     builtin    boolean NOT NULL DEFAULT false,
-    enabled    boolean NOT NULL DEFAULT true
+    enabled    boolean NOT NULL DEFAULT true,
+    reads      text[] NOT NULL DEFAULT '{}'
 );
 COMMENT ON TABLE customer_analytics.pipeline_task IS
-    'Steps of run_pipeline() other than the view refreshes (which come from pg_depend): the SQL to run, the steps it depends on (a task name or ''refresh <schema.view>''), the tables it writes (feeds: the refresh of every view reading them waits for it), its scope, and an ordinal ordering steps that are ready together. A command that is a SELECT returns the rows it affected; $1 is the run id';
+    'Steps of run_pipeline() other than the view refreshes (which come from pg_depend): the SQL to run, the steps it depends on (a task name or ''refresh <schema.view>''), the tables it writes (feeds: the refresh of every view reading them waits for it), the tables it reads (reads: an error-severity check failing on one blocks it, as it blocks a view reading the table), its scope, and an ordinal ordering steps that are ready together. A command that is a SELECT returns the rows it affected; $1 is the run id';
 INSERT INTO customer_analytics.pipeline_task (task, command, depends_on, ordinal, builtin) VALUES
     ('ingest', 'SELECT customer_analytics.pipeline_ingest($1)', '{}', 10, true),
     ('transform', 'SELECT sum(rows_affected)::bigint FROM customer_analytics.transform()', '{ingest}', 20, true),
     ('checks', 'SELECT customer_analytics.pipeline_checks($1)', '{transform}', 30, true),
     ('purge', 'SELECT customer_analytics.pipeline_purge()', '{}', 1000, true);
--- the sales rollups (60_zscore.sql) before the views that read them, then
--- the anomaly alerts once their view is fresh
-INSERT INTO customer_analytics.pipeline_task (task, command, depends_on, feeds, ordinal, builtin) VALUES
+-- the sales rollups (60_zscore.sql) and the RFM scores (50_rfm.sql) before
+-- the views that read them, then the anomaly alerts once their view is fresh
+INSERT INTO customer_analytics.pipeline_task (task, command, depends_on, feeds, reads, ordinal, builtin) VALUES
     ('sales rollup', 'SELECT customer_analytics.refresh_sales_rollup()', '{transform}',
-     '{customer_analytics.sales_rollup_day,customer_analytics.sales_rollup_category}', 40, true),
-    ('anomaly alerts', 'SELECT customer_analytics.alert_new_anomalies()', '{"refresh customer_analytics.anomalies"}', '{}', 300, true);
+     '{customer_analytics.sales_rollup_day,customer_analytics.sales_rollup_category}',
+     '{customer_analytics.fact_order_line,customer_analytics.dim_product,customer_analytics.dim_customer}', 40, true),
+    ('customer rfm', 'SELECT customer_analytics.refresh_customer_rfm()', '{transform}',
+     '{customer_analytics.customer_rfm_score,customer_analytics.customer_rfm_refresh}',
+     '{customer_analytics.fact_order_line,customer_analytics.dim_customer}', 45, true),
+    ('anomaly alerts', 'SELECT customer_analytics.alert_new_anomalies()', '{"refresh customer_analytics.anomalies"}', '{}', '{}', 300, true);
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics.pipeline_task', 'WHERE NOT builtin');
 
 /* How often a view needs refreshing, when not at every run */
@@ -478,15 +483,24 @@ BEGIN
     FROM customer_analytics.pipeline_step s
     WHERE s.run_id = run AND s.step = ANY (depends_on) AND s.step <> 'checks' AND s.status IN ('failed', 'blocked');
     -- (refresh_plan() walks pg_depend: only worth it when an error check failed)
-    IF blocker IS NULL AND step LIKE 'refresh %'
-       AND EXISTS (SELECT FROM customer_analytics.quality_result r
-                   WHERE r.run_id = run AND NOT r.passed AND r.severity = 'error') THEN
-        SELECT string_agg(DISTINCT format('%s (%s)', r.check_name, c.target), ', ') INTO failed_checks
-        FROM customer_analytics.quality_result r
-        JOIN customer_analytics.quality_check c ON c.name = r.check_name
-        JOIN customer_analytics.refresh_plan() p ON 'refresh ' || customer_analytics.qualified_name(p.matview) = step
-        WHERE r.run_id = run AND NOT r.passed AND r.severity = 'error'
-          AND (to_regclass(c.target) = ANY (p.reads) OR c.kind = 'custom');
+    IF blocker IS NULL AND EXISTS (SELECT FROM customer_analytics.quality_result r
+                                   WHERE r.run_id = run AND NOT r.passed AND r.severity = 'error') THEN
+        IF step LIKE 'refresh %' THEN
+            SELECT string_agg(DISTINCT format('%s (%s)', r.check_name, c.target), ', ') INTO failed_checks
+            FROM customer_analytics.quality_result r
+            JOIN customer_analytics.quality_check c ON c.name = r.check_name
+            JOIN customer_analytics.refresh_plan() p ON 'refresh ' || customer_analytics.qualified_name(p.matview) = step
+            WHERE r.run_id = run AND NOT r.passed AND r.severity = 'error'
+              AND (to_regclass(c.target) = ANY (p.reads) OR c.kind = 'custom');
+        ELSE
+            -- a task that declares what it reads is blocked the same way
+            SELECT string_agg(DISTINCT format('%s (%s)', r.check_name, c.target), ', ') INTO failed_checks
+            FROM customer_analytics.quality_result r
+            JOIN customer_analytics.quality_check c ON c.name = r.check_name
+            JOIN customer_analytics.pipeline_task t ON t.task = step AND cardinality(t.reads) > 0
+            WHERE r.run_id = run AND NOT r.passed AND r.severity = 'error'
+              AND (to_regclass(c.target) = ANY (ARRAY(SELECT to_regclass(x) FROM unnest(t.reads) x)) OR c.kind = 'custom');
+        END IF;
     END IF;
     -- a view refreshed recently enough by its policy is left alone
     IF blocker IS NULL AND failed_checks IS NULL AND step LIKE 'refresh %' AND EXISTS (
