@@ -1030,3 +1030,51 @@ INSERT INTO customer_analytics.pipeline_task (task, command, depends_on, feeds, 
 UPDATE customer_analytics.pipeline_task
 SET depends_on = pg_catalog.array_replace(depends_on, 'refresh customer_analytics.customer_rfm', 'customer rfm')
 WHERE NOT builtin;
+
+-- 10_schema.sql, 70_pipeline.sql: the checks read indexes where they can,
+-- and run each check's query once
+
+CREATE INDEX fact_order_line_negative_revenue_idx ON customer_analytics.fact_order_line (revenue) WHERE revenue < 0;
+UPDATE customer_analytics.quality_check
+SET params = '{"sql": "SELECT f.order_id, f.line_number, f.order_ts, c.valid_from, c.valid_to FROM customer_analytics.dim_customer c CROSS JOIN LATERAL (SELECT l.order_id, l.line_number, l.order_ts FROM customer_analytics.fact_order_line l WHERE l.customer_key = c.customer_key AND NOT (l.order_ts >= c.valid_from AND l.order_ts < c.valid_to) OFFSET 0) f WHERE c.customer_key <> -1 AND EXISTS (SELECT FROM customer_analytics.dim_customer v WHERE v.customer_id = c.customer_id AND v.valid_from < c.valid_from)"}'
+WHERE name = 'order line has its customer version' AND builtin;
+
+CREATE OR REPLACE FUNCTION customer_analytics.run_checks(run_id bigint DEFAULT NULL, only_target text DEFAULT NULL)
+RETURNS TABLE (check_name text, kind text, target text, severity text, passed boolean,
+               failing_rows bigint, sample jsonb)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    c customer_analytics.quality_check;
+    q text;
+BEGIN
+    FOR c IN SELECT * FROM customer_analytics.quality_check qc
+             WHERE qc.enabled AND (only_target IS NULL OR qc.target = only_target) ORDER BY qc.name LOOP
+        check_name := c.name; kind := c.kind; target := c.target; severity := c.severity;
+        BEGIN
+            q := customer_analytics.quality_check_sql(c);
+            -- the check's query runs once: its failing rows (usually none) are kept for the sample
+            EXECUTE format('WITH failing AS MATERIALIZED (%s) '
+                           'SELECT (SELECT count(*) FROM failing), '
+                           '(SELECT jsonb_agg(to_jsonb(s)) FROM (SELECT * FROM failing f LIMIT 5) s)', q)
+                INTO failing_rows, sample;
+        EXCEPTION WHEN OTHERS THEN
+            -- a check that cannot run has failed, with its error as the sample
+            failing_rows := -1;
+            sample := jsonb_build_object('error', SQLERRM, 'sqlstate', SQLSTATE);
+        END;
+        passed := failing_rows = 0;
+        INSERT INTO customer_analytics.quality_result (run_id, check_name, severity, passed, failing_rows, sample)
+        VALUES (run_checks.run_id, c.name, c.severity, passed, failing_rows, sample);
+        IF NOT passed THEN
+            PERFORM customer_analytics.raise_alert('quality_check', c.name,
+                jsonb_build_object('target', c.target, 'kind', c.kind, 'failing_rows', failing_rows, 'sample', sample,
+                                   'run_id', run_checks.run_id),
+                dedup_key => format('quality_check:%s:%s', c.name, COALESCE(run_checks.run_id::text, clock_timestamp()::text)),
+                severity => CASE c.severity WHEN 'error' THEN 'error' ELSE 'warn' END);
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;

@@ -196,6 +196,9 @@ CREATE INDEX fact_order_line_product_idx ON customer_analytics.fact_order_line (
 CREATE INDEX fact_order_line_date_idx ON customer_analytics.fact_order_line (date_key);
 -- freshness and volume checks, and recency as of a date, read the newest lines
 CREATE INDEX fact_order_line_ts_idx ON customer_analytics.fact_order_line (order_ts);
+-- the few lines with negative revenue (returns, or errors): the quality
+-- check reads them without scanning the facts
+CREATE INDEX fact_order_line_negative_revenue_idx ON customer_analytics.fact_order_line (revenue) WHERE revenue < 0;
 COMMENT ON TABLE customer_analytics.fact_order_line IS
     'Order line facts, one row per (order_id, line_number); customer_key is the customer version in effect at order time';
 COMMENT ON COLUMN customer_analytics.fact_order_line.revenue IS
