@@ -1078,3 +1078,26 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- 90_forecast.sql: the first and last day of sales through the order_ts
+-- index instead of a join of every line with dim_date
+
+CREATE OR REPLACE FUNCTION customer_analytics.sales_training_end()
+RETURNS date
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- the newest line through the order_ts index: its day is its date_key's
+    SELECT LEAST((customer_analytics.reference_time() AT TIME ZONE customer_analytics.business_timezone())::date - 1,
+                 (SELECT (max(f.order_ts) AT TIME ZONE customer_analytics.business_timezone())::date
+                  FROM customer_analytics.fact_order_line f))
+$$;
+CREATE OR REPLACE FUNCTION customer_analytics.sales_training_start()
+RETURNS date
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT (min(f.order_ts) AT TIME ZONE customer_analytics.business_timezone())::date
+    FROM customer_analytics.fact_order_line f
+    WHERE f.status = 'completed'
+$$;

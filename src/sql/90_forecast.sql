@@ -140,10 +140,10 @@ RETURNS date
 LANGUAGE sql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
+    -- the newest line through the order_ts index: its day is its date_key's
     SELECT LEAST((customer_analytics.reference_time() AT TIME ZONE customer_analytics.business_timezone())::date - 1,
-                 (SELECT max(d.date)
-                  FROM customer_analytics.fact_order_line f
-                  JOIN customer_analytics.dim_date d ON d.date_key = f.date_key))
+                 (SELECT (max(f.order_ts) AT TIME ZONE customer_analytics.business_timezone())::date
+                  FROM customer_analytics.fact_order_line f))
 $$;
 COMMENT ON FUNCTION customer_analytics.sales_training_end() IS
     'Last complete day of sales: the day before reference_time() (setting customer_analytics.as_of, else now) in the business time zone, or the last day with order lines if that is earlier';
@@ -153,9 +153,8 @@ RETURNS date
 LANGUAGE sql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT min(d.date)
+    SELECT (min(f.order_ts) AT TIME ZONE customer_analytics.business_timezone())::date
     FROM customer_analytics.fact_order_line f
-    JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
     WHERE f.status = 'completed'
 $$;
 COMMENT ON FUNCTION customer_analytics.sales_training_start() IS
