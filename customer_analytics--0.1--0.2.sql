@@ -719,6 +719,8 @@ CREATE TABLE customer_analytics.customer_rfm_score (
     segment      text NOT NULL
 );
 CREATE INDEX customer_rfm_score_segment_idx ON customer_analytics.customer_rfm_score (segment);
+-- top_customers reads the first rows of this order, not all of them
+CREATE INDEX customer_rfm_score_monetary_idx ON customer_analytics.customer_rfm_score (monetary DESC, customer_id);
 COMMENT ON TABLE customer_analytics.customer_rfm_score IS
     'The scores behind customer_rfm, written by refresh_customer_rfm() (only the rows that changed)';
 
