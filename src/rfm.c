@@ -1077,6 +1077,78 @@ int64_breaks(int64 *values, int64 n, double *breaks)
 }
 
 /*
+ * One customer to score: what rfm() and rfm_from_rollup() both emit, from
+ * their own source of inputs.
+ */
+typedef struct RfmRow
+{
+	char	   *customer_id;
+	int64		customer_key;	/* -1: no current version */
+	int64		recency;		/* days */
+	int64		frequency;
+	int64		monetary;		/* units of 0.0001 */
+} RfmRow;
+
+/*
+ * Exact quintile breaks of recency, frequency and monetary over the rows,
+ * then one output row per customer: scores, cell and segment.
+ */
+static void
+emit_scored_rows(ReturnSetInfo *rsinfo, RfmRow *rows, int64 n, MemoryContext cxt)
+{
+	int64	   *rec,
+			   *freq,
+			   *mon;
+	double		rb[4],
+				fb[4],
+				mb[4];
+	char	   *segments[5][5][5];
+	MemoryContext old;
+
+	if (n == 0)
+		return;
+	old = MemoryContextSwitchTo(cxt);
+	rec = palloc(sizeof(int64) * n);
+	freq = palloc(sizeof(int64) * n);
+	mon = palloc(sizeof(int64) * n);
+	MemoryContextSwitchTo(old);
+	for (int64 i = 0; i < n; i++)
+	{
+		rec[i] = rows[i].recency;
+		freq[i] = rows[i].frequency;
+		mon[i] = rows[i].monetary;
+	}
+	int64_breaks(rec, n, rb);
+	int64_breaks(freq, n, fb);
+	int64_breaks(mon, n, mb);
+	load_segments(segments, rfm_segment_map ? rfm_segment_map : "default", cxt);
+
+	for (int64 i = 0; i < n; i++)
+	{
+		RfmRow	   *row = &rows[i];
+		Datum		values[10];
+		bool		nulls[10] = {false};
+		int			r = score_against((double) row->recency, rb, true);
+		int			f = score_against((double) row->frequency, fb, false);
+		int			m = score_against((double) row->monetary, mb, false);
+		char		cell[4] = {'0' + r, '0' + f, '0' + m, '\0'};
+
+		values[0] = Int64GetDatum(row->customer_key);
+		nulls[0] = row->customer_key < 0;
+		values[1] = CStringGetTextDatum(row->customer_id);
+		values[2] = Int32GetDatum((int32) row->recency);
+		values[3] = Int64GetDatum(row->frequency);
+		values[4] = units_to_numeric(row->monetary);
+		values[5] = Int32GetDatum(r);
+		values[6] = Int32GetDatum(f);
+		values[7] = Int32GetDatum(m);
+		values[8] = CStringGetTextDatum(cell);
+		values[9] = CStringGetTextDatum(segments[r - 1][f - 1][m - 1]);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+}
+
+/*
  * rfm(as_of, source, customer_column, ts_column, amount_column, order_column)
  *	 RETURNS TABLE (customer_key bigint, customer_id text, recency_days int,
  *					frequency bigint, monetary numeric, r int, f int, m int,
@@ -1090,16 +1162,10 @@ ca_rfm(PG_FUNCTION_ARGS)
 	Relation	rel;
 	Oid			fact_oid;
 	Oid			nsp = get_namespace_oid("customer_analytics", false);
-	char	   *segments[5][5][5];
 	custacc_iterator it;
 	CustomerAcc *acc;
+	RfmRow	   *rows;
 	int64		n = 0;
-	int64	   *rec,
-			   *freq,
-			   *mon;
-	double		rb[4],
-				fb[4],
-				mb[4];
 	static const Oid amount_types[] = {NUMERICOID, INT2OID, INT4OID, INT8OID, FLOAT4OID, FLOAT8OID};
 	static const Oid ts_types[] = {TIMESTAMPTZOID, TIMESTAMPOID, DATEOID};
 
@@ -1195,58 +1261,22 @@ ca_rfm(PG_FUNCTION_ARGS)
 	}
 	relation_close(rel, AccessShareLock);
 
-	/* scores: exact quintile breaks over the customers with a purchase */
-	rec = palloc(sizeof(int64) * Max(sc.customers->members, 1));
-	freq = palloc(sizeof(int64) * Max(sc.customers->members, 1));
-	mon = palloc(sizeof(int64) * Max(sc.customers->members, 1));
+	/* the customers with a purchase (only returns: nothing to score) */
+	rows = MemoryContextAllocHuge(sc.cxt, sizeof(RfmRow) * Max(sc.customers->members, 1));
 	custacc_start_iterate(sc.customers, &it);
 	while ((acc = custacc_iterate(sc.customers, &it)) != NULL)
 	{
 		if (acc->rfm.frequency == 0)
 			continue;
-		rec[n] = (sc.as_of - acc->rfm.last_order) / USECS_PER_DAY;
-		freq[n] = acc->rfm.frequency;
-		mon[n] = acc->rfm.monetary;
+		rows[n].customer_id = acc->customer_id;
+		rows[n].customer_key = acc->customer_key;
+		rows[n].recency = (sc.as_of - acc->rfm.last_order) / USECS_PER_DAY;
+		rows[n].frequency = acc->rfm.frequency;
+		rows[n].monetary = acc->rfm.monetary;
 		n++;
 	}
 	InitMaterializedSRF(fcinfo, 0);
-	if (n == 0)
-		return (Datum) 0;
-	int64_breaks(rec, n, rb);
-	int64_breaks(freq, n, fb);
-	int64_breaks(mon, n, mb);
-	load_segments(segments, rfm_segment_map ? rfm_segment_map : "default", sc.cxt);
-
-	custacc_start_iterate(sc.customers, &it);
-	while ((acc = custacc_iterate(sc.customers, &it)) != NULL)
-	{
-		Datum		values[10];
-		bool		nulls[10] = {false};
-		int64		recency;
-		int			r,
-					f,
-					m;
-
-		/* customers with only returns have no purchase to score */
-		if (acc->rfm.frequency == 0)
-			continue;
-		recency = (sc.as_of - acc->rfm.last_order) / USECS_PER_DAY;
-		r = score_against((double) recency, rb, true);
-		f = score_against((double) acc->rfm.frequency, fb, false);
-		m = score_against((double) acc->rfm.monetary, mb, false);
-		values[0] = Int64GetDatum(acc->customer_key);
-		nulls[0] = acc->customer_key < 0;
-		values[1] = CStringGetTextDatum(acc->customer_id);
-		values[2] = Int32GetDatum((int32) recency);
-		values[3] = Int64GetDatum(acc->rfm.frequency);
-		values[4] = units_to_numeric(acc->rfm.monetary);
-		values[5] = Int32GetDatum(r);
-		values[6] = Int32GetDatum(f);
-		values[7] = Int32GetDatum(m);
-		values[8] = CStringGetTextDatum(psprintf("%d%d%d", r, f, m));
-		values[9] = CStringGetTextDatum(segments[r - 1][f - 1][m - 1]);
-		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
-	}
+	emit_scored_rows(rsinfo, rows, n, sc.cxt);
 	MemoryContextDelete(sc.cxt);
 	return (Datum) 0;
 }
@@ -1255,22 +1285,14 @@ ca_rfm(PG_FUNCTION_ARGS)
  * rfm_from_rollup(): rfm() scored from rfm_rollup_customer
  * ---------------------------------------------------------------------
  */
-typedef struct RollupRow
-{
-	char	   *customer_id;
-	int64		customer_key;	/* -1: no current version */
-	int64		recency;
-	int64		frequency;
-	int64		monetary;		/* units of 0.0001 */
-} RollupRow;
 
 /*
  * rfm_from_rollup(as_of) RETURNS the columns of rfm()
  *
  * refresh_customer_rfm() rescoring every customer after each change is
  * what keeps customer_rfm exact; reading the rollup (a row per customer)
- * instead of the facts is what makes that cheap.  The breaks and scores
- * are computed exactly as rfm() does.
+ * instead of the facts is what makes that cheap.  The rows are scored by
+ * emit_scored_rows(), as rfm()'s are.
  */
 Datum
 ca_rfm_from_rollup(PG_FUNCTION_ARGS)
@@ -1289,16 +1311,9 @@ ca_rfm_from_rollup(PG_FUNCTION_ARGS)
 				last_att,
 				freq_att,
 				mon_att;
-	RollupRow  *rows;
+	RfmRow	   *rows;
 	int64		n = 0,
 				cap = 1024;
-	int64	   *rec,
-			   *freq,
-			   *mon;
-	double		rb[4],
-				fb[4],
-				mb[4];
-	char	   *segments[5][5][5];
 
 	if (!OidIsValid(relid))
 		ereport(ERROR,
@@ -1317,7 +1332,7 @@ ca_rfm_from_rollup(PG_FUNCTION_ARGS)
 	mon_att = attnameAttNum(rel, "monetary", false);
 
 	old = MemoryContextSwitchTo(cxt);
-	rows = palloc(sizeof(RollupRow) * cap);
+	rows = palloc(sizeof(RfmRow) * cap);
 	MemoryContextSwitchTo(old);
 	scan = table_beginscan(rel, GetActiveSnapshot(), 0, NULL);
 	slot = table_slot_create(rel, NULL);
@@ -1326,7 +1341,7 @@ ca_rfm_from_rollup(PG_FUNCTION_ARGS)
 		bool		isnull;
 		Datum		d;
 		int64		frequency;
-		RollupRow  *row;
+		RfmRow	   *row;
 
 		CHECK_FOR_INTERRUPTS();
 		slot_getallattrs(slot);
@@ -1340,7 +1355,7 @@ ca_rfm_from_rollup(PG_FUNCTION_ARGS)
 		if (n == cap)
 		{
 			cap *= 2;
-			rows = repalloc_huge(rows, sizeof(RollupRow) * cap);
+			rows = repalloc_huge(rows, sizeof(RfmRow) * cap);
 		}
 		row = &rows[n++];
 		row->recency = (as_of - DatumGetTimestampTz(d)) / USECS_PER_DAY;
@@ -1358,50 +1373,7 @@ ca_rfm_from_rollup(PG_FUNCTION_ARGS)
 	table_close(rel, AccessShareLock);
 
 	InitMaterializedSRF(fcinfo, 0);
-	if (n == 0)
-	{
-		MemoryContextDelete(cxt);
-		return (Datum) 0;
-	}
-	old = MemoryContextSwitchTo(cxt);
-	rec = palloc(sizeof(int64) * n);
-	freq = palloc(sizeof(int64) * n);
-	mon = palloc(sizeof(int64) * n);
-	MemoryContextSwitchTo(old);
-	for (int64 i = 0; i < n; i++)
-	{
-		rec[i] = rows[i].recency;
-		freq[i] = rows[i].frequency;
-		mon[i] = rows[i].monetary;
-	}
-	int64_breaks(rec, n, rb);
-	int64_breaks(freq, n, fb);
-	int64_breaks(mon, n, mb);
-	load_segments(segments, rfm_segment_map ? rfm_segment_map : "default", cxt);
-
-	for (int64 i = 0; i < n; i++)
-	{
-		RollupRow  *row = &rows[i];
-		Datum		values[10];
-		bool		nulls[10] = {false};
-		int			r = score_against((double) row->recency, rb, true);
-		int			f = score_against((double) row->frequency, fb, false);
-		int			m = score_against((double) row->monetary, mb, false);
-		char		cell[4] = {'0' + r, '0' + f, '0' + m, '\0'};
-
-		values[0] = Int64GetDatum(row->customer_key);
-		nulls[0] = row->customer_key < 0;
-		values[1] = CStringGetTextDatum(row->customer_id);
-		values[2] = Int32GetDatum((int32) row->recency);
-		values[3] = Int64GetDatum(row->frequency);
-		values[4] = units_to_numeric(row->monetary);
-		values[5] = Int32GetDatum(r);
-		values[6] = Int32GetDatum(f);
-		values[7] = Int32GetDatum(m);
-		values[8] = CStringGetTextDatum(cell);
-		values[9] = CStringGetTextDatum(segments[r - 1][f - 1][m - 1]);
-		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
-	}
+	emit_scored_rows(rsinfo, rows, n, cxt);
 	MemoryContextDelete(cxt);
 	return (Datum) 0;
 }
