@@ -313,6 +313,7 @@ COMMENT ON TABLE customer_analytics.rfm_dirty_customer IS
 CREATE TABLE customer_analytics.rfm_new_line (
     customer_id text NOT NULL,
     order_id    text NOT NULL,
+    line_number integer NOT NULL,
     order_ts    timestamptz NOT NULL,
     revenue     numeric NOT NULL,
     purchase    boolean NOT NULL
@@ -373,8 +374,8 @@ BEGIN
         END IF;
     ELSIF TG_OP = 'INSERT' THEN
         -- new lines are usually new orders: queued, added without a recompute
-        INSERT INTO customer_analytics.rfm_new_line (customer_id, order_id, order_ts, revenue, purchase)
-        SELECT c.customer_id, r.order_id, r.order_ts, r.revenue, r.status = 'completed' AND r.customer_key <> -1
+        INSERT INTO customer_analytics.rfm_new_line (customer_id, order_id, line_number, order_ts, revenue, purchase)
+        SELECT c.customer_id, r.order_id, r.line_number, r.order_ts, r.revenue, r.status = 'completed' AND r.customer_key <> -1
         FROM new_rows r JOIN customer_analytics.dim_customer c USING (customer_key);
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO customer_analytics.rfm_dirty_customer
@@ -465,10 +466,12 @@ BEGIN
             DELETE FROM customer_analytics.rfm_rollup_customer WHERE customer_id IN (SELECT unnest(ids));
         END IF;
         IF everyone OR ids IS NOT NULL THEN
-            -- rfm()'s inputs: completed lines of known customers, the lines of
-            -- an order one purchase (at its latest line), a return on its own.
-            -- The queued lines this statement sees are in the facts it reads:
-            -- they are consumed here, not added again below.
+            -- rfm()'s inputs: completed lines of known customers; the lines
+            -- of an order are one purchase (at its latest line), a return
+            -- (negative revenue) stands alone: grouped by order and, for a
+            -- return, by its line.  The queued lines this statement sees are
+            -- in the facts it reads: they are consumed here, not added again
+            -- below.
             WITH consumed AS (
                 DELETE FROM customer_analytics.rfm_new_line q
                 WHERE everyone OR q.customer_id IN (SELECT unnest(ids))
@@ -479,15 +482,9 @@ BEGIN
                   FROM (SELECT c.customer_id, max(fl.order_ts) AS ts, sum(fl.revenue) AS amount
                         FROM customer_analytics.fact_order_line fl
                         JOIN customer_analytics.dim_customer c ON c.customer_key = fl.customer_key
-                        WHERE fl.status = 'completed' AND fl.revenue >= 0 AND c.customer_key <> -1
+                        WHERE fl.status = 'completed' AND c.customer_key <> -1
                           AND (everyone OR c.customer_id IN (SELECT unnest(ids)))
-                        GROUP BY c.customer_id, fl.order_id
-                        UNION ALL
-                        SELECT c.customer_id, fl.order_ts, fl.revenue
-                        FROM customer_analytics.fact_order_line fl
-                        JOIN customer_analytics.dim_customer c ON c.customer_key = fl.customer_key
-                        WHERE fl.status = 'completed' AND fl.revenue < 0 AND c.customer_key <> -1
-                          AND (everyone OR c.customer_id IN (SELECT unnest(ids)))) x
+                        GROUP BY c.customer_id, fl.order_id, CASE WHEN fl.revenue < 0 THEN fl.line_number END) x
                   GROUP BY x.customer_id) o
             LEFT JOIN customer_analytics.dim_customer cur ON cur.customer_id = o.customer_id AND cur.is_current
                                                          AND cur.customer_key <> -1;
@@ -508,15 +505,11 @@ BEGIN
             SELECT DISTINCT t.customer_id FROM taken t JOIN orders o USING (order_id) WHERE NOT o.whole
             ON CONFLICT DO NOTHING
             RETURNING 1
-        ), per_order AS (
+        ), per_order AS (            -- grouped as above
             SELECT t.customer_id, max(t.order_ts) AS ts, sum(t.revenue) AS amount
             FROM taken t JOIN orders o USING (order_id)
-            WHERE o.whole AND t.purchase AND t.revenue >= 0
-            GROUP BY t.customer_id, t.order_id
-            UNION ALL
-            SELECT t.customer_id, t.order_ts, t.revenue
-            FROM taken t JOIN orders o USING (order_id)
-            WHERE o.whole AND t.purchase AND t.revenue < 0
+            WHERE o.whole AND t.purchase
+            GROUP BY t.customer_id, t.order_id, CASE WHEN t.revenue < 0 THEN t.line_number END
         ), added AS (
             INSERT INTO customer_analytics.rfm_rollup_customer AS u (customer_id, customer_key, last_order, frequency, monetary)
             SELECT p.customer_id, cur.customer_key, (p.s).last_order, (p.s).frequency, (p.s).monetary
