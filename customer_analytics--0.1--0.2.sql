@@ -1096,3 +1096,451 @@ AS $$
     FROM customer_analytics.fact_order_line f
     WHERE f.status = 'completed'
 $$;
+
+-- 30_transform.sql: transform() and transform_events() choose their window
+-- of staged transactions with one function
+
+CREATE FUNCTION customer_analytics.ca_staged_window(last_snapshot pg_snapshot, last_system bigint,
+                                                    this_system bigint, full_refresh boolean,
+                                                    OUT snap pg_snapshot, OUT prev pg_snapshot,
+                                                    OUT lo xid8, OUT hi xid8)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    snap := pg_current_snapshot();
+    IF full_refresh OR last_snapshot IS NULL OR last_system <> this_system
+       OR pg_snapshot_xmin(last_snapshot) > pg_snapshot_xmax(snap) THEN
+        prev := NULL;           -- everything staged so far
+        lo := '0'::xid8;
+    ELSE
+        prev := last_snapshot;
+        lo := pg_snapshot_xmin(prev);   -- all below were visible to the last run
+    END IF;
+    hi := pg_snapshot_xmax(snap);
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.ca_staged_window(pg_snapshot, bigint, bigint, boolean) IS
+    'Internal to transform() and transform_events(): this run''s snapshot and the window of staged transactions it takes (prev NULL: every staged row)';
+
+CREATE OR REPLACE FUNCTION customer_analytics.transform(full_refresh boolean DEFAULT false)
+RETURNS TABLE (step text, rows_affected bigint)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, pg_temp
+AS $$
+DECLARE
+    saved       transform_state;
+    snap        pg_snapshot;
+    prev        pg_snapshot;
+    lo          xid8;
+    hi          xid8;
+    own_xid     xid8;
+    sysid       bigint;
+    tz          text := business_timezone();
+    n           bigint;
+    new_keys    boolean := false;
+BEGIN
+    -- one transform at a time; the second waits, then sees the first's work
+    PERFORM pg_advisory_xact_lock(hashtext('customer_analytics.transform'));
+
+    SELECT system_identifier INTO sysid FROM pg_control_system();
+    SELECT * INTO saved FROM transform_state;
+    SELECT w.snap, w.prev, w.lo, w.hi INTO snap, prev, lo, hi
+    FROM ca_staged_window(saved.snapshot, saved.system_identifier, sysid, full_refresh) w;
+    own_xid := pg_current_xact_id_if_assigned();
+
+    /* the staged rows of this run, latest version per natural key */
+    CREATE TEMP TABLE ca_batch_products ON COMMIT DROP AS
+    SELECT DISTINCT ON (s.product_id)
+           s.product_id, s.name, COALESCE(NULLIF(s.category, ''), 'Unknown') AS category,
+           s.subcategory, s.unit_cost, s.list_price, s.updated_at, s.stage_id
+    FROM stg_products s
+    WHERE ca_newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
+    ORDER BY s.product_id, s.stage_id DESC;
+
+    CREATE TEMP TABLE ca_batch_customers ON COMMIT DROP AS
+    SELECT DISTINCT ON (s.customer_id, COALESCE(s.updated_at, s.loaded_at))
+           s.customer_id, s.name, s.email, s.city, s.state, s.country, s.signup_date,
+           COALESCE(s.updated_at, s.loaded_at) AS version_ts
+    FROM stg_customers s
+    WHERE ca_newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
+    ORDER BY s.customer_id, COALESCE(s.updated_at, s.loaded_at), s.stage_id DESC;
+
+    CREATE TEMP TABLE ca_batch_orders ON COMMIT DROP AS
+    SELECT DISTINCT ON (s.order_id, s.line_number) s.*
+    FROM stg_orders s
+    WHERE ca_newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
+    ORDER BY s.order_id, s.line_number, s.stage_id DESC;
+
+    ANALYZE ca_batch_products, ca_batch_customers, ca_batch_orders;
+
+    /* products: type 1, the latest staged version overwrites */
+    INSERT INTO dim_product AS d (product_id, name, category, subcategory, unit_cost, list_price,
+                                  updated_at, stage_id)
+    SELECT product_id, name, category, subcategory, unit_cost, list_price, updated_at, stage_id
+    FROM ca_batch_products
+    ON CONFLICT (product_id) DO UPDATE
+        SET name = excluded.name, category = excluded.category, subcategory = excluded.subcategory,
+            unit_cost = excluded.unit_cost, list_price = excluded.list_price,
+            updated_at = excluded.updated_at, stage_id = excluded.stage_id
+        WHERE excluded.stage_id > d.stage_id
+          AND (d.name, d.category, d.subcategory, d.unit_cost, d.list_price)
+              IS DISTINCT FROM
+              (excluded.name, excluded.category, excluded.subcategory, excluded.unit_cost, excluded.list_price);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    step := 'dim_product'; rows_affected := n; RETURN NEXT;
+    new_keys := new_keys OR n > 0;
+
+    /*
+     * customers: type 2.  Chain each customer's current version with the
+     * staged versions newer than it, keep the versions whose attributes
+     * differ from their predecessor, close the current version at the first
+     * of them and insert them, each valid until the next.  Staged versions
+     * not newer than the current one are history already superseded and
+     * are ignored.
+     */
+    CREATE TEMP TABLE ca_new_versions ON COMMIT DROP AS
+    WITH cur AS (
+        SELECT d.customer_id, d.name, d.email, d.city, d.state, d.country, d.signup_date,
+               d.valid_from AS version_ts, false AS is_new
+        FROM dim_customer d
+        WHERE d.is_current AND d.customer_id IN (SELECT customer_id FROM ca_batch_customers)
+    ), chain AS (
+        SELECT * FROM cur
+        UNION ALL
+        SELECT b.customer_id, b.name, b.email, b.city, b.state, b.country, b.signup_date,
+               b.version_ts, true
+        FROM ca_batch_customers b
+        LEFT JOIN cur c ON c.customer_id = b.customer_id
+        WHERE c.customer_id IS NULL OR b.version_ts > c.version_ts
+    ), diffed AS (
+        SELECT ch.*,
+               ROW(ch.name, ch.email, ch.city, ch.state, ch.country, ch.signup_date)
+                   IS DISTINCT FROM
+               lag(ROW(ch.name, ch.email, ch.city, ch.state, ch.country, ch.signup_date))
+                   OVER (PARTITION BY ch.customer_id ORDER BY ch.version_ts) AS changed
+        FROM chain ch
+    )
+    SELECT df.customer_id, df.name, df.email, df.city, df.state, df.country,
+           df.signup_date, df.version_ts
+    FROM diffed df
+    WHERE df.is_new AND df.changed;
+
+    UPDATE dim_customer d
+    SET valid_to = f.first_ts, is_current = false
+    FROM (SELECT customer_id, min(version_ts) AS first_ts
+          FROM ca_new_versions GROUP BY customer_id) f
+    WHERE d.customer_id = f.customer_id AND d.is_current;
+
+    INSERT INTO dim_customer (customer_id, name, email, city, state, country, signup_date,
+                              valid_from, valid_to, is_current)
+    SELECT nv.customer_id, nv.name, nv.email, nv.city, nv.state, nv.country, nv.signup_date,
+           nv.version_ts,
+           COALESCE(lead(nv.version_ts) OVER w, 'infinity'),
+           lead(nv.version_ts) OVER w IS NULL
+    FROM ca_new_versions nv
+    WINDOW w AS (PARTITION BY nv.customer_id ORDER BY nv.version_ts);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    step := 'dim_customer'; rows_affected := n; RETURN NEXT;
+    new_keys := new_keys OR n > 0;
+    -- the fact joins below are planned on these statistics
+    IF new_keys THEN
+        ANALYZE dim_customer, dim_product;
+    END IF;
+
+    /* calendar */
+    SELECT ensure_dim_date(min(d), max(d)) INTO n
+    FROM (SELECT (order_ts AT TIME ZONE tz)::date AS d FROM ca_batch_orders) days;
+    step := 'dim_date'; rows_affected := n; RETURN NEXT;
+
+    /*
+     * The customer version in effect at a timestamp.  A timestamp older
+     * than a customer's first known version belongs to that first version
+     * (its range is opened to -infinity here); an id not in the dimension,
+     * or a guest, is the unknown member.
+     */
+    CREATE TEMP TABLE ca_customer_lookup ON COMMIT DROP AS
+    SELECT d.customer_id, d.customer_key,
+           CASE WHEN row_number() OVER (PARTITION BY d.customer_id ORDER BY d.valid_from) = 1
+                THEN '-infinity'::timestamptz ELSE d.valid_from END AS valid_from,
+           d.valid_to
+    FROM dim_customer d
+    WHERE d.customer_key <> -1
+      AND d.customer_id IN (SELECT o.customer_id FROM ca_batch_orders o);
+    ANALYZE ca_customer_lookup;
+
+    /* order lines */
+    INSERT INTO fact_order_line AS f
+        (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity,
+         unit_price, discount, status, channel, updated_at, stage_id, load_id)
+    SELECT s.order_id, s.line_number,
+           COALESCE(c.customer_key, -1),
+           COALESCE(p.product_key, -1),
+           date_key((s.order_ts AT TIME ZONE tz)::date),
+           s.order_ts, s.quantity, s.unit_price, s.discount, s.status, s.channel,
+           s.updated_at, s.stage_id, s.load_id
+    FROM ca_batch_orders s
+    LEFT JOIN ca_customer_lookup c
+           ON c.customer_id = s.customer_id AND s.order_ts >= c.valid_from AND s.order_ts < c.valid_to
+    LEFT JOIN dim_product p ON p.product_id = s.product_id
+    ON CONFLICT (order_id, line_number) DO UPDATE
+        SET customer_key = excluded.customer_key, product_key = excluded.product_key,
+            date_key = excluded.date_key, order_ts = excluded.order_ts,
+            quantity = excluded.quantity, unit_price = excluded.unit_price,
+            discount = excluded.discount, status = excluded.status,
+            channel = excluded.channel, updated_at = excluded.updated_at,
+            stage_id = excluded.stage_id, load_id = excluded.load_id
+        WHERE excluded.stage_id > f.stage_id
+          AND (f.customer_key, f.product_key, f.order_ts, f.quantity, f.unit_price,
+               f.discount, f.status, f.channel, f.updated_at)
+              IS DISTINCT FROM
+              (excluded.customer_key, excluded.product_key, excluded.order_ts, excluded.quantity,
+               excluded.unit_price, excluded.discount, excluded.status, excluded.channel,
+               excluded.updated_at);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    step := 'fact_order_line'; rows_affected := n; RETURN NEXT;
+
+    /*
+     * Late-arriving dimensions: lines that were mapped to an unknown member
+     * because their customer or product had not arrived yet get the real
+     * key once it has.  Only needed when this run added dimension rows.
+     */
+    n := 0;
+    IF new_keys AND EXISTS (SELECT 1 FROM fact_order_line
+                            WHERE customer_key = -1 OR product_key = -1) THEN
+        WITH latest AS (
+            SELECT DISTINCT ON (s.order_id, s.line_number)
+                   s.order_id, s.line_number, s.customer_id, s.product_id, s.order_ts
+            FROM stg_orders s
+            JOIN fact_order_line f USING (order_id, line_number)
+            WHERE f.customer_key = -1 OR f.product_key = -1
+            ORDER BY s.order_id, s.line_number, s.stage_id DESC
+        ), versions AS (
+            SELECT d.customer_id, d.customer_key,
+                   CASE WHEN row_number() OVER (PARTITION BY d.customer_id ORDER BY d.valid_from) = 1
+                        THEN '-infinity'::timestamptz ELSE d.valid_from END AS valid_from,
+                   d.valid_to
+            FROM dim_customer d
+            WHERE d.customer_key <> -1 AND d.customer_id IN (SELECT l.customer_id FROM latest l)
+        ), resolved AS (
+            SELECT l.order_id, l.line_number,
+                   COALESCE(v.customer_key, -1) AS customer_key,
+                   COALESCE(p.product_key, -1) AS product_key
+            FROM latest l
+            LEFT JOIN versions v
+                   ON v.customer_id = l.customer_id AND l.order_ts >= v.valid_from AND l.order_ts < v.valid_to
+            LEFT JOIN dim_product p ON p.product_id = l.product_id
+        )
+        UPDATE fact_order_line f
+        SET customer_key = r.customer_key, product_key = r.product_key
+        FROM resolved r
+        WHERE f.order_id = r.order_id AND f.line_number = r.line_number
+          AND (f.customer_key, f.product_key) IS DISTINCT FROM (r.customer_key, r.product_key);
+        GET DIAGNOSTICS n = ROW_COUNT;
+    END IF;
+    step := 'late_dimension_fixes'; rows_affected := n; RETURN NEXT;
+
+    INSERT INTO transform_state (singleton, snapshot, system_identifier, last_run_at)
+    VALUES (true, snap, sysid, now())
+    ON CONFLICT (singleton) DO UPDATE
+        SET snapshot = excluded.snapshot,
+            system_identifier = excluded.system_identifier,
+            last_run_at = excluded.last_run_at;
+
+    DROP TABLE ca_batch_products, ca_batch_customers, ca_batch_orders,
+               ca_new_versions, ca_customer_lookup;
+
+    /* clickstream events: their own snapshot, so refresh_clickstream() can run them alone */
+    RETURN QUERY SELECT * FROM transform_events(full_refresh);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.transform_events(full_refresh boolean DEFAULT false)
+RETURNS TABLE (step text, rows_affected bigint)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, pg_temp
+AS $$
+DECLARE
+    saved       event_transform_state;
+    snap        pg_snapshot;
+    prev        pg_snapshot;
+    lo          xid8;
+    hi          xid8;
+    own_xid     xid8;
+    sysid       bigint;
+    tz          text := business_timezone();
+    lateness    interval := event_lateness();
+    cutoff      timestamptz;
+    mark        timestamptz;
+    n           bigint;
+    late        record;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('customer_analytics.transform_events'));
+
+    SELECT system_identifier INTO sysid FROM pg_control_system();
+    SELECT * INTO saved FROM event_transform_state;
+    SELECT w.snap, w.prev, w.lo, w.hi INTO snap, prev, lo, hi
+    FROM ca_staged_window(saved.snapshot, saved.system_identifier, sysid, full_refresh) w;
+    own_xid := pg_current_xact_id_if_assigned();
+    IF prev IS NOT NULL THEN
+        cutoff := saved.watermark - lateness;   -- NULL: no limit, or nothing processed yet
+    END IF;
+
+    CREATE TEMP TABLE ca_batch_events ON COMMIT DROP AS
+    SELECT DISTINCT ON (s.event_id) s.*
+    FROM stg_events s
+    WHERE ca_newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
+    ORDER BY s.event_id, s.stage_id DESC;
+
+    /* too late for an incremental run: leave them staged, say so */
+    n := 0;
+    IF cutoff IS NOT NULL THEN
+        WITH gone AS (
+            DELETE FROM ca_batch_events b
+            WHERE b.event_ts < cutoff
+              -- rows the previous run took from its own transaction come again: not late
+              AND b.staged_xid IS DISTINCT FROM saved.own_xid
+            RETURNING b.event_ts, b.load_id
+        )
+        SELECT count(*) AS events, min(event_ts) AS oldest, max(event_ts) AS newest,
+               array_agg(DISTINCT load_id) FILTER (WHERE load_id IS NOT NULL) AS loads
+        INTO late FROM gone;
+        n := late.events;
+        IF n > 0 THEN
+            PERFORM raise_alert('late_events', 'stg_events',
+                                jsonb_build_object('events', n, 'oldest', late.oldest,
+                                                   'newest', late.newest, 'cutoff', cutoff,
+                                                   'loads', late.loads),
+                                severity => 'warn');
+        END IF;
+    END IF;
+    step := 'fact_event_too_late'; rows_affected := n; RETURN NEXT;
+    ANALYZE ca_batch_events;
+
+    PERFORM ensure_dim_date(min((event_ts AT TIME ZONE tz)::date), max((event_ts AT TIME ZONE tz)::date))
+    FROM ca_batch_events;
+
+    CREATE TEMP TABLE ca_event_customers ON COMMIT DROP AS
+    SELECT d.customer_id, d.customer_key,
+           CASE WHEN row_number() OVER (PARTITION BY d.customer_id ORDER BY d.valid_from) = 1
+                THEN '-infinity'::timestamptz ELSE d.valid_from END AS valid_from,
+           d.valid_to
+    FROM dim_customer d
+    WHERE d.customer_key <> -1
+      AND d.customer_id IN (SELECT e.customer_id FROM ca_batch_events e);
+    ANALYZE ca_event_customers;
+
+    /* anonymous stays NULL, an unknown id is -1 */
+    INSERT INTO fact_event AS f
+        (event_id, event_ts, date_key, customer_key, customer_id, customer_stitched, session_id,
+         event_type, product_key, order_id, channel, device, stage_id, load_id)
+    SELECT s.event_id, s.event_ts, date_key((s.event_ts AT TIME ZONE tz)::date),
+           CASE WHEN s.customer_id IS NULL THEN NULL
+                ELSE COALESCE(c.customer_key, -1) END,
+           s.customer_id, false,
+           s.session_id, s.event_type,
+           CASE WHEN s.product_id IS NULL THEN NULL ELSE COALESCE(p.product_key, -1) END,
+           s.order_id, s.channel, s.device, s.stage_id, s.load_id
+    FROM ca_batch_events s
+    LEFT JOIN ca_event_customers c
+           ON c.customer_id = s.customer_id AND s.event_ts >= c.valid_from AND s.event_ts < c.valid_to
+    LEFT JOIN dim_product p ON p.product_id = s.product_id
+    ON CONFLICT (event_id) DO UPDATE
+        SET event_ts = excluded.event_ts, date_key = excluded.date_key,
+            customer_key = excluded.customer_key, customer_id = excluded.customer_id,
+            customer_stitched = false, session_id = excluded.session_id,
+            event_type = excluded.event_type, product_key = excluded.product_key,
+            order_id = excluded.order_id, channel = excluded.channel,
+            device = excluded.device, stage_id = excluded.stage_id, load_id = excluded.load_id
+        WHERE excluded.stage_id > f.stage_id
+          AND (f.event_ts, f.customer_key, f.customer_id, f.customer_stitched, f.session_id,
+               f.event_type, f.product_key, f.order_id, f.channel, f.device)
+              IS DISTINCT FROM
+              (excluded.event_ts, excluded.customer_key, excluded.customer_id, false,
+               excluded.session_id, excluded.event_type, excluded.product_key,
+               excluded.order_id, excluded.channel, excluded.device);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    step := 'fact_event'; rows_affected := n; RETURN NEXT;
+
+    /*
+     * Identity stitching, over the whole of every session this run touched
+     * (an identifying event may arrive after the anonymous ones, or before).
+     * Walking a session backwards in time, each identified event opens a
+     * group; the anonymous events in its group precede it and take its
+     * customer.
+     */
+    -- only sessions where something can change: an anonymous event and an
+    -- identified one, or events stitched before
+    CREATE TEMP TABLE ca_stitch_sessions ON COMMIT DROP AS
+    SELECT f.session_id
+    FROM fact_event f
+    WHERE f.session_id IN (SELECT b.session_id FROM ca_batch_events b)
+    GROUP BY f.session_id
+    HAVING (bool_or(f.customer_id IS NULL) AND bool_or(f.customer_id IS NOT NULL))
+           OR bool_or(f.customer_stitched);
+    ANALYZE ca_stitch_sessions;
+    WITH sess AS (
+        SELECT f.event_id, f.customer_key, f.customer_id, f.customer_stitched,
+               count(*) FILTER (WHERE f.customer_id IS NOT NULL AND NOT f.customer_stitched)
+                   OVER (PARTITION BY f.session_id ORDER BY f.event_ts DESC, f.event_id DESC
+                         ROWS UNBOUNDED PRECEDING) AS grp,
+               f.session_id
+        FROM fact_event f
+        WHERE f.session_id IN (SELECT c.session_id FROM ca_stitch_sessions c)
+    ), linked AS (
+        SELECT s.event_id, s.customer_key, s.customer_id, s.customer_stitched,
+               max(s.customer_key) FILTER (WHERE s.customer_id IS NOT NULL AND NOT s.customer_stitched)
+                   OVER g AS new_key,
+               max(s.customer_id) FILTER (WHERE s.customer_id IS NOT NULL AND NOT s.customer_stitched)
+                   OVER g AS new_id
+        FROM sess s
+        WINDOW g AS (PARTITION BY s.session_id, s.grp)
+    )
+    UPDATE fact_event f
+    SET customer_key = l.new_key, customer_id = l.new_id, customer_stitched = l.new_id IS NOT NULL
+    FROM linked l
+    WHERE f.event_id = l.event_id
+      AND (l.customer_id IS NULL OR l.customer_stitched)
+      AND (l.customer_key, l.customer_id, l.customer_stitched)
+          IS DISTINCT FROM (l.new_key, l.new_id, l.new_id IS NOT NULL);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    step := 'fact_event_stitched'; rows_affected := n; RETURN NEXT;
+
+    /* late-arriving customers: -1 becomes the version in effect */
+    WITH versions AS (
+        SELECT d.customer_id, d.customer_key,
+               CASE WHEN row_number() OVER (PARTITION BY d.customer_id ORDER BY d.valid_from) = 1
+                    THEN '-infinity'::timestamptz ELSE d.valid_from END AS valid_from,
+               d.valid_to
+        FROM dim_customer d
+        WHERE d.customer_key <> -1
+          AND d.customer_id IN (SELECT e.customer_id FROM fact_event e WHERE e.customer_key = -1)
+    )
+    UPDATE fact_event f
+    SET customer_key = v.customer_key
+    FROM versions v
+    WHERE f.customer_key = -1 AND v.customer_id = f.customer_id
+      AND f.event_ts >= v.valid_from AND f.event_ts < v.valid_to;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    step := 'fact_event_late_customers'; rows_affected := n; RETURN NEXT;
+
+    IF prev IS NULL THEN        -- a full pass: everything staged counts
+        SELECT max(b.event_ts) INTO mark FROM ca_batch_events b;
+    ELSE
+        SELECT GREATEST(saved.watermark, max(b.event_ts)) INTO mark FROM ca_batch_events b;
+    END IF;
+    IF mark > now() THEN
+        mark := now();
+    END IF;
+    INSERT INTO event_transform_state (singleton, snapshot, own_xid, system_identifier, watermark, last_run_at)
+    VALUES (true, snap, own_xid, sysid, mark, now())
+    ON CONFLICT (singleton) DO UPDATE
+        SET snapshot = excluded.snapshot,
+            own_xid = excluded.own_xid,
+            system_identifier = excluded.system_identifier,
+            watermark = excluded.watermark,
+            last_run_at = excluded.last_run_at;
+
+    DROP TABLE ca_batch_events, ca_event_customers, ca_stitch_sessions;
+END
+$$;

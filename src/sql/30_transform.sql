@@ -98,6 +98,36 @@ $$;
 COMMENT ON FUNCTION customer_analytics.ca_newly_staged(xid8, xid8, xid8, pg_snapshot, pg_snapshot, xid8) IS
     'Internal to transform(): whether a staged row belongs to the current run';
 
+/*
+ * The window of staged transactions a run takes, for transform() and
+ * transform_events() alike: those not yet visible to the last run's
+ * snapshot, or everything on a full refresh, on the first run, in another
+ * cluster than the last run's (restored, system identifier changed) or
+ * when the saved snapshot is ahead of this one.
+ */
+CREATE FUNCTION customer_analytics.ca_staged_window(last_snapshot pg_snapshot, last_system bigint,
+                                                    this_system bigint, full_refresh boolean,
+                                                    OUT snap pg_snapshot, OUT prev pg_snapshot,
+                                                    OUT lo xid8, OUT hi xid8)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    snap := pg_current_snapshot();
+    IF full_refresh OR last_snapshot IS NULL OR last_system <> this_system
+       OR pg_snapshot_xmin(last_snapshot) > pg_snapshot_xmax(snap) THEN
+        prev := NULL;           -- everything staged so far
+        lo := '0'::xid8;
+    ELSE
+        prev := last_snapshot;
+        lo := pg_snapshot_xmin(prev);   -- all below were visible to the last run
+    END IF;
+    hi := pg_snapshot_xmax(snap);
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.ca_staged_window(pg_snapshot, bigint, bigint, boolean) IS
+    'Internal to transform() and transform_events(): this run''s snapshot and the window of staged transactions it takes (prev NULL: every staged row)';
+
 CREATE FUNCTION customer_analytics.transform(full_refresh boolean DEFAULT false)
 RETURNS TABLE (step text, rows_affected bigint)
 LANGUAGE plpgsql VOLATILE
@@ -120,17 +150,9 @@ BEGIN
 
     SELECT system_identifier INTO sysid FROM pg_control_system();
     SELECT * INTO saved FROM transform_state;
-    snap := pg_current_snapshot();
+    SELECT w.snap, w.prev, w.lo, w.hi INTO snap, prev, lo, hi
+    FROM ca_staged_window(saved.snapshot, saved.system_identifier, sysid, full_refresh) w;
     own_xid := pg_current_xact_id_if_assigned();
-    IF full_refresh OR saved IS NULL OR saved.system_identifier <> sysid
-       OR pg_snapshot_xmin(saved.snapshot) > pg_snapshot_xmax(snap) THEN
-        prev := NULL;           -- everything staged so far
-        lo := '0'::xid8;
-    ELSE
-        prev := saved.snapshot;
-        lo := pg_snapshot_xmin(prev);   -- all below were visible to the last run
-    END IF;
-    hi := pg_snapshot_xmax(snap);
 
     /* the staged rows of this run, latest version per natural key */
     CREATE TEMP TABLE ca_batch_products ON COMMIT DROP AS
@@ -387,18 +409,12 @@ BEGIN
 
     SELECT system_identifier INTO sysid FROM pg_control_system();
     SELECT * INTO saved FROM event_transform_state;
-    snap := pg_current_snapshot();
+    SELECT w.snap, w.prev, w.lo, w.hi INTO snap, prev, lo, hi
+    FROM ca_staged_window(saved.snapshot, saved.system_identifier, sysid, full_refresh) w;
     own_xid := pg_current_xact_id_if_assigned();
-    IF full_refresh OR saved IS NULL OR saved.system_identifier <> sysid
-       OR pg_snapshot_xmin(saved.snapshot) > pg_snapshot_xmax(snap) THEN
-        prev := NULL;
-        lo := '0'::xid8;
-    ELSE
-        prev := saved.snapshot;
-        lo := pg_snapshot_xmin(prev);
+    IF prev IS NOT NULL THEN
         cutoff := saved.watermark - lateness;   -- NULL: no limit, or nothing processed yet
     END IF;
-    hi := pg_snapshot_xmax(snap);
 
     CREATE TEMP TABLE ca_batch_events ON COMMIT DROP AS
     SELECT DISTINCT ON (s.event_id) s.*
