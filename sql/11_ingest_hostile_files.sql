@@ -5,7 +5,7 @@
 -- directory loads its good files while each hostile entry is a failed load
 -- with its reason.  generate_sample_data() writes through no link and into
 -- no FIFO.  (FIFOs with a writer, sockets and cancels are in
--- t/007_hostile_files.pl.)
+-- t/019_hostile_files.pl.)
 SET client_min_messages = warning;
 SET search_path = customer_analytics, public;
 
