@@ -1688,24 +1688,28 @@ check_server_path(const char *path, const char *what)
 	return canon;
 }
 
-/* What a file that is not a regular one is, for messages. */
+/* What kind of file a mode is, for messages. */
 const char *
 ca_file_type_name(mode_t mode)
 {
-	if (S_ISREG(mode))
-		return "a regular file";
-	if (S_ISDIR(mode))
-		return "a directory";
-	if (S_ISFIFO(mode))
-		return "a FIFO (named pipe)";
-	if (S_ISSOCK(mode))
-		return "a socket";
-	if (S_ISCHR(mode))
-		return "a character device";
-	if (S_ISBLK(mode))
-		return "a block device";
-	if (S_ISLNK(mode))
-		return "a symbolic link";
+	static const struct
+	{
+		mode_t		type;
+		const char *name;
+	}			types[] =
+	{
+		{S_IFREG, "a regular file"},
+		{S_IFDIR, "a directory"},
+		{S_IFIFO, "a FIFO (named pipe)"},
+		{S_IFSOCK, "a socket"},
+		{S_IFCHR, "a character device"},
+		{S_IFBLK, "a block device"},
+		{S_IFLNK, "a symbolic link"},
+	};
+
+	for (int i = 0; i < lengthof(types); i++)
+		if ((mode & S_IFMT) == types[i].type)
+			return types[i].name;
 	return "a special file";
 }
 
