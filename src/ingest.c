@@ -2059,6 +2059,18 @@ load_source(IngestState *st)
 }
 
 /*
+ * Cancel, terminate and resource exhaustion end a landing directory's load
+ * rather than failing one of its files.
+ */
+static bool
+error_ends_directory(int sqlerrcode)
+{
+	return sqlerrcode == ERRCODE_QUERY_CANCELED ||
+		sqlerrcode == ERRCODE_ADMIN_SHUTDOWN ||
+		ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_INSUFFICIENT_RESOURCES;
+}
+
+/*
  * Load one file or text into the target, with exactly-once bookkeeping.
  * fd is an open_server_file() descriptor, or -1 for client text (data, size
  * given); the caller closes it.
@@ -2168,9 +2180,7 @@ ingest_one(Relation rel, IngestOptions *opts, int fd, const char *label,
 		 * on; a direct call reports the error to its caller.  Cancel and the
 		 * like always go up.
 		 */
-		if (!from_directory || edata->sqlerrcode == ERRCODE_QUERY_CANCELED ||
-			edata->sqlerrcode == ERRCODE_ADMIN_SHUTDOWN ||
-			ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_INSUFFICIENT_RESOURCES)
+		if (!from_directory || error_ends_directory(edata->sqlerrcode))
 			ReThrowError(edata);
 		failure = psprintf("%s [SQLSTATE %s]", edata->message, unpack_sql_state(edata->sqlerrcode));
 		ereport(WARNING,
@@ -2405,9 +2415,7 @@ open_directory_entry(Relation rel, IngestOptions *opts, const char *target_name,
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(oldcxt);
 		CurrentResourceOwner = oldowner;
-		if (edata->sqlerrcode == ERRCODE_QUERY_CANCELED ||
-			edata->sqlerrcode == ERRCODE_ADMIN_SHUTDOWN ||
-			ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_INSUFFICIENT_RESOURCES)
+		if (error_ends_directory(edata->sqlerrcode))
 			ReThrowError(edata);
 	}
 	PG_END_TRY();
