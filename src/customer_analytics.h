@@ -22,6 +22,9 @@ extern char *ca_business_timezone;
 /* a timestamptz, timestamp or date column's value as timestamptz */
 extern TimestampTz ca_datum_to_timestamptz(Datum d, Oid type);
 
+/* ingest.c: what a file is ("a FIFO (named pipe)", ...), for messages */
+extern const char *ca_file_type_name(mode_t mode);
+
 /* per-module settings, defined from _PG_init */
 extern void ca_ingest_init(void);
 extern void ca_rfm_init(void);

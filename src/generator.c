@@ -26,8 +26,10 @@
  */
 #include "postgres.h"
 
+#include <fcntl.h>
 #include <math.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "access/table.h"
 #include "catalog/namespace.h"
@@ -923,7 +925,7 @@ typedef struct GenOutput
 	const char *load_id;		/* table mode: appended to every record */
 
 	/* file mode */
-	FILE	   *file;
+	int			fd;				/* -1: no file open (or table mode) */
 	char	   *path;
 	int64		line;			/* lines written to the current file */
 	int64		file_rows;		/* good rows in the current file */
@@ -1029,14 +1031,29 @@ write_record(GenOutput *out, Record *rec, const DefectSpec *defect)
 static void
 flush_file_buffer(GenOutput *out)
 {
-	if (out->file && out->buf->len > 0)
+	if (out->fd < 0 || out->buf->len == 0)
+		return;
+	for (int done = 0; done < out->buf->len;)
 	{
-		if (fwrite(out->buf->data, 1, out->buf->len, out->file) != (size_t) out->buf->len)
+		ssize_t		n = write(out->fd, out->buf->data + done, out->buf->len - done);
+
+		if (n < 0 && errno == EINTR)
+		{
+			CHECK_FOR_INTERRUPTS();
+			continue;
+		}
+		if (n <= 0)
+		{
+			/* a short write without an error means no space left */
+			if (n == 0)
+				errno = ENOSPC;
 			ereport(ERROR,
 					(errcode_for_file_access(),
 					 errmsg("could not write sample data file \"%s\": %m", out->path)));
-		resetStringInfo(out->buf);
+		}
+		done += n;
 	}
+	resetStringInfo(out->buf);
 }
 
 static void
@@ -1064,7 +1081,7 @@ emit_record(GenOutput *out, Record *rec)
 {
 	write_record(out, rec, NULL);
 	out->rows++;
-	if (out->file)
+	if (out->fd >= 0)
 	{
 		out->line++;
 		out->file_rows++;
@@ -1477,10 +1494,135 @@ load_table(Generator *g, GenTable t, Oid nspid, GenOutput *out, Record *rec)
  * File mode: one CSV file per table and calendar month.
  * ---------------------------------------------------------------------
  */
+/* Close a plain descriptor of ours (out of fd.c's accounting). */
+static void
+close_fd(int *fd, const char *path)
+{
+	int			rc;
+
+	if (*fd < 0)
+		return;
+	rc = close(*fd);
+	*fd = -1;
+	ReleaseExternalFD();
+	if (rc != 0 && path)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not close sample data file \"%s\": %m", path)));
+}
+
+/*
+ * Refuse what stands where a table's directory (want_dir) or a sample data
+ * file should be, when it is a symbolic link (it could point anywhere the
+ * server may write) or of the wrong type (a FIFO would block the writer or
+ * hand the rows to whoever reads it).  open_errno is the failed open's.
+ */
+static void
+pg_attribute_noreturn()
+refuse_output_path(const char *path, bool want_dir, int open_errno)
+{
+	struct stat st;
+
+	if (lstat(path, &st) == 0 && S_ISLNK(st.st_mode))
+	{
+		char		target[MAXPGPATH];
+		ssize_t		len = readlink(path, target, sizeof(target) - 1);
+
+		target[Max(len, 0)] = '\0';
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("sample data path \"%s\" is a symbolic link to \"%s\"", path, target),
+				 errdetail("generate_sample_data() writes only files of its own and follows no link out of its directory."),
+				 errhint("Remove the link, or write to another directory.")));
+	}
+	if (lstat(path, &st) == 0 && (want_dir ? !S_ISDIR(st.st_mode) : !S_ISREG(st.st_mode)))
+		ereport(ERROR,
+				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+				 errmsg("sample data path \"%s\" is %s, not a %s", path, ca_file_type_name(st.st_mode),
+						want_dir ? "directory" : "regular file"),
+				 errhint("Remove it, or write to another directory.")));
+	errno = open_errno;
+	ereport(ERROR,
+			(errcode_for_file_access(),
+			 errmsg("could not open sample data %s \"%s\" for writing: %m",
+					want_dir ? "directory" : "file", path)));
+}
+
+/*
+ * Open <directory>/<table>/<name> for writing, following no link below the
+ * directory the caller named: each level is opened relative to the one
+ * above with O_NOFOLLOW, so a link swapped in between two steps is refused
+ * rather than followed.  The file is opened without blocking (a FIFO with
+ * no reader fails at once instead of waiting for one) and must be a regular
+ * file; only then is it truncated.  The descriptor is a plain one, closed
+ * by close_output_file() or, on error, by write_files().
+ */
+static int
+open_sample_file(const char *directory, const char *table, const char *name, const char *path)
+{
+	char	   *tdir = psprintf("%s/%s", directory, table);
+	char	   *mkdir_path = pstrdup(directory);
+	struct stat st;
+	int			dfd;
+	int			tfd;
+	int			fd;
+	int			save_errno;
+	int			flags;
+
+	if (pg_mkdir_p(mkdir_path, pg_dir_create_mode) != 0 && errno != EEXIST)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not create directory \"%s\": %m", directory)));
+	dfd = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (dfd < 0)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not open directory \"%s\": %m", directory)));
+	if (mkdirat(dfd, table, pg_dir_create_mode) != 0 && errno != EEXIST)
+	{
+		save_errno = errno;
+		close(dfd);
+		errno = save_errno;
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not create directory \"%s\": %m", tdir)));
+	}
+	tfd = openat(dfd, table, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	save_errno = errno;
+	close(dfd);
+	if (tfd < 0)
+		refuse_output_path(tdir, true, save_errno);
+
+	fd = openat(tfd, name, O_WRONLY | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC,
+				pg_file_create_mode);
+	save_errno = errno;
+	close(tfd);
+	if (fd < 0)
+		refuse_output_path(path, false, save_errno);
+	ReserveExternalFD();
+	if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+	{
+		save_errno = errno;
+		close_fd(&fd, NULL);
+		refuse_output_path(path, false, save_errno);
+	}
+	flags = fcntl(fd, F_GETFL);
+	if (ftruncate(fd, 0) != 0 || flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0)
+	{
+		save_errno = errno;
+		close_fd(&fd, NULL);
+		errno = save_errno;
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not truncate sample data file \"%s\": %m", path)));
+	}
+	return fd;
+}
+
 static void
 close_output_file(GenOutput *out, Record *rec)
 {
-	if (out->file == NULL)
+	if (out->fd < 0)
 		return;
 
 	/*
@@ -1490,11 +1632,7 @@ close_output_file(GenOutput *out, Record *rec)
 	while (out->npending > 0 && out->file_rows > 0)
 		plant_defect(out, rec);
 	flush_file_buffer(out);
-	if (FreeFile(out->file) != 0)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("could not close sample data file \"%s\": %m", out->path)));
-	out->file = NULL;
+	close_fd(&out->fd, out->path);
 }
 
 static void
@@ -1502,21 +1640,13 @@ open_output_file(GenOutput *out, const Generator *g, const char *directory,
 				 GenTable t, int month, bool with_defects)
 {
 	int			key = g->first_month_key + month;
-	char	   *dir = psprintf("%s/%s", directory, table_names[t]);
+	char	   *name = psprintf("%s_%04d-%02d.csv", table_names[t], key / 12, key % 12 + 1);
 	int			ndefects = 0;
 	int			k = 0;
 	int			nmonths = (t == T_CUSTOMERS || t == T_PRODUCTS) ? 1 : g->nmonths;
 
-	if (pg_mkdir_p(dir, pg_dir_create_mode) != 0 && errno != EEXIST)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("could not create directory \"%s\": %m", dir)));
-	out->path = psprintf("%s/%s_%04d-%02d.csv", dir, table_names[t], key / 12, key % 12 + 1);
-	out->file = AllocateFile(out->path, PG_BINARY_W);
-	if (out->file == NULL)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("could not open sample data file \"%s\" for writing: %m", out->path)));
+	out->path = psprintf("%s/%s/%s", directory, table_names[t], name);
+	out->fd = open_sample_file(directory, table_names[t], name, out->path);
 	out->files++;
 	out->line = 1;
 	out->file_rows = 0;
@@ -1550,32 +1680,42 @@ write_files(Generator *g, GenTable t, const char *directory, bool with_defects,
 	int			nunits = table_units(g, t);
 	int			current_month = -1;
 
-	for (int unit = 0; unit < nunits; unit++)
+	PG_TRY();
 	{
-		int			month = unit_month(g, t, unit);
-
-		if (month != current_month)
+		for (int unit = 0; unit < nunits; unit++)
 		{
-			close_output_file(out, rec);
-			current_month = month;
-			/* monthly units with nothing to say get no file */
-			if (t == T_PRODUCTS && month > 0)
-			{
-				bool		any = false;
+			int			month = unit_month(g, t, unit);
 
-				for (int i = 0; i < g->nproducts && !any; i++)
-					any = g->products[i].price_change_day >= 0 &&
-						month_index(g, g->products[i].price_change_day) == month;
-				if (!any)
-					continue;
+			if (month != current_month)
+			{
+				close_output_file(out, rec);
+				current_month = month;
+				/* monthly units with nothing to say get no file */
+				if (t == T_PRODUCTS && month > 0)
+				{
+					bool		any = false;
+
+					for (int i = 0; i < g->nproducts && !any; i++)
+						any = g->products[i].price_change_day >= 0 &&
+							month_index(g, g->products[i].price_change_day) == month;
+					if (!any)
+						continue;
+				}
+				open_output_file(out, g, directory, t, month, with_defects);
 			}
-			open_output_file(out, g, directory, t, month, with_defects);
+			if (out->fd < 0)
+				continue;
+			emit_unit(g, t, unit, out, rec);
 		}
-		if (out->file == NULL)
-			continue;
-		emit_unit(g, t, unit, out, rec);
+		close_output_file(out, rec);
 	}
-	close_output_file(out, rec);
+	PG_CATCH();
+	{
+		/* a plain descriptor: no resource owner closes it */
+		close_fd(&out->fd, NULL);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
 }
 
 /* ---------------------------------------------------------------------
@@ -1717,6 +1857,7 @@ ca_generate_sample_data(PG_FUNCTION_ARGS)
 		if (t == T_EVENTS && !with_events)
 			continue;
 		memset(&out, 0, sizeof(out));
+		out.fd = -1;
 		if (directory)
 		{
 			out.buf = &filebuf;

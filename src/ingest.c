@@ -46,8 +46,10 @@
  */
 #include "postgres.h"
 
+#include <fcntl.h>
 #include <fnmatch.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "access/heapam.h"
 #include "access/table.h"
@@ -108,7 +110,7 @@ ca_ingest_init(void)
 {
 	DefineCustomStringVariable(CA_GUC_PREFIX ".ingest_allowed_directories",
 							   "Directories ingest_csv() and ingest_directory() may read from (comma-separated); empty: any.",
-							   "Paths are made absolute and '..' is resolved before the check, so it cannot be escaped.",
+							   "The file actually opened is checked, with its links resolved, so neither '..' nor a symbolic link leads out.",
 							   &allowed_directories,
 							   "",
 							   PGC_SUSET,
@@ -143,7 +145,7 @@ typedef struct IngestOptions
  */
 typedef struct ByteSource
 {
-	FILE	   *file;			/* NULL for memory */
+	int			fd;				/* -1 for memory */
 	const char *path;			/* for messages */
 	const char *data;			/* memory source */
 	int64		size;
@@ -159,20 +161,28 @@ source_pread(ByteSource *src, int64 pos, char *buf, size_t n)
 	if (pos >= src->size || n == 0)
 		return 0;
 	n = Min(n, (size_t) (src->size - pos));
-	if (src->file == NULL)
+	if (src->fd < 0)
 	{
 		memcpy(buf, src->data + pos, n);
 		return n;
 	}
-	if (fseeko(src->file, (off_t) pos, SEEK_SET) != 0)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("could not seek in file \"%s\": %m", src->path)));
-	n = fread(buf, 1, n, src->file);
-	if (ferror(src->file))
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("could not read file \"%s\": %m", src->path)));
+	for (size_t done = 0; done < n;)
+	{
+		ssize_t		got = pg_pread(src->fd, buf + done, n - done, (off_t) (pos + done));
+
+		if (got < 0 && errno == EINTR)
+		{
+			CHECK_FOR_INTERRUPTS();
+			continue;
+		}
+		if (got < 0)
+			ereport(ERROR,
+					(errcode_for_file_access(),
+					 errmsg("could not read file \"%s\": %m", src->path)));
+		if (got == 0)
+			return done;
+		done += got;
+	}
 	return n;
 }
 
@@ -197,6 +207,7 @@ source_hash_upto(ByteSource *src, int64 upto)
 		if (n == 0)
 			break;
 		source_hash(src, src->scratch, n);
+		CHECK_FOR_INTERRUPTS();
 	}
 }
 
@@ -221,6 +232,16 @@ source_produce(void *arg, StringInfo out)
 		out->len += n;
 		out->data[out->len] = '\0';
 		src->pos += n;
+	}
+	else if (src->pos < src->size)
+	{
+		/* else COPY would wait forever for the bytes fstat() promised */
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("file \"%s\" shrank while it was being read", src->path),
+				 errdetail("It had " INT64_FORMAT " bytes when it was opened; reading stopped at byte " INT64_FORMAT ".",
+						   src->size, src->pos),
+				 errhint("Write files into the landing directory under another name and rename them when complete.")));
 	}
 	return src->pos < src->size;
 }
@@ -691,7 +712,7 @@ report_progress(IngestState *st, bool restart)
 	if (restart)
 		pgstat_progress_start_command(PROGRESS_COMMAND_COPY, RelationGetRelid(st->rel));
 	values[0] = PROGRESS_COPY_COMMAND_FROM;
-	values[1] = st->src->file ? PROGRESS_COPY_TYPE_FILE : PROGRESS_COPY_TYPE_CALLBACK;
+	values[1] = st->src->fd >= 0 ? PROGRESS_COPY_TYPE_FILE : PROGRESS_COPY_TYPE_CALLBACK;
 	values[2] = st->src->size;
 	values[3] = st->rows_loaded;
 	values[4] = st->rows_rejected;
@@ -1596,6 +1617,46 @@ check_target(Relation rel)
 	}
 }
 
+/*
+ * Whether an absolute, canonical path lies in one of the allowed
+ * directories (any path when none are set).  Each directory is matched as
+ * written and with its links resolved: the path of an opened file has
+ * every link resolved, while the setting may well name a link.
+ */
+static bool
+path_is_allowed(const char *canon)
+{
+	List	   *dirs;
+	ListCell   *lc;
+	char	   *list;
+
+	if (allowed_directories == NULL || allowed_directories[0] == '\0')
+		return true;
+	list = pstrdup(allowed_directories);
+	if (!SplitDirectoriesString(list, ',', &dirs))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid customer_analytics.ingest_allowed_directories")));
+	foreach(lc, dirs)
+	{
+		char	   *dir = lfirst(lc);
+		char	   *real;
+		bool		inside;
+
+		canonicalize_path(dir);
+		if (path_is_prefix_of_path(dir, canon))
+			return true;
+		real = realpath(dir, NULL);
+		if (real == NULL)
+			continue;
+		inside = path_is_prefix_of_path(real, canon);
+		free(real);
+		if (inside)
+			return true;
+	}
+	return false;
+}
+
 /* An absolute, canonical path inside the allowed directories, if any. */
 static char *
 check_server_path(const char *path, const char *what)
@@ -1618,33 +1679,155 @@ check_server_path(const char *path, const char *what)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("%s \"%s\" leaves its directory with \"..\"", what, path)));
-	if (allowed_directories && allowed_directories[0] != '\0')
-	{
-		List	   *dirs;
-		ListCell   *lc;
-		bool		ok = false;
-		char	   *list = pstrdup(allowed_directories);
-
-		if (!SplitDirectoriesString(list, ',', &dirs))
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("invalid customer_analytics.ingest_allowed_directories")));
-		foreach(lc, dirs)
-		{
-			char	   *dir = lfirst(lc);
-
-			canonicalize_path(dir);
-			if (path_is_prefix_of_path(dir, canon))
-				ok = true;
-		}
-		if (!ok)
-			ereport(ERROR,
-					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-					 errmsg("%s \"%s\" is outside the directories ingestion may read", what, canon),
-					 errdetail("customer_analytics.ingest_allowed_directories is \"%s\".", allowed_directories),
-					 errhint("Move the file into one of them, or ask an administrator to allow its directory.")));
-	}
+	if (!path_is_allowed(canon))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("%s \"%s\" is outside the directories ingestion may read", what, canon),
+				 errdetail("customer_analytics.ingest_allowed_directories is \"%s\".", allowed_directories),
+				 errhint("Move the file into one of them, or ask an administrator to allow its directory.")));
 	return canon;
+}
+
+/* What kind of file a mode is, for messages. */
+const char *
+ca_file_type_name(mode_t mode)
+{
+	static const struct
+	{
+		mode_t		type;
+		const char *name;
+	}			types[] =
+	{
+		{S_IFREG, "a regular file"},
+		{S_IFDIR, "a directory"},
+		{S_IFIFO, "a FIFO (named pipe)"},
+		{S_IFSOCK, "a socket"},
+		{S_IFCHR, "a character device"},
+		{S_IFBLK, "a block device"},
+		{S_IFLNK, "a symbolic link"},
+	};
+
+	for (int i = 0; i < lengthof(types); i++)
+		if ((mode & S_IFMT) == types[i].type)
+			return types[i].name;
+	return "a special file";
+}
+
+static void
+pg_attribute_noreturn()
+refuse_file_type(const char *path, mode_t mode)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_WRONG_OBJECT_TYPE),
+			 errmsg("file \"%s\" is %s, not a regular file", path, ca_file_type_name(mode)),
+			 errdetail("Ingestion reads only regular files: a FIFO, socket or device could block the server process, and a directory holds no rows."),
+			 S_ISDIR(mode)
+			 ? errhint("Use ingest_directory() to load the files of a directory.")
+			 : errhint("Write the data to a regular file and load that.")));
+}
+
+/*
+ * The real path of an open file, as the kernel resolved it when the file
+ * was opened: a link swapped in since cannot change it.
+ */
+static char *
+opened_file_path(int fd, const char *path)
+{
+	char		proc_link[64];
+	char		real[MAXPGPATH];
+	ssize_t		len;
+
+	snprintf(proc_link, sizeof(proc_link), "/proc/self/fd/%d", fd);
+	len = readlink(proc_link, real, sizeof(real));
+	if (len >= (ssize_t) sizeof(real))
+	{
+		len = -1;
+		errno = ENAMETOOLONG;
+	}
+	if (len < 0)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not find the real path of \"%s\" through \"%s\": %m", path, proc_link),
+				 errdetail("With customer_analytics.ingest_allowed_directories set, the file actually opened is checked, which needs /proc.")));
+	real[len] = '\0';
+	return pstrdup(real);
+}
+
+/*
+ * Refuse an opened file or directory whose real path leaves the allowed
+ * directories (a link inside them pointing out), naming where it leads.
+ */
+static void
+check_opened_path(int fd, const char *path, const char *what)
+{
+	char	   *real;
+
+	if (allowed_directories == NULL || allowed_directories[0] == '\0')
+		return;
+	real = opened_file_path(fd, path);
+	if (!path_is_allowed(real))
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("%s \"%s\" leads to \"%s\", outside the directories ingestion may read", what, path, real),
+				 errdetail("A symbolic link on its path points out of customer_analytics.ingest_allowed_directories (\"%s\").",
+						   allowed_directories),
+				 errhint("Copy the data into one of those directories instead of linking to it.")));
+}
+
+/* An opened server file, checked, and what fstat() said of it. */
+typedef struct ServerFile
+{
+	int			fd;
+	int64		size;
+	TimestampTz mtime;
+} ServerFile;
+
+/*
+ * Open a server file to load.  The open does not block (a FIFO without a
+ * writer would otherwise hold the backend in open(), deaf to cancel and
+ * terminate), and then the descriptor itself is checked: its real path
+ * must be inside the allowed directories and it must be a regular file.
+ * Everything is read from that same descriptor, so a file swapped for a
+ * link after the checks is never read.  The file is a transient one of
+ * the current (sub)transaction: an error closes it.
+ */
+static void
+open_server_file(const char *path, ServerFile *f)
+{
+	struct stat st;
+	int			fd;
+	int			flags;
+
+	fd = OpenTransientFile(path, O_RDONLY | O_NONBLOCK | O_NOCTTY | PG_BINARY);
+	if (fd < 0)
+	{
+		int			save_errno = errno;
+
+		/* a socket cannot be opened at all: say what it is */
+		if (save_errno == ENXIO && stat(path, &st) == 0 && !S_ISREG(st.st_mode))
+			refuse_file_type(path, st.st_mode);
+		errno = save_errno;
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not read file \"%s\": %m", path)));
+	}
+	check_opened_path(fd, path, "file");
+	if (fstat(fd, &st) != 0)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not stat file \"%s\": %m", path)));
+	if (!S_ISREG(st.st_mode))
+		refuse_file_type(path, st.st_mode);
+
+	/* a regular file: plain blocking reads from here on */
+	flags = fcntl(fd, F_GETFL);
+	if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) < 0)
+		ereport(ERROR,
+				(errcode_for_file_access(),
+				 errmsg("could not set file \"%s\" to blocking reads: %m", path)));
+	f->fd = fd;
+	f->size = st.st_size;
+	f->mtime = time_t_to_timestamptz(st.st_mtime) + st.st_mtim.tv_nsec / 1000;
 }
 
 /* ---------------------------------------------------------------------
@@ -1876,11 +2059,24 @@ load_source(IngestState *st)
 }
 
 /*
+ * Cancel, terminate and resource exhaustion end a landing directory's load
+ * rather than failing one of its files.
+ */
+static bool
+error_ends_directory(int sqlerrcode)
+{
+	return sqlerrcode == ERRCODE_QUERY_CANCELED ||
+		sqlerrcode == ERRCODE_ADMIN_SHUTDOWN ||
+		ERRCODE_TO_CATEGORY(sqlerrcode) == ERRCODE_INSUFFICIENT_RESOURCES;
+}
+
+/*
  * Load one file or text into the target, with exactly-once bookkeeping.
- * path is NULL for client text (data, size given).
+ * fd is an open_server_file() descriptor, or -1 for client text (data, size
+ * given); the caller closes it.
  */
 static LoadResult
-ingest_one(Relation rel, IngestOptions *opts, const char *path, const char *label,
+ingest_one(Relation rel, IngestOptions *opts, int fd, const char *label,
 		   const char *data, int64 size, TimestampTz mtime, bool from_directory)
 {
 	IngestState *st = palloc0(sizeof(IngestState));
@@ -1893,7 +2089,7 @@ ingest_one(Relation rel, IngestOptions *opts, const char *path, const char *labe
 	char	   *volatile checksum = NULL;
 	const char *volatile status = NULL;
 	char	   *failure = NULL;
-	bool		have_mtime = (path != NULL);
+	bool		have_mtime = (fd >= 0);
 
 	st->rel = rel;
 	st->tupdesc = RelationGetDescr(rel);
@@ -1904,13 +2100,14 @@ ingest_one(Relation rel, IngestOptions *opts, const char *path, const char *labe
 	st->copy_options = copy_options_list(opts);
 	st->src = src;
 	src->path = label;
+	src->fd = fd;
 	src->data = data;
 	src->size = size;
 	src->scratch = palloc(SOURCE_CHUNK);
 
 	/* the same file (name, size, mtime) is not read again */
 	lock_pair("file", st->target_name, label);
-	if (path && !opts->force && !opts->validate)
+	if (fd >= 0 && !opts->force && !opts->validate)
 	{
 		int64		loaded = find_loaded(st->target_name, "file", label, size, mtime, true);
 
@@ -1937,14 +2134,6 @@ ingest_one(Relation rel, IngestOptions *opts, const char *path, const char *labe
 	MemoryContextSwitchTo(oldcxt);
 	PG_TRY();
 	{
-		if (path)
-		{
-			src->file = AllocateFile(path, PG_BINARY_R);
-			if (src->file == NULL)
-				ereport(ERROR,
-						(errcode_for_file_access(),
-						 errmsg("could not open file \"%s\" for reading: %m", path)));
-		}
 		src->hash = pg_cryptohash_create(PG_SHA256);
 		if (pg_cryptohash_init(src->hash) < 0)
 			elog(ERROR, "could not initialize SHA-256 checksum");
@@ -1952,11 +2141,6 @@ ingest_one(Relation rel, IngestOptions *opts, const char *path, const char *labe
 		setup_executor(st);
 		load_source(st);
 		checksum = source_finish_checksum(src);
-		if (src->file)
-		{
-			FreeFile(src->file);
-			src->file = NULL;
-		}
 		teardown_executor(st);
 
 		/* the same content loaded before (or concurrently) is skipped */
@@ -1996,9 +2180,7 @@ ingest_one(Relation rel, IngestOptions *opts, const char *path, const char *labe
 		 * on; a direct call reports the error to its caller.  Cancel and the
 		 * like always go up.
 		 */
-		if (!from_directory || edata->sqlerrcode == ERRCODE_QUERY_CANCELED ||
-			edata->sqlerrcode == ERRCODE_ADMIN_SHUTDOWN ||
-			ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_INSUFFICIENT_RESOURCES)
+		if (!from_directory || error_ends_directory(edata->sqlerrcode))
 			ReThrowError(edata);
 		failure = psprintf("%s [SQLSTATE %s]", edata->message, unpack_sql_state(edata->sqlerrcode));
 		ereport(WARNING,
@@ -2137,24 +2319,6 @@ open_target(FunctionCallInfo fcinfo)
 	return rel;
 }
 
-static void
-stat_file(const char *path, int64 *size, TimestampTz *mtime)
-{
-	struct stat st;
-
-	if (stat(path, &st) != 0)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("could not read file \"%s\": %m", path)));
-	if (S_ISDIR(st.st_mode))
-		ereport(ERROR,
-				(errcode(ERRCODE_WRONG_OBJECT_TYPE),
-				 errmsg("\"%s\" is a directory", path),
-				 errhint("Use ingest_directory() to load the files of a directory.")));
-	*size = st.st_size;
-	*mtime = time_t_to_timestamptz(st.st_mtime) + st.st_mtim.tv_nsec / 1000;
-}
-
 /* ingest_csv(target, path, options...) */
 Datum
 ca_ingest_csv(PG_FUNCTION_ARGS)
@@ -2163,8 +2327,7 @@ ca_ingest_csv(PG_FUNCTION_ARGS)
 	IngestOptions *opts;
 	Relation	rel;
 	char	   *path;
-	int64		size;
-	TimestampTz mtime;
+	ServerFile	f;
 	LoadResult	r;
 
 	if (PG_ARGISNULL(1))
@@ -2174,9 +2337,10 @@ ca_ingest_csv(PG_FUNCTION_ARGS)
 	path = check_server_path(text_to_cstring(PG_GETARG_TEXT_PP(1)), "file");
 	opts = parse_options(fcinfo, 2, true, true);
 	rel = open_target(fcinfo);
-	stat_file(path, &size, &mtime);
+	open_server_file(path, &f);
 	InitMaterializedSRF(fcinfo, 0);
-	r = ingest_one(rel, opts, path, path, NULL, size, mtime, false);
+	r = ingest_one(rel, opts, f.fd, path, NULL, f.size, f.mtime, false);
+	CloseTransientFile(f.fd);
 	put_result(rsinfo, &r);
 	table_close(rel, NoLock);
 	return (Datum) 0;
@@ -2202,7 +2366,7 @@ ca_ingest_csv_text(PG_FUNCTION_ARGS)
 	label = text_arg_or(fcinfo, 14, "client data");
 	rel = open_target(fcinfo);
 	InitMaterializedSRF(fcinfo, 0);
-	r = ingest_one(rel, opts, NULL, label, VARDATA_ANY(data), VARSIZE_ANY_EXHDR(data), 0, false);
+	r = ingest_one(rel, opts, -1, label, VARDATA_ANY(data), VARSIZE_ANY_EXHDR(data), 0, false);
 	put_result(rsinfo, &r);
 	table_close(rel, NoLock);
 	return (Datum) 0;
@@ -2212,6 +2376,76 @@ static int
 compare_names(const void *a, const void *b)
 {
 	return strcmp(*(char *const *) a, *(char *const *) b);
+}
+
+/*
+ * Open one entry of a landing directory, in a subtransaction so that a
+ * refusal can be caught.  An entry that cannot be loaded (a FIFO, a
+ * device, a link out of the allowed directories, an unreadable file)
+ * becomes a failed load with its reason and a WARNING, and the directory
+ * goes on; one that disappeared since the directory was listed (moved
+ * away by its writer) is passed over quietly.
+ */
+static bool
+open_directory_entry(Relation rel, IngestOptions *opts, const char *target_name,
+					 const char *path, ServerFile *f, ReturnSetInfo *rsinfo)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+	TimestampTz started = GetCurrentTimestamp();
+	ErrorData  *volatile edata = NULL;
+	IngestState *st;
+	LoadResult	r;
+	struct stat lst;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcxt);
+	PG_TRY();
+	{
+		open_server_file(path, f);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(oldcxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+		if (error_ends_directory(edata->sqlerrcode))
+			ReThrowError(edata);
+	}
+	PG_END_TRY();
+	if (edata == NULL)
+		return true;
+	if (edata->sqlerrcode == ERRCODE_UNDEFINED_FILE && lstat(path, &lst) != 0 && errno == ENOENT)
+		return false;
+
+	ereport(WARNING,
+			(errmsg("could not load \"%s\" into %s: %s", path, target_name, edata->message),
+			 edata->detail ? errdetail_internal("%s", edata->detail) : 0,
+			 edata->hint ? errhint("%s", edata->hint) : 0));
+	st = palloc0(sizeof(IngestState));
+	st->rel = rel;
+	st->tupdesc = RelationGetDescr(rel);
+	st->opts = opts;
+	st->target_name = pstrdup(target_name);
+	st->file_label = pstrdup(path);
+	st->load_id = next_load_id();
+	record_load(st, "failed", NULL, 0, 0, false, 0,
+				psprintf("%s [SQLSTATE %s]", edata->message, unpack_sql_state(edata->sqlerrcode)),
+				started);
+	memset(&r, 0, sizeof(r));
+	r.load_id = st->load_id;
+	r.file = st->file_label;
+	r.status = "failed";
+	r.seconds = (double) (GetCurrentTimestamp() - started) / USECS_PER_SEC;
+	put_result(rsinfo, &r);
+	FreeErrorData(edata);
+	return false;
 }
 
 /* ingest_directory(target, directory, pattern, options...) */
@@ -2246,6 +2480,7 @@ ca_ingest_directory(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode_for_file_access(),
 				 errmsg("could not open directory \"%s\": %m", dirpath)));
+	check_opened_path(dirfd(dir), dirpath, "directory");
 	names = palloc(sizeof(char *) * capacity);
 	while ((de = ReadDir(dir, dirpath)) != NULL)
 	{
@@ -2264,25 +2499,23 @@ ca_ingest_directory(PG_FUNCTION_ARGS)
 	for (int i = 0; i < nnames; i++)
 	{
 		char	   *path = psprintf("%s/%s", dirpath, names[i]);
-		struct stat fst;
-		int64		size;
-		TimestampTz mtime;
+		ServerFile	f;
 		LoadResult	r;
 
-		if (stat(path, &fst) != 0 || !S_ISREG(fst.st_mode))
+		CHECK_FOR_INTERRUPTS();
+		if (!open_directory_entry(rel, opts, target_name, path, &f, rsinfo))
 			continue;
-		size = fst.st_size;
-		mtime = time_t_to_timestamptz(fst.st_mtime) + fst.st_mtim.tv_nsec / 1000;
 
 		/*
 		 * files already loaded are passed over quietly: this runs every
 		 * minute
 		 */
-		if (find_loaded(target_name, "file", path, size, mtime, true) > 0)
-			continue;
-		r = ingest_one(rel, opts, path, path, NULL, size, mtime, true);
-		put_result(rsinfo, &r);
-		CHECK_FOR_INTERRUPTS();
+		if (find_loaded(target_name, "file", path, f.size, f.mtime, true) == 0)
+		{
+			r = ingest_one(rel, opts, f.fd, path, NULL, f.size, f.mtime, true);
+			put_result(rsinfo, &r);
+		}
+		CloseTransientFile(f.fd);
 	}
 	table_close(rel, NoLock);
 	return (Datum) 0;

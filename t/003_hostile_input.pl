@@ -20,7 +20,9 @@
 # one with validate => true (a dry run), others with max_rejects => 2 or
 # max_reject_ratio => 0.3; imputation rules of every kind fill missing
 # values.  At the end the 500 files are loaded again, in one call, as a
-# landing directory.
+# landing directory, among hostile entries: a FIFO without a writer, a
+# listening socket, a directory, links to /dev/null and /etc/passwd (out of
+# the allowed directories) and a link to one of the files (inside).
 #
 # What is verified:
 #  - the backend never crashes: the postmaster is the same one at the end
@@ -36,10 +38,15 @@
 #  - memory is bounded: the RssAnon of the one backend that loads
 #    everything (from /proc/<pid>/status) grows by less than 32 MB over the
 #    whole corpus, and is back within 32 MB of where it was after the
-#    100 MB line.
+#    100 MB line;
+#  - in the landing directory, each hostile entry is a failed load with the
+#    reason's SQLSTATE, and nothing blocks.
 use strict;
 use warnings;
 use utf8;
+use IO::Socket::UNIX;
+use POSIX qw(mkfifo);
+use Socket qw(SOCK_STREAM);
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -362,18 +369,43 @@ is($session->query_safe(q{SELECT length(raw_line) || ' ' || raw_truncated FROM c
 	'65536 true', 'its reject keeps the first 64 kB of the line');
 $session->quit;
 
-# the files again, as a landing directory, in one call: each is loaded or
-# recorded as failed, and the others go on
+# the files again, as a landing directory, in one call, among hostile
+# entries (names that match the pattern): each is loaded or recorded as
+# failed, and the others go on
+mkfifo("$dir/fifo0.csv", 0600) or die "mkfifo: $!";
+my $socket = IO::Socket::UNIX->new(Type => SOCK_STREAM, Local => "$dir/sock0.csv", Listen => 1)
+  or die "socket: $!";
+mkdir "$dir/dir00.csv" or die "mkdir: $!";
+symlink('/dev/null',   "$dir/null0.csv") or die "symlink: $!";
+symlink('/etc/passwd', "$dir/pass0.csv") or die "symlink: $!";
+opendir my $fuzz_dh, $dir or die "opendir: $!";
+my ($first_file) = sort grep { /^\d{5}\.csv$/ } readdir $fuzz_dh;
+closedir $fuzz_dh;
+symlink($first_file,   "$dir/link0.csv") or die "symlink: $!";
+my %hostile = ('fifo0.csv' => '42809', 'sock0.csv' => '42809', 'dir00.csv' => '42809',
+	'null0.csv' => '42501', 'pass0.csv' => '42501');
+my $entries = $files + scalar(keys %hostile) + 1;
 my $landing = $node->safe_psql('fuzz', qq{
+	SET customer_analytics.ingest_allowed_directories = '$dir';
 	SELECT count(*) || ' ' || count(*) FILTER (WHERE status = 'loaded' AND rows_read = rows_loaded + rows_rejected)
 	       || ' ' || count(*) FILTER (WHERE status = 'failed' AND rows_loaded = 0)
 	       || ' ' || count(*) FILTER (WHERE status = 'skipped' AND rows_loaded = 0)
-	FROM customer_analytics.ingest_directory('public.landed', '$dir', '?????.csv', header => false)});
+	FROM customer_analytics.ingest_directory('public.landed', '$dir', '?????.csv', header => false)},
+	timeout => 600);
 my ($landed, $landed_ok, $landed_failed, $landed_same) = split / /, $landing;
 note "landing directory: $landed files, $landed_ok loaded, $landed_failed failed, $landed_same skipped (same content as another)";
-is($landed, $files, "ingest_directory went through the $files files");
-is($landed_ok + $landed_failed + $landed_same, $files,
+is($landed, $entries, "ingest_directory went through the $files files and the 6 other entries");
+is($landed_ok + $landed_failed + $landed_same, $entries,
 	'each was loaded with every row accounted for, recorded as failed, or skipped as a copy');
+is($node->safe_psql('fuzz', q{
+	SELECT string_agg(regexp_replace(file, '.*/', '') || ' ' || substring(message FROM 'SQLSTATE (.....)'), ', ' ORDER BY file)
+	FROM customer_analytics.ingest_load WHERE target = 'public.landed' AND file ~ '/(fifo|sock|dir|null|pass)0+\.csv$' AND status = 'failed'}),
+	join(', ', map { "$_ $hostile{$_}" } sort keys %hostile),
+	'each hostile entry failed: the FIFO, the socket and the directory as not regular files, the links out as outside');
+is($node->safe_psql('fuzz', q{SELECT count(*) FROM customer_analytics.ingest_load
+                             WHERE target = 'public.landed' AND file LIKE '%/link0.csv' AND message LIKE '%leads to%'}),
+	'0', 'the link to a file of the directory was not refused for being a link');
+close $socket;
 is($node->safe_psql('fuzz', q{SELECT sum(rows_loaded) FROM customer_analytics.ingest_load WHERE target = 'public.landed'}),
 	$node->safe_psql('fuzz', 'SELECT count(*) FROM public.landed'), 'the rows landed are the sum of rows_loaded');
 
