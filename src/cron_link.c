@@ -20,7 +20,10 @@
 #include "funcapi.h"
 #include "libpq-fe.h"
 #include "miscadmin.h"
+#include "pgstat.h"
 #include "postmaster/postmaster.h"
+#include "storage/fd.h"
+#include "storage/latch.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datetime.h"
@@ -565,13 +568,138 @@ ca_cron_next_run(PG_FUNCTION_ARGS)
 
 /* ---------------------------------------------------------------------
  * Loopback to pg_cron's database
+ *
+ * libpq's blocking calls (PQconnectdbParams, PQexec) wait in poll()
+ * where neither a cancel nor statement_timeout can reach them, so a
+ * server that accepts the connection and never answers would hold the
+ * backend for good.  Every wait is on our latch and the socket instead,
+ * with CHECK_FOR_INTERRUPTS() after each wake-up, as dblink and
+ * postgres_fdw do (PostgreSQL 16 put that loop in libpq-be-fe-helpers.h;
+ * 15 does not have it).
  * --------------------------------------------------------------------- */
 
-static PGconn *
-connect_to_cron_database(const char *hint_statement)
+/* what an error raised while talking to pg_cron's database says it was doing */
+typedef struct CronLinkContext
 {
-	PGconn	   *conn;
-	const char *cron_db = GetConfigOption("cron.database_name", true, false);
+	const char *database;
+	const char *statement;
+} CronLinkContext;
+
+static void
+cron_link_error_context(void *arg)
+{
+	CronLinkContext *ctx = (CronLinkContext *) arg;
+
+	errcontext("statement in pg_cron's database \"%s\": %s", ctx->database, ctx->statement);
+}
+
+/* wait until the socket is ready as asked, or throw if interrupted */
+static void
+cron_link_wait(PGconn *conn, int io_flag)
+{
+	int			rc;
+
+	rc = WaitLatchOrSocket(MyLatch, WL_LATCH_SET | WL_EXIT_ON_PM_DEATH | io_flag,
+						   PQsocket(conn), -1L, PG_WAIT_EXTENSION);
+	if (rc & WL_LATCH_SET)
+		ResetLatch(MyLatch);
+	CHECK_FOR_INTERRUPTS();
+}
+
+/* PQconnectPoll() until the connection is made or has failed */
+static void
+cron_link_connect_poll(PGconn *conn)
+{
+	PostgresPollingStatusType status = PGRES_POLLING_WRITING;
+
+	if (PQstatus(conn) == CONNECTION_BAD)
+		return;
+	while (status != PGRES_POLLING_OK && status != PGRES_POLLING_FAILED)
+	{
+		cron_link_wait(conn, status == PGRES_POLLING_READING
+					   ? WL_SOCKET_READABLE : WL_SOCKET_WRITEABLE);
+		status = PQconnectPoll(conn);
+	}
+}
+
+/*
+ * Send a statement and wait for its last result without blocking; NULL if
+ * the connection broke.  The caller PQclear()s the result.
+ */
+static PGresult *
+cron_link_exec(PGconn *conn, const char *sql, int nparams, const char *const *values)
+{
+	PGresult   *volatile last = NULL;
+
+	if (!PQsendQueryParams(conn, sql, nparams, NULL, values, NULL, NULL, 0))
+		return NULL;
+	PG_TRY();
+	{
+		int			flushed;
+
+		/* a statement larger than the socket's buffer goes out in parts */
+		while ((flushed = PQflush(conn)) == 1)
+		{
+			cron_link_wait(conn, WL_SOCKET_WRITEABLE | WL_SOCKET_READABLE);
+			if (!PQconsumeInput(conn))
+				break;
+		}
+		for (;;)
+		{
+			PGresult   *res;
+
+			while (PQisBusy(conn))
+			{
+				cron_link_wait(conn, WL_SOCKET_READABLE);
+				if (!PQconsumeInput(conn))
+					break;
+			}
+			res = PQgetResult(conn);
+			if (res == NULL)
+				break;
+			PQclear(last);
+			last = res;
+		}
+	}
+	PG_CATCH();
+	{
+		PQclear(last);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	return last;
+}
+
+/* a remote error as ours: its SQLSTATE, its text in the detail */
+static void
+cron_link_report(PGconn *conn, PGresult *res, bool setting_up, const char *database)
+{
+	const char *field = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+	const char *primary = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY) : NULL;
+	const char *detail = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL) : NULL;
+	const char *hint = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_HINT) : NULL;
+	int			sqlstate = field && strlen(field) == 5
+		? MAKE_SQLSTATE(field[0], field[1], field[2], field[3], field[4])
+		: ERRCODE_CONNECTION_FAILURE;
+	char	   *remote = pchomp(primary ? primary : PQerrorMessage(conn));
+
+	if (detail)
+		remote = psprintf("%s\n%s", remote, detail);
+	PQclear(res);
+	ereport(ERROR,
+			(errcode(sqlstate),
+			 setting_up
+			 ? errmsg("could not set a safe search_path on the connection to pg_cron's database \"%s\"",
+					  database)
+			 : errmsg("could not run a statement in pg_cron's database \"%s\"", database),
+			 errdetail_internal("%s", remote),
+			 hint ? errhint("%s", hint) : 0));
+}
+
+static PGconn *
+connect_to_cron_database(const char *cron_db, const char *hint_statement)
+{
+	PGconn	   *volatile conn;
 	const char *keywords[8];
 	const char *values[8];
 	int			n = 0;
@@ -600,7 +728,7 @@ connect_to_cron_database(const char *hint_statement)
 		keywords[n] = "port";
 		values[n++] = port;
 		keywords[n] = "dbname";
-		values[n++] = cron_db ? cron_db : "postgres";
+		values[n++] = cron_db;
 		keywords[n] = "user";
 		values[n++] = GetUserNameFromId(GetUserId(), false);
 	}
@@ -609,44 +737,47 @@ connect_to_cron_database(const char *hint_statement)
 	keywords[n] = NULL;
 	values[n] = NULL;
 
-	conn = PQconnectdbParams(keywords, values, true);
-	if (conn == NULL || PQstatus(conn) != CONNECTION_OK)
-	{
-		char	   *msg = pchomp(conn ? PQerrorMessage(conn) : "out of memory");
-
-		if (conn)
-			PQfinish(conn);
+	/* the socket counts against max_files_per_process, as dblink's does */
+	if (!AcquireExternalFD())
 		ereport(ERROR,
 				(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
-				 errmsg("could not connect to pg_cron's database \"%s\"", cron_db ? cron_db : "postgres"),
-				 errdetail("%s", msg),
-				 errhint("Allow the connection (pg_hba.conf, or set customer_analytics.cron_conninfo), "
-						 "or run this in database \"%s\" yourself: %s",
-						 cron_db ? cron_db : "postgres", hint_statement)));
-	}
-
-	/*
-	 * The remote session's search_path is whatever its role's default is:
-	 * make it safe, so that no object in a public schema over there can stand
-	 * in for pg_catalog's or cron's (the queries name cron.*).
-	 */
+				 errmsg("could not connect to pg_cron's database \"%s\"", cron_db),
+				 errdetail("There are too many open files on the local server."),
+				 errhint("Raise the server's max_files_per_process setting.")));
+	conn = PQconnectStartParams(keywords, values, true);
+	PG_TRY();
 	{
-		PGresult   *res = PQexec(conn, "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)");
+		PGresult   *res;
 
-		if (PQresultStatus(res) != PGRES_TUPLES_OK)
-		{
-			char	   *msg = pchomp(PQresultErrorMessage(res));
-
-			PQclear(res);
-			PQfinish(conn);
+		if (conn)
+			cron_link_connect_poll(conn);
+		if (conn == NULL || PQstatus(conn) != CONNECTION_OK)
 			ereport(ERROR,
-					(errcode(ERRCODE_CONNECTION_FAILURE),
-					 errmsg("could not set a safe search_path on the connection to pg_cron's database \"%s\"",
-							cron_db ? cron_db : "postgres"),
-					 errdetail("%s", msg)));
-		}
+					(errcode(ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION),
+					 errmsg("could not connect to pg_cron's database \"%s\"", cron_db),
+					 errdetail_internal("%s", pchomp(conn ? PQerrorMessage(conn) : "out of memory")),
+					 errhint("Allow the connection (pg_hba.conf, or set customer_analytics.cron_conninfo), "
+							 "or run this in database \"%s\" yourself: %s",
+							 cron_db, hint_statement)));
+
+		/*
+		 * The remote session's search_path is whatever its role's default
+		 * is: make it safe, so that no object in a public schema over there
+		 * can stand in for pg_catalog's or cron's (the queries name cron.*).
+		 */
+		res = cron_link_exec(conn, "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)",
+							 0, NULL);
+		if (PQresultStatus(res) != PGRES_TUPLES_OK)
+			cron_link_report(conn, res, true, cron_db);
 		PQclear(res);
 	}
+	PG_CATCH();
+	{
+		PQfinish(conn);
+		ReleaseExternalFD();
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
 	return conn;
 }
 
@@ -660,10 +791,13 @@ ca_cron_remote_query(PG_FUNCTION_ARGS)
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	char	   *query = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	char	   *hint = PG_ARGISNULL(2) ? pstrdup(query) : text_to_cstring(PG_GETARG_TEXT_PP(2));
+	const char *setting = GetConfigOption("cron.database_name", true, false);
 	const char **param_values = NULL;
 	int			nparams = 0;
-	volatile	PGconn *conn;
+	PGconn	   *volatile conn;
 	char	   *wrapped;
+	CronLinkContext ctx;
+	ErrorContextCallback errcallback;
 
 	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
 
@@ -680,26 +814,20 @@ ca_cron_remote_query(PG_FUNCTION_ARGS)
 	}
 	wrapped = psprintf("WITH q AS (%s) SELECT pg_catalog.row_to_json(q)::text FROM q", query);
 
-	conn = connect_to_cron_database(hint);
+	ctx.database = setting ? setting : "postgres";
+	ctx.statement = hint;
+	errcallback.callback = cron_link_error_context;
+	errcallback.arg = &ctx;
+	errcallback.previous = error_context_stack;
+	error_context_stack = &errcallback;
+
+	conn = connect_to_cron_database(ctx.database, hint);
 	PG_TRY();
 	{
-		PGresult   *res = PQexecParams((PGconn *) conn, wrapped, nparams, NULL, param_values,
-									   NULL, NULL, 0);
+		PGresult   *res = cron_link_exec(conn, wrapped, nparams, param_values);
 
 		if (PQresultStatus(res) != PGRES_TUPLES_OK)
-		{
-			char	   *msg = pchomp(PQresultErrorMessage(res));
-			const char *field = PQresultErrorField(res, PG_DIAG_SQLSTATE);
-			int			sqlstate = field && strlen(field) == 5
-			? MAKE_SQLSTATE(field[0], field[1], field[2], field[3], field[4])
-			: ERRCODE_CONNECTION_FAILURE;
-
-			PQclear(res);
-			ereport(ERROR,
-					(errcode(sqlstate),
-					 errmsg("in pg_cron's database: %s", msg),
-					 errhint("The statement was: %s", hint)));
-		}
+			cron_link_report(conn, res, false, ctx.database);
 		for (int r = 0; r < PQntuples(res); r++)
 		{
 			Datum		value;
@@ -712,8 +840,10 @@ ca_cron_remote_query(PG_FUNCTION_ARGS)
 	}
 	PG_FINALLY();
 	{
-		PQfinish((PGconn *) conn);
+		PQfinish(conn);
+		ReleaseExternalFD();
 	}
 	PG_END_TRY();
+	error_context_stack = errcallback.previous;
 	return (Datum) 0;
 }
