@@ -865,8 +865,9 @@ process_record(IngestState *st, char **fields, int nfields)
 	if (nfields != st->nfields)
 	{
 		add_reject(st, ERRCODE_BAD_COPY_FILE_FORMAT, NULL,
-				   psprintf("row has %d field%s, expected %d", nfields,
-							nfields == 1 ? "" : "s", st->nfields),
+				   nfields == 1
+				   ? psprintf("row has %d field, expected %d", nfields, st->nfields)
+				   : psprintf("row has %d fields, expected %d", nfields, st->nfields),
 				   st->opts->header ? "The header line names the expected fields." : NULL,
 				   NULL, false);
 		return;
@@ -1032,6 +1033,42 @@ process_record(IngestState *st, char **fields, int nfields)
  */
 
 /*
+ * Whether COPY stopped on a quoted field that is never closed.  The parser
+ * says so only in its message, which lc_messages translates, so decide by
+ * its state: inside quotes a newline is data, so CopyReadLine() took the
+ * rest of the input as one line, and CopyReadAttributesCSV() ran off its
+ * end inside quotes.  Hence: the input is used up, and the line, scanned
+ * with the parser's own quote and escape rules, ends inside quotes.  Any
+ * other format error stops CopyReadLine() before the end of its input.
+ */
+static bool
+stopped_in_open_quote(CopyFromState cstate)
+{
+	const char *p = cstate->line_buf.data;
+	const char *end = p + cstate->line_buf.len;
+	char		quotec;
+	char		escapec;
+	bool		in_quote = false;
+
+	if (!cstate->opts.csv_mode || !cstate->input_reached_eof || INPUT_BUF_BYTES(cstate) > 0)
+		return false;
+	quotec = cstate->opts.quote[0];
+	escapec = cstate->opts.escape[0];
+	while (p < end)
+	{
+		char		c = *p++;
+
+		if (!in_quote)
+			in_quote = (c == quotec);
+		else if (c == escapec && p < end && (*p == escapec || *p == quotec))
+			p++;				/* an escaped quote or escape stays inside */
+		else if (c == quotec)
+			in_quote = false;
+	}
+	return in_quote;
+}
+
+/*
  * One batch: parse and convert up to BATCH_RECORDS records in a
  * subtransaction.  A data error ends the batch at the failing record, which
  * becomes a reject; the records before it stay buffered.
@@ -1105,7 +1142,7 @@ run_batch(IngestState *st)
 			restart_after_current_line(st);
 		}
 		else if (st->phase == PHASE_READ && edata->sqlerrcode == ERRCODE_BAD_COPY_FILE_FORMAT &&
-				 strstr(edata->message, "unterminated CSV quoted field") != NULL)
+				 stopped_in_open_quote(st->cstate))
 		{
 			add_reject(st, edata->sqlerrcode, NULL, edata->message,
 					   psprintf("The quote opened on line " INT64_FORMAT " is never closed, so lines "
@@ -1158,10 +1195,11 @@ check_reject_limits(IngestState *st, bool at_end)
 		ereport(ERROR,
 				(errcode(MAKE_SQLSTATE(r->sqlstate[0], r->sqlstate[1], r->sqlstate[2],
 									   r->sqlstate[3], r->sqlstate[4])),
-				 errmsg("load of \"%s\" aborted at line " INT64_FORMAT "%s%s%s: %s",
-						st->file_label, r->line,
-						r->column ? ", column \"" : "", r->column ? r->column : "",
-						r->column ? "\"" : "", r->message),
+				 r->column
+				 ? errmsg("load of \"%s\" aborted at line " INT64_FORMAT ", column \"%s\": %s",
+						  st->file_label, r->line, r->column, r->message)
+				 : errmsg("load of \"%s\" aborted at line " INT64_FORMAT ": %s",
+						  st->file_label, r->line, r->message),
 				 r->raw ? errdetail("The line is: %s", r->raw) : 0,
 				 errhint("With on_error => 'reject' the good rows load and the bad ones are kept in customer_analytics.ingest_reject.")));
 	}
@@ -2034,13 +2072,17 @@ ingest_one(Relation rel, IngestOptions *opts, const char *path, const char *labe
 	result.seconds = (double) (GetCurrentTimestamp() - started) / USECS_PER_SEC;
 	if (strcmp(status, "loaded") == 0 || strcmp(status, "validated") == 0)
 		ereport(NOTICE,
-				(errmsg("%s " INT64_FORMAT " of " INT64_FORMAT " rows from \"%s\" into %s in %.2f s"
-						"; " INT64_FORMAT " rejected, " INT64_FORMAT " with imputed values",
-						opts->validate ? "validated" : "loaded",
-						st->rows_loaded, st->rows_read, label, st->target_name, result.seconds,
-						st->rows_rejected, st->rows_imputed),
+				(opts->validate
+				 ? errmsg("validated " INT64_FORMAT " of " INT64_FORMAT " rows from \"%s\" for %s in %.2f s; "
+						  INT64_FORMAT " rejected, " INT64_FORMAT " with imputed values",
+						  st->rows_loaded, st->rows_read, label, st->target_name, result.seconds,
+						  st->rows_rejected, st->rows_imputed)
+				 : errmsg("loaded " INT64_FORMAT " of " INT64_FORMAT " rows from \"%s\" into %s in %.2f s; "
+						  INT64_FORMAT " rejected, " INT64_FORMAT " with imputed values",
+						  st->rows_loaded, st->rows_read, label, st->target_name, result.seconds,
+						  st->rows_rejected, st->rows_imputed),
 				 st->rows_rejected > 0
-				 ? errhint("See SELECT * FROM customer_analytics.ingest_reject WHERE load_id = " INT64_FORMAT ";",
+				 ? errhint("The rejected rows are in customer_analytics.ingest_reject with load_id " INT64_FORMAT ".",
 						   st->load_id) : 0));
 	return result;
 }
