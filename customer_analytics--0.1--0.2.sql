@@ -1545,7 +1545,8 @@ BEGIN
 END
 $$;
 
--- issue 21: cron_next_run() takes pg_cron's grammar; schedule_pipeline() leaves the verdict to pg_cron
+-- issue 21: cron_next_run() takes pg_cron's grammar and schedule_pipeline() leaves the verdict to pg_cron;
+-- money_units() shows rfm's two numeric conversions side by side, for the tests
 COMMENT ON FUNCTION customer_analytics.cron_next_run(text, timestamptz) IS
     'When a pg_cron schedule next fires after a time, in UTC; it accepts exactly what pg_cron accepts (five fields with names of months and days, @hourly and the other shorthands, $ and ''N seconds'' of pg_cron 1.5/1.6); NULL for @reboot and for a date that never comes';
 
@@ -1574,3 +1575,9 @@ BEGIN
     END;
 END
 $$;
+
+CREATE FUNCTION customer_analytics.money_units(amount numeric, public_api boolean)
+    RETURNS bigint
+    AS 'MODULE_PATHNAME', 'ca_money_units' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION customer_analytics.money_units(numeric, boolean) IS
+    'Internal, for tests: an amount in the units of 0.0001 that rfm sums, read from numeric''s stored digits (public_api false, where 128-bit integers exist) or through numeric''s public functions; an error for a NaN, an infinity, more than 4 decimals or too large a value';
