@@ -78,7 +78,7 @@ ca_cron_link_init(void)
 typedef enum CronKind
 {
 	CRON_CLOCK,					/* the five fields */
-	CRON_REBOOT,				/* @reboot: when pg_cron starts, never by the clock */
+	CRON_REBOOT,				/* @reboot: at pg_cron's start, not by clock */
 	CRON_INTERVAL				/* 'N seconds' (pg_cron 1.5) */
 } CronKind;
 
@@ -99,7 +99,7 @@ typedef struct CronFields
 /* The schedule read as pg_cron's in-memory FILE reads it */
 typedef struct CronScanner
 {
-	const char *text;
+	const char *str;
 	int			len;
 	int			pos;
 	int			field_start;	/* where the field being read begins */
@@ -120,7 +120,7 @@ static int
 cron_get(CronScanner *sc)
 {
 	if (sc->pos < sc->len)
-		return (unsigned char) sc->text[sc->pos++];
+		return (unsigned char) sc->str[sc->pos++];
 	if (sc->pos++ == sc->len)
 		return '\0';
 	sc->pos = sc->len + 1;
@@ -416,7 +416,7 @@ cron_parse_entry(CronScanner *sc, CronFields *cf)
 			if (ch == EOF || ch == '\0' || ch == ' ' || ch == '\t' || ch == '\n')
 				break;
 		}
-		name = pnstrdup(sc->text + start, end - start);
+		name = pnstrdup(sc->str + start, end - start);
 		sc->field_start = start - 1;
 		sc->field_name = "shorthand";
 		if (!cron_shorthand(name, cf))
@@ -462,7 +462,7 @@ cron_parse_entry(CronScanner *sc, CronFields *cf)
 static void
 bad_schedule(const char *schedule, const CronScanner *sc)
 {
-	const char *field = sc->text + Min(Max(sc->field_start, 0), sc->len);
+	const char *field = sc->str + Min(Max(sc->field_start, 0), sc->len);
 	int			flen = strcspn(field, " \t\n");
 
 	ereport(ERROR,
@@ -679,8 +679,8 @@ cron_link_report(PGconn *conn, PGresult *res, bool setting_up, const char *datab
 	const char *detail = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL) : NULL;
 	const char *hint = res ? PQresultErrorField(res, PG_DIAG_MESSAGE_HINT) : NULL;
 	int			sqlstate = field && strlen(field) == 5
-		? MAKE_SQLSTATE(field[0], field[1], field[2], field[3], field[4])
-		: ERRCODE_CONNECTION_FAILURE;
+	? MAKE_SQLSTATE(field[0], field[1], field[2], field[3], field[4])
+	: ERRCODE_CONNECTION_FAILURE;
 	char	   *remote = pchomp(primary ? primary : PQerrorMessage(conn));
 
 	if (detail)
@@ -761,9 +761,9 @@ connect_to_cron_database(const char *cron_db, const char *hint_statement)
 							 cron_db, hint_statement)));
 
 		/*
-		 * The remote session's search_path is whatever its role's default
-		 * is: make it safe, so that no object in a public schema over there
-		 * can stand in for pg_catalog's or cron's (the queries name cron.*).
+		 * The remote session's search_path is whatever its role's default is:
+		 * make it safe, so that no object in a public schema over there can
+		 * stand in for pg_catalog's or cron's (the queries name cron.*).
 		 */
 		res = cron_link_exec(conn, "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)",
 							 0, NULL);

@@ -185,7 +185,7 @@ numeric_to_units_fast(Datum value, int64 *units)
 		for (int i = 0; i < ndigits && result == MONEY_OK; i++)
 		{
 			int16		d;
-			int			exponent = weight - i + 1;	/* power of NBASE, in units */
+			int			exponent = weight - i + 1;	/* in powers of NBASE */
 			int128		term;
 
 			memcpy(&d, digits + i * sizeof(int16), sizeof(int16));
@@ -1446,4 +1446,3 @@ ca_rfm_from_rollup(PG_FUNCTION_ARGS)
 	MemoryContextDelete(cxt);
 	return (Datum) 0;
 }
-
