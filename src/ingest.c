@@ -1640,22 +1640,33 @@ check_server_path(const char *path, const char *what)
 {
 	char	   *canon = pstrdup(path);
 
+	/* "file" or "directory": each message whole, so that it can be translated */
+	bool		dir = strcmp(what, "directory") == 0;
+
 	if (!has_privs_of_role(GetUserId(), ROLE_PG_READ_SERVER_FILES))
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("permission denied to read %s \"%s\"", what, path),
+				 dir
+				 ? errmsg("permission denied to read directory \"%s\"", path)
+				 : errmsg("permission denied to read file \"%s\"", path),
 				 errdetail("Reading files on the database server needs superuser or the pg_read_server_files role, as COPY FROM a file does."),
 				 errhint("Send the data from the client with ingest_csv_text(), or ask an administrator to GRANT pg_read_server_files.")));
 	canonicalize_path(canon);
 	if (!is_absolute_path(canon))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("%s \"%s\" is not an absolute path", what, path),
-				 errhint("The server reads the file: give its full path on the database server.")));
+				 dir
+				 ? errmsg("directory \"%s\" is not an absolute path", path)
+				 : errmsg("file \"%s\" is not an absolute path", path),
+				 dir
+				 ? errhint("The server reads the directory: give its full path on the database server.")
+				 : errhint("The server reads the file: give its full path on the database server.")));
 	if (path_contains_parent_reference(canon))
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("%s \"%s\" leaves its directory with \"..\"", what, path)));
+				 dir
+				 ? errmsg("directory \"%s\" leaves its parent directory with \"..\"", path)
+				 : errmsg("file \"%s\" leaves its directory with \"..\"", path)));
 	if (allowed_directories && allowed_directories[0] != '\0')
 	{
 		List	   *dirs;
@@ -1678,9 +1689,13 @@ check_server_path(const char *path, const char *what)
 		if (!ok)
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-					 errmsg("%s \"%s\" is outside the directories ingestion may read", what, canon),
+					 dir
+					 ? errmsg("directory \"%s\" is outside the directories ingestion may read", canon)
+					 : errmsg("file \"%s\" is outside the directories ingestion may read", canon),
 					 errdetail("customer_analytics.ingest_allowed_directories is \"%s\".", allowed_directories),
-					 errhint("Move the file into one of them, or ask an administrator to allow its directory.")));
+					 dir
+					 ? errhint("Move its files into one of them, or ask an administrator to allow it.")
+					 : errhint("Move the file into one of them, or ask an administrator to allow its directory.")));
 	}
 	return canon;
 }
