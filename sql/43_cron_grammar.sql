@@ -69,7 +69,7 @@ SELECT s AS schedule, cron_next_run(s, '2026-01-30 10:07:30+00') AS next
 FROM unnest(ARRAY[
     '0 9 * * mon', '0 9 * * sat-sun', '0 0 1 feb *', '0 9 * * 7', '0 0 */2 * mon', '0 0 1,15 * mon',
     '0 0 $ * *', '0 0 $ * mon', '30 seconds', '@reboot', '* * * * * extra', '*/60 * * * *',
-    '50-3 * * * *']) WITH ORDINALITY AS t(s, n)
+    '50-3 * * * *', '58-3 5 * * *', '0 0 30-2 * *', '0 0 1 11-2 *', '0 0 * * sat-mon']) WITH ORDINALITY AS t(s, n)
 ORDER BY n;
 
 -- a refusal names the field and says why

@@ -68,8 +68,8 @@ ca_cron_link_init(void)
  *
  * Where the pg_cron versions differ we accept what either accepts, since
  * the function does not know which version will run the job: 1.4 takes a
- * step larger than the field (60 for the minutes), 1.5 adds "N seconds" (1 to 59) and
- * 1.6 "$" (last day of the month) in the day-of-month field.
+ * step larger than the field (60 for the minutes), 1.5 adds "N seconds"
+ * (1 to 59) and 1.6 "$" (last day of the month) in the day-of-month field.
  * --------------------------------------------------------------------- */
 
 #define CRON_MAX_SCHEDULE	1000	/* pg_cron's MAX_FILE_BUFFER_LENGTH */
@@ -201,14 +201,15 @@ cron_get_number(CronScanner *sc, int *value, int low,
  * pg_cron's set_range() sets bits with bit_nset() for a step of 1, which
  * works a byte of eight values at a time: a reversed range within one byte
  * sets nothing, one across bytes sets the ends of both bytes.  Kept, so
- * that such a schedule fires when pg_cron fires it.
+ * that such a schedule fires when pg_cron fires it; bits past the field's
+ * last value (pg_cron's bytes have them) are never tested, so not kept.
  */
 static void
-cron_set_range(bool *bits, int start, int stop, int step)
+cron_set_range(bool *bits, int nbits, int start, int stop, int step)
 {
 	if (step == 1 && start > stop && start / 8 != stop / 8)
 	{
-		for (int i = start; i < (start / 8 + 1) * 8; i++)
+		for (int i = start; i < Min((start / 8 + 1) * 8, nbits); i++)
 			bits[i] = true;
 		for (int i = stop / 8 * 8; i <= stop; i++)
 			bits[i] = true;
@@ -268,7 +269,7 @@ cron_get_range(CronScanner *sc, bool *bits, int low, int high,
 	/* pg_cron 1.6 also refuses a step larger than the field; 1.4 does not */
 	if (num1 < low || num1 > high || num2 < low || num2 > high)
 		return cron_refuse(sc, psprintf("values must be within %d-%d", low, high));
-	cron_set_range(bits, num1 - low, num2 - low, step);
+	cron_set_range(bits, high - low + 1, num1 - low, num2 - low, step);
 	return ch;
 }
 
