@@ -1544,3 +1544,40 @@ BEGIN
     DROP TABLE ca_batch_events, ca_event_customers, ca_stitch_sessions;
 END
 $$;
+
+-- issue 21: cron_next_run() takes pg_cron's grammar and schedule_pipeline() leaves the verdict to pg_cron;
+-- money_units() shows rfm's two numeric conversions side by side, for the tests
+COMMENT ON FUNCTION customer_analytics.cron_next_run(text, timestamptz) IS
+    'When a pg_cron schedule next fires after a time, in UTC; it accepts exactly what pg_cron accepts (five fields with names of months and days, @hourly and the other shorthands, $ and ''N seconds'' of pg_cron 1.5/1.6); NULL for @reboot and for a date that never comes';
+
+CREATE OR REPLACE FUNCTION customer_analytics.schedule_pipeline(schedule text DEFAULT '*/15 * * * *', scope text DEFAULT 'all')
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM customer_analytics.pipeline_task WHERE pipeline_task.scope = schedule_pipeline.scope)
+       AND scope <> 'all' THEN
+        RAISE EXCEPTION 'the pipeline has no scope "%"', scope
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Scopes are those of customer_analytics.pipeline_task; ''all'' runs everything.';
+    END IF;
+    -- pg_cron itself judges the schedule: the version that runs it decides
+    BEGIN
+        RETURN (SELECT (j->>'jobid')::bigint FROM customer_analytics.pg_cron_query(
+            'SELECT cron.schedule_in_database($1, $2, $3, $4) AS jobid',
+            ARRAY[customer_analytics.pipeline_job_name(scope), schedule,
+                  format('CALL customer_analytics.run_pipeline(%L)', scope), current_database()]) j);
+    EXCEPTION WHEN invalid_parameter_value THEN
+        -- pg_cron says only "invalid schedule": ours names the field and why
+        PERFORM customer_analytics.cron_next_run(schedule);
+        RAISE;
+    END;
+END
+$$;
+
+CREATE FUNCTION customer_analytics.money_units(amount numeric, public_api boolean)
+    RETURNS bigint
+    AS 'MODULE_PATHNAME', 'ca_money_units' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION customer_analytics.money_units(numeric, boolean) IS
+    'Internal, for tests: an amount in the units of 0.0001 that rfm sums, read from numeric''s stored digits (public_api false, where 128-bit integers exist) or through numeric''s public functions; an error for a NaN, an infinity, more than 4 decimals or too large a value';

@@ -11,7 +11,7 @@ PG_OS_USER=${PG_OS_USER:-postgres}
 
 # Debian packages the build, the tests and the demo need.
 PACKAGES=(postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR postgresql-$PG_MAJOR-cron
-          make gcc libipc-run-perl graphviz gnuplot-nox)
+          make gcc libipc-run-perl graphviz gnuplot-nox locales)
 
 log() { printf '\n==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -40,6 +40,16 @@ install_packages() {
             || die "apt-get install failed"
     fi
     id "$PG_OS_USER" >/dev/null 2>&1 || die "user $PG_OS_USER does not exist"
+}
+
+# sql/13_ingest_translated loads a file under German lc_messages: it needs
+# the OS locale (PostgreSQL's German messages come with postgresql-15).
+# Without it that test reports itself skipped.
+ensure_test_locale() {
+    locale -a 2>/dev/null | grep -qiE '^de_DE\.utf-?8$' && return
+    log "generating the locale de_DE.UTF-8"
+    localedef -i de_DE -c -f UTF-8 de_DE.UTF-8 \
+        || log "could not generate de_DE.UTF-8: sql/13_ingest_translated will be skipped"
 }
 
 # Warnings are errors.  The exemptions are for PostgreSQL's own headers and

@@ -17,6 +17,7 @@ summary() {
 }
 
 install_packages
+ensure_test_locale
 if ! build_and_install; then
     echo "build failed"
     failed=1

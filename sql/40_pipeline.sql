@@ -147,7 +147,7 @@ SELECT cron_next_run('* * * *');
 SELECT cron_next_run('61 * * * *');
 SELECT cron_next_run('*/0 * * * *');
 SELECT cron_next_run('@often');
-SELECT cron_next_run('30 seconds');
+SELECT cron_next_run('30 seconds', '2026-01-30 10:07:30+00');
 
 DROP MATERIALIZED VIEW public.champion_share, public.champion_count, public.product_count;
 DROP VIEW public.rfm_champions;

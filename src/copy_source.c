@@ -157,13 +157,13 @@ ca_copy_reader_begin(Relation rel, List *copy_options,
 }
 
 CopyFromState
-ca_copy_reader_state(CaCopyReader * reader)
+ca_copy_reader_state(CaCopyReader *reader)
 {
 	return reader->cstate;
 }
 
 void
-ca_copy_reader_end(CaCopyReader * reader, bool abandon)
+ca_copy_reader_end(CaCopyReader *reader, bool abandon)
 {
 	/* after an error COPY's state may be half-built: just let it go */
 	if (!abandon && reader->cstate)

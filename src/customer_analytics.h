@@ -56,9 +56,9 @@ extern uint64 ca_copy_from_producer(Relation rel, List *attnames,
 typedef struct CaCopyReader CaCopyReader;
 typedef struct CopyFromStateData *CaCopyFromState;
 
-extern CaCopyReader * ca_copy_reader_begin(Relation rel, List *copy_options,
-										   CaChunkProducer produce, void *arg);
-extern CaCopyFromState ca_copy_reader_state(CaCopyReader * reader);
-extern void ca_copy_reader_end(CaCopyReader * reader, bool abandon);
+extern CaCopyReader *ca_copy_reader_begin(Relation rel, List *copy_options,
+										  CaChunkProducer produce, void *arg);
+extern CaCopyFromState ca_copy_reader_state(CaCopyReader *reader);
+extern void ca_copy_reader_end(CaCopyReader *reader, bool abandon);
 
 #endif							/* CUSTOMER_ANALYTICS_H */

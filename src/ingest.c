@@ -886,8 +886,9 @@ process_record(IngestState *st, char **fields, int nfields)
 	if (nfields != st->nfields)
 	{
 		add_reject(st, ERRCODE_BAD_COPY_FILE_FORMAT, NULL,
-				   psprintf("row has %d field%s, expected %d", nfields,
-							nfields == 1 ? "" : "s", st->nfields),
+				   nfields == 1
+				   ? psprintf("row has %d field, expected %d", nfields, st->nfields)
+				   : psprintf("row has %d fields, expected %d", nfields, st->nfields),
 				   st->opts->header ? "The header line names the expected fields." : NULL,
 				   NULL, false);
 		return;
@@ -1053,6 +1054,42 @@ process_record(IngestState *st, char **fields, int nfields)
  */
 
 /*
+ * Whether COPY stopped on a quoted field that is never closed.  The parser
+ * says so only in its message, which lc_messages translates, so decide by
+ * its state: inside quotes a newline is data, so CopyReadLine() took the
+ * rest of the input as one line, and CopyReadAttributesCSV() ran off its
+ * end inside quotes.  Hence: the input is used up, and the line, scanned
+ * with the parser's own quote and escape rules, ends inside quotes.  Any
+ * other format error stops CopyReadLine() before the end of its input.
+ */
+static bool
+stopped_in_open_quote(CopyFromState cstate)
+{
+	const char *p = cstate->line_buf.data;
+	const char *end = p + cstate->line_buf.len;
+	char		quotec;
+	char		escapec;
+	bool		in_quote = false;
+
+	if (!cstate->opts.csv_mode || !cstate->input_reached_eof || INPUT_BUF_BYTES(cstate) > 0)
+		return false;
+	quotec = cstate->opts.quote[0];
+	escapec = cstate->opts.escape[0];
+	while (p < end)
+	{
+		char		c = *p++;
+
+		if (!in_quote)
+			in_quote = (c == quotec);
+		else if (c == escapec && p < end && (*p == escapec || *p == quotec))
+			p++;				/* an escaped quote or escape stays inside */
+		else if (c == quotec)
+			in_quote = false;
+	}
+	return in_quote;
+}
+
+/*
  * One batch: parse and convert up to BATCH_RECORDS records in a
  * subtransaction.  A data error ends the batch at the failing record, which
  * becomes a reject; the records before it stay buffered.
@@ -1126,7 +1163,7 @@ run_batch(IngestState *st)
 			restart_after_current_line(st);
 		}
 		else if (st->phase == PHASE_READ && edata->sqlerrcode == ERRCODE_BAD_COPY_FILE_FORMAT &&
-				 strstr(edata->message, "unterminated CSV quoted field") != NULL)
+				 stopped_in_open_quote(st->cstate))
 		{
 			add_reject(st, edata->sqlerrcode, NULL, edata->message,
 					   psprintf("The quote opened on line " INT64_FORMAT " is never closed, so lines "
@@ -1179,10 +1216,11 @@ check_reject_limits(IngestState *st, bool at_end)
 		ereport(ERROR,
 				(errcode(MAKE_SQLSTATE(r->sqlstate[0], r->sqlstate[1], r->sqlstate[2],
 									   r->sqlstate[3], r->sqlstate[4])),
-				 errmsg("load of \"%s\" aborted at line " INT64_FORMAT "%s%s%s: %s",
-						st->file_label, r->line,
-						r->column ? ", column \"" : "", r->column ? r->column : "",
-						r->column ? "\"" : "", r->message),
+				 r->column
+				 ? errmsg("load of \"%s\" aborted at line " INT64_FORMAT ", column \"%s\": %s",
+						  st->file_label, r->line, r->column, r->message)
+				 : errmsg("load of \"%s\" aborted at line " INT64_FORMAT ": %s",
+						  st->file_label, r->line, r->message),
 				 r->raw ? errdetail("The line is: %s", r->raw) : 0,
 				 errhint("With on_error => 'reject' the good rows load and the bad ones are kept in customer_analytics.ingest_reject.")));
 	}
@@ -1663,28 +1701,43 @@ check_server_path(const char *path, const char *what)
 {
 	char	   *canon = pstrdup(path);
 
+	/* "file" or "directory": each message whole, so that it can be translated */
+	bool		dir = strcmp(what, "directory") == 0;
+
 	if (!has_privs_of_role(GetUserId(), ROLE_PG_READ_SERVER_FILES))
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("permission denied to read %s \"%s\"", what, path),
+				 dir
+				 ? errmsg("permission denied to read directory \"%s\"", path)
+				 : errmsg("permission denied to read file \"%s\"", path),
 				 errdetail("Reading files on the database server needs superuser or the pg_read_server_files role, as COPY FROM a file does."),
 				 errhint("Send the data from the client with ingest_csv_text(), or ask an administrator to GRANT pg_read_server_files.")));
 	canonicalize_path(canon);
 	if (!is_absolute_path(canon))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("%s \"%s\" is not an absolute path", what, path),
-				 errhint("The server reads the file: give its full path on the database server.")));
+				 dir
+				 ? errmsg("directory \"%s\" is not an absolute path", path)
+				 : errmsg("file \"%s\" is not an absolute path", path),
+				 dir
+				 ? errhint("The server reads the directory: give its full path on the database server.")
+				 : errhint("The server reads the file: give its full path on the database server.")));
 	if (path_contains_parent_reference(canon))
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("%s \"%s\" leaves its directory with \"..\"", what, path)));
+				 dir
+				 ? errmsg("directory \"%s\" leaves its parent directory with \"..\"", path)
+				 : errmsg("file \"%s\" leaves its directory with \"..\"", path)));
 	if (!path_is_allowed(canon))
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("%s \"%s\" is outside the directories ingestion may read", what, canon),
+				 dir
+				 ? errmsg("directory \"%s\" is outside the directories ingestion may read", canon)
+				 : errmsg("file \"%s\" is outside the directories ingestion may read", canon),
 				 errdetail("customer_analytics.ingest_allowed_directories is \"%s\".", allowed_directories),
-				 errhint("Move the file into one of them, or ask an administrator to allow its directory.")));
+				 dir
+				 ? errhint("Move its files into one of them, or ask an administrator to allow it.")
+				 : errhint("Move the file into one of them, or ask an administrator to allow its directory.")));
 	return canon;
 }
 
@@ -1768,7 +1821,9 @@ check_opened_path(int fd, const char *path, const char *what)
 	if (!path_is_allowed(real))
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("%s \"%s\" leads to \"%s\", outside the directories ingestion may read", what, path, real),
+				 strcmp(what, "directory") == 0
+				 ? errmsg("directory \"%s\" leads to \"%s\", outside the directories ingestion may read", path, real)
+				 : errmsg("file \"%s\" leads to \"%s\", outside the directories ingestion may read", path, real),
 				 errdetail("A symbolic link on its path points out of customer_analytics.ingest_allowed_directories (\"%s\").",
 						   allowed_directories),
 				 errhint("Copy the data into one of those directories instead of linking to it.")));
@@ -2216,13 +2271,17 @@ ingest_one(Relation rel, IngestOptions *opts, int fd, const char *label,
 	result.seconds = (double) (GetCurrentTimestamp() - started) / USECS_PER_SEC;
 	if (strcmp(status, "loaded") == 0 || strcmp(status, "validated") == 0)
 		ereport(NOTICE,
-				(errmsg("%s " INT64_FORMAT " of " INT64_FORMAT " rows from \"%s\" into %s in %.2f s"
-						"; " INT64_FORMAT " rejected, " INT64_FORMAT " with imputed values",
-						opts->validate ? "validated" : "loaded",
-						st->rows_loaded, st->rows_read, label, st->target_name, result.seconds,
-						st->rows_rejected, st->rows_imputed),
+				(opts->validate
+				 ? errmsg("validated " INT64_FORMAT " of " INT64_FORMAT " rows from \"%s\" for %s in %.2f s; "
+						  INT64_FORMAT " rejected, " INT64_FORMAT " with imputed values",
+						  st->rows_loaded, st->rows_read, label, st->target_name, result.seconds,
+						  st->rows_rejected, st->rows_imputed)
+				 : errmsg("loaded " INT64_FORMAT " of " INT64_FORMAT " rows from \"%s\" into %s in %.2f s; "
+						  INT64_FORMAT " rejected, " INT64_FORMAT " with imputed values",
+						  st->rows_loaded, st->rows_read, label, st->target_name, result.seconds,
+						  st->rows_rejected, st->rows_imputed),
 				 st->rows_rejected > 0
-				 ? errhint("See SELECT * FROM customer_analytics.ingest_reject WHERE load_id = " INT64_FORMAT ";",
+				 ? errhint("The rejected rows are in customer_analytics.ingest_reject with load_id " INT64_FORMAT ".",
 						   st->load_id) : 0));
 	return result;
 }

@@ -63,6 +63,7 @@
 PG_FUNCTION_INFO_V1(ca_rfm_state_in);
 PG_FUNCTION_INFO_V1(ca_rfm_state_out);
 PG_FUNCTION_INFO_V1(ca_rfm_agg_sfunc);
+PG_FUNCTION_INFO_V1(ca_money_units);
 PG_FUNCTION_INFO_V1(ca_rfm_agg_combine);
 PG_FUNCTION_INFO_V1(ca_rfm_agg_final);
 PG_FUNCTION_INFO_V1(ca_quantile_state_in);
@@ -113,11 +114,25 @@ ca_rfm_init(void)
  * Exact money: numeric -> int64 units of 0.0001
  * ---------------------------------------------------------------------
  *
- * Converting through numeric arithmetic costs an allocation per row, more
+ * Converting through numeric arithmetic costs allocations per row, more
  * than the rest of the work.  The numeric on-disk format is stable (it has
- * to be, for pg_upgrade), so it is read directly here: a 16-bit header
- * (short or long form), then base-10000 digits.
+ * to be, for pg_upgrade), so where int128 is available it is read directly
+ * here: a 16-bit header (short or long form), then base-10000 digits; the
+ * macros are those of numeric.c, which keeps them private.  Elsewhere, and
+ * to check the fast path against (money_units(amount, true)), the same
+ * result comes from numeric's public functions.  Both give the same answer
+ * in the same order of checks: not finite; 10^20 or more; more than four
+ * decimals; more than int64 units.
  */
+typedef enum MoneyResult
+{
+	MONEY_OK,
+	MONEY_TOO_PRECISE,
+	MONEY_OUT_OF_RANGE,
+	MONEY_NOT_FINITE
+} MoneyResult;
+
+#ifdef HAVE_INT128
 #define NBASE 10000
 #define NUMERIC_SIGN_MASK 0xC000
 #define NUMERIC_NEG 0x4000
@@ -127,16 +142,8 @@ ca_rfm_init(void)
 #define NUMERIC_SHORT_WEIGHT_SIGN_MASK 0x0040
 #define NUMERIC_SHORT_WEIGHT_MASK 0x003F
 
-typedef enum MoneyResult
-{
-	MONEY_OK,
-	MONEY_TOO_PRECISE,
-	MONEY_OUT_OF_RANGE,
-	MONEY_NOT_FINITE
-} MoneyResult;
-
 static MoneyResult
-numeric_to_units(Datum value, int64 *units)
+numeric_to_units_fast(Datum value, int64 *units)
 {
 	struct varlena *v = (struct varlena *) PG_DETOAST_DATUM_PACKED(value);
 	const char *data = VARDATA_ANY(v);
@@ -147,57 +154,144 @@ numeric_to_units(Datum value, int64 *units)
 	int			ndigits;
 	const char *digits;
 	int128		acc = 0;
+	MoneyResult result = MONEY_OK;
 
 	memcpy(&header, data, sizeof(uint16));
 	if ((header & NUMERIC_SIGN_MASK) == NUMERIC_SPECIAL)
-		return MONEY_NOT_FINITE;
-	if ((header & NUMERIC_SIGN_MASK) == NUMERIC_SHORT)
-	{
-		negative = (header & NUMERIC_SHORT_SIGN_MASK) != 0;
-		weight = header & NUMERIC_SHORT_WEIGHT_MASK;
-		if (header & NUMERIC_SHORT_WEIGHT_SIGN_MASK)
-			weight |= ~NUMERIC_SHORT_WEIGHT_MASK;
-		digits = data + sizeof(uint16);
-		ndigits = (len - sizeof(uint16)) / sizeof(int16);
-	}
+		result = MONEY_NOT_FINITE;
 	else
 	{
-		int16		w;
-
-		negative = (header & NUMERIC_SIGN_MASK) == NUMERIC_NEG;
-		memcpy(&w, data + sizeof(uint16), sizeof(int16));
-		weight = w;
-		digits = data + 2 * sizeof(uint16);
-		ndigits = (len - 2 * sizeof(uint16)) / sizeof(int16);
-	}
-
-	/* digit i is worth NBASE^(weight - i); a unit is NBASE^-1 */
-	for (int i = 0; i < ndigits; i++)
-	{
-		int16		d;
-		int			exponent = weight - i + 1;	/* power of NBASE, in units */
-
-		memcpy(&d, digits + i * sizeof(int16), sizeof(int16));
-		if (d == 0)
-			continue;
-		if (exponent < 0)
-			return MONEY_TOO_PRECISE;
-		if (exponent > 5)
-			return MONEY_OUT_OF_RANGE;
+		if ((header & NUMERIC_SIGN_MASK) == NUMERIC_SHORT)
 		{
-			int128		term = d;
-
-			for (int e = 0; e < exponent; e++)
-				term *= NBASE;
-			acc += term;
+			negative = (header & NUMERIC_SHORT_SIGN_MASK) != 0;
+			weight = header & NUMERIC_SHORT_WEIGHT_MASK;
+			if (header & NUMERIC_SHORT_WEIGHT_SIGN_MASK)
+				weight |= ~NUMERIC_SHORT_WEIGHT_MASK;
+			digits = data + sizeof(uint16);
+			ndigits = (len - sizeof(uint16)) / sizeof(int16);
 		}
+		else
+		{
+			int16		w;
+
+			negative = (header & NUMERIC_SIGN_MASK) == NUMERIC_NEG;
+			memcpy(&w, data + sizeof(uint16), sizeof(int16));
+			weight = w;
+			digits = data + 2 * sizeof(uint16);
+			ndigits = (len - 2 * sizeof(uint16)) / sizeof(int16);
+		}
+
+		/* digit i is worth NBASE^(weight - i); a unit is NBASE^-1 */
+		for (int i = 0; i < ndigits && result == MONEY_OK; i++)
+		{
+			int16		d;
+			int			exponent = weight - i + 1;	/* in powers of NBASE */
+			int128		term;
+
+			memcpy(&d, digits + i * sizeof(int16), sizeof(int16));
+			if (d == 0)
+				continue;
+			if (exponent < 0)
+				result = MONEY_TOO_PRECISE;
+			else if (exponent > 5)
+				result = MONEY_OUT_OF_RANGE;
+			else
+			{
+				term = d;
+				for (int e = 0; e < exponent; e++)
+					term *= NBASE;
+				acc += term;
+			}
+		}
+		if (result == MONEY_OK && acc > PG_INT64_MAX)
+			result = MONEY_OUT_OF_RANGE;
+		if (result == MONEY_OK)
+			*units = negative ? -(int64) acc : (int64) acc;
 	}
-	if (acc > PG_INT64_MAX)
-		return MONEY_OUT_OF_RANGE;
-	*units = negative ? -(int64) acc : (int64) acc;
 	if ((Pointer) v != DatumGetPointer(value))
 		pfree(v);
+	return result;
+}
+#endif							/* HAVE_INT128 */
+
+static MoneyResult
+numeric_to_units_public(Datum value, int64 *units)
+{
+	Numeric		num = DatumGetNumeric(value);
+	Datum		magnitude;
+	Datum		scaled;
+	Datum		limit;
+
+	if (numeric_is_nan(num) || numeric_is_inf(num))
+		return MONEY_NOT_FINITE;
+	magnitude = DirectFunctionCall1(numeric_abs, value);
+	limit = DirectFunctionCall3(numeric_in, CStringGetDatum("1e20"),
+								ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1));
+	if (DatumGetInt32(DirectFunctionCall2(numeric_cmp, magnitude, limit)) >= 0)
+		return MONEY_OUT_OF_RANGE;
+	scaled = DirectFunctionCall2(numeric_mul, magnitude,
+								 NumericGetDatum(int64_to_numeric(MONEY_UNIT)));
+	if (DatumGetInt32(DirectFunctionCall2(numeric_cmp, scaled,
+										  DirectFunctionCall2(numeric_trunc, scaled, Int32GetDatum(0)))) != 0)
+		return MONEY_TOO_PRECISE;
+	if (DatumGetInt32(DirectFunctionCall2(numeric_cmp, scaled,
+										  NumericGetDatum(int64_to_numeric(PG_INT64_MAX)))) > 0)
+		return MONEY_OUT_OF_RANGE;
+	*units = DatumGetInt64(DirectFunctionCall1(numeric_int8, scaled));
+	if (DatumGetInt32(DirectFunctionCall2(numeric_cmp, value, magnitude)) < 0)
+		*units = -*units;		/* below its magnitude: negative */
 	return MONEY_OK;
+}
+
+/* a numeric amount in units, or the error that says why not */
+static int64
+numeric_units(Datum value, bool public_api)
+{
+	int64		units = 0;
+	MoneyResult result;
+
+#ifdef HAVE_INT128
+	result = public_api ? numeric_to_units_public(value, &units) : numeric_to_units_fast(value, &units);
+#else
+	result = numeric_to_units_public(value, &units);
+#endif
+	switch (result)
+	{
+		case MONEY_OK:
+			break;
+		case MONEY_TOO_PRECISE:
+			ereport(ERROR,
+					(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+					 errmsg("amount %s has more than %d decimal places",
+							DatumGetCString(DirectFunctionCall1(numeric_out, value)), MONEY_SCALE),
+					 errdetail("Monetary values are summed exactly to %d decimal places.", MONEY_SCALE),
+					 errhint("Round the amounts first, e.g. round(amount, %d).", MONEY_SCALE)));
+			break;
+		case MONEY_NOT_FINITE:
+			ereport(ERROR,
+					(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+					 errmsg("amount %s is not a finite number",
+							DatumGetCString(DirectFunctionCall1(numeric_out, value)))));
+			break;
+		case MONEY_OUT_OF_RANGE:
+			ereport(ERROR,
+					(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+					 errmsg("amount %s is too large",
+							DatumGetCString(DirectFunctionCall1(numeric_out, value))),
+					 errdetail("Monetary sums are kept below 922,337,203,685,477 in units of 0.0001.")));
+			break;
+	}
+	return units;
+}
+
+/*
+ * money_units(amount numeric, public_api boolean) -> bigint: internal, for
+ * sql/21_rfm_numeric, which checks that both conversions agree.
+ */
+Datum
+ca_money_units(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_INT64(numeric_units(PG_GETARG_DATUM(0), PG_GETARG_BOOL(1)));
 }
 
 static int64
@@ -208,32 +302,7 @@ amount_units(Datum value, Oid type)
 	switch (type)
 	{
 		case NUMERICOID:
-			switch (numeric_to_units(value, &units))
-			{
-				case MONEY_OK:
-					return units;
-				case MONEY_TOO_PRECISE:
-					ereport(ERROR,
-							(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
-							 errmsg("amount %s has more than %d decimal places",
-									DatumGetCString(DirectFunctionCall1(numeric_out, value)), MONEY_SCALE),
-							 errdetail("Monetary values are summed exactly to %d decimal places.", MONEY_SCALE),
-							 errhint("Round the amounts first, e.g. round(amount, %d).", MONEY_SCALE)));
-					break;
-				case MONEY_NOT_FINITE:
-					ereport(ERROR,
-							(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
-							 errmsg("amount %s is not a finite number",
-									DatumGetCString(DirectFunctionCall1(numeric_out, value)))));
-					break;
-				default:
-					ereport(ERROR,
-							(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
-							 errmsg("amount %s is too large",
-									DatumGetCString(DirectFunctionCall1(numeric_out, value))),
-							 errdetail("Monetary sums are kept below 922,337,203,685,477 in units of 0.0001.")));
-			}
-			break;
+			return numeric_units(value, false);
 		case INT2OID:
 			return (int64) DatumGetInt16(value) * MONEY_UNIT;
 		case INT4OID:
@@ -1377,4 +1446,3 @@ ca_rfm_from_rollup(PG_FUNCTION_ARGS)
 	MemoryContextDelete(cxt);
 	return (Datum) 0;
 }
-

@@ -56,6 +56,12 @@ CREATE FUNCTION customer_analytics.rfm_state_summary(customer_analytics.rfm_stat
 COMMENT ON FUNCTION customer_analytics.rfm_state_summary(customer_analytics.rfm_state) IS
     'The rfm_summary of an rfm_state value';
 
+CREATE FUNCTION customer_analytics.money_units(amount numeric, public_api boolean)
+    RETURNS bigint
+    AS 'MODULE_PATHNAME', 'ca_money_units' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION customer_analytics.money_units(numeric, boolean) IS
+    'Internal, for tests: an amount in the units of 0.0001 that rfm sums, read from numeric''s stored digits (public_api false, where 128-bit integers exist) or through numeric''s public functions; an error for a NaN, an infinity, more than 4 decimals or too large a value';
+
 /* quintile_breaks' state: every value seen (exact quantiles need them all) */
 CREATE TYPE customer_analytics.quantile_state;
 CREATE FUNCTION customer_analytics.quantile_state_in(cstring) RETURNS customer_analytics.quantile_state

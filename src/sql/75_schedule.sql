@@ -12,7 +12,7 @@ RETURNS timestamptz
 AS 'MODULE_PATHNAME', 'ca_cron_next_run'
 LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 COMMENT ON FUNCTION customer_analytics.cron_next_run(text, timestamptz) IS
-    'When a cron schedule (five fields, or @hourly, @daily, @weekly, @monthly, @yearly) next fires after a time, in UTC as pg_cron 1.4 evaluates it; NULL if never';
+    'When a pg_cron schedule next fires after a time, in UTC; it accepts exactly what pg_cron accepts (five fields with names of months and days, @hourly and the other shorthands, $ and ''N seconds'' of pg_cron 1.5/1.6); NULL for @reboot and for a date that never comes';
 
 CREATE FUNCTION customer_analytics.cron_remote_query(query text, params text[] DEFAULT '{}', hint_statement text DEFAULT NULL)
 RETURNS SETOF jsonb
@@ -86,17 +86,23 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM customer_analytics.cron_next_run(schedule);     -- refuses a bad schedule, naming the field
     IF NOT EXISTS (SELECT FROM customer_analytics.pipeline_task WHERE pipeline_task.scope = schedule_pipeline.scope)
        AND scope <> 'all' THEN
         RAISE EXCEPTION 'the pipeline has no scope "%"', scope
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Scopes are those of customer_analytics.pipeline_task; ''all'' runs everything.';
     END IF;
-    RETURN (SELECT (j->>'jobid')::bigint FROM customer_analytics.pg_cron_query(
-        'SELECT cron.schedule_in_database($1, $2, $3, $4) AS jobid',
-        ARRAY[customer_analytics.pipeline_job_name(scope), schedule,
-              format('CALL customer_analytics.run_pipeline(%L)', scope), current_database()]) j);
+    -- pg_cron itself judges the schedule: the version that runs it decides
+    BEGIN
+        RETURN (SELECT (j->>'jobid')::bigint FROM customer_analytics.pg_cron_query(
+            'SELECT cron.schedule_in_database($1, $2, $3, $4) AS jobid',
+            ARRAY[customer_analytics.pipeline_job_name(scope), schedule,
+                  format('CALL customer_analytics.run_pipeline(%L)', scope), current_database()]) j);
+    EXCEPTION WHEN invalid_parameter_value THEN
+        -- pg_cron says only "invalid schedule": ours names the field and why
+        PERFORM customer_analytics.cron_next_run(schedule);
+        RAISE;
+    END;
 END
 $$;
 REVOKE ALL ON FUNCTION customer_analytics.schedule_pipeline(text, text) FROM PUBLIC;
