@@ -1544,3 +1544,18 @@ BEGIN
     DROP TABLE ca_batch_events, ca_event_customers, ca_stitch_sessions;
 END
 $$;
+
+-- issue 16: data time (reference_time() = end of the data unless as_of is set), credit notes
+COMMENT ON FUNCTION customer_analytics.reference_time() IS
+    'The time recency, CLV and the last complete day are measured from: customer_analytics.as_of if set (''now'' is the wall clock), else the end of the data (midnight after the day of the last completed order line, business time zone), never later than now';
+CREATE OR REPLACE FUNCTION customer_analytics.rfm(
+    as_of           timestamptz DEFAULT customer_analytics.reference_time(),
+    source          regclass    DEFAULT 'customer_analytics.fact_order_line',
+    customer_column text        DEFAULT NULL,
+    ts_column       text        DEFAULT NULL,
+    amount_column   text        DEFAULT NULL,
+    order_column    text        DEFAULT NULL)
+RETURNS TABLE (customer_key bigint, customer_id text, recency_days integer, frequency bigint,
+               monetary numeric, r integer, f integer, m integer, rfm_cell text, segment text)
+AS 'MODULE_PATHNAME', 'ca_rfm'
+LANGUAGE C STABLE PARALLEL RESTRICTED;

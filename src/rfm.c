@@ -45,6 +45,7 @@
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/datetime.h"
 #include "utils/datum.h"
 #include "utils/float.h"
 #include "utils/guc.h"
@@ -83,6 +84,35 @@ static char *rfm_segment_map = NULL;
 static char *as_of_setting = NULL;
 static int	top_customers = 100;
 
+/*
+ * A value that is no time would only fail later, inside whichever view
+ * first reads it, with an error that does not name the setting.  Infinite
+ * times are refused too: recency from infinity is no answer.
+ */
+static bool
+check_as_of(char **newval, void **extra, GucSource source)
+{
+	char		workbuf[MAXDATELEN + MAXDATEFIELDS];
+	char	   *field[MAXDATEFIELDS];
+	int			ftype[MAXDATEFIELDS];
+	int			nf;
+	int			dtype;
+	struct pg_tm tm;
+	fsec_t		fsec;
+	int			tz;
+
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+	if (ParseDateTime(*newval, workbuf, sizeof(workbuf), field, ftype, MAXDATEFIELDS, &nf) == 0 &&
+		DecodeDateTime(field, ftype, nf, &dtype, &tm, &fsec, &tz) == 0 &&
+		(dtype == DTK_DATE || dtype == DTK_NOW || dtype == DTK_EPOCH))
+		return true;
+	GUC_check_errdetail("\"%s\" is neither a timestamp nor \"now\".", *newval);
+	GUC_check_errhint("Use a time such as '2011-12-10', 'now' for the wall clock, "
+					  "or '' (RESET) for the end of the data.");
+	return false;
+}
+
 void
 ca_rfm_init(void)
 {
@@ -94,12 +124,13 @@ ca_rfm_init(void)
 							   PGC_USERSET, 0,
 							   NULL, NULL, NULL);
 	DefineCustomStringVariable(CA_GUC_PREFIX ".as_of",
-							   "Reference time for recency in the RFM views; empty means now.",
-							   "Set it to the end of a historical data set, e.g. '2011-12-10'.",
+							   "Reference time for recency, CLV and the last complete day; empty means the end of the data.",
+							   "Empty: the day after the last completed order line, or now if that is later; "
+							   "'now': the wall clock; else a timestamp, e.g. '2011-12-10'.",
 							   &as_of_setting,
 							   "",
 							   PGC_USERSET, 0,
-							   NULL, NULL, NULL);
+							   check_as_of, NULL, NULL);
 	DefineCustomIntVariable(CA_GUC_PREFIX ".top_customers",
 							"How many customers the top_customers view keeps.",
 							NULL,
@@ -647,14 +678,37 @@ ca_quintile_score(PG_FUNCTION_ARGS)
 	PG_RETURN_INT32(score_against(value, breaks, descending));
 }
 
-/* reference_time(): customer_analytics.as_of, or now() */
+/*
+ * reference_time(): customer_analytics.as_of if set ('now' is the wall
+ * clock), else the end of the data: midnight (business time zone) after the
+ * day of the last completed order line, never later than now.  A live shop
+ * sees now; a historical export is judged at its own end instead of years
+ * after it (where every customer looks long gone).
+ */
 Datum
 ca_reference_time(PG_FUNCTION_ARGS)
 {
-	if (as_of_setting == NULL || as_of_setting[0] == '\0')
-		PG_RETURN_TIMESTAMPTZ(GetCurrentTransactionStartTimestamp());
-	PG_RETURN_DATUM(DirectFunctionCall3(timestamptz_in, CStringGetDatum(as_of_setting),
-										ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
+	TimestampTz now = GetCurrentTransactionStartTimestamp();
+	TimestampTz result = now;
+
+	if (as_of_setting != NULL && as_of_setting[0] != '\0')
+		PG_RETURN_DATUM(DirectFunctionCall3(timestamptz_in, CStringGetDatum(as_of_setting),
+											ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
+	SPI_connect();
+	SPI_execute("SELECT ((pg_catalog.max(order_ts) AT TIME ZONE customer_analytics.business_timezone())::pg_catalog.date"
+				" OPERATOR(pg_catalog.+) 1)::pg_catalog.timestamp AT TIME ZONE customer_analytics.business_timezone()"
+				" FROM customer_analytics.fact_order_line WHERE status OPERATOR(pg_catalog.=) 'completed'",
+				true, 1);
+	if (SPI_processed == 1)
+	{
+		bool		isnull;
+		Datum		end = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+
+		if (!isnull && DatumGetTimestampTz(end) < now)
+			result = DatumGetTimestampTz(end);
+	}
+	SPI_finish();
+	PG_RETURN_TIMESTAMPTZ(result);
 }
 
 /* ---------------------------------------------------------------------
@@ -1377,4 +1431,3 @@ ca_rfm_from_rollup(PG_FUNCTION_ARGS)
 	MemoryContextDelete(cxt);
 	return (Datum) 0;
 }
-

@@ -103,7 +103,7 @@ CREATE FUNCTION customer_analytics.reference_time()
     RETURNS timestamptz
     AS 'MODULE_PATHNAME', 'ca_reference_time' LANGUAGE C STABLE PARALLEL SAFE;
 COMMENT ON FUNCTION customer_analytics.reference_time() IS
-    'The time recency is measured from in the RFM views: customer_analytics.as_of if set, else now()';
+    'The time recency, CLV and the last complete day are measured from: customer_analytics.as_of if set (''now'' is the wall clock), else the end of the data (midnight after the day of the last completed order line, business time zone), never later than now';
 
 CREATE FUNCTION customer_analytics.top_customers_limit()
     RETURNS integer
@@ -268,7 +268,7 @@ CREATE CONSTRAINT TRIGGER rfm_segment_rule_complete
     FOR EACH ROW EXECUTE FUNCTION customer_analytics.rfm_segment_rule_guard();
 
 CREATE FUNCTION customer_analytics.rfm(
-    as_of           timestamptz DEFAULT now(),
+    as_of           timestamptz DEFAULT customer_analytics.reference_time(),
     source          regclass    DEFAULT 'customer_analytics.fact_order_line',
     customer_column text        DEFAULT NULL,
     ts_column       text        DEFAULT NULL,
