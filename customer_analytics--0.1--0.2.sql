@@ -705,7 +705,7 @@ CREATE TABLE customer_analytics.rfm_new_line (
     purchase    boolean NOT NULL
 );
 COMMENT ON TABLE customer_analytics.rfm_new_line IS
-    'Order lines inserted since the last refresh_customer_rfm() (purchase: a completed line of a known customer); an order whose lines are all here is added to its customer''s rollup without reading their other lines';
+    'Order lines inserted since the last refresh_customer_rfm() (purchase: a completed line of a known customer, not a credit line worth nothing); an order whose lines are all here is added to its customer''s rollup without reading their other lines';
 
 CREATE TABLE customer_analytics.customer_rfm_score (
     customer_id  text PRIMARY KEY,
@@ -761,7 +761,8 @@ BEGIN
     ELSIF TG_OP = 'INSERT' THEN
         -- new lines are usually new orders: queued, added without a recompute
         INSERT INTO customer_analytics.rfm_new_line (customer_id, order_id, line_number, order_ts, revenue, purchase)
-        SELECT c.customer_id, r.order_id, r.line_number, r.order_ts, r.revenue, r.status = 'completed' AND r.customer_key <> -1
+        SELECT c.customer_id, r.order_id, r.line_number, r.order_ts, r.revenue,
+               r.status = 'completed' AND r.customer_key <> -1 AND (r.quantity > 0 OR r.revenue <> 0)
         FROM new_rows r JOIN customer_analytics.dim_customer c USING (customer_key);
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO customer_analytics.rfm_dirty_customer
@@ -855,7 +856,8 @@ BEGIN
             -- rfm()'s inputs: completed lines of known customers; the lines
             -- of an order are one purchase (at its latest line), a return
             -- (negative revenue) stands alone: grouped by order and, for a
-            -- return, by its line.  The queued lines this statement sees are
+            -- return, by its line.  A credit line worth nothing (negative
+            -- quantity at price 0) is neither.  The queued lines this statement sees are
             -- in the facts it reads: they are consumed here, not added again
             -- below.
             WITH consumed AS (
@@ -869,6 +871,7 @@ BEGIN
                         FROM customer_analytics.fact_order_line fl
                         JOIN customer_analytics.dim_customer c ON c.customer_key = fl.customer_key
                         WHERE fl.status = 'completed' AND c.customer_key <> -1
+                          AND (fl.quantity > 0 OR fl.revenue <> 0)
                           AND (everyone OR c.customer_id IN (SELECT unnest(ids)))
                         GROUP BY c.customer_id, fl.order_id, CASE WHEN fl.revenue < 0 THEN fl.line_number END) x
                   GROUP BY x.customer_id) o
@@ -1559,3 +1562,124 @@ RETURNS TABLE (customer_key bigint, customer_id text, recency_days integer, freq
                monetary numeric, r integer, f integer, m integer, rfm_cell text, segment text)
 AS 'MODULE_PATHNAME', 'ca_rfm'
 LANGUAGE C STABLE PARALLEL RESTRICTED;
+ALTER TABLE customer_analytics.stg_orders
+    DROP CONSTRAINT stg_orders_quantity_check,
+    ADD CONSTRAINT stg_orders_quantity_check CHECK (quantity <> 0),
+    ADD CONSTRAINT stg_orders_credit_without_discount CHECK (quantity > 0 OR discount = 0);
+ALTER TABLE customer_analytics.fact_order_line
+    DROP CONSTRAINT fact_order_line_quantity_check,
+    ADD CONSTRAINT fact_order_line_quantity_check CHECK (quantity <> 0),
+    ADD CONSTRAINT fact_order_line_credit_without_discount CHECK (quantity > 0 OR discount = 0);
+
+COMMENT ON COLUMN customer_analytics.fact_order_line.quantity IS
+    'Units; negative on a credit note''s line (a return booked as its own line, status completed): its revenue is negative and nets against sales, it is no purchase';
+
+CREATE OR REPLACE FUNCTION customer_analytics.refresh_sales_rollup(full_refresh boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    days date[];
+    keys integer[];
+BEGIN
+    -- one maintainer at a time; readers of the rollups never wait
+    PERFORM pg_advisory_xact_lock(hashtext('customer_analytics.refresh_sales_rollup'));
+    -- take the noted days (days noted by transactions still running stay for next time)
+    WITH taken AS (DELETE FROM customer_analytics.sales_dirty_day RETURNING day)
+    SELECT array_agg(day) INTO days FROM taken;
+    IF full_refresh OR '-infinity' = ANY (days)
+       OR (NOT EXISTS (SELECT FROM customer_analytics.sales_rollup_day)
+           AND EXISTS (SELECT FROM customer_analytics.fact_order_line)) THEN
+        DELETE FROM customer_analytics.sales_rollup_day;
+        DELETE FROM customer_analytics.sales_rollup_category;
+        keys := NULL;                   -- every day
+    ELSIF days IS NULL THEN
+        RETURN 0;
+    ELSE
+        keys := ARRAY(SELECT customer_analytics.date_key(d) FROM unnest(days) d);
+        DELETE FROM customer_analytics.sales_rollup_day WHERE day = ANY (days);
+        DELETE FROM customer_analytics.sales_rollup_category WHERE day = ANY (days);
+    END IF;
+
+    INSERT INTO customer_analytics.sales_rollup_day (day, revenue, orders, customers)
+    -- credit notes (negative quantity) net against revenue but are no
+    -- orders, and their customers did not buy that day
+    SELECT d.date, sum(f.revenue), count(DISTINCT f.order_id) FILTER (WHERE f.quantity > 0),
+           count(DISTINCT c.customer_id) FILTER (WHERE f.customer_key <> -1 AND f.quantity > 0)
+    FROM customer_analytics.fact_order_line f
+    JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
+    JOIN customer_analytics.dim_customer c ON c.customer_key = f.customer_key
+    WHERE f.status = 'completed' AND (keys IS NULL OR f.date_key = ANY (keys))
+    GROUP BY d.date;
+
+    INSERT INTO customer_analytics.sales_rollup_category (day, category, revenue, orders, units)
+    SELECT d.date, p.category, sum(f.revenue), count(DISTINCT f.order_id) FILTER (WHERE f.quantity > 0), sum(f.quantity)
+    FROM customer_analytics.fact_order_line f
+    JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
+    JOIN customer_analytics.dim_product p ON p.product_key = f.product_key
+    WHERE f.status = 'completed' AND (keys IS NULL OR f.date_key = ANY (keys))
+    GROUP BY d.date, p.category;
+
+    RETURN CASE WHEN keys IS NULL THEN (SELECT count(*) FROM customer_analytics.sales_rollup_day)
+                ELSE cardinality(keys) END;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.refresh_sales_rollup(boolean) IS
+    'Recomputes the sales rollups for the days whose order lines changed since the last call (all days with full_refresh, after a TRUNCATE, or when the rollups are empty); returns the number of days recomputed. The pipeline calls it before refreshing daily_sales and product_category_sales';
+
+COMMENT ON MATERIALIZED VIEW customer_analytics.daily_sales IS
+    'Completed sales per day, every day from the first to the last sale (0 on a day without): revenue net of credit notes, orders (a credit note is none), distinct known customers who bought (guests not counted), average order value. Built from sales_rollup_day: run refresh_sales_rollup() first (the pipeline does)';
+
+COMMENT ON MATERIALIZED VIEW customer_analytics.product_category_sales IS
+    'Completed sales per product category and period, at two grains in one view: grain ''day'' (every day from the first to the last sale, 0 on a day without) and grain ''month'' (period_start = first day of the month, the sum of its days: an order counts on each day it has lines in the category): revenue net of credit notes, orders with a line in the category (a credit note is none), units net of returned ones. Built from sales_rollup_category';
+
+UPDATE customer_analytics.quality_check
+SET params = '{"sql": "SELECT order_id, line_number, quantity, unit_price, discount, revenue FROM customer_analytics.fact_order_line WHERE revenue < 0 AND quantity > 0"}'
+WHERE name = 'no negative revenue' AND builtin;
+
+CREATE OR REPLACE FUNCTION customer_analytics.clv_summary(as_of timestamptz)
+RETURNS TABLE (customer_id text, first_purchase date, x float8, t_x float8, "T" float8, m_x float8,
+               purchase_days bigint, revenue numeric)
+LANGUAGE sql STABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH days AS (
+        SELECT c.customer_id, d.date AS day, sum(f.revenue) AS revenue, bool_or(f.quantity > 0) AS purchase
+        FROM customer_analytics.fact_order_line f
+        JOIN customer_analytics.dim_customer c ON c.customer_key = f.customer_key
+        JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
+        WHERE f.status = 'completed' AND f.customer_key <> -1 AND f.order_ts < as_of
+        GROUP BY c.customer_id, d.date
+    ),
+    -- a day of credit notes alone is no purchase: it nets against the
+    -- purchase day before it (the first one, when it comes earlier)
+    numbered AS (
+        SELECT days.*, GREATEST(count(*) FILTER (WHERE days.purchase)
+                                    OVER (PARTITION BY days.customer_id ORDER BY days.day), 1) AS purchase_no
+        FROM days
+    ),
+    purchases AS (
+        SELECT n.customer_id, min(n.day) FILTER (WHERE n.purchase) AS day, sum(n.revenue) AS revenue
+        FROM numbered n
+        GROUP BY n.customer_id, n.purchase_no
+        HAVING bool_or(n.purchase)
+    ),
+    ranked AS (
+        SELECT p.*, min(p.day) OVER (PARTITION BY p.customer_id) AS first_day
+        FROM purchases p
+    )
+    SELECT r.customer_id, r.first_day,
+           (count(*) - 1)::float8,
+           (max(r.day) - r.first_day)::float8,
+           GREATEST((as_of AT TIME ZONE customer_analytics.business_timezone())::date - r.first_day, 0)::float8,
+           NULLIF(GREATEST(avg(r.revenue) FILTER (WHERE r.day > r.first_day), 0), 0)::float8,
+           count(*), sum(r.revenue)
+    FROM ranked r
+    GROUP BY r.customer_id, r.first_day
+$$;
+COMMENT ON FUNCTION customer_analytics.clv_summary(timestamptz) IS
+    'Each known customer''s purchase history before as_of, in days, as BG/NBD and Gamma-Gamma take it: a purchase is a day with completed order lines other than credit notes'' (negative quantity); a day of credit notes alone nets against the purchase day before it. x = purchase days after the first, t_x = days from the first to the last, T = days from the first to as_of, m_x = mean net revenue of the repeat purchase days (NULL without any, or when they net to nothing), revenue = net revenue';
+
+COMMENT ON FUNCTION customer_analytics.gamma_gamma_expected_value(customer_analytics.gamma_gamma_model, float8, float8) IS
+    'Expected spend per future purchase of a customer with x repeat purchases of mean value m_x: p (gamma + x m_x) / (p x + q - 1); the population mean p gamma / (q - 1) when x = 0 (m_x may then be NULL). NULL for a NULL model or x, and for a NULL m_x with x > 0 (repeat purchases all returned)';

@@ -21,7 +21,8 @@
  * return: it nets against monetary but is not a purchase and moves neither
  * the first nor the last order.  rfm() on the star schema counts completed
  * order lines only (cancelled ones never happened, returned ones came
- * back), of known customers, up to as_of.
+ * back), of known customers, up to as_of; a credit note's line (negative
+ * quantity) is such a return, and one worth nothing does not count.
  */
 #include "postgres.h"
 
@@ -980,12 +981,14 @@ column_attnum(Relation rel, const char *column, const char *role, Oid * type,
  */
 static void
 scan_table(RfmScan *sc, Relation rel, AttrNumber cust_att, AttrNumber order_att,
-		   AttrNumber ts_att, AttrNumber amount_att, AttrNumber status_att)
+		   AttrNumber ts_att, AttrNumber amount_att, AttrNumber status_att,
+		   AttrNumber quantity_att)
 {
 	TableScanDesc scan = table_beginscan(rel, GetActiveSnapshot(), 0, NULL);
 	TupleTableSlot *slot = table_slot_create(rel, NULL);
 	MemoryContext rowcxt = AllocSetContextCreate(CurrentMemoryContext, "rfm row", ALLOCSET_SMALL_SIZES);
-	AttrNumber	natts = Max(Max(cust_att, order_att), Max(Max(ts_att, amount_att), status_att));
+	AttrNumber	natts = Max(Max(Max(cust_att, order_att), Max(Max(ts_att, amount_att), status_att)),
+							quantity_att);
 
 	while (table_scan_getnextslot(scan, ForwardScanDirection, slot))
 	{
@@ -1028,6 +1031,20 @@ scan_table(RfmScan *sc, Relation rel, AttrNumber cust_att, AttrNumber order_att,
 		if (order_att)
 			order = slot_getattr(slot, order_att, &onull);
 		amount = slot_getattr(slot, amount_att, &anull);
+		if (quantity_att)
+		{
+			bool		qnull;
+			Datum		quantity = slot_getattr(slot, quantity_att, &qnull);
+
+			/*
+			 * A credit line worth nothing (negative quantity at price 0) is
+			 * neither a purchase nor a return: with amount 0 it would count
+			 * as a purchase.
+			 */
+			if (!qnull && DatumGetInt32(quantity) < 0 &&
+				(anull || amount_units(amount, sc->amount_type) == 0))
+				continue;
+		}
 		old = MemoryContextSwitchTo(rowcxt);
 		rfm_scan_row(sc, custkey, cust, order, onull, ts, anull, amount);
 		MemoryContextSwitchTo(old);
@@ -1255,7 +1272,7 @@ ca_rfm(PG_FUNCTION_ARGS)
 		load_customer_versions(&sc);
 		scan_table(&sc, rel, attnameAttNum(rel, "customer_key", false), attnameAttNum(rel, "order_id", false),
 				   attnameAttNum(rel, "order_ts", false), attnameAttNum(rel, "revenue", false),
-				   attnameAttNum(rel, "status", false));
+				   attnameAttNum(rel, "status", false), attnameAttNum(rel, "quantity", false));
 	}
 	else
 	{
@@ -1309,7 +1326,7 @@ ca_rfm(PG_FUNCTION_ARGS)
 
 		if ((rel->rd_rel->relkind == RELKIND_RELATION || rel->rd_rel->relkind == RELKIND_MATVIEW) &&
 			check_enable_rls(RelationGetRelid(rel), InvalidOid, false) != RLS_ENABLED)
-			scan_table(&sc, rel, ca, oa, ta, aa, 0);
+			scan_table(&sc, rel, ca, oa, ta, aa, 0, 0);
 		else
 			scan_query(&sc, rel, cust_col, order_col, ts_col, amount_col);
 	}

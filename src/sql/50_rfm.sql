@@ -319,7 +319,7 @@ CREATE TABLE customer_analytics.rfm_new_line (
     purchase    boolean NOT NULL
 );
 COMMENT ON TABLE customer_analytics.rfm_new_line IS
-    'Order lines inserted since the last refresh_customer_rfm() (purchase: a completed line of a known customer); an order whose lines are all here is added to its customer''s rollup without reading their other lines';
+    'Order lines inserted since the last refresh_customer_rfm() (purchase: a completed line of a known customer, not a credit line worth nothing); an order whose lines are all here is added to its customer''s rollup without reading their other lines';
 
 CREATE TABLE customer_analytics.customer_rfm_score (
     customer_id  text PRIMARY KEY,
@@ -375,7 +375,8 @@ BEGIN
     ELSIF TG_OP = 'INSERT' THEN
         -- new lines are usually new orders: queued, added without a recompute
         INSERT INTO customer_analytics.rfm_new_line (customer_id, order_id, line_number, order_ts, revenue, purchase)
-        SELECT c.customer_id, r.order_id, r.line_number, r.order_ts, r.revenue, r.status = 'completed' AND r.customer_key <> -1
+        SELECT c.customer_id, r.order_id, r.line_number, r.order_ts, r.revenue,
+               r.status = 'completed' AND r.customer_key <> -1 AND (r.quantity > 0 OR r.revenue <> 0)
         FROM new_rows r JOIN customer_analytics.dim_customer c USING (customer_key);
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO customer_analytics.rfm_dirty_customer
@@ -469,7 +470,8 @@ BEGIN
             -- rfm()'s inputs: completed lines of known customers; the lines
             -- of an order are one purchase (at its latest line), a return
             -- (negative revenue) stands alone: grouped by order and, for a
-            -- return, by its line.  The queued lines this statement sees are
+            -- return, by its line.  A credit line worth nothing (negative
+            -- quantity at price 0) is neither.  The queued lines this statement sees are
             -- in the facts it reads: they are consumed here, not added again
             -- below.
             WITH consumed AS (
@@ -483,6 +485,7 @@ BEGIN
                         FROM customer_analytics.fact_order_line fl
                         JOIN customer_analytics.dim_customer c ON c.customer_key = fl.customer_key
                         WHERE fl.status = 'completed' AND c.customer_key <> -1
+                          AND (fl.quantity > 0 OR fl.revenue <> 0)
                           AND (everyone OR c.customer_id IN (SELECT unnest(ids)))
                         GROUP BY c.customer_id, fl.order_id, CASE WHEN fl.revenue < 0 THEN fl.line_number END) x
                   GROUP BY x.customer_id) o

@@ -161,7 +161,7 @@ INSERT INTO customer_analytics.quality_check (name, kind, target, column_name, p
      '{"sql": "SELECT f.order_id, f.line_number, f.order_ts, c.valid_from, c.valid_to FROM customer_analytics.dim_customer c CROSS JOIN LATERAL (SELECT l.order_id, l.line_number, l.order_ts FROM customer_analytics.fact_order_line l WHERE l.customer_key = c.customer_key AND NOT (l.order_ts >= c.valid_from AND l.order_ts < c.valid_to) OFFSET 0) f WHERE c.customer_key <> -1 AND EXISTS (SELECT FROM customer_analytics.dim_customer v WHERE v.customer_id = c.customer_id AND v.valid_from < c.valid_from)"}',
      'warn', true),
     ('no negative revenue', 'custom', 'customer_analytics.fact_order_line', NULL,
-     '{"sql": "SELECT order_id, line_number, quantity, unit_price, discount, revenue FROM customer_analytics.fact_order_line WHERE revenue < 0"}',
+     '{"sql": "SELECT order_id, line_number, quantity, unit_price, discount, revenue FROM customer_analytics.fact_order_line WHERE revenue < 0 AND quantity > 0"}',
      'warn', true),
     ('orders are fresh', 'freshness', 'customer_analytics.fact_order_line', 'order_ts', '{"max_age": "2 days"}', 'warn', true),
     ('events are fresh', 'freshness', 'customer_analytics.fact_event', 'event_ts', '{"max_age": "1 day"}', 'warn', true),

@@ -363,7 +363,7 @@ CREATE FUNCTION customer_analytics.gamma_gamma_expected_value(model customer_ana
                                                               x float8, m_x float8)
     RETURNS float8 AS 'MODULE_PATHNAME', 'ca_gg_expected' LANGUAGE C IMMUTABLE PARALLEL SAFE;
 COMMENT ON FUNCTION customer_analytics.gamma_gamma_expected_value(customer_analytics.gamma_gamma_model, float8, float8) IS
-    'Expected spend per future purchase of a customer with x repeat purchases of mean value m_x: p (gamma + x m_x) / (p x + q - 1); the population mean p gamma / (q - 1) when x = 0 (m_x may then be NULL). NULL for a NULL model or x';
+    'Expected spend per future purchase of a customer with x repeat purchases of mean value m_x: p (gamma + x m_x) / (p x + q - 1); the population mean p gamma / (q - 1) when x = 0 (m_x may then be NULL). NULL for a NULL model or x, and for a NULL m_x with x > 0 (repeat purchases all returned)';
 
 CREATE FUNCTION customer_analytics.clv_summary(as_of timestamptz)
 RETURNS TABLE (customer_id text, first_purchase date, x float8, t_x float8, "T" float8, m_x float8,
@@ -372,28 +372,41 @@ LANGUAGE sql STABLE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
     WITH days AS (
-        SELECT c.customer_id, d.date AS day, sum(f.revenue) AS revenue
+        SELECT c.customer_id, d.date AS day, sum(f.revenue) AS revenue, bool_or(f.quantity > 0) AS purchase
         FROM customer_analytics.fact_order_line f
         JOIN customer_analytics.dim_customer c ON c.customer_key = f.customer_key
         JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
         WHERE f.status = 'completed' AND f.customer_key <> -1 AND f.order_ts < as_of
         GROUP BY c.customer_id, d.date
     ),
-    ranked AS (
-        SELECT days.*, min(day) OVER (PARTITION BY days.customer_id) AS first_day
+    -- a day of credit notes alone is no purchase: it nets against the
+    -- purchase day before it (the first one, when it comes earlier)
+    numbered AS (
+        SELECT days.*, GREATEST(count(*) FILTER (WHERE days.purchase)
+                                    OVER (PARTITION BY days.customer_id ORDER BY days.day), 1) AS purchase_no
         FROM days
+    ),
+    purchases AS (
+        SELECT n.customer_id, min(n.day) FILTER (WHERE n.purchase) AS day, sum(n.revenue) AS revenue
+        FROM numbered n
+        GROUP BY n.customer_id, n.purchase_no
+        HAVING bool_or(n.purchase)
+    ),
+    ranked AS (
+        SELECT p.*, min(p.day) OVER (PARTITION BY p.customer_id) AS first_day
+        FROM purchases p
     )
     SELECT r.customer_id, r.first_day,
            (count(*) - 1)::float8,
            (max(r.day) - r.first_day)::float8,
            GREATEST((as_of AT TIME ZONE customer_analytics.business_timezone())::date - r.first_day, 0)::float8,
-           avg(r.revenue) FILTER (WHERE r.day > r.first_day)::float8,
+           NULLIF(GREATEST(avg(r.revenue) FILTER (WHERE r.day > r.first_day), 0), 0)::float8,
            count(*), sum(r.revenue)
     FROM ranked r
     GROUP BY r.customer_id, r.first_day
 $$;
 COMMENT ON FUNCTION customer_analytics.clv_summary(timestamptz) IS
-    'Each known customer''s purchase history before as_of, in days, as BG/NBD and Gamma-Gamma take it: a purchase is a day with completed order lines; x = purchase days after the first, t_x = days from the first to the last, T = days from the first to as_of, m_x = mean revenue of the repeat purchase days (NULL without any)';
+    'Each known customer''s purchase history before as_of, in days, as BG/NBD and Gamma-Gamma take it: a purchase is a day with completed order lines other than credit notes'' (negative quantity); a day of credit notes alone nets against the purchase day before it. x = purchase days after the first, t_x = days from the first to the last, T = days from the first to as_of, m_x = mean net revenue of the repeat purchase days (NULL without any, or when they net to nothing), revenue = net revenue';
 
 CREATE MATERIALIZED VIEW customer_analytics.clv_model AS
 SELECT customer_analytics.bgnbd_fit(s.x, s.t_x, s."T") AS bgnbd,
