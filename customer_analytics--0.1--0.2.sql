@@ -1548,7 +1548,8 @@ BEGIN
 END
 $$;
 
--- issue 16: data time (reference_time() = end of the data unless as_of is set), credit notes
+-- issue 16: data time (reference_time() = end of the data unless as_of is set), credit notes,
+-- the business calendar (closed_day; closed days out of the anomaly series and the forecasts)
 COMMENT ON FUNCTION customer_analytics.reference_time() IS
     'The time recency, CLV and the last complete day are measured from: customer_analytics.as_of if set (''now'' is the wall clock), else the end of the data (midnight after the day of the last completed order line, business time zone), never later than now';
 CREATE OR REPLACE FUNCTION customer_analytics.rfm(
@@ -1683,3 +1684,213 @@ COMMENT ON FUNCTION customer_analytics.clv_summary(timestamptz) IS
 
 COMMENT ON FUNCTION customer_analytics.gamma_gamma_expected_value(customer_analytics.gamma_gamma_model, float8, float8) IS
     'Expected spend per future purchase of a customer with x repeat purchases of mean value m_x: p (gamma + x m_x) / (p x + q - 1); the population mean p gamma / (q - 1) when x = 0 (m_x may then be NULL). NULL for a NULL model or x, and for a NULL m_x with x > 0 (repeat purchases all returned)';
+
+CREATE TABLE customer_analytics.closed_day (
+    day     date UNIQUE,
+    weekday smallint UNIQUE CHECK (weekday BETWEEN 1 AND 7),
+    name    text NOT NULL CHECK (name <> ''),
+    CHECK ((day IS NULL) <> (weekday IS NULL))
+);
+COMMENT ON TABLE customer_analytics.closed_day IS
+    'The shop''s closed days: a date (a holiday, a closure) or a recurring ISO weekday (1 = Monday .. 7 = Sunday), each with a name; one row per date or weekday (a duplicate is refused). Closed days are not scored by the anomaly views, are in none of their baselines, are forecast as 0 and never alerted as forecast misses. Weekdays without any sale are closed without a row here (idle_weekdays())';
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics.closed_day', '');
+
+CREATE FUNCTION customer_analytics.idle_weekdays()
+RETURNS SETOF smallint
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- from the daily rollup (a row per day with lines), not the order lines
+    RETURN QUERY
+    WITH trading AS (
+        SELECT r.day FROM customer_analytics.sales_rollup_day r WHERE r.orders > 0
+    )
+    SELECT w::smallint
+    FROM generate_series(1, 7) w
+    WHERE (SELECT max(t.day) - min(t.day) FROM trading t) >= 27
+      AND NOT EXISTS (SELECT FROM trading t WHERE extract(isodow FROM t.day) = w)
+    ORDER BY 1;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.idle_weekdays() IS
+    'ISO weekdays (1 = Monday .. 7 = Sunday) on which the shop never took an order in a sales history of at least four weeks (sales_rollup_day): closed without being entered in closed_day';
+
+CREATE FUNCTION customer_analytics.closed_days(first_day date, last_day date)
+RETURNS TABLE (day date, name text)
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH idle AS MATERIALIZED (
+        SELECT w FROM customer_analytics.idle_weekdays() w
+    )
+    SELECT g.day,
+           COALESCE(d.name, w.name, 'never trades on ' || trim(to_char(g.day, 'Day')))
+    FROM (SELECT x::date AS day FROM generate_series(first_day, last_day, interval '1 day') x) g
+    LEFT JOIN customer_analytics.closed_day d ON d.day = g.day
+    LEFT JOIN customer_analytics.closed_day w ON w.weekday = extract(isodow FROM g.day)
+    WHERE d.day IS NOT NULL OR w.weekday IS NOT NULL
+       OR extract(isodow FROM g.day) IN (SELECT i.w FROM idle i)
+$$;
+COMMENT ON FUNCTION customer_analytics.closed_days(date, date) IS
+    'The closed days from first_day to last_day with their names: the dates and weekdays of closed_day and the weekdays on which the shop never trades (idle_weekdays())';
+
+CREATE OR REPLACE VIEW customer_analytics.order_count_series AS
+WITH closed AS MATERIALIZED (
+    SELECT c.day FROM customer_analytics.closed_days((SELECT min(r.day) FROM customer_analytics.sales_rollup_day r),
+                                                     (SELECT max(r.day) FROM customer_analytics.sales_rollup_day r)) c
+)
+SELECT category AS series, period_start::timestamp AT TIME ZONE 'UTC' AS ts, orders
+FROM customer_analytics.product_category_sales
+WHERE grain = 'day' AND period_start NOT IN (SELECT day FROM closed)
+UNION ALL
+SELECT 'total', day::timestamp AT TIME ZONE 'UTC', orders
+FROM customer_analytics.daily_sales
+WHERE day NOT IN (SELECT day FROM closed);
+COMMENT ON VIEW customer_analytics.order_count_series IS
+    'Daily order counts per product category and for the whole shop (series ''total''), closed days (closed_days()) left out: what the anomalies view scores';
+
+DROP MATERIALIZED VIEW customer_analytics.sales_forecast;
+CREATE MATERIALIZED VIEW customer_analytics.sales_forecast AS
+WITH closed AS MATERIALIZED (
+    SELECT c.day FROM customer_analytics.closed_days(customer_analytics.sales_training_start(),
+                                                     customer_analytics.sales_training_end() + 28) c
+),
+-- fitted on open days (a closed day is NULL: no observation)
+m AS (
+    SELECT s.scope, s.category,
+           customer_analytics.holt_winters(s.day, CASE WHEN s.day NOT IN (SELECT c.day FROM closed c) THEN s.revenue END)
+               AS model
+    FROM customer_analytics.sales_series(customer_analytics.sales_training_start(),
+                                         customer_analytics.sales_training_end()) s
+    GROUP BY s.scope, s.category
+)
+SELECT m.scope, m.category, f.ts AS day,
+       CASE WHEN x.closed THEN 0 ELSE f.yhat END AS revenue,
+       CASE WHEN x.closed THEN 0 ELSE f.lo END AS revenue_lo,
+       CASE WHEN x.closed THEN 0 ELSE f.hi END AS revenue_hi,
+       (m.model).last_ts AS trained_through, (m.model).alpha, (m.model).beta, (m.model).gamma,
+       (m.model).residual_sd
+FROM m
+CROSS JOIN LATERAL customer_analytics.forecast(m.model, 28, 0.95) f
+CROSS JOIN LATERAL (SELECT f.ts IN (SELECT c.day FROM closed c) AS closed) x
+WHERE m.model IS NOT NULL;
+CREATE UNIQUE INDEX sales_forecast_key_idx ON customer_analytics.sales_forecast (scope, category, day);
+COMMENT ON MATERIALIZED VIEW customer_analytics.sales_forecast IS
+    'Revenue forecast for the 28 days after sales_training_end(), overall (scope ''total'', category ''(all)'') and per category: Holt-Winters with weekly seasonality fitted on the open days of all history, with a 95% prediction interval [revenue_lo, revenue_hi]; 0 on closed days (closed_days()). Accuracy: sales_forecast_accuracy';
+
+CREATE OR REPLACE FUNCTION customer_analytics.sales_forecast_backtest(
+    last_day date DEFAULT NULL, holdout integer DEFAULT 28, first_day date DEFAULT NULL)
+RETURNS TABLE (scope text, category text, trained_through date, holdout_days integer,
+               scored_days integer, mape_holt_winters float8, mape_seasonal_naive float8,
+               improvement float8, alpha float8, beta float8, gamma float8)
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    lo date := COALESCE(first_day, customer_analytics.sales_training_start());
+    hi date := COALESCE(last_day, customer_analytics.sales_training_end());
+BEGIN
+    IF holdout IS NULL OR holdout < 1 THEN
+        RAISE EXCEPTION 'holdout must be at least 1 day, not %', holdout
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY
+    WITH s AS (
+        SELECT * FROM customer_analytics.sales_series(lo, hi)
+    ),
+    closed AS MATERIALIZED (
+        SELECT c.day FROM customer_analytics.closed_days(lo, hi) c
+    ),
+    -- fitted on open days (a closed day is NULL: no observation)
+    m AS (
+        SELECT s.scope, s.category,
+               customer_analytics.holt_winters(s.day, CASE WHEN s.day NOT IN (SELECT c.day FROM closed c) THEN s.revenue END)
+                   AS model
+        FROM s WHERE s.day <= hi - holdout
+        GROUP BY s.scope, s.category
+    ),
+    scored AS (
+        SELECT m.scope, m.category, (m.model).last_ts, (m.model).alpha, (m.model).beta,
+               (m.model).gamma, a.revenue AS actual,
+               CASE WHEN f.ts IN (SELECT c.day FROM closed c) THEN 0 ELSE f.yhat END AS yhat,
+               -- seasonal naive: the same weekday in the last week of training
+               (SELECT n.revenue FROM s n
+                WHERE n.scope = m.scope AND n.category = m.category
+                  AND n.day = (m.model).last_ts - 7 + 1 + ((f.ts - (m.model).last_ts - 1) % 7)) AS naive
+        FROM m
+        CROSS JOIN LATERAL customer_analytics.forecast(m.model, holdout) f
+        JOIN s a ON a.scope = m.scope AND a.category = m.category AND a.day = f.ts
+        WHERE m.model IS NOT NULL
+    )
+    SELECT sc.scope, sc.category, min(sc.last_ts), holdout,
+           count(*) FILTER (WHERE sc.actual > 0)::integer,
+           100 * avg(abs(sc.actual - sc.yhat) / sc.actual) FILTER (WHERE sc.actual > 0),
+           100 * avg(abs(sc.actual - sc.naive) / sc.actual) FILTER (WHERE sc.actual > 0),
+           1 - avg(abs(sc.actual - sc.yhat) / sc.actual) FILTER (WHERE sc.actual > 0)
+               / NULLIF(avg(abs(sc.actual - sc.naive) / sc.actual) FILTER (WHERE sc.actual > 0), 0),
+           min(sc.alpha), min(sc.beta), min(sc.gamma)
+    FROM scored sc
+    GROUP BY sc.scope, sc.category;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.sales_forecast_backtest(date, integer, date) IS
+    'Backtest of the sales forecast: for the total and each category, Holt-Winters is fitted on the open days up to last_day - holdout and forecasts the holdout days (0 on closed days); returns the mean absolute percentage error (in %, over the days with sales) of that forecast and of the seasonal-naive forecast (same weekday of the last training week), and improvement = 1 - mape_holt_winters / mape_seasonal_naive';
+
+CREATE OR REPLACE FUNCTION customer_analytics.alert_forecast_misses()
+RETURNS TABLE (alert_id bigint, category text, day date, actual float8, forecast float8,
+               lower_bound float8, miss float8)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    done date := customer_analytics.sales_training_end();
+    first_day date;
+BEGIN
+    SELECT min(f.day) INTO first_day FROM customer_analytics.sales_forecast f;
+    IF first_day IS NULL OR done IS NULL OR done < first_day THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH actual AS (
+        SELECT s.scope, s.category, s.day, s.revenue
+        FROM customer_analytics.sales_series(first_day, done) s
+    ),
+    missed AS (
+        SELECT f.scope, f.category, f.day, COALESCE(a.revenue, 0) AS actual,
+               f.revenue AS forecast, f.revenue_lo AS lower_bound
+        FROM customer_analytics.sales_forecast f
+        LEFT JOIN actual a ON a.scope = f.scope AND a.category = f.category AND a.day = f.day
+        WHERE f.day <= done AND COALESCE(a.revenue, 0) < f.revenue_lo
+          AND f.day NOT IN (SELECT c.day FROM customer_analytics.closed_days(first_day, done) c)
+    )
+    SELECT r.alert_id, r.category, r.day, r.actual, r.forecast, r.lower_bound, r.miss
+    FROM (
+        SELECT customer_analytics.raise_alert(
+                   'forecast_miss',
+                   x.category,
+                   jsonb_build_object('day', x.day, 'scope', x.scope, 'category', x.category,
+                                      'actual', round(x.actual::numeric, 2),
+                                      'forecast', round(x.forecast::numeric, 2),
+                                      'lower_bound', round(x.lower_bound::numeric, 2),
+                                      'miss', round((x.lower_bound - x.actual)::numeric, 2),
+                                      'shortfall_vs_forecast', round((x.forecast - x.actual)::numeric, 2),
+                                      'shortfall_pct', round((100 * (x.forecast - x.actual) / NULLIF(x.forecast, 0))::numeric, 1)),
+                   'forecast_miss:' || x.scope || ':' || x.category || ':' || x.day,
+                   'warn') AS alert_id,
+               x.category, x.day, x.actual, x.forecast, x.lower_bound,
+               x.lower_bound - x.actual AS miss
+        FROM missed x
+        ORDER BY x.day, x.scope DESC, x.category
+    ) r
+    WHERE r.alert_id IS NOT NULL;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.alert_forecast_misses() IS
+    'Compare the complete days of sales since sales_forecast was refreshed with its forecast; every day and series (total or category) whose revenue fell below the lower bound raises one forecast_miss alert (closed days never) (with the actual, the forecast, the bound and the size of the miss). Returns the alerts raised now. Call it after loading, before refreshing sales_forecast';
+
+COMMENT ON AGGREGATE customer_analytics.holt_winters(date, float8) IS
+    'Additive Holt-Winters model (damped additive trend, weekly seasonality) of a daily series, rows in any order: values of the same day are summed, a day without rows counts as 0, a NULL value closes its day (no observation: the state runs over it unchanged), a NULL day is skipped; alpha, beta, gamma in [0, 1] and the damping phi in [0.8, 1] fitted by minimising the one-step squared error (Nelder-Mead). NULL when the series spans fewer than two periods, or its first or second period is closed throughout';
+
+COMMENT ON TYPE customer_analytics.hw_model IS
+    'A fitted additive Holt-Winters model of a daily series: period, smoothing parameters alpha (level), beta (trend), gamma (season), trend damping phi (1 = undamped), the final level and trend (per day), seasonals[k] = seasonal term of day last_ts + k (k = 1 .. period), sum of squared one-step errors after the first period (sse), days in the series (n), its first and last day, and the residual standard deviation sqrt(sse / the open days after the first period)';

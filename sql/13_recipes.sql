@@ -76,6 +76,38 @@ SELECT customer_id, recency_days, frequency, monetary,
         WHERE r.customer_id = c.customer_id AND (invoice_no LIKE 'C%' OR quantity > 0)) AS raw_net
 FROM customer_rfm c WHERE customer_id IN ('12347', '12348', '12349', '12350') ORDER BY customer_id;
 
+
+-- the business calendar: the anomalies of the shop total before and after
+-- the UK bank holidays of 2010-2011 and the Christmas closure are entered
+-- (Saturdays, when the shop never trades, are recognised without)
+CREATE TEMP TABLE uk_closed (day date, name text);
+INSERT INTO uk_closed VALUES
+    ('2010-12-27', 'Christmas Day (substitute)'), ('2010-12-28', 'Boxing Day (substitute)'),
+    ('2011-01-03', 'New Year''s Day (substitute)'), ('2011-04-22', 'Good Friday'),
+    ('2011-04-24', 'Easter Sunday'), ('2011-04-25', 'Easter Monday'), ('2011-04-29', 'Royal wedding'),
+    ('2011-05-02', 'Early May bank holiday'), ('2011-05-30', 'Spring bank holiday'),
+    ('2011-08-29', 'Summer bank holiday'), ('2011-12-26', 'Christmas Day (substitute)'),
+    ('2011-12-27', 'Boxing Day (substitute)');
+INSERT INTO uk_closed
+SELECT d::date, 'Christmas closure' FROM generate_series('2010-12-24'::date, '2011-01-02', interval '1 day') d
+WHERE d::date NOT IN (SELECT day FROM uk_closed);
+SELECT idle_weekdays();
+SELECT refresh_sales_views(false);
+SELECT a.day, to_char(a.day, 'Dy') AS weekday, a.orders, a.expected, a.direction, u.name AS closed
+FROM anomalies a LEFT JOIN uk_closed u USING (day) WHERE a.series = 'total' ORDER BY a.day;
+INSERT INTO closed_day (day, name) SELECT day, name FROM uk_closed;
+SELECT refresh_sales_views(false);
+SELECT a.day, to_char(a.day, 'Dy') AS weekday, a.orders, a.expected, a.direction
+FROM anomalies a WHERE a.series = 'total' ORDER BY a.day;
+SELECT count(*) AS closed_days_flagged
+FROM anomalies a JOIN closed_days('2010-12-01', '2011-12-09') c USING (day);
+-- the forecast trained to 2011-11-10: the Saturday is 0, not a weekday
+SET customer_analytics.as_of = '2011-11-11';
+REFRESH MATERIALIZED VIEW sales_forecast;
+SELECT day, to_char(day, 'Dy') AS weekday, round(revenue::numeric, -2) AS forecast
+FROM sales_forecast WHERE scope = 'total' AND day <= '2011-11-17' ORDER BY day;
+RESET customer_analytics.as_of;
+
 \c :regress_db
 DROP DATABASE ca_recipe_retail;
 

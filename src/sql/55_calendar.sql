@@ -1,0 +1,61 @@
+/*
+ * The shop's business calendar: the days it does not trade.  A closed day
+ * is no observation: anomaly detection neither scores it nor lets it into
+ * a baseline (a bank holiday is not a collapse of demand, nor the Monday
+ * after it a surge), the forecast is fitted on open days only and predicts
+ * 0 on closed ones, and a forecast miss is never raised for one.
+ *
+ * Closed days come from closed_day (dates, such as holidays or a Christmas
+ * closure, and recurring weekdays), entered by the user, and from the
+ * sales history: a weekday on which the shop never sold in at least four
+ * weeks of history is closed (idle_weekdays()).
+ */
+CREATE TABLE customer_analytics.closed_day (
+    day     date UNIQUE,
+    weekday smallint UNIQUE CHECK (weekday BETWEEN 1 AND 7),
+    name    text NOT NULL CHECK (name <> ''),
+    CHECK ((day IS NULL) <> (weekday IS NULL))
+);
+COMMENT ON TABLE customer_analytics.closed_day IS
+    'The shop''s closed days: a date (a holiday, a closure) or a recurring ISO weekday (1 = Monday .. 7 = Sunday), each with a name; one row per date or weekday (a duplicate is refused). Closed days are not scored by the anomaly views, are in none of their baselines, are forecast as 0 and never alerted as forecast misses. Weekdays without any sale are closed without a row here (idle_weekdays())';
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics.closed_day', '');
+
+CREATE FUNCTION customer_analytics.idle_weekdays()
+RETURNS SETOF smallint
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- from the daily rollup (a row per day with lines), not the order lines
+    RETURN QUERY
+    WITH trading AS (
+        SELECT r.day FROM customer_analytics.sales_rollup_day r WHERE r.orders > 0
+    )
+    SELECT w::smallint
+    FROM generate_series(1, 7) w
+    WHERE (SELECT max(t.day) - min(t.day) FROM trading t) >= 27
+      AND NOT EXISTS (SELECT FROM trading t WHERE extract(isodow FROM t.day) = w)
+    ORDER BY 1;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.idle_weekdays() IS
+    'ISO weekdays (1 = Monday .. 7 = Sunday) on which the shop never took an order in a sales history of at least four weeks (sales_rollup_day): closed without being entered in closed_day';
+
+CREATE FUNCTION customer_analytics.closed_days(first_day date, last_day date)
+RETURNS TABLE (day date, name text)
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH idle AS MATERIALIZED (
+        SELECT w FROM customer_analytics.idle_weekdays() w
+    )
+    SELECT g.day,
+           COALESCE(d.name, w.name, 'never trades on ' || trim(to_char(g.day, 'Day')))
+    FROM (SELECT x::date AS day FROM generate_series(first_day, last_day, interval '1 day') x) g
+    LEFT JOIN customer_analytics.closed_day d ON d.day = g.day
+    LEFT JOIN customer_analytics.closed_day w ON w.weekday = extract(isodow FROM g.day)
+    WHERE d.day IS NOT NULL OR w.weekday IS NOT NULL
+       OR extract(isodow FROM g.day) IN (SELECT i.w FROM idle i)
+$$;
+COMMENT ON FUNCTION customer_analytics.closed_days(date, date) IS
+    'The closed days from first_day to last_day with their names: the dates and weekdays of closed_day and the weekdays on which the shop never trades (idle_weekdays())';
