@@ -439,7 +439,11 @@ BEGIN
             'SELECT max(%s) AS newest, now() - max(%s) AS age FROM %s HAVING max(%s) IS NULL OR max(%s) < now() - %L::interval',
             cols, cols, tbl, cols, cols, COALESCE(c.params->>'max_age', '1 day'))
         WHEN 'row_count_change' THEN format(
-            $q$WITH newest AS (SELECT date_trunc('day', max(%1$s)) AS day FROM %2$s),
+            -- the newest whole day: a day the clock has not finished yet
+            -- (a live shop's morning) is not scored as a whole day
+            $q$WITH newest AS (SELECT CASE WHEN date_trunc('day', max(%1$s)) + interval '1 day' > now()
+                                           THEN date_trunc('day', max(%1$s)) - interval '1 day'
+                                           ELSE date_trunc('day', max(%1$s)) END AS day FROM %2$s),
                counts AS (
                    SELECT date_trunc('day', t.%1$s) AS day, count(*) AS n
                    FROM %2$s t, newest
@@ -1549,7 +1553,8 @@ END
 $$;
 
 -- issue 16: data time (reference_time() = end of the data unless as_of is set), credit notes,
--- the business calendar (closed_day; closed days out of the anomaly series and the forecasts)
+-- the business calendar (closed_day; closed days out of the anomaly series and the forecasts),
+-- the day in progress (day_in_progress())
 COMMENT ON FUNCTION customer_analytics.reference_time() IS
     'The time recency, CLV and the last complete day are measured from: customer_analytics.as_of if set (''now'' is the wall clock), else the end of the data (midnight after the day of the last completed order line, business time zone), never later than now';
 CREATE OR REPLACE FUNCTION customer_analytics.rfm(
@@ -1735,10 +1740,59 @@ $$;
 COMMENT ON FUNCTION customer_analytics.closed_days(date, date) IS
     'The closed days from first_day to last_day with their names: the dates and weekdays of closed_day and the weekdays on which the shop never trades (idle_weekdays())';
 
+/*
+ * The day in progress.  The last day of the data is not a whole day while
+ * it is today (a live shop's morning), nor when it stops well before the
+ * hour its weekday usually does (an export cut at noon): scored as a whole
+ * day it would be a "drop" every morning.  Usual: the earliest last order
+ * of the same weekday over the 8 weeks before, less an hour of slack.
+ */
+CREATE FUNCTION customer_analytics.day_in_progress()
+RETURNS date
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tz text := customer_analytics.business_timezone();
+    last_ts timestamptz;
+    last_day date;
+    usual interval;
+BEGIN
+    -- through the order_ts index: the newest lines, then one day at a time
+    SELECT max(f.order_ts) INTO last_ts FROM customer_analytics.fact_order_line f WHERE f.status = 'completed';
+    IF last_ts IS NULL THEN
+        RETURN NULL;
+    END IF;
+    last_day := (last_ts AT TIME ZONE tz)::date;
+    IF last_day >= (now() AT TIME ZONE tz)::date THEN
+        RETURN last_day;
+    END IF;
+    SELECT min(x.t) INTO usual
+    FROM generate_series(1, 8) k
+    CROSS JOIN LATERAL (
+        SELECT max(f.order_ts AT TIME ZONE tz) - (last_day - 7 * k)::timestamp AS t
+        FROM customer_analytics.fact_order_line f
+        WHERE f.status = 'completed'
+          AND f.order_ts >= (last_day - 7 * k)::timestamp AT TIME ZONE tz
+          AND f.order_ts < (last_day - 7 * k + 1)::timestamp AT TIME ZONE tz
+    ) x;
+    IF (last_ts AT TIME ZONE tz) - last_day::timestamp < usual - interval '1 hour' THEN
+        RETURN last_day;
+    END IF;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.day_in_progress() IS
+    'The last day with completed order lines when it is not a whole day yet: it is today (business time zone), or its last line came more than an hour earlier than on any of the same weekdays of the 8 weeks before (an export cut during the day); else NULL. The anomaly series and the forecasts leave it out';
+
+-- closed days and the day in progress are left out: not scored, and in no
+-- baseline
 CREATE OR REPLACE VIEW customer_analytics.order_count_series AS
 WITH closed AS MATERIALIZED (
     SELECT c.day FROM customer_analytics.closed_days((SELECT min(r.day) FROM customer_analytics.sales_rollup_day r),
                                                      (SELECT max(r.day) FROM customer_analytics.sales_rollup_day r)) c
+    UNION ALL
+    SELECT p.day FROM customer_analytics.day_in_progress() p(day) WHERE p.day IS NOT NULL
 )
 SELECT category AS series, period_start::timestamp AT TIME ZONE 'UTC' AS ts, orders
 FROM customer_analytics.product_category_sales
@@ -1748,7 +1802,7 @@ SELECT 'total', day::timestamp AT TIME ZONE 'UTC', orders
 FROM customer_analytics.daily_sales
 WHERE day NOT IN (SELECT day FROM closed);
 COMMENT ON VIEW customer_analytics.order_count_series IS
-    'Daily order counts per product category and for the whole shop (series ''total''), closed days (closed_days()) left out: what the anomalies view scores';
+    'Daily order counts per product category and for the whole shop (series ''total''), closed days (closed_days()) and the day in progress (day_in_progress()) left out: what the anomalies view scores';
 
 DROP MATERIALIZED VIEW customer_analytics.sales_forecast;
 CREATE MATERIALIZED VIEW customer_analytics.sales_forecast AS
@@ -1894,3 +1948,17 @@ COMMENT ON AGGREGATE customer_analytics.holt_winters(date, float8) IS
 
 COMMENT ON TYPE customer_analytics.hw_model IS
     'A fitted additive Holt-Winters model of a daily series: period, smoothing parameters alpha (level), beta (trend), gamma (season), trend damping phi (1 = undamped), the final level and trend (per day), seasonals[k] = seasonal term of day last_ts + k (k = 1 .. period), sum of squared one-step errors after the first period (sse), days in the series (n), its first and last day, and the residual standard deviation sqrt(sse / the open days after the first period)';
+
+CREATE OR REPLACE FUNCTION customer_analytics.sales_training_end()
+RETURNS date
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- the newest line through the order_ts index: its day is its date_key's
+    SELECT LEAST((customer_analytics.reference_time() AT TIME ZONE customer_analytics.business_timezone())::date - 1,
+                 (SELECT (max(f.order_ts) AT TIME ZONE customer_analytics.business_timezone())::date
+                  FROM customer_analytics.fact_order_line f),
+                 customer_analytics.day_in_progress() - 1)
+$$;
+COMMENT ON FUNCTION customer_analytics.sales_training_end() IS
+    'Last complete day of sales: the day before reference_time() (setting customer_analytics.as_of, else the end of the data) in the business time zone, or the last day with order lines if that is earlier, never the day in progress (day_in_progress())';

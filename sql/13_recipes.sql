@@ -101,6 +101,8 @@ SELECT a.day, to_char(a.day, 'Dy') AS weekday, a.orders, a.expected, a.direction
 FROM anomalies a WHERE a.series = 'total' ORDER BY a.day;
 SELECT count(*) AS closed_days_flagged
 FROM anomalies a JOIN closed_days('2010-12-01', '2011-12-09') c USING (day);
+-- the export's last day, cut at noon, is the day in progress: not scored
+SELECT day_in_progress() AS cut_day, sales_training_end() AS last_complete_day;
 -- the forecast trained to 2011-11-10: the Saturday is 0, not a weekday
 SET customer_analytics.as_of = '2011-11-11';
 REFRESH MATERIALIZED VIEW sales_forecast;

@@ -3,7 +3,8 @@
 -- Closed days: entered (dates, weekdays) or recognised (a weekday without
 -- any order); never flagged, in no baseline; forecast as 0, fitted on open
 -- days only; never a forecast miss.  A duplicate entry is refused naming
--- the day; an entry outside the data is harmless.
+-- the day; an entry outside the data is harmless.  The day in progress is
+-- never scored as a whole day.
 SET client_min_messages = warning;
 SET search_path = customer_analytics, public;
 SET timezone = 'UTC';
@@ -82,5 +83,25 @@ ROLLBACK TO SAVEPOINT before_closure;
 INSERT INTO closed_day (day, name) VALUES ('2025-03-24', 'Stocktaking');
 SELECT category, day, actual, round(forecast::numeric) AS forecast
 FROM alert_forecast_misses() WHERE category = '(all)' ORDER BY day;
+
+-- the day in progress: the data ends on a whole Sunday (its last order at
+-- the usual time) ...
+SELECT day_in_progress() AS in_progress, sales_training_end() AS last_complete_day;
+-- ... then an export cut on Monday morning: 4 orders by 09:40, when Mondays
+-- run to about noon.  Not a whole day: not scored (a drop otherwise), not
+-- a day to train on or to compare with the forecast
+INSERT INTO stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price)
+SELECT '2025-03-31-' || o, 1, 'c' || o, 'P1', timestamptz '2025-03-31 09:00+00' + o * interval '10 minutes', 1, 10
+FROM generate_series(1, 4) o;
+SELECT count(*) > 0 AS transformed FROM transform();
+SELECT refresh_sales_views(false);
+SELECT day_in_progress() AS in_progress, sales_training_end() AS last_complete_day;
+SELECT count(*) AS scored FROM order_count_series WHERE ts = '2025-03-31 00:00+00';
+SELECT day, orders, direction FROM anomalies WHERE series = 'total' AND day >= '2025-03-25' ORDER BY day;
+-- a live shop: a line today makes today the day in progress, whatever the hour
+INSERT INTO stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price)
+VALUES ('today-1', 1, 'c1', 'P1', now(), 1, 10);
+SELECT count(*) > 0 AS transformed FROM transform();
+SELECT day_in_progress() = (now() AT TIME ZONE business_timezone())::date AS today_in_progress;
 ROLLBACK;
 \unset ON_ERROR_ROLLBACK

@@ -59,3 +59,48 @@ AS $$
 $$;
 COMMENT ON FUNCTION customer_analytics.closed_days(date, date) IS
     'The closed days from first_day to last_day with their names: the dates and weekdays of closed_day and the weekdays on which the shop never trades (idle_weekdays())';
+
+/*
+ * The day in progress.  The last day of the data is not a whole day while
+ * it is today (a live shop's morning), nor when it stops well before the
+ * hour its weekday usually does (an export cut at noon): scored as a whole
+ * day it would be a "drop" every morning.  Usual: the earliest last order
+ * of the same weekday over the 8 weeks before, less an hour of slack.
+ */
+CREATE FUNCTION customer_analytics.day_in_progress()
+RETURNS date
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tz text := customer_analytics.business_timezone();
+    last_ts timestamptz;
+    last_day date;
+    usual interval;
+BEGIN
+    -- through the order_ts index: the newest lines, then one day at a time
+    SELECT max(f.order_ts) INTO last_ts FROM customer_analytics.fact_order_line f WHERE f.status = 'completed';
+    IF last_ts IS NULL THEN
+        RETURN NULL;
+    END IF;
+    last_day := (last_ts AT TIME ZONE tz)::date;
+    IF last_day >= (now() AT TIME ZONE tz)::date THEN
+        RETURN last_day;
+    END IF;
+    SELECT min(x.t) INTO usual
+    FROM generate_series(1, 8) k
+    CROSS JOIN LATERAL (
+        SELECT max(f.order_ts AT TIME ZONE tz) - (last_day - 7 * k)::timestamp AS t
+        FROM customer_analytics.fact_order_line f
+        WHERE f.status = 'completed'
+          AND f.order_ts >= (last_day - 7 * k)::timestamp AT TIME ZONE tz
+          AND f.order_ts < (last_day - 7 * k + 1)::timestamp AT TIME ZONE tz
+    ) x;
+    IF (last_ts AT TIME ZONE tz) - last_day::timestamp < usual - interval '1 hour' THEN
+        RETURN last_day;
+    END IF;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.day_in_progress() IS
+    'The last day with completed order lines when it is not a whole day yet: it is today (business time zone), or its last line came more than an hour earlier than on any of the same weekdays of the 8 weeks before (an export cut during the day); else NULL. The anomaly series and the forecasts leave it out';

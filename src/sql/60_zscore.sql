@@ -348,11 +348,14 @@ CREATE UNIQUE INDEX product_category_sales_key_idx
 COMMENT ON MATERIALIZED VIEW customer_analytics.product_category_sales IS
     'Completed sales per product category and period, at two grains in one view: grain ''day'' (every day from the first to the last sale, 0 on a day without) and grain ''month'' (period_start = first day of the month, the sum of its days: an order counts on each day it has lines in the category): revenue net of credit notes, orders with a line in the category (a credit note is none), units net of returned ones. Built from sales_rollup_category';
 
--- closed days are left out: not scored, and in no baseline
+-- closed days and the day in progress are left out: not scored, and in no
+-- baseline
 CREATE VIEW customer_analytics.order_count_series AS
 WITH closed AS MATERIALIZED (
     SELECT c.day FROM customer_analytics.closed_days((SELECT min(r.day) FROM customer_analytics.sales_rollup_day r),
                                                      (SELECT max(r.day) FROM customer_analytics.sales_rollup_day r)) c
+    UNION ALL
+    SELECT p.day FROM customer_analytics.day_in_progress() p(day) WHERE p.day IS NOT NULL
 )
 SELECT category AS series, period_start::timestamp AT TIME ZONE 'UTC' AS ts, orders
 FROM customer_analytics.product_category_sales
@@ -362,7 +365,7 @@ SELECT 'total', day::timestamp AT TIME ZONE 'UTC', orders
 FROM customer_analytics.daily_sales
 WHERE day NOT IN (SELECT day FROM closed);
 COMMENT ON VIEW customer_analytics.order_count_series IS
-    'Daily order counts per product category and for the whole shop (series ''total''), closed days (closed_days()) left out: what the anomalies view scores';
+    'Daily order counts per product category and for the whole shop (series ''total''), closed days (closed_days()) and the day in progress (day_in_progress()) left out: what the anomalies view scores';
 
 /*
  * The default method, chosen on the generator's planted anomalies with

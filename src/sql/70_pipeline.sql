@@ -219,7 +219,11 @@ BEGIN
             'SELECT max(%s) AS newest, now() - max(%s) AS age FROM %s HAVING max(%s) IS NULL OR max(%s) < now() - %L::interval',
             cols, cols, tbl, cols, cols, COALESCE(c.params->>'max_age', '1 day'))
         WHEN 'row_count_change' THEN format(
-            $q$WITH newest AS (SELECT date_trunc('day', max(%1$s)) AS day FROM %2$s),
+            -- the newest whole day: a day the clock has not finished yet
+            -- (a live shop's morning) is not scored as a whole day
+            $q$WITH newest AS (SELECT CASE WHEN date_trunc('day', max(%1$s)) + interval '1 day' > now()
+                                           THEN date_trunc('day', max(%1$s)) - interval '1 day'
+                                           ELSE date_trunc('day', max(%1$s)) END AS day FROM %2$s),
                counts AS (
                    SELECT date_trunc('day', t.%1$s) AS day, count(*) AS n
                    FROM %2$s t, newest

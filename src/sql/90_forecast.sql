@@ -143,10 +143,11 @@ AS $$
     -- the newest line through the order_ts index: its day is its date_key's
     SELECT LEAST((customer_analytics.reference_time() AT TIME ZONE customer_analytics.business_timezone())::date - 1,
                  (SELECT (max(f.order_ts) AT TIME ZONE customer_analytics.business_timezone())::date
-                  FROM customer_analytics.fact_order_line f))
+                  FROM customer_analytics.fact_order_line f),
+                 customer_analytics.day_in_progress() - 1)
 $$;
 COMMENT ON FUNCTION customer_analytics.sales_training_end() IS
-    'Last complete day of sales: the day before reference_time() (setting customer_analytics.as_of, else now) in the business time zone, or the last day with order lines if that is earlier';
+    'Last complete day of sales: the day before reference_time() (setting customer_analytics.as_of, else the end of the data) in the business time zone, or the last day with order lines if that is earlier, never the day in progress (day_in_progress())';
 
 CREATE FUNCTION customer_analytics.sales_training_start()
 RETURNS date
