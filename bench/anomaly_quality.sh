@@ -81,26 +81,16 @@ if [ -f "$SHARED/online_retail/online_retail_2010_2011.csv" ]; then
     bench_psql -q -c "DROP DATABASE IF EXISTS retail" -c "CREATE DATABASE retail"
     db_psql retail -c "CREATE EXTENSION customer_analytics" -v retail_csv="$SHARED/online_retail/online_retail_2010_2011.csv" \
         -f "$REPO/docs/recipes/online_retail.sql" >/dev/null
-    REAL_ROWS=$(db_psql retail -At <<'SQL'
-CREATE TEMP TABLE uk_closed (day date PRIMARY KEY, name text);
-INSERT INTO uk_closed VALUES
-    ('2010-12-27', 'Christmas Day (substitute)'), ('2010-12-28', 'Boxing Day (substitute)'),
-    ('2011-01-03', 'New Year''s Day (substitute)'), ('2011-04-22', 'Good Friday'),
-    ('2011-04-24', 'Easter Sunday'), ('2011-04-25', 'Easter Monday'), ('2011-04-29', 'Royal wedding'),
-    ('2011-05-02', 'Early May bank holiday'), ('2011-05-30', 'Spring bank holiday'),
-    ('2011-08-29', 'Summer bank holiday'), ('2011-12-26', 'Christmas Day (substitute)'),
-    ('2011-12-27', 'Boxing Day (substitute)');
-INSERT INTO uk_closed
-SELECT d::date, 'Christmas closure' FROM generate_series('2010-12-24'::date, '2011-01-02', interval '1 day') d
-ON CONFLICT DO NOTHING;
+    REAL_ROWS=$(db_psql retail -At -v calendar="$REPO/docs/recipes/online_retail_calendar.sql" <<'SQL'
 CREATE TEMP TABLE result (label text, total_flags bigint, closed_total bigint, all_flags bigint, closed_all bigint);
 SELECT customer_analytics.refresh_sales_views(false);
+CREATE TEMP TABLE flagged_before AS SELECT * FROM customer_analytics.anomalies;
+\i :calendar
 INSERT INTO result
 SELECT 'without the calendar', count(*) FILTER (WHERE a.series = 'total'),
-       count(*) FILTER (WHERE a.series = 'total' AND (u.day IS NOT NULL OR extract(isodow FROM a.day) = 6)),
-       count(*), count(*) FILTER (WHERE u.day IS NOT NULL OR extract(isodow FROM a.day) = 6)
-FROM customer_analytics.anomalies a LEFT JOIN uk_closed u USING (day);
-INSERT INTO customer_analytics.closed_day (day, name) SELECT day, name FROM uk_closed;
+       count(*) FILTER (WHERE a.series = 'total' AND c.day IS NOT NULL),
+       count(*), count(*) FILTER (WHERE c.day IS NOT NULL)
+FROM flagged_before a LEFT JOIN customer_analytics.closed_days('2010-12-01', '2011-12-31') c USING (day);
 SELECT customer_analytics.refresh_sales_views(false);
 INSERT INTO result
 SELECT 'with the calendar', count(*) FILTER (WHERE a.series = 'total'),

@@ -48,21 +48,12 @@ LANGUAGE sql AS $$
            100 * sum(abs(actual - naive)) / sum(actual)
     FROM sc
 $$;
--- the calendar of the Online Retail shop: the UK bank holidays of
--- 2010-2011, the Christmas closure, Easter Sunday; its Saturdays are found
--- from the data (no sale on any), as idle_weekdays() does
-CREATE TABLE bench.uk_closed (day date PRIMARY KEY, name text);
-INSERT INTO bench.uk_closed VALUES
-    ('2010-12-27', 'Christmas Day (substitute)'), ('2010-12-28', 'Boxing Day (substitute)'),
-    ('2011-01-03', 'New Year''s Day (substitute)'), ('2011-04-22', 'Good Friday'),
-    ('2011-04-24', 'Easter Sunday'), ('2011-04-25', 'Easter Monday'), ('2011-04-29', 'Royal wedding'),
-    ('2011-05-02', 'Early May bank holiday'), ('2011-05-30', 'Spring bank holiday'),
-    ('2011-08-29', 'Summer bank holiday'), ('2011-12-26', 'Christmas Day (substitute)'),
-    ('2011-12-27', 'Boxing Day (substitute)');
-INSERT INTO bench.uk_closed
-SELECT d::date, 'Christmas closure' FROM generate_series('2010-12-24'::date, '2011-01-02', interval '1 day') d
-ON CONFLICT DO NOTHING;
 SQL
+# the calendar of the Online Retail shop (its recipe's); its Saturdays are
+# found from the data below, as idle_weekdays() does
+bench_psql -q -f "$REPO/docs/recipes/online_retail_calendar.sql" \
+    -c "CREATE TABLE bench.uk_closed AS SELECT day, name FROM customer_analytics.closed_day" \
+    -c "TRUNCATE customer_analytics.closed_day"
 
 {
 echo "# Sales forecast quality: Holt-Winters vs seasonal naive"

@@ -80,22 +80,13 @@ FROM customer_rfm c WHERE customer_id IN ('12347', '12348', '12349', '12350') OR
 -- the business calendar: the anomalies of the shop total before and after
 -- the UK bank holidays of 2010-2011 and the Christmas closure are entered
 -- (Saturdays, when the shop never trades, are recognised without)
-CREATE TEMP TABLE uk_closed (day date, name text);
-INSERT INTO uk_closed VALUES
-    ('2010-12-27', 'Christmas Day (substitute)'), ('2010-12-28', 'Boxing Day (substitute)'),
-    ('2011-01-03', 'New Year''s Day (substitute)'), ('2011-04-22', 'Good Friday'),
-    ('2011-04-24', 'Easter Sunday'), ('2011-04-25', 'Easter Monday'), ('2011-04-29', 'Royal wedding'),
-    ('2011-05-02', 'Early May bank holiday'), ('2011-05-30', 'Spring bank holiday'),
-    ('2011-08-29', 'Summer bank holiday'), ('2011-12-26', 'Christmas Day (substitute)'),
-    ('2011-12-27', 'Boxing Day (substitute)');
-INSERT INTO uk_closed
-SELECT d::date, 'Christmas closure' FROM generate_series('2010-12-24'::date, '2011-01-02', interval '1 day') d
-WHERE d::date NOT IN (SELECT day FROM uk_closed);
 SELECT idle_weekdays();
 SELECT refresh_sales_views(false);
-SELECT a.day, to_char(a.day, 'Dy') AS weekday, a.orders, a.expected, a.direction, u.name AS closed
-FROM anomalies a LEFT JOIN uk_closed u USING (day) WHERE a.series = 'total' ORDER BY a.day;
-INSERT INTO closed_day (day, name) SELECT day, name FROM uk_closed;
+CREATE TEMP TABLE flagged_before AS SELECT * FROM anomalies;
+\i :src/docs/recipes/online_retail_calendar.sql
+SELECT a.day, to_char(a.day, 'Dy') AS weekday, a.orders, a.expected, a.direction, c.name AS closed
+FROM flagged_before a LEFT JOIN closed_days('2010-12-01', '2011-12-09') c USING (day)
+WHERE a.series = 'total' ORDER BY a.day;
 SELECT refresh_sales_views(false);
 SELECT a.day, to_char(a.day, 'Dy') AS weekday, a.orders, a.expected, a.direction
 FROM anomalies a WHERE a.series = 'total' ORDER BY a.day;

@@ -104,3 +104,108 @@ END
 $$;
 COMMENT ON FUNCTION customer_analytics.day_in_progress() IS
     'The last day with completed order lines when it is not a whole day yet: it is today (business time zone), or its last line came more than an hour earlier than on any of the same weekdays of the 8 weeks before (an export cut during the day); else NULL. The anomaly series and the forecasts leave it out';
+
+/*
+ * Scoring the day in progress as it goes: the orders placed so far today,
+ * and in the last hour, against the same hours of the same weekday over
+ * the 8 weeks before (their median: one week's flash sale or outage does
+ * not move it).  An outage shows as an hour without the orders that hour
+ * usually brings, long before the day could be judged whole.  A Poisson
+ * lower tail below 0.001 flags it; an hour usually holding fewer than 3
+ * orders is too quiet to tell.
+ */
+CREATE FUNCTION customer_analytics.intraday_orders(at timestamptz DEFAULT now())
+RETURNS TABLE (day date, hour_end time, orders_so_far bigint, expected_so_far float8,
+               orders_last_hour bigint, expected_last_hour float8, p_value float8, outage boolean)
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tz text := customer_analytics.business_timezone();
+    local_at timestamp := at AT TIME ZONE tz;
+    today date := (at AT TIME ZONE tz)::date;
+    since_midnight interval := (at AT TIME ZONE tz) - (at AT TIME ZONE tz)::date;
+    p_day float8;
+    p_hour float8;
+BEGIN
+    IF today IN (SELECT c.day FROM customer_analytics.closed_days(today, today) c) THEN
+        RETURN;
+    END IF;
+    WITH days AS (
+        SELECT today - 7 * k AS d FROM generate_series(0, 8) k
+    ),
+    counted AS (
+        SELECT x.d,
+               (SELECT count(DISTINCT f.order_id) FROM customer_analytics.fact_order_line f
+                WHERE f.status = 'completed' AND f.quantity > 0
+                  AND f.order_ts >= x.d::timestamp AT TIME ZONE tz
+                  AND f.order_ts < (x.d + since_midnight) AT TIME ZONE tz) AS so_far,
+               (SELECT count(DISTINCT f.order_id) FROM customer_analytics.fact_order_line f
+                WHERE f.status = 'completed' AND f.quantity > 0
+                  AND f.order_ts >= (x.d + since_midnight - interval '1 hour') AT TIME ZONE tz
+                  AND f.order_ts >= x.d::timestamp AT TIME ZONE tz
+                  AND f.order_ts < (x.d + since_midnight) AT TIME ZONE tz) AS last_hour
+        FROM days x
+        WHERE x.d = today
+           OR x.d NOT IN (SELECT c.day FROM customer_analytics.closed_days(today - 56, today - 7) c)
+    )
+    SELECT today, local_at::time,
+           (SELECT c.so_far FROM counted c WHERE c.d = today),
+           (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY c.so_far) FROM counted c WHERE c.d < today),
+           (SELECT c.last_hour FROM counted c WHERE c.d = today),
+           (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY c.last_hour) FROM counted c WHERE c.d < today)
+    INTO day, hour_end, orders_so_far, expected_so_far, orders_last_hour, expected_last_hour;
+    IF expected_so_far IS NULL THEN
+        RETURN;                 -- no history for this weekday yet
+    END IF;
+    p_day := customer_analytics.poisson_lower_tail(orders_so_far, expected_so_far);
+    p_hour := CASE WHEN expected_last_hour >= 3
+                   THEN customer_analytics.poisson_lower_tail(orders_last_hour, expected_last_hour) ELSE 1 END;
+    p_value := LEAST(p_day, p_hour);
+    outage := p_value < 0.001 AND GREATEST(expected_so_far, expected_last_hour) >= 3;
+    RETURN NEXT;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.intraday_orders(timestamptz) IS
+    'The day in progress scored as it goes, at a time (default now): orders so far that day and in the hour before, against the median of the same hours of the same weekday over the 8 weeks before (closed days left out); p_value = the smaller Poisson lower tail of the two, outage when it is below 0.001. No row on a closed day or without history';
+
+CREATE FUNCTION customer_analytics.poisson_lower_tail(k bigint, lambda float8)
+RETURNS float8
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- P(X <= k) for X ~ Poisson(lambda), summed in logs (no overflow)
+    SELECT CASE WHEN lambda <= 0 THEN 1.0
+                WHEN k >= lambda THEN 1.0   -- not a shortfall: no need to sum
+                ELSE LEAST(1.0, (SELECT sum(exp(-lambda + i * ln(lambda)
+                                               - COALESCE((SELECT sum(ln(j)) FROM generate_series(1, i) j), 0)))
+                                 FROM generate_series(0, k) i)) END
+$$;
+COMMENT ON FUNCTION customer_analytics.poisson_lower_tail(bigint, float8) IS
+    'P(X <= k) for X Poisson with mean lambda (1 when k >= lambda: no shortfall); what intraday_orders() scores a count with';
+
+CREATE FUNCTION customer_analytics.alert_intraday(at timestamptz DEFAULT now())
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    i record;
+BEGIN
+    SELECT * INTO i FROM customer_analytics.intraday_orders(at);
+    IF i IS NULL OR NOT i.outage THEN
+        RETURN 0;
+    END IF;
+    -- one alert per day: the first run that sees the outage raises it
+    RETURN (customer_analytics.raise_alert(
+        'intraday_drop', 'total',
+        jsonb_build_object('day', i.day, 'at', i.hour_end, 'orders_so_far', i.orders_so_far,
+                           'expected_so_far', round(i.expected_so_far::numeric, 1),
+                           'orders_last_hour', i.orders_last_hour,
+                           'expected_last_hour', round(i.expected_last_hour::numeric, 1),
+                           'p_value', i.p_value),
+        'intraday_drop:' || i.day, 'warn') IS NOT NULL)::integer;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.alert_intraday(timestamptz) IS
+    'Raise an intraday_drop alert (once a day) when intraday_orders(at) finds an outage in the day in progress; returns the number raised (0 or 1). The pipeline calls it after transform()';

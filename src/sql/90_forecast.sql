@@ -481,4 +481,6 @@ COMMENT ON FUNCTION customer_analytics.refresh_forecasts() IS
 -- still hold, before their refresh replaces it (ordinal 35: after the
 -- checks, before any refresh).
 INSERT INTO customer_analytics.pipeline_task (task, command, depends_on, ordinal, builtin) VALUES
-    ('forecast misses', 'SELECT count(*) FROM customer_analytics.alert_forecast_misses()', '{"sales rollup"}', 35, true);
+    ('forecast misses', 'SELECT count(*) FROM customer_analytics.alert_forecast_misses()', '{"sales rollup"}', 35, true),
+    -- the day in progress, scored as it goes (55_calendar.sql)
+    ('intraday alerts', 'SELECT customer_analytics.alert_intraday()', '{transform}', 36, true);
