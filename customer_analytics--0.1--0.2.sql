@@ -439,7 +439,11 @@ BEGIN
             'SELECT max(%s) AS newest, now() - max(%s) AS age FROM %s HAVING max(%s) IS NULL OR max(%s) < now() - %L::interval',
             cols, cols, tbl, cols, cols, COALESCE(c.params->>'max_age', '1 day'))
         WHEN 'row_count_change' THEN format(
-            $q$WITH newest AS (SELECT date_trunc('day', max(%1$s)) AS day FROM %2$s),
+            -- the newest whole day: a day the clock has not finished yet
+            -- (a live shop's morning) is not scored as a whole day
+            $q$WITH newest AS (SELECT CASE WHEN date_trunc('day', max(%1$s)) + interval '1 day' > now()
+                                           THEN date_trunc('day', max(%1$s)) - interval '1 day'
+                                           ELSE date_trunc('day', max(%1$s)) END AS day FROM %2$s),
                counts AS (
                    SELECT date_trunc('day', t.%1$s) AS day, count(*) AS n
                    FROM %2$s t, newest
@@ -705,7 +709,7 @@ CREATE TABLE customer_analytics.rfm_new_line (
     purchase    boolean NOT NULL
 );
 COMMENT ON TABLE customer_analytics.rfm_new_line IS
-    'Order lines inserted since the last refresh_customer_rfm() (purchase: a completed line of a known customer); an order whose lines are all here is added to its customer''s rollup without reading their other lines';
+    'Order lines inserted since the last refresh_customer_rfm() (purchase: a completed line of a known customer, not a credit line worth nothing); an order whose lines are all here is added to its customer''s rollup without reading their other lines';
 
 CREATE TABLE customer_analytics.customer_rfm_score (
     customer_id  text PRIMARY KEY,
@@ -761,7 +765,8 @@ BEGIN
     ELSIF TG_OP = 'INSERT' THEN
         -- new lines are usually new orders: queued, added without a recompute
         INSERT INTO customer_analytics.rfm_new_line (customer_id, order_id, line_number, order_ts, revenue, purchase)
-        SELECT c.customer_id, r.order_id, r.line_number, r.order_ts, r.revenue, r.status = 'completed' AND r.customer_key <> -1
+        SELECT c.customer_id, r.order_id, r.line_number, r.order_ts, r.revenue,
+               r.status = 'completed' AND r.customer_key <> -1 AND (r.quantity > 0 OR r.revenue <> 0)
         FROM new_rows r JOIN customer_analytics.dim_customer c USING (customer_key);
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO customer_analytics.rfm_dirty_customer
@@ -855,7 +860,8 @@ BEGIN
             -- rfm()'s inputs: completed lines of known customers; the lines
             -- of an order are one purchase (at its latest line), a return
             -- (negative revenue) stands alone: grouped by order and, for a
-            -- return, by its line.  The queued lines this statement sees are
+            -- return, by its line.  A credit line worth nothing (negative
+            -- quantity at price 0) is neither.  The queued lines this statement sees are
             -- in the facts it reads: they are consumed here, not added again
             -- below.
             WITH consumed AS (
@@ -869,6 +875,7 @@ BEGIN
                         FROM customer_analytics.fact_order_line fl
                         JOIN customer_analytics.dim_customer c ON c.customer_key = fl.customer_key
                         WHERE fl.status = 'completed' AND c.customer_key <> -1
+                          AND (fl.quantity > 0 OR fl.revenue <> 0)
                           AND (everyone OR c.customer_id IN (SELECT unnest(ids)))
                         GROUP BY c.customer_id, fl.order_id, CASE WHEN fl.revenue < 0 THEN fl.line_number END) x
                   GROUP BY x.customer_id) o
@@ -1581,3 +1588,522 @@ CREATE FUNCTION customer_analytics.money_units(amount numeric, public_api boolea
     AS 'MODULE_PATHNAME', 'ca_money_units' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 COMMENT ON FUNCTION customer_analytics.money_units(numeric, boolean) IS
     'Internal, for tests: an amount in the units of 0.0001 that rfm sums, read from numeric''s stored digits (public_api false, where 128-bit integers exist) or through numeric''s public functions; an error for a NaN, an infinity, more than 4 decimals or too large a value';
+
+-- issue 16: data time (reference_time() = end of the data unless as_of is set), credit notes,
+-- the business calendar (closed_day; closed days out of the anomaly series and the forecasts),
+-- the day in progress (day_in_progress(), intraday_orders(), alert_intraday())
+COMMENT ON FUNCTION customer_analytics.reference_time() IS
+    'The time recency, CLV and the last complete day are measured from: customer_analytics.as_of if set (''now'' is the wall clock), else the end of the data (midnight after the day of the last completed order line, business time zone), never later than now';
+CREATE OR REPLACE FUNCTION customer_analytics.rfm(
+    as_of           timestamptz DEFAULT customer_analytics.reference_time(),
+    source          regclass    DEFAULT 'customer_analytics.fact_order_line',
+    customer_column text        DEFAULT NULL,
+    ts_column       text        DEFAULT NULL,
+    amount_column   text        DEFAULT NULL,
+    order_column    text        DEFAULT NULL)
+RETURNS TABLE (customer_key bigint, customer_id text, recency_days integer, frequency bigint,
+               monetary numeric, r integer, f integer, m integer, rfm_cell text, segment text)
+AS 'MODULE_PATHNAME', 'ca_rfm'
+LANGUAGE C STABLE PARALLEL RESTRICTED;
+ALTER TABLE customer_analytics.stg_orders
+    DROP CONSTRAINT stg_orders_quantity_check,
+    ADD CONSTRAINT stg_orders_quantity_check CHECK (quantity <> 0),
+    ADD CONSTRAINT stg_orders_credit_without_discount CHECK (quantity > 0 OR discount = 0);
+ALTER TABLE customer_analytics.fact_order_line
+    DROP CONSTRAINT fact_order_line_quantity_check,
+    ADD CONSTRAINT fact_order_line_quantity_check CHECK (quantity <> 0),
+    ADD CONSTRAINT fact_order_line_credit_without_discount CHECK (quantity > 0 OR discount = 0);
+
+COMMENT ON COLUMN customer_analytics.fact_order_line.quantity IS
+    'Units; negative on a credit note''s line (a return booked as its own line, status completed): its revenue is negative and nets against sales, it is no purchase';
+
+CREATE OR REPLACE FUNCTION customer_analytics.refresh_sales_rollup(full_refresh boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    days date[];
+    keys integer[];
+BEGIN
+    -- one maintainer at a time; readers of the rollups never wait
+    PERFORM pg_advisory_xact_lock(hashtext('customer_analytics.refresh_sales_rollup'));
+    -- take the noted days (days noted by transactions still running stay for next time)
+    WITH taken AS (DELETE FROM customer_analytics.sales_dirty_day RETURNING day)
+    SELECT array_agg(day) INTO days FROM taken;
+    IF full_refresh OR '-infinity' = ANY (days)
+       OR (NOT EXISTS (SELECT FROM customer_analytics.sales_rollup_day)
+           AND EXISTS (SELECT FROM customer_analytics.fact_order_line)) THEN
+        DELETE FROM customer_analytics.sales_rollup_day;
+        DELETE FROM customer_analytics.sales_rollup_category;
+        keys := NULL;                   -- every day
+    ELSIF days IS NULL THEN
+        RETURN 0;
+    ELSE
+        keys := ARRAY(SELECT customer_analytics.date_key(d) FROM unnest(days) d);
+        DELETE FROM customer_analytics.sales_rollup_day WHERE day = ANY (days);
+        DELETE FROM customer_analytics.sales_rollup_category WHERE day = ANY (days);
+    END IF;
+
+    INSERT INTO customer_analytics.sales_rollup_day (day, revenue, orders, customers)
+    -- credit notes (negative quantity) net against revenue but are no
+    -- orders, and their customers did not buy that day
+    SELECT d.date, sum(f.revenue), count(DISTINCT f.order_id) FILTER (WHERE f.quantity > 0),
+           count(DISTINCT c.customer_id) FILTER (WHERE f.customer_key <> -1 AND f.quantity > 0)
+    FROM customer_analytics.fact_order_line f
+    JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
+    JOIN customer_analytics.dim_customer c ON c.customer_key = f.customer_key
+    WHERE f.status = 'completed' AND (keys IS NULL OR f.date_key = ANY (keys))
+    GROUP BY d.date;
+
+    INSERT INTO customer_analytics.sales_rollup_category (day, category, revenue, orders, units)
+    SELECT d.date, p.category, sum(f.revenue), count(DISTINCT f.order_id) FILTER (WHERE f.quantity > 0), sum(f.quantity)
+    FROM customer_analytics.fact_order_line f
+    JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
+    JOIN customer_analytics.dim_product p ON p.product_key = f.product_key
+    WHERE f.status = 'completed' AND (keys IS NULL OR f.date_key = ANY (keys))
+    GROUP BY d.date, p.category;
+
+    RETURN CASE WHEN keys IS NULL THEN (SELECT count(*) FROM customer_analytics.sales_rollup_day)
+                ELSE cardinality(keys) END;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.refresh_sales_rollup(boolean) IS
+    'Recomputes the sales rollups for the days whose order lines changed since the last call (all days with full_refresh, after a TRUNCATE, or when the rollups are empty); returns the number of days recomputed. The pipeline calls it before refreshing daily_sales and product_category_sales';
+
+COMMENT ON MATERIALIZED VIEW customer_analytics.daily_sales IS
+    'Completed sales per day, every day from the first to the last sale (0 on a day without): revenue net of credit notes, orders (a credit note is none), distinct known customers who bought (guests not counted), average order value. Built from sales_rollup_day: run refresh_sales_rollup() first (the pipeline does)';
+
+COMMENT ON MATERIALIZED VIEW customer_analytics.product_category_sales IS
+    'Completed sales per product category and period, at two grains in one view: grain ''day'' (every day from the first to the last sale, 0 on a day without) and grain ''month'' (period_start = first day of the month, the sum of its days: an order counts on each day it has lines in the category): revenue net of credit notes, orders with a line in the category (a credit note is none), units net of returned ones. Built from sales_rollup_category';
+
+UPDATE customer_analytics.quality_check
+SET params = '{"sql": "SELECT order_id, line_number, quantity, unit_price, discount, revenue FROM customer_analytics.fact_order_line WHERE revenue < 0 AND quantity > 0"}'
+WHERE name = 'no negative revenue' AND builtin;
+
+CREATE OR REPLACE FUNCTION customer_analytics.clv_summary(as_of timestamptz)
+RETURNS TABLE (customer_id text, first_purchase date, x float8, t_x float8, "T" float8, m_x float8,
+               purchase_days bigint, revenue numeric)
+LANGUAGE sql STABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH days AS (
+        SELECT c.customer_id, d.date AS day, sum(f.revenue) AS revenue, bool_or(f.quantity > 0) AS purchase
+        FROM customer_analytics.fact_order_line f
+        JOIN customer_analytics.dim_customer c ON c.customer_key = f.customer_key
+        JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
+        WHERE f.status = 'completed' AND f.customer_key <> -1 AND f.order_ts < as_of
+        GROUP BY c.customer_id, d.date
+    ),
+    -- a day of credit notes alone is no purchase: it nets against the
+    -- purchase day before it (the first one, when it comes earlier)
+    numbered AS (
+        SELECT days.*, GREATEST(count(*) FILTER (WHERE days.purchase)
+                                    OVER (PARTITION BY days.customer_id ORDER BY days.day), 1) AS purchase_no
+        FROM days
+    ),
+    purchases AS (
+        SELECT n.customer_id, min(n.day) FILTER (WHERE n.purchase) AS day, sum(n.revenue) AS revenue
+        FROM numbered n
+        GROUP BY n.customer_id, n.purchase_no
+        HAVING bool_or(n.purchase)
+    ),
+    ranked AS (
+        SELECT p.*, min(p.day) OVER (PARTITION BY p.customer_id) AS first_day
+        FROM purchases p
+    )
+    SELECT r.customer_id, r.first_day,
+           (count(*) - 1)::float8,
+           (max(r.day) - r.first_day)::float8,
+           GREATEST((as_of AT TIME ZONE customer_analytics.business_timezone())::date - r.first_day, 0)::float8,
+           NULLIF(GREATEST(avg(r.revenue) FILTER (WHERE r.day > r.first_day), 0), 0)::float8,
+           count(*), sum(r.revenue)
+    FROM ranked r
+    GROUP BY r.customer_id, r.first_day
+$$;
+COMMENT ON FUNCTION customer_analytics.clv_summary(timestamptz) IS
+    'Each known customer''s purchase history before as_of, in days, as BG/NBD and Gamma-Gamma take it: a purchase is a day with completed order lines other than credit notes'' (negative quantity); a day of credit notes alone nets against the purchase day before it. x = purchase days after the first, t_x = days from the first to the last, T = days from the first to as_of, m_x = mean net revenue of the repeat purchase days (NULL without any, or when they net to nothing), revenue = net revenue';
+
+COMMENT ON FUNCTION customer_analytics.gamma_gamma_expected_value(customer_analytics.gamma_gamma_model, float8, float8) IS
+    'Expected spend per future purchase of a customer with x repeat purchases of mean value m_x: p (gamma + x m_x) / (p x + q - 1); the population mean p gamma / (q - 1) when x = 0 (m_x may then be NULL). NULL for a NULL model or x, and for a NULL m_x with x > 0 (repeat purchases all returned)';
+
+CREATE TABLE customer_analytics.closed_day (
+    day     date UNIQUE,
+    weekday smallint UNIQUE CHECK (weekday BETWEEN 1 AND 7),
+    name    text NOT NULL CHECK (name <> ''),
+    CHECK ((day IS NULL) <> (weekday IS NULL))
+);
+COMMENT ON TABLE customer_analytics.closed_day IS
+    'The shop''s closed days: a date (a holiday, a closure) or a recurring ISO weekday (1 = Monday .. 7 = Sunday), each with a name; one row per date or weekday (a duplicate is refused). Closed days are not scored by the anomaly views, are in none of their baselines, are forecast as 0 and never alerted as forecast misses. Weekdays without any sale are closed without a row here (idle_weekdays())';
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics.closed_day', '');
+
+CREATE FUNCTION customer_analytics.idle_weekdays()
+RETURNS SETOF smallint
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- from the daily rollup (a row per day with lines), not the order lines
+    RETURN QUERY
+    WITH trading AS (
+        SELECT r.day FROM customer_analytics.sales_rollup_day r WHERE r.orders > 0
+    )
+    SELECT w::smallint
+    FROM generate_series(1, 7) w
+    WHERE (SELECT max(t.day) - min(t.day) FROM trading t) >= 27
+      AND NOT EXISTS (SELECT FROM trading t WHERE extract(isodow FROM t.day) = w)
+    ORDER BY 1;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.idle_weekdays() IS
+    'ISO weekdays (1 = Monday .. 7 = Sunday) on which the shop never took an order in a sales history of at least four weeks (sales_rollup_day): closed without being entered in closed_day';
+
+CREATE FUNCTION customer_analytics.closed_days(first_day date, last_day date)
+RETURNS TABLE (day date, name text)
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    WITH idle AS MATERIALIZED (
+        SELECT w FROM customer_analytics.idle_weekdays() w
+    )
+    SELECT g.day,
+           COALESCE(d.name, w.name, 'never trades on ' || trim(to_char(g.day, 'Day')))
+    FROM (SELECT x::date AS day FROM generate_series(first_day, last_day, interval '1 day') x) g
+    LEFT JOIN customer_analytics.closed_day d ON d.day = g.day
+    LEFT JOIN customer_analytics.closed_day w ON w.weekday = extract(isodow FROM g.day)
+    WHERE d.day IS NOT NULL OR w.weekday IS NOT NULL
+       OR extract(isodow FROM g.day) IN (SELECT i.w FROM idle i)
+$$;
+COMMENT ON FUNCTION customer_analytics.closed_days(date, date) IS
+    'The closed days from first_day to last_day with their names: the dates and weekdays of closed_day and the weekdays on which the shop never trades (idle_weekdays())';
+
+/*
+ * The day in progress.  The last day of the data is not a whole day while
+ * it is today (a live shop's morning), nor when it stops well before the
+ * hour its weekday usually does (an export cut at noon): scored as a whole
+ * day it would be a "drop" every morning.  Usual: the earliest last order
+ * of the same weekday over the 8 weeks before, less an hour of slack.
+ */
+CREATE FUNCTION customer_analytics.day_in_progress()
+RETURNS date
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tz text := customer_analytics.business_timezone();
+    last_ts timestamptz;
+    last_day date;
+    usual interval;
+BEGIN
+    -- through the order_ts index: the newest lines, then one day at a time
+    SELECT max(f.order_ts) INTO last_ts FROM customer_analytics.fact_order_line f WHERE f.status = 'completed';
+    IF last_ts IS NULL THEN
+        RETURN NULL;
+    END IF;
+    last_day := (last_ts AT TIME ZONE tz)::date;
+    IF last_day >= (now() AT TIME ZONE tz)::date THEN
+        RETURN last_day;
+    END IF;
+    SELECT min(x.t) INTO usual
+    FROM generate_series(1, 8) k
+    CROSS JOIN LATERAL (
+        SELECT max(f.order_ts AT TIME ZONE tz) - (last_day - 7 * k)::timestamp AS t
+        FROM customer_analytics.fact_order_line f
+        WHERE f.status = 'completed'
+          AND f.order_ts >= (last_day - 7 * k)::timestamp AT TIME ZONE tz
+          AND f.order_ts < (last_day - 7 * k + 1)::timestamp AT TIME ZONE tz
+    ) x;
+    IF (last_ts AT TIME ZONE tz) - last_day::timestamp < usual - interval '1 hour' THEN
+        RETURN last_day;
+    END IF;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.day_in_progress() IS
+    'The last day with completed order lines when it is not a whole day yet: it is today (business time zone), or its last line came more than an hour earlier than on any of the same weekdays of the 8 weeks before (an export cut during the day); else NULL. The anomaly series and the forecasts leave it out';
+
+-- closed days and the day in progress are left out: not scored, and in no
+-- baseline
+CREATE OR REPLACE VIEW customer_analytics.order_count_series AS
+WITH closed AS MATERIALIZED (
+    SELECT c.day FROM customer_analytics.closed_days((SELECT min(r.day) FROM customer_analytics.sales_rollup_day r),
+                                                     (SELECT max(r.day) FROM customer_analytics.sales_rollup_day r)) c
+    UNION ALL
+    SELECT p.day FROM customer_analytics.day_in_progress() p(day) WHERE p.day IS NOT NULL
+)
+SELECT category AS series, period_start::timestamp AT TIME ZONE 'UTC' AS ts, orders
+FROM customer_analytics.product_category_sales
+WHERE grain = 'day' AND period_start NOT IN (SELECT day FROM closed)
+UNION ALL
+SELECT 'total', day::timestamp AT TIME ZONE 'UTC', orders
+FROM customer_analytics.daily_sales
+WHERE day NOT IN (SELECT day FROM closed);
+COMMENT ON VIEW customer_analytics.order_count_series IS
+    'Daily order counts per product category and for the whole shop (series ''total''), closed days (closed_days()) and the day in progress (day_in_progress()) left out: what the anomalies view scores';
+
+DROP MATERIALIZED VIEW customer_analytics.sales_forecast;
+CREATE MATERIALIZED VIEW customer_analytics.sales_forecast AS
+WITH closed AS MATERIALIZED (
+    SELECT c.day FROM customer_analytics.closed_days(customer_analytics.sales_training_start(),
+                                                     customer_analytics.sales_training_end() + 28) c
+),
+-- fitted on open days (a closed day is NULL: no observation)
+m AS (
+    SELECT s.scope, s.category,
+           customer_analytics.holt_winters(s.day, CASE WHEN s.day NOT IN (SELECT c.day FROM closed c) THEN s.revenue END)
+               AS model
+    FROM customer_analytics.sales_series(customer_analytics.sales_training_start(),
+                                         customer_analytics.sales_training_end()) s
+    GROUP BY s.scope, s.category
+)
+SELECT m.scope, m.category, f.ts AS day,
+       CASE WHEN x.closed THEN 0 ELSE f.yhat END AS revenue,
+       CASE WHEN x.closed THEN 0 ELSE f.lo END AS revenue_lo,
+       CASE WHEN x.closed THEN 0 ELSE f.hi END AS revenue_hi,
+       (m.model).last_ts AS trained_through, (m.model).alpha, (m.model).beta, (m.model).gamma,
+       (m.model).residual_sd
+FROM m
+CROSS JOIN LATERAL customer_analytics.forecast(m.model, 28, 0.95) f
+CROSS JOIN LATERAL (SELECT f.ts IN (SELECT c.day FROM closed c) AS closed) x
+WHERE m.model IS NOT NULL;
+CREATE UNIQUE INDEX sales_forecast_key_idx ON customer_analytics.sales_forecast (scope, category, day);
+COMMENT ON MATERIALIZED VIEW customer_analytics.sales_forecast IS
+    'Revenue forecast for the 28 days after sales_training_end(), overall (scope ''total'', category ''(all)'') and per category: Holt-Winters with weekly seasonality fitted on the open days of all history, with a 95% prediction interval [revenue_lo, revenue_hi]; 0 on closed days (closed_days()). Accuracy: sales_forecast_accuracy';
+
+CREATE OR REPLACE FUNCTION customer_analytics.sales_forecast_backtest(
+    last_day date DEFAULT NULL, holdout integer DEFAULT 28, first_day date DEFAULT NULL)
+RETURNS TABLE (scope text, category text, trained_through date, holdout_days integer,
+               scored_days integer, mape_holt_winters float8, mape_seasonal_naive float8,
+               improvement float8, alpha float8, beta float8, gamma float8)
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    lo date := COALESCE(first_day, customer_analytics.sales_training_start());
+    hi date := COALESCE(last_day, customer_analytics.sales_training_end());
+BEGIN
+    IF holdout IS NULL OR holdout < 1 THEN
+        RAISE EXCEPTION 'holdout must be at least 1 day, not %', holdout
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN QUERY
+    WITH s AS (
+        SELECT * FROM customer_analytics.sales_series(lo, hi)
+    ),
+    closed AS MATERIALIZED (
+        SELECT c.day FROM customer_analytics.closed_days(lo, hi) c
+    ),
+    -- fitted on open days (a closed day is NULL: no observation)
+    m AS (
+        SELECT s.scope, s.category,
+               customer_analytics.holt_winters(s.day, CASE WHEN s.day NOT IN (SELECT c.day FROM closed c) THEN s.revenue END)
+                   AS model
+        FROM s WHERE s.day <= hi - holdout
+        GROUP BY s.scope, s.category
+    ),
+    scored AS (
+        SELECT m.scope, m.category, (m.model).last_ts, (m.model).alpha, (m.model).beta,
+               (m.model).gamma, a.revenue AS actual,
+               CASE WHEN f.ts IN (SELECT c.day FROM closed c) THEN 0 ELSE f.yhat END AS yhat,
+               -- seasonal naive: the same weekday in the last week of training
+               (SELECT n.revenue FROM s n
+                WHERE n.scope = m.scope AND n.category = m.category
+                  AND n.day = (m.model).last_ts - 7 + 1 + ((f.ts - (m.model).last_ts - 1) % 7)) AS naive
+        FROM m
+        CROSS JOIN LATERAL customer_analytics.forecast(m.model, holdout) f
+        JOIN s a ON a.scope = m.scope AND a.category = m.category AND a.day = f.ts
+        WHERE m.model IS NOT NULL
+    )
+    SELECT sc.scope, sc.category, min(sc.last_ts), holdout,
+           count(*) FILTER (WHERE sc.actual > 0)::integer,
+           100 * avg(abs(sc.actual - sc.yhat) / sc.actual) FILTER (WHERE sc.actual > 0),
+           100 * avg(abs(sc.actual - sc.naive) / sc.actual) FILTER (WHERE sc.actual > 0),
+           1 - avg(abs(sc.actual - sc.yhat) / sc.actual) FILTER (WHERE sc.actual > 0)
+               / NULLIF(avg(abs(sc.actual - sc.naive) / sc.actual) FILTER (WHERE sc.actual > 0), 0),
+           min(sc.alpha), min(sc.beta), min(sc.gamma)
+    FROM scored sc
+    GROUP BY sc.scope, sc.category;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.sales_forecast_backtest(date, integer, date) IS
+    'Backtest of the sales forecast: for the total and each category, Holt-Winters is fitted on the open days up to last_day - holdout and forecasts the holdout days (0 on closed days); returns the mean absolute percentage error (in %, over the days with sales) of that forecast and of the seasonal-naive forecast (same weekday of the last training week), and improvement = 1 - mape_holt_winters / mape_seasonal_naive';
+
+CREATE OR REPLACE FUNCTION customer_analytics.alert_forecast_misses()
+RETURNS TABLE (alert_id bigint, category text, day date, actual float8, forecast float8,
+               lower_bound float8, miss float8)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    done date := customer_analytics.sales_training_end();
+    first_day date;
+BEGIN
+    SELECT min(f.day) INTO first_day FROM customer_analytics.sales_forecast f;
+    IF first_day IS NULL OR done IS NULL OR done < first_day THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    WITH actual AS (
+        SELECT s.scope, s.category, s.day, s.revenue
+        FROM customer_analytics.sales_series(first_day, done) s
+    ),
+    missed AS (
+        SELECT f.scope, f.category, f.day, COALESCE(a.revenue, 0) AS actual,
+               f.revenue AS forecast, f.revenue_lo AS lower_bound
+        FROM customer_analytics.sales_forecast f
+        LEFT JOIN actual a ON a.scope = f.scope AND a.category = f.category AND a.day = f.day
+        WHERE f.day <= done AND COALESCE(a.revenue, 0) < f.revenue_lo
+          AND f.day NOT IN (SELECT c.day FROM customer_analytics.closed_days(first_day, done) c)
+    )
+    SELECT r.alert_id, r.category, r.day, r.actual, r.forecast, r.lower_bound, r.miss
+    FROM (
+        SELECT customer_analytics.raise_alert(
+                   'forecast_miss',
+                   x.category,
+                   jsonb_build_object('day', x.day, 'scope', x.scope, 'category', x.category,
+                                      'actual', round(x.actual::numeric, 2),
+                                      'forecast', round(x.forecast::numeric, 2),
+                                      'lower_bound', round(x.lower_bound::numeric, 2),
+                                      'miss', round((x.lower_bound - x.actual)::numeric, 2),
+                                      'shortfall_vs_forecast', round((x.forecast - x.actual)::numeric, 2),
+                                      'shortfall_pct', round((100 * (x.forecast - x.actual) / NULLIF(x.forecast, 0))::numeric, 1)),
+                   'forecast_miss:' || x.scope || ':' || x.category || ':' || x.day,
+                   'warn') AS alert_id,
+               x.category, x.day, x.actual, x.forecast, x.lower_bound,
+               x.lower_bound - x.actual AS miss
+        FROM missed x
+        ORDER BY x.day, x.scope DESC, x.category
+    ) r
+    WHERE r.alert_id IS NOT NULL;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.alert_forecast_misses() IS
+    'Compare the complete days of sales since sales_forecast was refreshed with its forecast; every day and series (total or category) whose revenue fell below the lower bound raises one forecast_miss alert (closed days never) (with the actual, the forecast, the bound and the size of the miss). Returns the alerts raised now. Call it after loading, before refreshing sales_forecast';
+
+COMMENT ON AGGREGATE customer_analytics.holt_winters(date, float8) IS
+    'Additive Holt-Winters model (damped additive trend, weekly seasonality) of a daily series, rows in any order: values of the same day are summed, a day without rows counts as 0, a NULL value closes its day (no observation: the state runs over it unchanged), a NULL day is skipped; alpha, beta, gamma in [0, 1] and the damping phi in [0.8, 1] fitted by minimising the one-step squared error (Nelder-Mead). NULL when the series spans fewer than two periods, or its first or second period is closed throughout';
+
+COMMENT ON TYPE customer_analytics.hw_model IS
+    'A fitted additive Holt-Winters model of a daily series: period, smoothing parameters alpha (level), beta (trend), gamma (season), trend damping phi (1 = undamped), the final level and trend (per day), seasonals[k] = seasonal term of day last_ts + k (k = 1 .. period), sum of squared one-step errors after the first period (sse), days in the series (n), its first and last day, and the residual standard deviation sqrt(sse / the open days after the first period)';
+
+CREATE OR REPLACE FUNCTION customer_analytics.sales_training_end()
+RETURNS date
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- the newest line through the order_ts index: its day is its date_key's
+    SELECT LEAST((customer_analytics.reference_time() AT TIME ZONE customer_analytics.business_timezone())::date - 1,
+                 (SELECT (max(f.order_ts) AT TIME ZONE customer_analytics.business_timezone())::date
+                  FROM customer_analytics.fact_order_line f),
+                 customer_analytics.day_in_progress() - 1)
+$$;
+COMMENT ON FUNCTION customer_analytics.sales_training_end() IS
+    'Last complete day of sales: the day before reference_time() (setting customer_analytics.as_of, else the end of the data) in the business time zone, or the last day with order lines if that is earlier, never the day in progress (day_in_progress())';
+
+/*
+ * Scoring the day in progress as it goes: the orders placed so far today,
+ * and in the last hour, against the same hours of the same weekday over
+ * the 8 weeks before (their median: one week's flash sale or outage does
+ * not move it).  An outage shows as an hour without the orders that hour
+ * usually brings, long before the day could be judged whole.  A Poisson
+ * lower tail below 0.001 flags it; an hour usually holding fewer than 3
+ * orders is too quiet to tell.
+ */
+CREATE FUNCTION customer_analytics.intraday_orders(at timestamptz DEFAULT now())
+RETURNS TABLE (day date, hour_end time, orders_so_far bigint, expected_so_far float8,
+               orders_last_hour bigint, expected_last_hour float8, p_value float8, outage boolean)
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tz text := customer_analytics.business_timezone();
+    local_at timestamp := at AT TIME ZONE tz;
+    today date := (at AT TIME ZONE tz)::date;
+    since_midnight interval := (at AT TIME ZONE tz) - (at AT TIME ZONE tz)::date;
+    p_day float8;
+    p_hour float8;
+BEGIN
+    IF today IN (SELECT c.day FROM customer_analytics.closed_days(today, today) c) THEN
+        RETURN;
+    END IF;
+    WITH days AS (
+        SELECT today - 7 * k AS d FROM generate_series(0, 8) k
+    ),
+    counted AS (
+        SELECT x.d,
+               (SELECT count(DISTINCT f.order_id) FROM customer_analytics.fact_order_line f
+                WHERE f.status = 'completed' AND f.quantity > 0
+                  AND f.order_ts >= x.d::timestamp AT TIME ZONE tz
+                  AND f.order_ts < (x.d + since_midnight) AT TIME ZONE tz) AS so_far,
+               (SELECT count(DISTINCT f.order_id) FROM customer_analytics.fact_order_line f
+                WHERE f.status = 'completed' AND f.quantity > 0
+                  AND f.order_ts >= (x.d + since_midnight - interval '1 hour') AT TIME ZONE tz
+                  AND f.order_ts >= x.d::timestamp AT TIME ZONE tz
+                  AND f.order_ts < (x.d + since_midnight) AT TIME ZONE tz) AS last_hour
+        FROM days x
+        WHERE x.d = today
+           OR x.d NOT IN (SELECT c.day FROM customer_analytics.closed_days(today - 56, today - 7) c)
+    )
+    SELECT today, local_at::time,
+           (SELECT c.so_far FROM counted c WHERE c.d = today),
+           (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY c.so_far) FROM counted c WHERE c.d < today),
+           (SELECT c.last_hour FROM counted c WHERE c.d = today),
+           (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY c.last_hour) FROM counted c WHERE c.d < today)
+    INTO day, hour_end, orders_so_far, expected_so_far, orders_last_hour, expected_last_hour;
+    IF expected_so_far IS NULL THEN
+        RETURN;                 -- no history for this weekday yet
+    END IF;
+    p_day := customer_analytics.poisson_lower_tail(orders_so_far, expected_so_far);
+    p_hour := CASE WHEN expected_last_hour >= 3
+                   THEN customer_analytics.poisson_lower_tail(orders_last_hour, expected_last_hour) ELSE 1 END;
+    p_value := LEAST(p_day, p_hour);
+    outage := p_value < 0.001 AND GREATEST(expected_so_far, expected_last_hour) >= 3;
+    RETURN NEXT;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.intraday_orders(timestamptz) IS
+    'The day in progress scored as it goes, at a time (default now): orders so far that day and in the hour before, against the median of the same hours of the same weekday over the 8 weeks before (closed days left out); p_value = the smaller Poisson lower tail of the two, outage when it is below 0.001. No row on a closed day or without history';
+
+CREATE FUNCTION customer_analytics.poisson_lower_tail(k bigint, lambda float8)
+RETURNS float8
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- P(X <= k) for X ~ Poisson(lambda), summed in logs (no overflow)
+    SELECT CASE WHEN lambda <= 0 THEN 1.0
+                WHEN k >= lambda THEN 1.0   -- not a shortfall: no need to sum
+                ELSE LEAST(1.0, (SELECT sum(exp(-lambda + i * ln(lambda)
+                                               - COALESCE((SELECT sum(ln(j)) FROM generate_series(1, i) j), 0)))
+                                 FROM generate_series(0, k) i)) END
+$$;
+COMMENT ON FUNCTION customer_analytics.poisson_lower_tail(bigint, float8) IS
+    'P(X <= k) for X Poisson with mean lambda (1 when k >= lambda: no shortfall); what intraday_orders() scores a count with';
+
+CREATE FUNCTION customer_analytics.alert_intraday(at timestamptz DEFAULT now())
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    i record;
+BEGIN
+    SELECT * INTO i FROM customer_analytics.intraday_orders(at);
+    IF i IS NULL OR NOT i.outage THEN
+        RETURN 0;
+    END IF;
+    -- one alert per day: the first run that sees the outage raises it
+    RETURN (customer_analytics.raise_alert(
+        'intraday_drop', 'total',
+        jsonb_build_object('day', i.day, 'at', i.hour_end, 'orders_so_far', i.orders_so_far,
+                           'expected_so_far', round(i.expected_so_far::numeric, 1),
+                           'orders_last_hour', i.orders_last_hour,
+                           'expected_last_hour', round(i.expected_last_hour::numeric, 1),
+                           'p_value', i.p_value),
+        'intraday_drop:' || i.day, 'warn') IS NOT NULL)::integer;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.alert_intraday(timestamptz) IS
+    'Raise an intraday_drop alert (once a day) when intraday_orders(at) finds an outage in the day in progress; returns the number raised (0 or 1). The pipeline calls it after transform()';
+
+INSERT INTO customer_analytics.pipeline_task (task, command, depends_on, ordinal, builtin) VALUES
+    ('intraday alerts', 'SELECT customer_analytics.alert_intraday()', '{transform}', 36, true);

@@ -44,6 +44,9 @@ INSERT INTO stg_orders (order_id, line_number, product_id, order_ts, quantity, u
 VALUES ('O1', 1, 'P1', '2025-01-01', 0, 9.99);
 INSERT INTO stg_orders (order_id, line_number, product_id, order_ts, quantity, unit_price)
 VALUES ('', 1, 'P1', '2025-01-01', 1, 9.99);
+-- a credit line (negative quantity) is valid, but not with a discount
+INSERT INTO stg_orders (order_id, line_number, product_id, order_ts, quantity, unit_price, discount)
+VALUES ('C1', 1, 'P1', '2025-01-01', -1, 9.99, 1.00);
 INSERT INTO stg_events (event_id, event_ts, session_id, event_type)
 VALUES ('e1', '2025-01-01', 's1', 'scroll');
 INSERT INTO dim_customer (customer_id, valid_from, valid_to, is_current)

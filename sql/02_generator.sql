@@ -60,6 +60,11 @@ SELECT current_setting('data_directory') || '/ca_regress_sample' AS sample_dir \
 SELECT target, rows, planted_defects, files
 FROM generate_sample_data(customers => 300, days => 60, seed => 42, directory => :'sample_dir', defects => false)
 ORDER BY target;
+-- the layout the README describes: <directory>/<name>/<name>_YYYY-MM.csv
+SELECT t AS folder, string_agg(f, ' ' ORDER BY f) AS files
+FROM unnest(ARRAY['customers', 'products', 'orders', 'events']) t,
+     pg_ls_dir(:'sample_dir' || '/' || t) f
+GROUP BY t ORDER BY t;
 DO $$
 DECLARE
     dir text := current_setting('data_directory') || '/ca_regress_sample';

@@ -287,5 +287,34 @@ REFRESH MATERIALIZED VIEW CONCURRENTLY top_customers;
 REFRESH MATERIALIZED VIEW CONCURRENTLY segment_summary;
 RESET customer_analytics.top_customers;
 RESET customer_analytics.as_of;
+
+-- data time: unset, the reference is the end of the data (midnight after
+-- the day of the last completed line, business time zone), not the wall
+-- clock years later; rfm() and customer_rfm default to it
+SELECT reference_time() = ((max(order_ts) AT TIME ZONE business_timezone())::date + 1)::timestamp
+                          AT TIME ZONE business_timezone() AS end_of_data,
+       reference_time() < now() AS before_now
+FROM fact_order_line WHERE status = 'completed';
+SELECT count(*) AS differences FROM (
+    (SELECT * FROM rfm() EXCEPT ALL SELECT * FROM rfm(reference_time()))
+    UNION ALL (SELECT * FROM rfm(reference_time()) EXCEPT ALL SELECT * FROM rfm())) x;
+SELECT refresh_customer_rfm() >= 0 AS refreshed;
+SELECT DISTINCT as_of = reference_time() AS customer_rfm_at_end_of_data,
+       min(recency_days) AS most_recent_days FROM customer_rfm GROUP BY 1;
+-- 'now' is the wall clock; a line in the future does not move the end of
+-- the data past now
+SET customer_analytics.as_of = 'now';
+SELECT reference_time() = now() AS wall_clock;
+RESET customer_analytics.as_of;
+BEGIN;
+UPDATE fact_order_line SET order_ts = now() + interval '3 days'
+WHERE (order_id, line_number) = (SELECT order_id, line_number FROM fact_order_line
+                                 WHERE status = 'completed' ORDER BY order_id, line_number LIMIT 1);
+SELECT reference_time() = now() AS never_after_now;
+ROLLBACK;
+-- a value that is no time is refused when set, naming the setting
+SET customer_analytics.as_of = 'last tuesday';
+SET customer_analytics.as_of = 'infinity';
+SELECT current_setting('customer_analytics.as_of') = '' AS still_unset;
 DROP VIEW public.my_sales_2025;
 DROP TABLE public.my_sales, public.big_orders;

@@ -17,14 +17,17 @@ SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 300, day
 SELECT count(*) > 0 AS transformed FROM transform();
 SELECT refresh_sales_rollup() > 0 AS first_build;
 
--- the same figures straight from the facts (the views' definitions before the rollups)
+-- the same figures straight from the facts (the views' definitions before
+-- the rollups); a credit note (negative quantity) is no order, and its
+-- customer did not buy
 CREATE TEMP VIEW expected_day AS
-SELECT d.date AS day, sum(f.revenue) AS revenue, count(DISTINCT f.order_id) AS orders,
-       count(DISTINCT c.customer_id) FILTER (WHERE f.customer_key <> -1) AS customers
+SELECT d.date AS day, sum(f.revenue) AS revenue, count(DISTINCT f.order_id) FILTER (WHERE f.quantity > 0) AS orders,
+       count(DISTINCT c.customer_id) FILTER (WHERE f.customer_key <> -1 AND f.quantity > 0) AS customers
 FROM fact_order_line f JOIN dim_date d USING (date_key) JOIN dim_customer c USING (customer_key)
 WHERE f.status = 'completed' GROUP BY 1;
 CREATE TEMP VIEW expected_category AS
-SELECT d.date AS day, p.category, sum(f.revenue) AS revenue, count(DISTINCT f.order_id) AS orders, sum(f.quantity) AS units
+SELECT d.date AS day, p.category, sum(f.revenue) AS revenue, count(DISTINCT f.order_id) FILTER (WHERE f.quantity > 0) AS orders,
+       sum(f.quantity) AS units
 FROM fact_order_line f JOIN dim_date d USING (date_key) JOIN dim_product p USING (product_key)
 WHERE f.status = 'completed' GROUP BY 1, 2;
 
@@ -78,11 +81,19 @@ FROM generate_series(1, 60) g;
 INSERT INTO stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price, discount, status, channel)
 SELECT 'RET-1', 1, (SELECT customer_id FROM stg_customers ORDER BY customer_id LIMIT 1),
        (SELECT product_id FROM stg_products ORDER BY product_id LIMIT 1), :'last_ts', 1, 10, 25, 'completed', 'web';
+-- and credit notes: returns booked as their own orders, negative quantities
+-- (two lines each; CN-5 at price 0, worth nothing)
+INSERT INTO stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price, discount, status, channel)
+SELECT 'CN-' || g, l, (SELECT customer_id FROM stg_customers ORDER BY customer_id OFFSET (g * 13) % 250 LIMIT 1),
+       (SELECT product_id FROM stg_products ORDER BY product_id OFFSET (g + l) % 100 LIMIT 1),
+       :'last_ts'::timestamptz - (g % 4) * interval '1 day', -l, CASE WHEN g = 5 THEN 0 ELSE 7.50 END, 0, 'completed', 'web'
+FROM generate_series(1, 8) g, generate_series(1, 2) l;
 SELECT count(*) > 0 AS transformed FROM transform();
 -- new orders are queued, not recomputed
 SELECT count(*) AS customers_noted, (SELECT count(*) FROM rfm_new_line) AS lines_queued FROM rfm_dirty_customer;
 SELECT pg_temp.refresh() BETWEEN 1 AND 7 AS only_recent_days;
 SELECT min(revenue) < 0 AS has_a_return FROM fact_order_line WHERE status = 'completed';
+SELECT count(*) AS credit_lines, sum(revenue) AS credited FROM fact_order_line WHERE quantity < 0;
 SELECT * FROM pg_temp.differences();
 
 -- 1b. a line added to an order loaded before: the order is not new (one
@@ -101,7 +112,7 @@ SELECT * FROM pg_temp.differences() WHERE what = 'customer_rfm';
 -- 2. re-staged lines: some completed lines come again cancelled or with new quantities
 INSERT INTO stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price, discount, status, channel)
 SELECT order_id, line_number, customer_id, product_id, order_ts,
-       quantity + 1, unit_price, discount, CASE WHEN random() < 0.5 THEN 'cancelled' ELSE status END, channel
+       quantity + sign(quantity)::int, unit_price, discount, CASE WHEN random() < 0.5 THEN 'cancelled' ELSE status END, channel
 FROM (SELECT DISTINCT ON (order_id, line_number) * FROM stg_orders ORDER BY order_id, line_number, stage_id DESC) s
 WHERE status = 'completed' AND random() < 0.03;
 SELECT count(*) > 0 AS transformed FROM transform();

@@ -605,6 +605,9 @@ ca_gg_expected(PG_FUNCTION_ARGS)
 	/* without repeat purchases, the population mean */
 	if (x == 0)
 		PG_RETURN_FLOAT8(m.p * m.gamma / (m.q - 1));
+	/* repeat purchases all returned (clv_summary's m_x): no spend to scale */
+	if (PG_ARGISNULL(2))
+		PG_RETURN_NULL();
 	if (!(mx > 0) || !isfinite(mx))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

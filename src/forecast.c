@@ -257,6 +257,7 @@ typedef struct HwFit
 	double		level;
 	double		trend;
 	double		sse;
+	int			nerrors;		/* one-step errors in sse (open days) */
 	double	   *season;			/* period terms, indexed by day mod period */
 } HwFit;
 
@@ -264,6 +265,12 @@ typedef struct HwFit
  * Run the additive Holt-Winters filter over y[0..n-1] (n >= 2 periods)
  * with parameters a, b, g; returns the sum of squared one-step errors of
  * days period .. n-1 and, if fit is given, the final state.
+ *
+ * A NaN is a closed day (no observation): it is in neither the initial
+ * means nor the errors, and the state runs over it unchanged, as if the
+ * day had come exactly as forecast.  Otherwise a shop's closed days would
+ * teach the model a collapse every week and every holiday.  Each of the
+ * first two periods must hold an open day (ca_hw_final checks).
  */
 static double
 hw_filter(const double *y, int n, int m, double a, double b, double g,
@@ -274,27 +281,46 @@ hw_filter(const double *y, int n, int m, double a, double b, double g,
 				level,
 				trend,
 				sse = 0;
+	int			n1 = 0,
+				n2 = 0,
+				nerrors = 0;
 
 	for (int i = 0; i < m; i++)
 	{
-		mean1 += y[i];
-		mean2 += y[m + i];
+		if (!isnan(y[i]))
+		{
+			mean1 += y[i];
+			n1++;
+		}
+		if (!isnan(y[m + i]))
+		{
+			mean2 += y[m + i];
+			n2++;
+		}
 	}
-	mean1 /= m;
-	mean2 /= m;
+	mean1 /= Max(n1, 1);
+	mean2 /= Max(n2, 1);
 	trend = (mean2 - mean1) / m;
 	/* mean1 is the level at the middle of the first period */
 	for (int i = 0; i < m; i++)
-		season[i] = y[i] - (mean1 + (i - (m - 1) / 2.0) * trend);
+		season[i] = isnan(y[i]) ? 0 : y[i] - (mean1 + (i - (m - 1) / 2.0) * trend);
 	level = mean1 + trend * (m - 1) / 2.0;
 
 	for (int t = m; t < n; t++)
 	{
 		int			k = t % m;
-		double		e = y[t] - (level + phi * trend + season[k]);
+		double		e;
 		double		new_level;
 
+		if (isnan(y[t]))
+		{
+			level += phi * trend;
+			trend *= phi;
+			continue;
+		}
+		e = y[t] - (level + phi * trend + season[k]);
 		sse += e * e;
+		nerrors++;
 		new_level = a * (y[t] - season[k]) + (1 - a) * (level + phi * trend);
 		trend = b * (new_level - level) + (1 - b) * phi * trend;
 		season[k] = g * (y[t] - new_level) + (1 - g) * season[k];
@@ -305,6 +331,7 @@ hw_filter(const double *y, int n, int m, double a, double b, double g,
 		fit->level = level;
 		fit->trend = trend;
 		fit->sse = sse;
+		fit->nerrors = nerrors;
 		fit->season = season;
 	}
 	return sse;
@@ -469,19 +496,19 @@ ca_hw_sfunc(PG_FUNCTION_ARGS)
 	else
 		s = (HwState *) PG_GETARG_POINTER(0);
 
-	/* a row without a day is no observation; a NULL value is 0 */
+	/* a row without a day is no observation; a NULL value closes its day */
 	if (PG_ARGISNULL(1))
 		PG_RETURN_POINTER(s);
 	{
 		DateADT		day = PG_GETARG_DATEADT(1);
-		float8		value = PG_ARGISNULL(2) ? 0.0 : PG_GETARG_FLOAT8(2);
+		float8		value = PG_ARGISNULL(2) ? get_float8_nan() : PG_GETARG_FLOAT8(2);
 
 		if (DATE_NOT_FINITE(day))
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("holt_winters day must be finite, not %s",
 							DatumGetCString(DirectFunctionCall1(date_out, DateADTGetDatum(day))))));
-		if (!isfinite(value))
+		if (!PG_ARGISNULL(2) && !isfinite(value))
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("holt_winters value must be finite, not %g on %s", value,
@@ -554,10 +581,23 @@ ca_hw_final(PG_FUNCTION_ARGS)
 	if (n < 2 * m)
 		PG_RETURN_NULL();
 
-	/* one value per day, missing days 0 */
+	/* one value per day, missing days 0, closed days (a NULL) NaN */
 	y = palloc0(n * sizeof(double));
 	for (int i = 0; i < s->npoints; i++)
 		y[s->points[i].day - first] += s->points[i].value;
+	/* nothing to start from when a whole first or second period is closed */
+	{
+		bool		open1 = false,
+					open2 = false;
+
+		for (int i = 0; i < m; i++)
+		{
+			open1 |= !isnan(y[i]);
+			open2 |= !isnan(y[m + i]);
+		}
+		if (!open1 || !open2)
+			PG_RETURN_NULL();
+	}
 
 	season = palloc(m * sizeof(double));
 	prob.y = y;
@@ -590,7 +630,7 @@ ca_hw_final(PG_FUNCTION_ARGS)
 	values[9] = Int32GetDatum(n);
 	values[10] = DateADTGetDatum(first);
 	values[11] = DateADTGetDatum(last);
-	values[12] = Float8GetDatum(n > m ? sqrt(fit.sse / (n - m)) : 0.0);
+	values[12] = Float8GetDatum(fit.nerrors > 0 ? sqrt(fit.sse / fit.nerrors) : 0.0);
 
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }

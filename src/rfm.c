@@ -21,7 +21,8 @@
  * return: it nets against monetary but is not a purchase and moves neither
  * the first nor the last order.  rfm() on the star schema counts completed
  * order lines only (cancelled ones never happened, returned ones came
- * back), of known customers, up to as_of.
+ * back), of known customers, up to as_of; a credit note's line (negative
+ * quantity) is such a return, and one worth nothing does not count.
  */
 #include "postgres.h"
 
@@ -45,6 +46,7 @@
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/datetime.h"
 #include "utils/datum.h"
 #include "utils/float.h"
 #include "utils/guc.h"
@@ -84,6 +86,35 @@ static char *rfm_segment_map = NULL;
 static char *as_of_setting = NULL;
 static int	top_customers = 100;
 
+/*
+ * A value that is no time would only fail later, inside whichever view
+ * first reads it, with an error that does not name the setting.  Infinite
+ * times are refused too: recency from infinity is no answer.
+ */
+static bool
+check_as_of(char **newval, void **extra, GucSource source)
+{
+	char		workbuf[MAXDATELEN + MAXDATEFIELDS];
+	char	   *field[MAXDATEFIELDS];
+	int			ftype[MAXDATEFIELDS];
+	int			nf;
+	int			dtype;
+	struct pg_tm tm;
+	fsec_t		fsec;
+	int			tz;
+
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+	if (ParseDateTime(*newval, workbuf, sizeof(workbuf), field, ftype, MAXDATEFIELDS, &nf) == 0 &&
+		DecodeDateTime(field, ftype, nf, &dtype, &tm, &fsec, &tz) == 0 &&
+		(dtype == DTK_DATE || dtype == DTK_NOW || dtype == DTK_EPOCH))
+		return true;
+	GUC_check_errdetail("\"%s\" is neither a timestamp nor \"now\".", *newval);
+	GUC_check_errhint("Use a time such as '2011-12-10', 'now' for the wall clock, "
+					  "or '' (RESET) for the end of the data.");
+	return false;
+}
+
 void
 ca_rfm_init(void)
 {
@@ -95,12 +126,13 @@ ca_rfm_init(void)
 							   PGC_USERSET, 0,
 							   NULL, NULL, NULL);
 	DefineCustomStringVariable(CA_GUC_PREFIX ".as_of",
-							   "Reference time for recency in the RFM views; empty means now.",
-							   "Set it to the end of a historical data set, e.g. '2011-12-10'.",
+							   "Reference time for recency, CLV and the last complete day; empty means the end of the data.",
+							   "Empty: the day after the last completed order line, or now if that is later; "
+							   "'now': the wall clock; else a timestamp, e.g. '2011-12-10'.",
 							   &as_of_setting,
 							   "",
 							   PGC_USERSET, 0,
-							   NULL, NULL, NULL);
+							   check_as_of, NULL, NULL);
 	DefineCustomIntVariable(CA_GUC_PREFIX ".top_customers",
 							"How many customers the top_customers view keeps.",
 							NULL,
@@ -716,14 +748,37 @@ ca_quintile_score(PG_FUNCTION_ARGS)
 	PG_RETURN_INT32(score_against(value, breaks, descending));
 }
 
-/* reference_time(): customer_analytics.as_of, or now() */
+/*
+ * reference_time(): customer_analytics.as_of if set ('now' is the wall
+ * clock), else the end of the data: midnight (business time zone) after the
+ * day of the last completed order line, never later than now.  A live shop
+ * sees now; a historical export is judged at its own end instead of years
+ * after it (where every customer looks long gone).
+ */
 Datum
 ca_reference_time(PG_FUNCTION_ARGS)
 {
-	if (as_of_setting == NULL || as_of_setting[0] == '\0')
-		PG_RETURN_TIMESTAMPTZ(GetCurrentTransactionStartTimestamp());
-	PG_RETURN_DATUM(DirectFunctionCall3(timestamptz_in, CStringGetDatum(as_of_setting),
-										ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
+	TimestampTz now = GetCurrentTransactionStartTimestamp();
+	TimestampTz result = now;
+
+	if (as_of_setting != NULL && as_of_setting[0] != '\0')
+		PG_RETURN_DATUM(DirectFunctionCall3(timestamptz_in, CStringGetDatum(as_of_setting),
+											ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
+	SPI_connect();
+	SPI_execute("SELECT ((pg_catalog.max(order_ts) AT TIME ZONE customer_analytics.business_timezone())::pg_catalog.date"
+				" OPERATOR(pg_catalog.+) 1)::pg_catalog.timestamp AT TIME ZONE customer_analytics.business_timezone()"
+				" FROM customer_analytics.fact_order_line WHERE status OPERATOR(pg_catalog.=) 'completed'",
+				true, 1);
+	if (SPI_processed == 1)
+	{
+		bool		isnull;
+		Datum		end = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+
+		if (!isnull && DatumGetTimestampTz(end) < now)
+			result = DatumGetTimestampTz(end);
+	}
+	SPI_finish();
+	PG_RETURN_TIMESTAMPTZ(result);
 }
 
 /* ---------------------------------------------------------------------
@@ -995,12 +1050,14 @@ column_attnum(Relation rel, const char *column, const char *role, Oid * type,
  */
 static void
 scan_table(RfmScan *sc, Relation rel, AttrNumber cust_att, AttrNumber order_att,
-		   AttrNumber ts_att, AttrNumber amount_att, AttrNumber status_att)
+		   AttrNumber ts_att, AttrNumber amount_att, AttrNumber status_att,
+		   AttrNumber quantity_att)
 {
 	TableScanDesc scan = table_beginscan(rel, GetActiveSnapshot(), 0, NULL);
 	TupleTableSlot *slot = table_slot_create(rel, NULL);
 	MemoryContext rowcxt = AllocSetContextCreate(CurrentMemoryContext, "rfm row", ALLOCSET_SMALL_SIZES);
-	AttrNumber	natts = Max(Max(cust_att, order_att), Max(Max(ts_att, amount_att), status_att));
+	AttrNumber	natts = Max(Max(Max(cust_att, order_att), Max(Max(ts_att, amount_att), status_att)),
+							quantity_att);
 
 	while (table_scan_getnextslot(scan, ForwardScanDirection, slot))
 	{
@@ -1043,6 +1100,20 @@ scan_table(RfmScan *sc, Relation rel, AttrNumber cust_att, AttrNumber order_att,
 		if (order_att)
 			order = slot_getattr(slot, order_att, &onull);
 		amount = slot_getattr(slot, amount_att, &anull);
+		if (quantity_att)
+		{
+			bool		qnull;
+			Datum		quantity = slot_getattr(slot, quantity_att, &qnull);
+
+			/*
+			 * A credit line worth nothing (negative quantity at price 0) is
+			 * neither a purchase nor a return: with amount 0 it would count
+			 * as a purchase.
+			 */
+			if (!qnull && DatumGetInt32(quantity) < 0 &&
+				(anull || amount_units(amount, sc->amount_type) == 0))
+				continue;
+		}
 		old = MemoryContextSwitchTo(rowcxt);
 		rfm_scan_row(sc, custkey, cust, order, onull, ts, anull, amount);
 		MemoryContextSwitchTo(old);
@@ -1270,7 +1341,7 @@ ca_rfm(PG_FUNCTION_ARGS)
 		load_customer_versions(&sc);
 		scan_table(&sc, rel, attnameAttNum(rel, "customer_key", false), attnameAttNum(rel, "order_id", false),
 				   attnameAttNum(rel, "order_ts", false), attnameAttNum(rel, "revenue", false),
-				   attnameAttNum(rel, "status", false));
+				   attnameAttNum(rel, "status", false), attnameAttNum(rel, "quantity", false));
 	}
 	else
 	{
@@ -1324,7 +1395,7 @@ ca_rfm(PG_FUNCTION_ARGS)
 
 		if ((rel->rd_rel->relkind == RELKIND_RELATION || rel->rd_rel->relkind == RELKIND_MATVIEW) &&
 			check_enable_rls(RelationGetRelid(rel), InvalidOid, false) != RLS_ENABLED)
-			scan_table(&sc, rel, ca, oa, ta, aa, 0);
+			scan_table(&sc, rel, ca, oa, ta, aa, 0, 0);
 		else
 			scan_query(&sc, rel, cust_col, order_col, ts_col, amount_col);
 	}

@@ -61,7 +61,8 @@ CREATE TABLE customer_analytics.stg_orders (
     customer_id text,
     product_id  text NOT NULL CHECK (product_id <> ''),
     order_ts    timestamptz NOT NULL,
-    quantity    integer NOT NULL CHECK (quantity > 0),
+    -- negative: a credit note's line (a return booked as its own line)
+    quantity    integer NOT NULL CHECK (quantity <> 0),
     unit_price  numeric(12,2) NOT NULL CHECK (unit_price >= 0),
     discount    numeric(12,2) NOT NULL DEFAULT 0 CHECK (discount >= 0),
     status      text NOT NULL DEFAULT 'completed'
@@ -71,7 +72,10 @@ CREATE TABLE customer_analytics.stg_orders (
     load_id     bigint,
     loaded_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
     stage_id    bigint NOT NULL DEFAULT pg_catalog.nextval('customer_analytics.stage_id_seq'),
-    staged_xid  xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id()
+    staged_xid  xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
+    -- revenue is quantity * unit_price - discount: on a credit line a
+    -- discount would add to the refund instead of reducing it
+    CONSTRAINT stg_orders_credit_without_discount CHECK (quantity > 0 OR discount = 0)
 );
 CREATE INDEX stg_orders_staged_xid_idx ON customer_analytics.stg_orders (staged_xid);
 COMMENT ON TABLE customer_analytics.stg_orders IS
@@ -180,7 +184,7 @@ CREATE TABLE customer_analytics.fact_order_line (
     product_key  bigint NOT NULL REFERENCES customer_analytics.dim_product,
     date_key     integer NOT NULL REFERENCES customer_analytics.dim_date,
     order_ts     timestamptz NOT NULL,
-    quantity     integer NOT NULL CHECK (quantity > 0),
+    quantity     integer NOT NULL CHECK (quantity <> 0),
     unit_price   numeric(12,2) NOT NULL CHECK (unit_price >= 0),
     discount     numeric(12,2) NOT NULL DEFAULT 0 CHECK (discount >= 0),
     revenue      numeric(14,2) GENERATED ALWAYS AS (quantity * unit_price - discount) STORED,
@@ -189,7 +193,8 @@ CREATE TABLE customer_analytics.fact_order_line (
     updated_at   timestamptz,
     stage_id     bigint NOT NULL,
     load_id      bigint,
-    PRIMARY KEY (order_id, line_number)
+    PRIMARY KEY (order_id, line_number),
+    CONSTRAINT fact_order_line_credit_without_discount CHECK (quantity > 0 OR discount = 0)
 );
 CREATE INDEX fact_order_line_customer_idx ON customer_analytics.fact_order_line (customer_key);
 CREATE INDEX fact_order_line_product_idx ON customer_analytics.fact_order_line (product_key);
@@ -201,6 +206,8 @@ CREATE INDEX fact_order_line_ts_idx ON customer_analytics.fact_order_line (order
 CREATE INDEX fact_order_line_negative_revenue_idx ON customer_analytics.fact_order_line (revenue) WHERE revenue < 0;
 COMMENT ON TABLE customer_analytics.fact_order_line IS
     'Order line facts, one row per (order_id, line_number); customer_key is the customer version in effect at order time';
+COMMENT ON COLUMN customer_analytics.fact_order_line.quantity IS
+    'Units; negative on a credit note''s line (a return booked as its own line, status completed): its revenue is negative and nets against sales, it is no purchase';
 COMMENT ON COLUMN customer_analytics.fact_order_line.revenue IS
     'quantity * unit_price - discount, whatever the status; reports count completed lines only';
 COMMENT ON COLUMN customer_analytics.fact_order_line.updated_at IS

@@ -109,7 +109,7 @@ CREATE FUNCTION customer_analytics.reference_time()
     RETURNS timestamptz
     AS 'MODULE_PATHNAME', 'ca_reference_time' LANGUAGE C STABLE PARALLEL SAFE;
 COMMENT ON FUNCTION customer_analytics.reference_time() IS
-    'The time recency is measured from in the RFM views: customer_analytics.as_of if set, else now()';
+    'The time recency, CLV and the last complete day are measured from: customer_analytics.as_of if set (''now'' is the wall clock), else the end of the data (midnight after the day of the last completed order line, business time zone), never later than now';
 
 CREATE FUNCTION customer_analytics.top_customers_limit()
     RETURNS integer
@@ -274,7 +274,7 @@ CREATE CONSTRAINT TRIGGER rfm_segment_rule_complete
     FOR EACH ROW EXECUTE FUNCTION customer_analytics.rfm_segment_rule_guard();
 
 CREATE FUNCTION customer_analytics.rfm(
-    as_of           timestamptz DEFAULT now(),
+    as_of           timestamptz DEFAULT customer_analytics.reference_time(),
     source          regclass    DEFAULT 'customer_analytics.fact_order_line',
     customer_column text        DEFAULT NULL,
     ts_column       text        DEFAULT NULL,
@@ -325,7 +325,7 @@ CREATE TABLE customer_analytics.rfm_new_line (
     purchase    boolean NOT NULL
 );
 COMMENT ON TABLE customer_analytics.rfm_new_line IS
-    'Order lines inserted since the last refresh_customer_rfm() (purchase: a completed line of a known customer); an order whose lines are all here is added to its customer''s rollup without reading their other lines';
+    'Order lines inserted since the last refresh_customer_rfm() (purchase: a completed line of a known customer, not a credit line worth nothing); an order whose lines are all here is added to its customer''s rollup without reading their other lines';
 
 CREATE TABLE customer_analytics.customer_rfm_score (
     customer_id  text PRIMARY KEY,
@@ -381,7 +381,8 @@ BEGIN
     ELSIF TG_OP = 'INSERT' THEN
         -- new lines are usually new orders: queued, added without a recompute
         INSERT INTO customer_analytics.rfm_new_line (customer_id, order_id, line_number, order_ts, revenue, purchase)
-        SELECT c.customer_id, r.order_id, r.line_number, r.order_ts, r.revenue, r.status = 'completed' AND r.customer_key <> -1
+        SELECT c.customer_id, r.order_id, r.line_number, r.order_ts, r.revenue,
+               r.status = 'completed' AND r.customer_key <> -1 AND (r.quantity > 0 OR r.revenue <> 0)
         FROM new_rows r JOIN customer_analytics.dim_customer c USING (customer_key);
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO customer_analytics.rfm_dirty_customer
@@ -475,7 +476,8 @@ BEGIN
             -- rfm()'s inputs: completed lines of known customers; the lines
             -- of an order are one purchase (at its latest line), a return
             -- (negative revenue) stands alone: grouped by order and, for a
-            -- return, by its line.  The queued lines this statement sees are
+            -- return, by its line.  A credit line worth nothing (negative
+            -- quantity at price 0) is neither.  The queued lines this statement sees are
             -- in the facts it reads: they are consumed here, not added again
             -- below.
             WITH consumed AS (
@@ -489,6 +491,7 @@ BEGIN
                         FROM customer_analytics.fact_order_line fl
                         JOIN customer_analytics.dim_customer c ON c.customer_key = fl.customer_key
                         WHERE fl.status = 'completed' AND c.customer_key <> -1
+                          AND (fl.quantity > 0 OR fl.revenue <> 0)
                           AND (everyone OR c.customer_id IN (SELECT unnest(ids)))
                         GROUP BY c.customer_id, fl.order_id, CASE WHEN fl.revenue < 0 THEN fl.line_number END) x
                   GROUP BY x.customer_id) o

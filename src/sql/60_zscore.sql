@@ -287,8 +287,10 @@ BEGIN
     END IF;
 
     INSERT INTO customer_analytics.sales_rollup_day (day, revenue, orders, customers)
-    SELECT d.date, sum(f.revenue), count(DISTINCT f.order_id),
-           count(DISTINCT c.customer_id) FILTER (WHERE f.customer_key <> -1)
+    -- credit notes (negative quantity) net against revenue but are no
+    -- orders, and their customers did not buy that day
+    SELECT d.date, sum(f.revenue), count(DISTINCT f.order_id) FILTER (WHERE f.quantity > 0),
+           count(DISTINCT c.customer_id) FILTER (WHERE f.customer_key <> -1 AND f.quantity > 0)
     FROM customer_analytics.fact_order_line f
     JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
     JOIN customer_analytics.dim_customer c ON c.customer_key = f.customer_key
@@ -296,7 +298,7 @@ BEGIN
     GROUP BY d.date;
 
     INSERT INTO customer_analytics.sales_rollup_category (day, category, revenue, orders, units)
-    SELECT d.date, p.category, sum(f.revenue), count(DISTINCT f.order_id), sum(f.quantity)
+    SELECT d.date, p.category, sum(f.revenue), count(DISTINCT f.order_id) FILTER (WHERE f.quantity > 0), sum(f.quantity)
     FROM customer_analytics.fact_order_line f
     JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
     JOIN customer_analytics.dim_product p ON p.product_key = f.product_key
@@ -324,7 +326,7 @@ SELECT days.day,
 FROM days LEFT JOIN customer_analytics.sales_rollup_day p USING (day);
 CREATE UNIQUE INDEX daily_sales_day_idx ON customer_analytics.daily_sales (day);
 COMMENT ON MATERIALIZED VIEW customer_analytics.daily_sales IS
-    'Completed sales per day, every day from the first to the last sale (0 on a day without): revenue, orders, distinct known customers (guests not counted), average order value. Built from sales_rollup_day: run refresh_sales_rollup() first (the pipeline does)';
+    'Completed sales per day, every day from the first to the last sale (0 on a day without): revenue net of credit notes, orders (a credit note is none), distinct known customers who bought (guests not counted), average order value. Built from sales_rollup_day: run refresh_sales_rollup() first (the pipeline does)';
 
 CREATE MATERIALIZED VIEW customer_analytics.product_category_sales AS
 WITH cells AS (
@@ -344,16 +346,26 @@ GROUP BY 2, 3;
 CREATE UNIQUE INDEX product_category_sales_key_idx
     ON customer_analytics.product_category_sales (grain, category, period_start);
 COMMENT ON MATERIALIZED VIEW customer_analytics.product_category_sales IS
-    'Completed sales per product category and period, at two grains in one view: grain ''day'' (every day from the first to the last sale, 0 on a day without) and grain ''month'' (period_start = first day of the month, the sum of its days: an order counts on each day it has lines in the category): revenue, orders with a line in the category, units. Built from sales_rollup_category';
+    'Completed sales per product category and period, at two grains in one view: grain ''day'' (every day from the first to the last sale, 0 on a day without) and grain ''month'' (period_start = first day of the month, the sum of its days: an order counts on each day it has lines in the category): revenue net of credit notes, orders with a line in the category (a credit note is none), units net of returned ones. Built from sales_rollup_category';
 
+-- closed days and the day in progress are left out: not scored, and in no
+-- baseline
 CREATE VIEW customer_analytics.order_count_series AS
+WITH closed AS MATERIALIZED (
+    SELECT c.day FROM customer_analytics.closed_days((SELECT min(r.day) FROM customer_analytics.sales_rollup_day r),
+                                                     (SELECT max(r.day) FROM customer_analytics.sales_rollup_day r)) c
+    UNION ALL
+    SELECT p.day FROM customer_analytics.day_in_progress() p(day) WHERE p.day IS NOT NULL
+)
 SELECT category AS series, period_start::timestamp AT TIME ZONE 'UTC' AS ts, orders
-FROM customer_analytics.product_category_sales WHERE grain = 'day'
+FROM customer_analytics.product_category_sales
+WHERE grain = 'day' AND period_start NOT IN (SELECT day FROM closed)
 UNION ALL
 SELECT 'total', day::timestamp AT TIME ZONE 'UTC', orders
-FROM customer_analytics.daily_sales;
+FROM customer_analytics.daily_sales
+WHERE day NOT IN (SELECT day FROM closed);
 COMMENT ON VIEW customer_analytics.order_count_series IS
-    'Daily order counts per product category and for the whole shop (series ''total''): what the anomalies view scores';
+    'Daily order counts per product category and for the whole shop (series ''total''), closed days (closed_days()) and the day in progress (day_in_progress()) left out: what the anomalies view scores';
 
 /*
  * The default method, chosen on the generator's planted anomalies with

@@ -161,7 +161,7 @@ INSERT INTO customer_analytics.quality_check (name, kind, target, column_name, p
      '{"sql": "SELECT f.order_id, f.line_number, f.order_ts, c.valid_from, c.valid_to FROM customer_analytics.dim_customer c CROSS JOIN LATERAL (SELECT l.order_id, l.line_number, l.order_ts FROM customer_analytics.fact_order_line l WHERE l.customer_key = c.customer_key AND NOT (l.order_ts >= c.valid_from AND l.order_ts < c.valid_to) OFFSET 0) f WHERE c.customer_key <> -1 AND EXISTS (SELECT FROM customer_analytics.dim_customer v WHERE v.customer_id = c.customer_id AND v.valid_from < c.valid_from)"}',
      'warn', true),
     ('no negative revenue', 'custom', 'customer_analytics.fact_order_line', NULL,
-     '{"sql": "SELECT order_id, line_number, quantity, unit_price, discount, revenue FROM customer_analytics.fact_order_line WHERE revenue < 0"}',
+     '{"sql": "SELECT order_id, line_number, quantity, unit_price, discount, revenue FROM customer_analytics.fact_order_line WHERE revenue < 0 AND quantity > 0"}',
      'warn', true),
     ('orders are fresh', 'freshness', 'customer_analytics.fact_order_line', 'order_ts', '{"max_age": "2 days"}', 'warn', true),
     ('events are fresh', 'freshness', 'customer_analytics.fact_event', 'event_ts', '{"max_age": "1 day"}', 'warn', true),
@@ -219,7 +219,11 @@ BEGIN
             'SELECT max(%s) AS newest, now() - max(%s) AS age FROM %s HAVING max(%s) IS NULL OR max(%s) < now() - %L::interval',
             cols, cols, tbl, cols, cols, COALESCE(c.params->>'max_age', '1 day'))
         WHEN 'row_count_change' THEN format(
-            $q$WITH newest AS (SELECT date_trunc('day', max(%1$s)) AS day FROM %2$s),
+            -- the newest whole day: a day the clock has not finished yet
+            -- (a live shop's morning) is not scored as a whole day
+            $q$WITH newest AS (SELECT CASE WHEN date_trunc('day', max(%1$s)) + interval '1 day' > now()
+                                           THEN date_trunc('day', max(%1$s)) - interval '1 day'
+                                           ELSE date_trunc('day', max(%1$s)) END AS day FROM %2$s),
                counts AS (
                    SELECT date_trunc('day', t.%1$s) AS day, count(*) AS n
                    FROM %2$s t, newest

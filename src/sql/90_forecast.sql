@@ -33,7 +33,7 @@ CREATE TYPE customer_analytics.hw_model AS (
     residual_sd float8
 );
 COMMENT ON TYPE customer_analytics.hw_model IS
-    'A fitted additive Holt-Winters model of a daily series: period, smoothing parameters alpha (level), beta (trend), gamma (season), trend damping phi (1 = undamped), the final level and trend (per day), seasonals[k] = seasonal term of day last_ts + k (k = 1 .. period), sum of squared one-step errors after the first period (sse), days in the series (n), its first and last day, and the residual standard deviation sqrt(sse / (n - period))';
+    'A fitted additive Holt-Winters model of a daily series: period, smoothing parameters alpha (level), beta (trend), gamma (season), trend damping phi (1 = undamped), the final level and trend (per day), seasonals[k] = seasonal term of day last_ts + k (k = 1 .. period), sum of squared one-step errors after the first period (sse), days in the series (n), its first and last day, and the residual standard deviation sqrt(sse / the open days after the first period)';
 
 CREATE FUNCTION customer_analytics.holt_winters_sfunc(internal, date, float8)
     RETURNS internal AS 'MODULE_PATHNAME', 'ca_hw_sfunc' LANGUAGE C IMMUTABLE PARALLEL SAFE;
@@ -77,7 +77,7 @@ CREATE AGGREGATE customer_analytics.holt_winters(day date, value float8, period 
     PARALLEL = SAFE
 );
 COMMENT ON AGGREGATE customer_analytics.holt_winters(date, float8) IS
-    'Additive Holt-Winters model (damped additive trend, weekly seasonality) of a daily series, rows in any order: values of the same day are summed, a day without rows counts as 0, a NULL value as 0, a NULL day is skipped; alpha, beta, gamma in [0, 1] and the damping phi in [0.8, 1] fitted by minimising the one-step squared error (Nelder-Mead). NULL when the series spans fewer than two periods';
+    'Additive Holt-Winters model (damped additive trend, weekly seasonality) of a daily series, rows in any order: values of the same day are summed, a day without rows counts as 0, a NULL value closes its day (no observation: the state runs over it unchanged), a NULL day is skipped; alpha, beta, gamma in [0, 1] and the damping phi in [0.8, 1] fitted by minimising the one-step squared error (Nelder-Mead). NULL when the series spans fewer than two periods, or its first or second period is closed throughout';
 COMMENT ON AGGREGATE customer_analytics.holt_winters(date, float8, integer) IS
     'Additive Holt-Winters model of a daily series with the given seasonal period in days (2 .. 366; taken from the first row); see holt_winters(date, float8)';
 COMMENT ON AGGREGATE customer_analytics.holt_winters(date, float8, integer, float8, float8, float8) IS
@@ -143,10 +143,11 @@ AS $$
     -- the newest line through the order_ts index: its day is its date_key's
     SELECT LEAST((customer_analytics.reference_time() AT TIME ZONE customer_analytics.business_timezone())::date - 1,
                  (SELECT (max(f.order_ts) AT TIME ZONE customer_analytics.business_timezone())::date
-                  FROM customer_analytics.fact_order_line f))
+                  FROM customer_analytics.fact_order_line f),
+                 customer_analytics.day_in_progress() - 1)
 $$;
 COMMENT ON FUNCTION customer_analytics.sales_training_end() IS
-    'Last complete day of sales: the day before reference_time() (setting customer_analytics.as_of, else now) in the business time zone, or the last day with order lines if that is earlier';
+    'Last complete day of sales: the day before reference_time() (setting customer_analytics.as_of, else the end of the data) in the business time zone, or the last day with order lines if that is earlier, never the day in progress (day_in_progress())';
 
 CREATE FUNCTION customer_analytics.sales_training_start()
 RETURNS date
@@ -180,14 +181,21 @@ BEGIN
     WITH s AS (
         SELECT * FROM customer_analytics.sales_series(lo, hi)
     ),
+    closed AS MATERIALIZED (
+        SELECT c.day FROM customer_analytics.closed_days(lo, hi) c
+    ),
+    -- fitted on open days (a closed day is NULL: no observation)
     m AS (
-        SELECT s.scope, s.category, customer_analytics.holt_winters(s.day, s.revenue) AS model
+        SELECT s.scope, s.category,
+               customer_analytics.holt_winters(s.day, CASE WHEN s.day NOT IN (SELECT c.day FROM closed c) THEN s.revenue END)
+                   AS model
         FROM s WHERE s.day <= hi - holdout
         GROUP BY s.scope, s.category
     ),
     scored AS (
         SELECT m.scope, m.category, (m.model).last_ts, (m.model).alpha, (m.model).beta,
-               (m.model).gamma, a.revenue AS actual, f.yhat,
+               (m.model).gamma, a.revenue AS actual,
+               CASE WHEN f.ts IN (SELECT c.day FROM closed c) THEN 0 ELSE f.yhat END AS yhat,
                -- seasonal naive: the same weekday in the last week of training
                (SELECT n.revenue FROM s n
                 WHERE n.scope = m.scope AND n.category = m.category
@@ -209,24 +217,35 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION customer_analytics.sales_forecast_backtest(date, integer, date) IS
-    'Backtest of the sales forecast: for the total and each category, Holt-Winters is fitted on the days up to last_day - holdout and forecasts the holdout days; returns the mean absolute percentage error (in %, over the days with sales) of that forecast and of the seasonal-naive forecast (same weekday of the last training week), and improvement = 1 - mape_holt_winters / mape_seasonal_naive';
+    'Backtest of the sales forecast: for the total and each category, Holt-Winters is fitted on the open days up to last_day - holdout and forecasts the holdout days (0 on closed days); returns the mean absolute percentage error (in %, over the days with sales) of that forecast and of the seasonal-naive forecast (same weekday of the last training week), and improvement = 1 - mape_holt_winters / mape_seasonal_naive';
 
 CREATE MATERIALIZED VIEW customer_analytics.sales_forecast AS
-WITH m AS (
-    SELECT s.scope, s.category, customer_analytics.holt_winters(s.day, s.revenue) AS model
+WITH closed AS MATERIALIZED (
+    SELECT c.day FROM customer_analytics.closed_days(customer_analytics.sales_training_start(),
+                                                     customer_analytics.sales_training_end() + 28) c
+),
+-- fitted on open days (a closed day is NULL: no observation)
+m AS (
+    SELECT s.scope, s.category,
+           customer_analytics.holt_winters(s.day, CASE WHEN s.day NOT IN (SELECT c.day FROM closed c) THEN s.revenue END)
+               AS model
     FROM customer_analytics.sales_series(customer_analytics.sales_training_start(),
                                          customer_analytics.sales_training_end()) s
     GROUP BY s.scope, s.category
 )
-SELECT m.scope, m.category, f.ts AS day, f.yhat AS revenue, f.lo AS revenue_lo, f.hi AS revenue_hi,
+SELECT m.scope, m.category, f.ts AS day,
+       CASE WHEN x.closed THEN 0 ELSE f.yhat END AS revenue,
+       CASE WHEN x.closed THEN 0 ELSE f.lo END AS revenue_lo,
+       CASE WHEN x.closed THEN 0 ELSE f.hi END AS revenue_hi,
        (m.model).last_ts AS trained_through, (m.model).alpha, (m.model).beta, (m.model).gamma,
        (m.model).residual_sd
 FROM m
 CROSS JOIN LATERAL customer_analytics.forecast(m.model, 28, 0.95) f
+CROSS JOIN LATERAL (SELECT f.ts IN (SELECT c.day FROM closed c) AS closed) x
 WHERE m.model IS NOT NULL;
 CREATE UNIQUE INDEX sales_forecast_key_idx ON customer_analytics.sales_forecast (scope, category, day);
 COMMENT ON MATERIALIZED VIEW customer_analytics.sales_forecast IS
-    'Revenue forecast for the 28 days after sales_training_end(), overall (scope ''total'', category ''(all)'') and per category: Holt-Winters with weekly seasonality fitted on all history, with a 95% prediction interval [revenue_lo, revenue_hi]. Accuracy: sales_forecast_accuracy';
+    'Revenue forecast for the 28 days after sales_training_end(), overall (scope ''total'', category ''(all)'') and per category: Holt-Winters with weekly seasonality fitted on the open days of all history, with a 95% prediction interval [revenue_lo, revenue_hi]; 0 on closed days (closed_days()). Accuracy: sales_forecast_accuracy';
 
 CREATE MATERIALIZED VIEW customer_analytics.sales_forecast_accuracy AS
 SELECT * FROM customer_analytics.sales_forecast_backtest(customer_analytics.sales_training_end(), 28);
@@ -259,6 +278,7 @@ BEGIN
         FROM customer_analytics.sales_forecast f
         LEFT JOIN actual a ON a.scope = f.scope AND a.category = f.category AND a.day = f.day
         WHERE f.day <= done AND COALESCE(a.revenue, 0) < f.revenue_lo
+          AND f.day NOT IN (SELECT c.day FROM customer_analytics.closed_days(first_day, done) c)
     )
     SELECT r.alert_id, r.category, r.day, r.actual, r.forecast, r.lower_bound, r.miss
     FROM (
@@ -283,7 +303,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION customer_analytics.alert_forecast_misses() IS
-    'Compare the complete days of sales since sales_forecast was refreshed with its forecast; every day and series (total or category) whose revenue fell below the lower bound raises one forecast_miss alert (with the actual, the forecast, the bound and the size of the miss). Returns the alerts raised now. Call it after loading, before refreshing sales_forecast';
+    'Compare the complete days of sales since sales_forecast was refreshed with its forecast; every day and series (total or category) whose revenue fell below the lower bound raises one forecast_miss alert (closed days never) (with the actual, the forecast, the bound and the size of the miss). Returns the alerts raised now. Call it after loading, before refreshing sales_forecast';
 
 /* ---------------- Customer lifetime value ---------------- */
 
@@ -363,7 +383,7 @@ CREATE FUNCTION customer_analytics.gamma_gamma_expected_value(model customer_ana
                                                               x float8, m_x float8)
     RETURNS float8 AS 'MODULE_PATHNAME', 'ca_gg_expected' LANGUAGE C IMMUTABLE PARALLEL SAFE;
 COMMENT ON FUNCTION customer_analytics.gamma_gamma_expected_value(customer_analytics.gamma_gamma_model, float8, float8) IS
-    'Expected spend per future purchase of a customer with x repeat purchases of mean value m_x: p (gamma + x m_x) / (p x + q - 1); the population mean p gamma / (q - 1) when x = 0 (m_x may then be NULL). NULL for a NULL model or x';
+    'Expected spend per future purchase of a customer with x repeat purchases of mean value m_x: p (gamma + x m_x) / (p x + q - 1); the population mean p gamma / (q - 1) when x = 0 (m_x may then be NULL). NULL for a NULL model or x, and for a NULL m_x with x > 0 (repeat purchases all returned)';
 
 CREATE FUNCTION customer_analytics.clv_summary(as_of timestamptz)
 RETURNS TABLE (customer_id text, first_purchase date, x float8, t_x float8, "T" float8, m_x float8,
@@ -372,28 +392,41 @@ LANGUAGE sql STABLE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
     WITH days AS (
-        SELECT c.customer_id, d.date AS day, sum(f.revenue) AS revenue
+        SELECT c.customer_id, d.date AS day, sum(f.revenue) AS revenue, bool_or(f.quantity > 0) AS purchase
         FROM customer_analytics.fact_order_line f
         JOIN customer_analytics.dim_customer c ON c.customer_key = f.customer_key
         JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
         WHERE f.status = 'completed' AND f.customer_key <> -1 AND f.order_ts < as_of
         GROUP BY c.customer_id, d.date
     ),
-    ranked AS (
-        SELECT days.*, min(day) OVER (PARTITION BY days.customer_id) AS first_day
+    -- a day of credit notes alone is no purchase: it nets against the
+    -- purchase day before it (the first one, when it comes earlier)
+    numbered AS (
+        SELECT days.*, GREATEST(count(*) FILTER (WHERE days.purchase)
+                                    OVER (PARTITION BY days.customer_id ORDER BY days.day), 1) AS purchase_no
         FROM days
+    ),
+    purchases AS (
+        SELECT n.customer_id, min(n.day) FILTER (WHERE n.purchase) AS day, sum(n.revenue) AS revenue
+        FROM numbered n
+        GROUP BY n.customer_id, n.purchase_no
+        HAVING bool_or(n.purchase)
+    ),
+    ranked AS (
+        SELECT p.*, min(p.day) OVER (PARTITION BY p.customer_id) AS first_day
+        FROM purchases p
     )
     SELECT r.customer_id, r.first_day,
            (count(*) - 1)::float8,
            (max(r.day) - r.first_day)::float8,
            GREATEST((as_of AT TIME ZONE customer_analytics.business_timezone())::date - r.first_day, 0)::float8,
-           avg(r.revenue) FILTER (WHERE r.day > r.first_day)::float8,
+           NULLIF(GREATEST(avg(r.revenue) FILTER (WHERE r.day > r.first_day), 0), 0)::float8,
            count(*), sum(r.revenue)
     FROM ranked r
     GROUP BY r.customer_id, r.first_day
 $$;
 COMMENT ON FUNCTION customer_analytics.clv_summary(timestamptz) IS
-    'Each known customer''s purchase history before as_of, in days, as BG/NBD and Gamma-Gamma take it: a purchase is a day with completed order lines; x = purchase days after the first, t_x = days from the first to the last, T = days from the first to as_of, m_x = mean revenue of the repeat purchase days (NULL without any)';
+    'Each known customer''s purchase history before as_of, in days, as BG/NBD and Gamma-Gamma take it: a purchase is a day with completed order lines other than credit notes'' (negative quantity); a day of credit notes alone nets against the purchase day before it. x = purchase days after the first, t_x = days from the first to the last, T = days from the first to as_of, m_x = mean net revenue of the repeat purchase days (NULL without any, or when they net to nothing), revenue = net revenue';
 
 CREATE MATERIALIZED VIEW customer_analytics.clv_model AS
 SELECT customer_analytics.bgnbd_fit(s.x, s.t_x, s."T") AS bgnbd,
@@ -448,4 +481,6 @@ COMMENT ON FUNCTION customer_analytics.refresh_forecasts() IS
 -- still hold, before their refresh replaces it (ordinal 35: after the
 -- checks, before any refresh).
 INSERT INTO customer_analytics.pipeline_task (task, command, depends_on, ordinal, builtin) VALUES
-    ('forecast misses', 'SELECT count(*) FROM customer_analytics.alert_forecast_misses()', '{"sales rollup"}', 35, true);
+    ('forecast misses', 'SELECT count(*) FROM customer_analytics.alert_forecast_misses()', '{"sales rollup"}', 35, true),
+    -- the day in progress, scored as it goes (55_calendar.sql)
+    ('intraday alerts', 'SELECT customer_analytics.alert_intraday()', '{transform}', 36, true);
