@@ -1157,6 +1157,8 @@ score_series(const Point *p, int64 n, const DetectOptions *o, PointResult *res)
 #define TAIL_MAXIT 1000000
 #define WEEK_USECS (7 * USECS_PER_DAY)
 #define MAX_SEASON_BUCKETS 168	/* hours of a week */
+/* expected counts above which the tails are computed as normal ones */
+#define LARGE_COUNT 1e7
 /* Pearson's statistic this many standard errors above Poisson's */
 #define OVERDISPERSION_SIGNIFICANT 2.0
 
@@ -1292,6 +1294,16 @@ log_igamma(double a, double x, bool upper)
 	}
 }
 
+/* log Phi(-z); asymptotic where erfc underflows */
+static double
+log_normal_tail(double z)
+{
+	if (z < 30)
+		return log(0.5 * erfc(z / M_SQRT2));
+	return -0.5 * z * z - log(z) - 0.5 * log(2 * M_PI) +
+		log1p(-1 / (z * z) + 3 / (z * z * z * z));
+}
+
 /*
  * log P(Y <= y) and log P(Y >= y) for a count Y with mean mu and variance
  * mu + alpha mu^2: negative binomial with size 1/alpha, or Poisson when
@@ -1301,7 +1313,19 @@ log_igamma(double a, double x, bool upper)
 static void
 count_tails(double y, double mu, double alpha, double *log_lower, double *log_upper)
 {
-	if (alpha * mu < 1e-6)
+	if (mu > LARGE_COUNT)
+	{
+		/*
+		 * The continued fractions take O(sqrt(count)) steps; this far up
+		 * both distributions are normal to well within what a tail
+		 * probability is used for.  Continuity-corrected.
+		 */
+		double		sd = sqrt(mu + alpha * mu * mu);
+
+		*log_lower = log_normal_tail((mu - y - 0.5) / sd);
+		*log_upper = (y <= 0) ? 0 : log_normal_tail((y - 0.5 - mu) / sd);
+	}
+	else if (alpha * mu < 1e-6)
 	{
 		*log_lower = log_igamma(y + 1, mu, true);
 		*log_upper = (y <= 0) ? 0 : log_igamma(y, mu, false);
@@ -1315,16 +1339,6 @@ count_tails(double y, double mu, double alpha, double *log_lower, double *log_up
 	}
 	*log_lower = Min(*log_lower, 0);
 	*log_upper = Min(*log_upper, 0);
-}
-
-/* log Phi(-z), z >= 0; asymptotic where erfc underflows */
-static double
-log_normal_tail(double z)
-{
-	if (z < 30)
-		return log(0.5 * erfc(z / M_SQRT2));
-	return -0.5 * z * z - log(z) - 0.5 * log(2 * M_PI) +
-		log1p(-1 / (z * z) + 3 / (z * z * z * z));
 }
 
 /*
@@ -1578,7 +1592,12 @@ score_series_count(const Point *p, int64 n, const DetectOptions *o, PointResult 
 			e->has_mu = scorable;
 			e->mu = mu_full;
 			e->rv = rv;
-			if (scorable && log(2.0) + Min(ll, lu) <= log_alpha_point)
+			/*
+			 * Only once points can be flagged: before, the dispersion is
+			 * still being learnt, and clipping to a range it has not learnt
+			 * yet would hide it for good.
+			 */
+			if (scorable && nvalues > o->min_history && log(2.0) + Min(ll, lu) <= log_alpha_point)
 			{
 				double		sd = sqrt(mu_full + alpha * mu_full * mu_full);
 
