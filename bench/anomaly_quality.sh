@@ -193,14 +193,16 @@ previous default flags a point when the z and the robust z of its residual
 (against the median of the same weekday of the 4 previous weeks, sqrt
 scale) both pass 3 and it moves by at least 50%.
 
-What limits a small shop is the planted anomalies themselves, not the
-threshold: a category's orders include the orders whose other lines fall
-in it, so a x3.3 flash sale on a 10-order category gives ~18-29 orders and
-a stock-out of Home & Kitchen leaves 3-5 of ~14; at 10,000 customers about
-a quarter of the planted anomalies have a two-sided Poisson tail
-probability above 1e-3, where ~3,300 points a year give several false
-alarms by chance alone. Lower false-alarm settings trade recall for
-precision along the rows above.
+What limits a small shop is the size of the planted anomalies, not the
+rule: a category's orders include the orders whose other lines fall in
+it, so a x3.3 flash sale on a 10-order category gives 18-29 orders, and a
+stock-out of Home & Kitchen or Clothing leaves 2-5 orders of 12-16. On the
+tuning seeds (1, 2, 3) at 10,000 customers, 7 of the 33 planted anomalies
+have a two-sided tail probability above 1e-3 under the method's own model;
+the 4 the view misses on the seeds above (10,000 customers) have 1.1e-3 to
+2.3e-2, where the rule flags at 8.2e-4 (0.3 / 365.25) and ~3,300 points a
+year are scored. A higher false-alarm setting buys recall with precision
+along the rows above (1 per series and year: 93.9% / 78.1%).
 
 ## Real exports: days flagged
 
