@@ -318,6 +318,31 @@ SELECT series, count(*) FILTER (WHERE is_anomaly) AS flags_before_the_last_day
 FROM detect_anomalies('SELECT kind, day, n FROM spread', method => 'count', window_size => 112, seasons => 8)
 WHERE ts::date < '2025-04-22' GROUP BY series ORDER BY series;
 
+-- the false-alarm rule on data without anomalies: 10 series of Poisson
+-- counts a year, around 3, 10 and 30 a day with a weekly rhythm.  At most
+-- customer_analytics.anomaly_false_alarms_per_year flags per series and
+-- year (over the 337 days that can be flagged), fewer at small counts,
+-- whose tails are discrete
+SELECT setseed(0.2);
+CREATE TEMP TABLE null_counts AS
+WITH u AS (SELECT s0 * 100 + s1 AS s, d, (ARRAY[1.08, 1.04, 1.00, 0.97, 0.90, 0.86, 1.15])[d % 7 + 1] * lam AS mu, random() AS u
+           FROM (VALUES (1, 3.0), (2, 10.0), (3, 30.0)) l(s0, lam), generate_series(1, 10) s1, generate_series(0, 364) d),
+cdf AS (SELECT mu, k, sum(exp(-mu + k * ln(mu) - ln(factorial(k)::float8))) OVER (PARTITION BY mu ORDER BY k) AS cum
+        FROM (SELECT DISTINCT mu FROM u) m, generate_series(0, 100) k)
+SELECT u.s, '2025-01-01'::date + u.d AS day, count(cdf.k) AS n
+FROM u LEFT JOIN cdf ON cdf.mu = u.mu AND cdf.cum < u.u
+GROUP BY u.s, u.d;
+SELECT f AS false_alarms_per_year, (ARRAY[3, 10, 30])[series::int / 100] AS mean_count,
+       count(*) FILTER (WHERE is_anomaly) AS flags, round(f * 10 * 337 / 365.25, 1) AS at_most,
+       count(*) FILTER (WHERE is_anomaly) <= f * 10 * 337 / 365.25 AS within
+FROM (VALUES (0.3), (1.0), (3.0), (10.0)) v(f),
+     LATERAL (SELECT set_config('customer_analytics.anomaly_false_alarms_per_year', f::text, false) AS x) c,
+     -- (0 * length(c.x): the setting is made before the call)
+     LATERAL detect_anomalies('SELECT s, day, n FROM null_counts', method => 'count', window_size => 112, seasons => 8,
+                              min_relative_change => 0 * length(c.x)) a
+GROUP BY 1, 2 ORDER BY 1, 2;
+RESET customer_analytics.anomaly_false_alarms_per_year;
+
 -- large counts with 1% day-to-day noise (overdispersed a thousandfold for
 -- a Poisson count of 1e9): the spread is learnt before anything can be
 -- flagged, and only the day of +50% is; above 1e7 the tails are normal
