@@ -2,7 +2,7 @@
  * zscore.c
  *	  Anomaly detection: streaming statistics aggregates, robust (median /
  *	  MAD) statistics, and detect_anomalies() with trailing, robust and
- *	  seasonal baselines.
+ *	  seasonal baselines, and a count method (negative binomial tails).
  *
  *	- stats_agg(float8) -> stats: count, mean and M2 (sum of squared
  *	  deviations) by Welford's method on values minus an anchor (see
@@ -27,7 +27,8 @@
  *	  never an error or infinity, when the spread is 0 or unknown.
  *	- detect_anomalies(): reads (series, ts, value) rows from a query or a
  *	  table, and scores every point against a baseline that never includes
- *	  it (see score_series() for the methods).
+ *	  it (see score_series() for the methods, score_series_count() for
+ *	  counts).
  */
 #include "postgres.h"
 

@@ -150,7 +150,7 @@ RETURNS TABLE (series text, ts timestamptz, value float8, expected float8, z flo
 AS 'MODULE_PATHNAME', 'ca_detect_anomalies_query_v2'
 LANGUAGE C STABLE PARALLEL RESTRICTED;
 COMMENT ON FUNCTION customer_analytics.detect_anomalies(text, text, integer, float8, integer, text, float8, integer, text) IS
-    'Score every point of the series a query returns (columns: series key, timestamp, value, and optionally the exposure: the fraction of the period observed, 0 = not scored) against a baseline that never includes the point: method trailing (mean and z over the window_size previous points), robust (median and robust z over them), seasonal (the median of the same weekday in the previous seasons weeks, then the z and robust z of the residual over the window; both must pass; on the chosen scale: linear, sqrt or log) or count (whole counts: expected = level of the previous seasons weeks x weekday profile of the window_size previous periods, two-sided negative binomial tail probability p_value with overdispersion estimated from the window, Poisson when there is none; z is its normal score). Flags points whose |z| passes threshold (default customer_analytics.zscore_threshold; for the count method p_value <= customer_analytics.anomaly_false_alarms_per_year / points a year) in the wanted direction (both, spike, drop), after min_history earlier points, when they differ from the expected value by at least min_relative_change of it';
+    'Score every point of the series a query returns (columns: series key, timestamp, value, and optionally the exposure: the fraction of the period observed, 0 = not scored) against a baseline that never includes the point: method trailing (mean and z over the window_size previous points), robust (median and robust z over them), seasonal (the median of the same weekday in the previous seasons weeks, then the z and robust z of the residual over the window; both must pass; on the chosen scale: linear, sqrt or log) or count (whole counts: expected = level of the previous seasons weeks x weekday profile of the window_size previous periods, two-sided negative binomial tail probability p_value, its variance the baseline''s own uncertainty plus the overdispersion of the window when Pearson''s statistic shows it, Poisson otherwise; z is its normal score). Flags points whose |z| passes threshold (default customer_analytics.zscore_threshold; for the count method p_value <= customer_analytics.anomaly_false_alarms_per_year / points a year) in the wanted direction (both, spike, drop), after min_history earlier points, when they differ from the expected value by at least min_relative_change of it';
 
 CREATE FUNCTION customer_analytics.detect_anomalies(
     source              regclass,
@@ -361,11 +361,10 @@ COMMENT ON VIEW customer_analytics.order_count_series IS
  * seeds 1, 2, 3 and reported on seeds 42, 7, 99 (bench/anomaly_quality.sh):
  * the count method (negative binomial tail probabilities against level x
  * weekday profile: the level of the 8 previous weeks, the profile of the
- * 112 previous days), flagging a
- * point when its two-sided tail probability is at most
- * customer_analytics.anomaly_false_alarms_per_year (0.3) / 365.25: ~3,300
- * points a year, about one false alarm a year for the shop.  The series is
- * named by regclass so that pg_depend orders the refreshes.
+ * 112 previous days), flagging a point when its two-sided tail probability
+ * is at most customer_analytics.anomaly_false_alarms_per_year (0.3) /
+ * 365.25: ~3,300 points a year, about one false alarm a year for the shop.
+ * The series is named by regclass so that pg_depend orders the refreshes.
  */
 CREATE MATERIALIZED VIEW customer_analytics.anomalies AS
 SELECT a.series, (a.ts AT TIME ZONE 'UTC')::date AS day, a.value::bigint AS orders,
