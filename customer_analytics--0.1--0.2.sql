@@ -2107,3 +2107,85 @@ COMMENT ON FUNCTION customer_analytics.alert_intraday(timestamptz) IS
 
 INSERT INTO customer_analytics.pipeline_task (task, command, depends_on, ordinal, builtin) VALUES
     ('intraday alerts', 'SELECT customer_analytics.alert_intraday()', '{transform}', 36, true);
+
+-- issue 20: count-aware anomaly detection (method count, p_value, exposure)
+-- and the anomalies view on it.  detect_anomalies() gains a column, so it
+-- is dropped and created again, and the view that reads it with it.
+DROP MATERIALIZED VIEW customer_analytics.anomalies;
+DROP FUNCTION customer_analytics.detect_anomalies(text, text, integer, float8, integer, text, float8, integer, text);
+DROP FUNCTION customer_analytics.detect_anomalies(regclass, text, text, text, text, integer, float8, integer, text, float8, integer, text);
+CREATE FUNCTION customer_analytics.detect_anomalies(
+    query               text,
+    method              text    DEFAULT 'seasonal',
+    window_size         integer DEFAULT 28,
+    threshold           float8  DEFAULT NULL,
+    min_history         integer DEFAULT 28,
+    direction           text    DEFAULT 'both',
+    min_relative_change float8  DEFAULT 0,
+    seasons             integer DEFAULT 4,
+    scale               text    DEFAULT 'linear')
+RETURNS TABLE (series text, ts timestamptz, value float8, expected float8, z float8,
+               robust_z float8, direction text, is_anomaly boolean, p_value float8)
+AS 'MODULE_PATHNAME', 'ca_detect_anomalies_query_v2'
+LANGUAGE C STABLE PARALLEL RESTRICTED;
+COMMENT ON FUNCTION customer_analytics.detect_anomalies(text, text, integer, float8, integer, text, float8, integer, text) IS
+    'Score every point of the series a query returns (columns: series key, timestamp, value, and optionally the exposure: the fraction of the period observed, 0 = not scored) against a baseline that never includes the point: method trailing (mean and z over the window_size previous points), robust (median and robust z over them), seasonal (the median of the same weekday in the previous seasons weeks, then the z and robust z of the residual over the window; both must pass; on the chosen scale: linear, sqrt or log) or count (whole counts: expected = level of the previous seasons weeks x weekday profile of the window_size previous periods, two-sided negative binomial tail probability p_value, its variance the baseline''s own uncertainty plus the overdispersion of the window when Pearson''s statistic shows it, Poisson otherwise; z is its normal score). Flags points whose |z| passes threshold (default customer_analytics.zscore_threshold; for the count method p_value <= customer_analytics.anomaly_false_alarms_per_year / points a year) in the wanted direction (both, spike, drop), after min_history earlier points, when they differ from the expected value by at least min_relative_change of it';
+
+CREATE FUNCTION customer_analytics.detect_anomalies(
+    source              regclass,
+    series_column       text,
+    ts_column           text,
+    value_column        text,
+    method              text    DEFAULT 'seasonal',
+    window_size         integer DEFAULT 28,
+    threshold           float8  DEFAULT NULL,
+    min_history         integer DEFAULT 28,
+    direction           text    DEFAULT 'both',
+    min_relative_change float8  DEFAULT 0,
+    seasons             integer DEFAULT 4,
+    scale               text    DEFAULT 'linear',
+    exposure_column     text    DEFAULT NULL)
+RETURNS TABLE (series text, ts timestamptz, value float8, expected float8, z float8,
+               robust_z float8, direction text, is_anomaly boolean, p_value float8)
+AS 'MODULE_PATHNAME', 'ca_detect_anomalies_table_v2'
+LANGUAGE C STABLE PARALLEL RESTRICTED;
+COMMENT ON FUNCTION customer_analytics.detect_anomalies(regclass, text, text, text, text, integer, float8, integer, text, float8, integer, text, text) IS
+    'detect_anomalies() over a table or view: name its series key, timestamp and value columns (and optionally the exposure column)';
+
+CREATE MATERIALIZED VIEW customer_analytics.anomalies AS
+SELECT a.series, (a.ts AT TIME ZONE 'UTC')::date AS day, a.value::bigint AS orders,
+       round(a.expected::numeric, 1) AS expected, a.z, a.p_value, a.direction
+FROM customer_analytics.detect_anomalies('customer_analytics.order_count_series'::regclass, 'series', 'ts', 'orders',
+        method => 'count', window_size => 112, seasons => 8) a
+WHERE a.is_anomaly;
+CREATE UNIQUE INDEX anomalies_series_day_idx ON customer_analytics.anomalies (series, day);
+COMMENT ON MATERIALIZED VIEW customer_analytics.anomalies IS
+    'Days with an anomalous number of orders, per product category and for the shop as a whole (series ''total''): detect_anomalies() with the count method (expected orders from the level of the 8 previous weeks and the weekday profile of the 112 previous days; p_value: two-sided negative binomial tail probability; z: its normal score), flagged when p_value <= customer_analytics.anomaly_false_alarms_per_year / 365.25. Built on daily_sales and product_category_sales: refresh those first (refresh_sales_views() does all three)';
+
+CREATE OR REPLACE FUNCTION customer_analytics.alert_new_anomalies()
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    a record;
+    raised integer := 0;
+BEGIN
+    FOR a IN SELECT * FROM customer_analytics.anomalies an
+             WHERE NOT EXISTS (SELECT FROM customer_analytics.alert al
+                               WHERE al.dedup_key = 'anomaly:' || an.series || ':' || an.day)
+             ORDER BY day, series LOOP
+        IF customer_analytics.raise_alert(
+               'anomaly', a.series,
+               jsonb_build_object('day', a.day, 'orders', a.orders, 'expected', a.expected,
+                                  'z', round(a.z::numeric, 2), 'p_value', to_char(a.p_value, '9.99EEEE')::numeric,
+                                  'direction', a.direction),
+               'anomaly:' || a.series || ':' || a.day) IS NOT NULL THEN
+            raised := raised + 1;
+        END IF;
+    END LOOP;
+    RETURN raised;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.alert_new_anomalies()
+    IS 'Raise an alert (kind anomaly, NOTIFY customer_analytics_alerts) for every row of the anomalies view not alerted before (one alert per series and day, ever: dedup_key anomaly:<series>:<day>); returns how many were raised';

@@ -170,7 +170,7 @@ revenue AS (
     SELECT day, 'total', revenue FROM customer_analytics.daily_sales
 )
 SELECT a.day, to_char(a.day, 'Dy') AS weekday, a.series, a.direction, a.orders, a.expected,
-       round(a.z::numeric, 2) AS z, round(a.robust_z::numeric, 2) AS robust_z,
+       round(a.z::numeric, 2) AS z, to_char(a.p_value, '9.99EEEE') AS p_value,
        r.revenue,
        (SELECT round(avg(r4.revenue), 2) FROM revenue r4
         WHERE r4.series = a.series AND r4.day IN (a.day - 7, a.day - 14, a.day - 21, a.day - 28)) AS revenue_same_weekday_4w,

@@ -241,3 +241,181 @@ SELECT * FROM detect_anomalies('SELECT 1, now(), 1', min_relative_change => -1);
 SELECT * FROM detect_anomalies('pts'::regclass, 'k', 'd', 'nope');
 SELECT * FROM detect_anomalies('DELETE FROM pts RETURNING k, d, v');
 SELECT count(*) AS still_there FROM pts;
+
+-- 12. the count method, on hand-made count series of 16 weeks.
+-- An expected 3 and an expected 30, both falling to 0 on the last day: the
+-- values vary around their mean less than a Poisson count would (3 +/- 1,
+-- 30 +/- 5), so there is no overdispersion: the tail is that of a Poisson
+-- count whose rate is known as well as the baseline knows it (negative
+-- binomial, alpha = the baseline's relative variance).  P(Y = 0) is about
+-- exp(-3) = 0.05 (p ~ 0.1: a small shop's empty day is no news) and
+-- exp(-30) = 9.4e-14 (flagged).  The default rule: p at most 0.3
+-- (customer_analytics.anomaly_false_alarms_per_year) / 365.25 = 8.2e-4.
+CREATE TEMP TABLE counts AS
+SELECT m AS mean, '2025-01-01'::date + i AS day,
+       CASE WHEN i = 111 THEN 0 WHEN m = 3 THEN 3 + (i * 5) % 3 - 1 ELSE 30 + (i * 7) % 11 - 5 END AS n
+FROM (VALUES (3), (30)) s(m), generate_series(0, 111) i;
+SELECT series, ts::date, value, round(expected::numeric, 6) AS expected,
+       round(p_value::numeric, 6) AS p_value, round(z::numeric, 4) AS z, direction, is_anomaly
+FROM detect_anomalies('SELECT mean, day, n FROM counts', method => 'count', window_size => 112, seasons => 8)
+WHERE ts::date = '2025-04-22' ORDER BY series::int;
+-- p_value is exactly the two-sided tail of 0, 2 (1 + alpha mu)^(-1/alpha),
+-- with alpha = 1 / (orders of the 8 weeks before) + 1 / (orders of the 16
+-- Tuesdays before): the relative variances of the level and of the weekday
+CREATE TEMP TABLE last_alpha AS
+SELECT mean::text AS series,
+       1.0::float8 / sum(n) FILTER (WHERE day >= '2025-04-22'::date - 56 AND day < '2025-04-22')
+       + 1.0::float8 / sum(n) FILTER (WHERE extract(dow FROM day) = 2 AND day < '2025-04-22') AS alpha
+FROM counts GROUP BY mean;
+SELECT d.series, round(a.alpha::numeric, 6) AS alpha,
+       abs(d.p_value / (2 * (1 + a.alpha * d.expected) ^ (-1 / a.alpha)) - 1) < 1e-9 AS exact
+FROM detect_anomalies('SELECT mean, day, n FROM counts', method => 'count', window_size => 112, seasons => 8) d
+JOIN last_alpha a USING (series)
+WHERE d.ts::date = '2025-04-22' ORDER BY d.series::int;
+-- which last days would be flagged: at an expected 3 no drop at all, at
+-- 30 a drop to 12 or fewer; spikes from 12 and from 52
+CREATE TEMP TABLE last_day AS
+SELECT c.mean, v AS last_value, c.day, CASE WHEN c.day = '2025-04-22' THEN v ELSE c.n END AS n
+FROM counts c, generate_series(0, 60) v;
+SELECT mean,
+       max(last_value) FILTER (WHERE is_anomaly AND direction = 'drop') AS largest_drop_flagged,
+       min(last_value) FILTER (WHERE is_anomaly AND direction = 'spike') AS smallest_spike_flagged,
+       count(*) FILTER (WHERE is_anomaly AND ts::date <> '2025-04-22') AS earlier_flags
+FROM (SELECT split_part(a.series, '/', 1)::int AS mean, split_part(a.series, '/', 2)::int AS last_value, a.*
+      FROM detect_anomalies('SELECT mean || ''/'' || last_value, day, n FROM last_day', method => 'count', window_size => 112, seasons => 8) a) s
+GROUP BY mean ORDER BY mean;
+-- the same tails from the definition of the negative binomial, its
+-- probabilities summed: P(Y <= 12) <= 4.1e-4 < P(Y <= 13) at the expected 30
+WITH p AS (
+    SELECT 1 / a.alpha AS r, (1 / a.alpha) / (1 / a.alpha + d.expected) AS q
+    FROM detect_anomalies('SELECT mean, day, n FROM counts', method => 'count', window_size => 112, seasons => 8) d
+    JOIN last_alpha a USING (series)
+    WHERE d.ts::date = '2025-04-22' AND d.series = '30'
+), pmf AS (
+    SELECT k, exp(p.r * ln(p.q) + COALESCE(sum(ln((j - 1 + p.r) / j * (1 - p.q))), 0)) AS prob
+    FROM p, generate_series(0, 13) k LEFT JOIN generate_series(1, 13) j ON j <= k
+    GROUP BY k, p.r, p.q
+)
+SELECT sum(prob) FILTER (WHERE k <= 12) <= 0.3 / 365.25 / 2 AS flag_12,
+       sum(prob) FILTER (WHERE k <= 13) > 0.3 / 365.25 / 2 AS no_flag_13
+FROM pmf;
+
+-- overdispersed data: the same mean of 20, counts spread evenly over
+-- 5..35 (variance ~80, four times a Poisson count's) or Poisson-like
+-- (20 +/- 4); a last day of 45 is a 1-in-a-million Poisson event but not
+-- unusual for the spread series, whose overdispersion the method estimates
+CREATE TEMP TABLE spread AS
+SELECT kind, '2025-01-01'::date + i AS day,
+       CASE WHEN i = 111 THEN 45
+            WHEN kind = 'overdispersed' THEN round(5 + 30 * ((i * 0.6180339887) - floor(i * 0.6180339887)))
+            ELSE 20 + (i * 3) % 9 - 4 END AS n
+FROM (VALUES ('overdispersed'), ('poisson')) k(kind), generate_series(0, 111) i;
+SELECT series, value, round(expected::numeric, 1) AS expected, p_value < 1e-5 AS p_below_1e5,
+       p_value > 0.01 AS p_above_1pct, is_anomaly
+FROM detect_anomalies('SELECT kind, day, n FROM spread', method => 'count', window_size => 112, seasons => 8)
+WHERE ts::date = '2025-04-22' ORDER BY series;
+SELECT series, count(*) FILTER (WHERE is_anomaly) AS flags_before_the_last_day
+FROM detect_anomalies('SELECT kind, day, n FROM spread', method => 'count', window_size => 112, seasons => 8)
+WHERE ts::date < '2025-04-22' GROUP BY series ORDER BY series;
+
+-- the false-alarm rule on data without anomalies: 10 series of Poisson
+-- counts a year, around 3, 10 and 30 a day with a weekly rhythm.  At most
+-- customer_analytics.anomaly_false_alarms_per_year flags per series and
+-- year (over the 337 days that can be flagged), fewer at small counts,
+-- whose tails are discrete
+SELECT setseed(0.2);
+CREATE TEMP TABLE null_counts AS
+WITH u AS (SELECT s0 * 100 + s1 AS s, d, (ARRAY[1.08, 1.04, 1.00, 0.97, 0.90, 0.86, 1.15])[d % 7 + 1] * lam AS mu, random() AS u
+           FROM (VALUES (1, 3.0), (2, 10.0), (3, 30.0)) l(s0, lam), generate_series(1, 10) s1, generate_series(0, 364) d),
+cdf AS (SELECT mu, k, sum(exp(-mu + k * ln(mu) - ln(factorial(k)::float8))) OVER (PARTITION BY mu ORDER BY k) AS cum
+        FROM (SELECT DISTINCT mu FROM u) m, generate_series(0, 100) k)
+SELECT u.s, '2025-01-01'::date + u.d AS day, count(cdf.k) AS n
+FROM u LEFT JOIN cdf ON cdf.mu = u.mu AND cdf.cum < u.u
+GROUP BY u.s, u.d;
+SELECT f AS false_alarms_per_year, (ARRAY[3, 10, 30])[series::int / 100] AS mean_count,
+       count(*) FILTER (WHERE is_anomaly) AS flags, round(f * 10 * 337 / 365.25, 1) AS at_most,
+       count(*) FILTER (WHERE is_anomaly) <= f * 10 * 337 / 365.25 AS within
+FROM (VALUES (0.3), (1.0), (3.0), (10.0)) v(f),
+     LATERAL (SELECT set_config('customer_analytics.anomaly_false_alarms_per_year', f::text, false) AS x) c,
+     -- (0 * length(c.x): the setting is made before the call)
+     LATERAL detect_anomalies('SELECT s, day, n FROM null_counts', method => 'count', window_size => 112, seasons => 8,
+                              min_relative_change => 0 * length(c.x)) a
+GROUP BY 1, 2 ORDER BY 1, 2;
+RESET customer_analytics.anomaly_false_alarms_per_year;
+
+-- large counts with 1% day-to-day noise (overdispersed a thousandfold for
+-- a Poisson count of 1e9): the spread is learnt before anything can be
+-- flagged, and only the day of +50% is; above 1e7 the tails are normal
+SELECT series, count(*) FILTER (WHERE is_anomaly) AS flags,
+       string_agg(ts::date::text, ', ') FILTER (WHERE is_anomaly) AS flagged
+FROM detect_anomalies($$SELECT s, '2025-01-01'::date + i, (m * (1 + 0.01 * sin(i * 2.1)) + CASE WHEN i = 300 THEN m / 2 ELSE 0 END)::bigint
+                        FROM generate_series(0, 364) i, (VALUES ('1e5', 1e5), ('1e9', 1e9), ('1e12', 1e12)) v(s, m)$$, method => 'count')
+GROUP BY 1 ORDER BY 1;
+
+-- zeros: a series that never sold (the expected count is half an order
+-- over the eight weeks of the level, never 0, so p and z stay finite), a shop closed on
+-- Sundays (0 there is expected; 5 orders on a Sunday are a spike); a NULL
+-- day and an exposure of 0 are not scored and leave no trace
+CREATE TEMP TABLE zeros AS
+SELECT s, '2025-01-01'::date + i AS day,
+       CASE WHEN s = 'never' THEN CASE WHEN i = 110 THEN 1 WHEN i = 111 THEN 3 ELSE 0 END
+            WHEN extract(isodow FROM '2025-01-01'::date + i) = 7 THEN CASE WHEN i = icnt THEN 5 ELSE 0 END
+            ELSE 12 + (i * 5) % 7 - 3 END AS n
+FROM (VALUES ('never'), ('sundays closed')) v(s), generate_series(0, 111) i,
+     (SELECT max(i) AS icnt FROM generate_series(0, 111) i WHERE extract(isodow FROM '2025-01-01'::date + i) = 7) l;
+SELECT series, ts::date, to_char(ts, 'Dy') AS dow, value, round(expected::numeric, 4) AS expected,
+       round(p_value::numeric, 4) AS p_value, z IS NOT NULL AND z <> 'Infinity' AND z <> '-Infinity' AS z_finite, is_anomaly
+FROM detect_anomalies('SELECT s, day, n FROM zeros', method => 'count', window_size => 112, seasons => 8)
+WHERE is_anomaly OR ts::date >= '2025-04-20' ORDER BY series, ts;
+SELECT count(*) FILTER (WHERE is_anomaly) AS sunday_flags_before
+FROM detect_anomalies('SELECT s, day, n FROM zeros', method => 'count', window_size => 112, seasons => 8)
+WHERE series = 'sundays closed' AND to_char(ts, 'Dy') = 'Sun' AND ts::date < '2025-04-20';
+
+-- the day in progress: a fourth column is the fraction of the period
+-- observed.  Half a day with 10 orders where 30 a day are usual is
+-- scored against 15; the same 10 as a whole day is a drop.  A partial day
+-- (or a closed one, exposure 0) stays out of the later days' baselines.
+SELECT a.series, a.value, round(a.expected::numeric, 1) AS expected, a.is_anomaly
+FROM (VALUES (0.5, 'half day'), (1.0, 'whole day')) e(x, label),
+     detect_anomalies(format('SELECT %L, day, CASE WHEN day = ''2025-04-22'' THEN 10 ELSE n END, CASE WHEN day = ''2025-04-22'' THEN %s END FROM counts WHERE mean = 30', label, x),
+                      method => 'count', window_size => 112, seasons => 8) a
+WHERE a.ts::date = '2025-04-22' ORDER BY a.series;
+SELECT count(*) FILTER (WHERE a.expected IS DISTINCT FROM b.expected OR a.p_value IS DISTINCT FROM b.p_value) AS later_days_differ,
+       count(*) AS later_days
+FROM detect_anomalies($$SELECT 1, day, n, CASE WHEN day IN ('2025-03-03', '2025-03-10') THEN 0.4 END FROM counts WHERE mean = 30$$, method => 'count') a
+JOIN detect_anomalies($$SELECT 1, day, CASE WHEN day IN ('2025-03-03', '2025-03-10') THEN NULL ELSE n END FROM counts WHERE mean = 30$$, method => 'count') b
+  USING (series, ts)
+WHERE a.ts::date > '2025-03-10';
+SELECT series, ts::date, value, expected, p_value, is_anomaly
+FROM detect_anomalies($$SELECT 1, day, CASE WHEN day = '2025-04-22' THEN 0 ELSE n END, CASE WHEN day = '2025-04-22' THEN 0 END FROM counts WHERE mean = 30$$,
+                      method => 'count', window_size => 112, seasons => 8)
+WHERE ts::date = '2025-04-22';
+-- from a table, with an exposure column: 2 orders by 02:24 (a tenth of the
+-- day) are a normal start; as a whole day they are an outage
+CREATE TEMP TABLE live (shop text, day date, orders int, observed float8);
+INSERT INTO live SELECT 'live', day, CASE WHEN day = '2025-04-22' THEN 2 ELSE n END, CASE WHEN day = '2025-04-22' THEN 0.1 END
+FROM counts WHERE mean = 30;
+SELECT e.exposure_column, a.value, round(a.expected::numeric, 1) AS expected, a.is_anomaly
+FROM (VALUES ('observed'), (NULL)) e(exposure_column),
+     detect_anomalies('live'::regclass, 'shop', 'day', 'orders', method => 'count', window_size => 112, seasons => 8,
+                      exposure_column => e.exposure_column) a
+WHERE a.ts::date = '2025-04-22' ORDER BY 1;
+
+-- a threshold given is a normal score, as for the other methods: |z| > 3
+-- means p < 0.0027; the false-alarm setting scales the rule
+SELECT count(*) FILTER (WHERE is_anomaly) AS flagged_at_z3,
+       bool_and(NOT is_anomaly OR p_value < 0.0027) AS consistent
+FROM detect_anomalies('SELECT kind, day, n FROM spread', method => 'count', threshold => 3);
+SET customer_analytics.anomaly_false_alarms_per_year = 0;
+SELECT count(*) FILTER (WHERE is_anomaly) AS flagged_with_no_false_alarms_allowed
+FROM detect_anomalies('SELECT mean, day, n FROM counts', method => 'count');
+RESET customer_analytics.anomaly_false_alarms_per_year;
+-- the other methods have no p_value
+SELECT count(p_value) AS p_values FROM detect_anomalies('SELECT mean, day, n FROM counts', method => 'seasonal');
+
+-- bad input: amounts are not counts, an exposure is a fraction
+SELECT * FROM detect_anomalies($$SELECT 1, '2025-01-01'::date + i, i + 0.5 FROM generate_series(0, 9) i$$, method => 'count');
+SELECT * FROM detect_anomalies($$SELECT 'a', '2025-01-01'::date + i, -i FROM generate_series(0, 9) i$$, method => 'count');
+SELECT * FROM detect_anomalies($$SELECT 'a', '2025-01-01'::date + i, i, 1.5 FROM generate_series(0, 9) i$$, method => 'count');
+SELECT * FROM detect_anomalies($$SELECT 'a', '2025-01-01'::date + i, i, 'x'::text FROM generate_series(0, 9) i$$, method => 'count');
+SELECT * FROM detect_anomalies('live'::regclass, 'shop', 'day', 'orders', method => 'count', exposure_column => 'nope');

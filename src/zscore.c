@@ -2,7 +2,7 @@
  * zscore.c
  *	  Anomaly detection: streaming statistics aggregates, robust (median /
  *	  MAD) statistics, and detect_anomalies() with trailing, robust and
- *	  seasonal baselines.
+ *	  seasonal baselines, and a count method (negative binomial tails).
  *
  *	- stats_agg(float8) -> stats: count, mean and M2 (sum of squared
  *	  deviations) by Welford's method on values minus an anchor (see
@@ -27,7 +27,8 @@
  *	  never an error or infinity, when the spread is 0 or unknown.
  *	- detect_anomalies(): reads (series, ts, value) rows from a query or a
  *	  table, and scores every point against a baseline that never includes
- *	  it (see score_series() for the methods).
+ *	  it (see score_series() for the methods, score_series_count() for
+ *	  counts).
  */
 #include "postgres.h"
 
@@ -77,6 +78,8 @@ PG_FUNCTION_INFO_V1(ca_mm_final);
 PG_FUNCTION_INFO_V1(ca_robust_zscore);
 PG_FUNCTION_INFO_V1(ca_detect_anomalies_query);
 PG_FUNCTION_INFO_V1(ca_detect_anomalies_table);
+PG_FUNCTION_INFO_V1(ca_detect_anomalies_query_v2);
+PG_FUNCTION_INFO_V1(ca_detect_anomalies_table_v2);
 
 /* Iglewicz and Hoaglin: 0.6745 = Phi^-1(0.75); 1.253314 = sqrt(pi / 2) */
 #define MAD_SCALE 0.6745
@@ -86,6 +89,7 @@ PG_FUNCTION_INFO_V1(ca_detect_anomalies_table);
 #define MOVING_TOLERANCE 1e-10
 
 static double zscore_threshold = 3.0;
+static double false_alarms_per_year = 0.3;
 
 void
 ca_zscore_init(void)
@@ -95,6 +99,13 @@ ca_zscore_init(void)
 							 "The absolute z (trailing method) or robust z (robust and seasonal methods).",
 							 &zscore_threshold,
 							 3.0, 0.0, 1000.0,
+							 PGC_USERSET, 0,
+							 NULL, NULL, NULL);
+	DefineCustomRealVariable(CA_GUC_PREFIX ".anomaly_false_alarms_per_year",
+							 "Expected false alarms per series and year of the count method of detect_anomalies().",
+							 "A point is flagged when its two-sided tail probability is at most this number divided by the points a year of its series; ignored when a threshold is given.",
+							 &false_alarms_per_year,
+							 0.3, 0.0, 1000.0,
 							 PGC_USERSET, 0,
 							 NULL, NULL, NULL);
 }
@@ -854,7 +865,8 @@ typedef enum Method
 {
 	METHOD_TRAILING,
 	METHOD_ROBUST,
-	METHOD_SEASONAL
+	METHOD_SEASONAL,
+	METHOD_COUNT
 } Method;
 
 typedef enum Direction
@@ -877,6 +889,8 @@ typedef struct DetectOptions
 	Scale		scale;
 	int			window;
 	double		threshold;
+	bool		threshold_given;
+	double		false_alarms;	/* per year, when no threshold is given */
 	int			min_history;
 	Direction	direction;
 	double		min_relative_change;
@@ -890,6 +904,8 @@ typedef struct Point
 	TimestampTz ts;
 	double		value;
 	bool		value_null;
+	double		exposure;		/* fraction of the period observed: 1 whole, 0
+								 * not scored (a closed day) */
 	int64		seq;			/* input order, to keep equal timestamps
 								 * stable */
 } Point;
@@ -902,6 +918,8 @@ typedef struct PointResult
 	double		z;
 	bool		has_robust_z;
 	double		robust_z;
+	bool		has_p;
+	double		p_value;
 	bool		is_anomaly;
 } PointResult;
 
@@ -1052,7 +1070,8 @@ score_series(const Point *p, int64 n, const DetectOptions *o, PointResult *res)
 		bool		scorable;
 
 		memset(r, 0, sizeof(PointResult));
-		if (p[i].value_null)
+		/* only the count method can score part of a period */
+		if (p[i].value_null || p[i].exposure < 1)
 			continue;
 		scorable = true;
 		if (o->method == METHOD_SEASONAL)
@@ -1130,6 +1149,484 @@ score_series(const Point *p, int64 n, const DetectOptions *o, PointResult *res)
 	pfree(window.v);
 }
 
+/* ---------------------------------------------------------------------
+ * The count method: tail probabilities of a negative binomial
+ * ---------------------------------------------------------------------
+ */
+#define TAIL_EPS 1e-15
+#define TAIL_TINY 1e-300
+#define TAIL_MAXIT 1000000
+#define WEEK_USECS (7 * USECS_PER_DAY)
+#define MAX_SEASON_BUCKETS 168	/* hours of a week */
+/* expected counts above which the tails are computed as normal ones */
+#define LARGE_COUNT 1e7
+/* Pearson's statistic this many standard errors above Poisson's */
+#define OVERDISPERSION_SIGNIFICANT 2.0
+
+/*
+ * Continued fraction of the incomplete beta function, by the modified
+ * Lentz method (Numerical Recipes, 2nd ed., 6.4); it converges in
+ * O(sqrt(max(a, b))) steps where it is used.
+ */
+static double
+beta_cf(double a, double b, double x)
+{
+	double		qab = a + b,
+				qap = a + 1,
+				qam = a - 1,
+				c = 1,
+				d = 1 - qab * x / qap,
+				h;
+
+	if (fabs(d) < TAIL_TINY)
+		d = TAIL_TINY;
+	d = 1 / d;
+	h = d;
+	for (int m = 1; m <= TAIL_MAXIT; m++)
+	{
+		double		m2 = 2.0 * m,
+					aa,
+					del;
+
+		aa = m * (b - m) * x / ((qam + m2) * (a + m2));
+		d = 1 + aa * d;
+		if (fabs(d) < TAIL_TINY)
+			d = TAIL_TINY;
+		c = 1 + aa / c;
+		if (fabs(c) < TAIL_TINY)
+			c = TAIL_TINY;
+		d = 1 / d;
+		h *= d * c;
+		aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2));
+		d = 1 + aa * d;
+		if (fabs(d) < TAIL_TINY)
+			d = TAIL_TINY;
+		c = 1 + aa / c;
+		if (fabs(c) < TAIL_TINY)
+			c = TAIL_TINY;
+		d = 1 / d;
+		del = d * c;
+		h *= del;
+		if (fabs(del - 1) < TAIL_EPS)
+			break;
+	}
+	return h;
+}
+
+/*
+ * log I_x(a, b), the regularized incomplete beta function.  Logarithms,
+ * so that a tail of 1e-400 (an outage of a big shop) still has a score;
+ * the small side is always the one computed directly, never as 1 - x.
+ */
+static double
+log_ibeta(double a, double b, double x)
+{
+	double		lfront;
+
+	if (x <= 0)
+		return -INFINITY;
+	if (x >= 1)
+		return 0;
+	lfront = lgamma(a + b) - lgamma(a) - lgamma(b) + a * log(x) + b * log1p(-x);
+	if (x < (a + 1) / (a + b + 2))
+		return lfront + log(beta_cf(a, b, x)) - log(a);
+	return log1p(-exp(lfront + log(beta_cf(b, a, 1 - x)) - log(b)));
+}
+
+/*
+ * log P(a, x) (lower) or log Q(a, x) (upper), the regularized incomplete
+ * gamma functions: series below a + 1, continued fraction above
+ * (Numerical Recipes 6.2).
+ */
+static double
+log_igamma(double a, double x, bool upper)
+{
+	double		lfront;
+
+	if (x <= 0)
+		return upper ? 0 : -INFINITY;
+	lfront = a * log(x) - x - lgamma(a);
+	if (x < a + 1)
+	{
+		double		ap = a,
+					del = 1 / a,
+					sum = del,
+					lp;
+
+		for (int n = 0; n < TAIL_MAXIT; n++)
+		{
+			ap += 1;
+			del *= x / ap;
+			sum += del;
+			if (fabs(del) < fabs(sum) * TAIL_EPS)
+				break;
+		}
+		lp = lfront + log(sum);
+		return upper ? log1p(-exp(lp)) : lp;
+	}
+	else
+	{
+		double		b = x + 1 - a,
+					c = 1 / TAIL_TINY,
+					d = 1 / b,
+					h = d,
+					lq;
+
+		for (int i = 1; i <= TAIL_MAXIT; i++)
+		{
+			double		an = -i * (i - a),
+						del;
+
+			b += 2;
+			d = an * d + b;
+			if (fabs(d) < TAIL_TINY)
+				d = TAIL_TINY;
+			c = b + an / c;
+			if (fabs(c) < TAIL_TINY)
+				c = TAIL_TINY;
+			d = 1 / d;
+			del = d * c;
+			h *= del;
+			if (fabs(del - 1) < TAIL_EPS)
+				break;
+		}
+		lq = lfront + log(h);
+		return upper ? lq : log1p(-exp(lq));
+	}
+}
+
+/* log Phi(-z); asymptotic where erfc underflows */
+static double
+log_normal_tail(double z)
+{
+	if (z < 30)
+		return log(0.5 * erfc(z / M_SQRT2));
+	return -0.5 * z * z - log(z) - 0.5 * log(2 * M_PI) +
+		log1p(-1 / (z * z) + 3 / (z * z * z * z));
+}
+
+/*
+ * log P(Y <= y) and log P(Y >= y) for a count Y with mean mu and variance
+ * mu + alpha mu^2: negative binomial with size 1/alpha, or Poisson when
+ * alpha mu is negligible.  P(NB <= y) = I_p(size, y + 1) with p = size /
+ * (size + mu); P(Poisson <= y) = Q(y + 1, mu).
+ */
+static void
+count_tails(double y, double mu, double alpha, double *log_lower, double *log_upper)
+{
+	if (mu > LARGE_COUNT)
+	{
+		/*
+		 * The continued fractions take O(sqrt(count)) steps; this far up
+		 * both distributions are normal to well within what a tail
+		 * probability is used for.  Continuity-corrected.
+		 */
+		double		sd = sqrt(mu + alpha * mu * mu);
+
+		*log_lower = log_normal_tail((mu - y - 0.5) / sd);
+		*log_upper = (y <= 0) ? 0 : log_normal_tail((y - 0.5 - mu) / sd);
+	}
+	else if (alpha * mu < 1e-6)
+	{
+		*log_lower = log_igamma(y + 1, mu, true);
+		*log_upper = (y <= 0) ? 0 : log_igamma(y, mu, false);
+	}
+	else
+	{
+		double		size = 1 / alpha;
+
+		*log_lower = log_ibeta(size, y + 1, size / (size + mu));
+		*log_upper = (y <= 0) ? 0 : log_ibeta(y, size, mu / (size + mu));
+	}
+	*log_lower = Min(*log_lower, 0);
+	*log_upper = Min(*log_upper, 0);
+}
+
+/*
+ * The z >= 0 with Phi(-z) = exp(log_q), a one-sided tail probability as a
+ * normal score: Abramowitz and Stegun 26.2.23 (error < 4.5e-4), then
+ * Newton steps on log Phi(-z).
+ */
+static double
+normal_score(double log_q)
+{
+	double		t,
+				z;
+
+	if (log_q >= log(0.5))
+		return 0;
+	t = sqrt(-2 * log_q);
+	z = t - (2.515517 + 0.802853 * t + 0.010328 * t * t) /
+		(1 + 1.432788 * t + 0.189269 * t * t + 0.001308 * t * t * t);
+	for (int i = 0; i < 4; i++)
+	{
+		double		lt = log_normal_tail(z),
+					slope = -exp(-0.5 * z * z - 0.5 * log(2 * M_PI) - lt);
+
+		z -= (lt - log_q) / slope;
+	}
+	return z;
+}
+
+/* the season bucket of a time: its position in the week, in buckets of width */
+static inline int
+season_bucket(TimestampTz ts, int64 width, int nbuckets)
+{
+	int64		in_week = ts % WEEK_USECS;
+
+	if (in_week < 0)
+		in_week += WEEK_USECS;
+	return (int) (((in_week + width / 2) / width) % nbuckets);
+}
+
+/* The time step of a series: the median gap between its points */
+static int64
+series_spacing(const Point *p, int64 n)
+{
+	int64	   *gaps = palloc(sizeof(int64) * Max(n, 1));
+	int64		ngaps = 0,
+				prev = 0,
+				spacing;
+	bool		have_prev = false;
+	double	   *d;
+
+	for (int64 i = 0; i < n; i++)
+	{
+		if (p[i].value_null)
+			continue;
+		if (have_prev && p[i].ts > prev)
+			gaps[ngaps++] = p[i].ts - prev;
+		prev = p[i].ts;
+		have_prev = true;
+	}
+	if (ngaps == 0)
+	{
+		pfree(gaps);
+		return USECS_PER_DAY;
+	}
+	d = palloc(sizeof(double) * ngaps);
+	for (int64 i = 0; i < ngaps; i++)
+		d[i] = (double) gaps[i];
+	spacing = (int64) median_of(d, (int) Min(ngaps, INT_MAX));
+	pfree(d);
+	pfree(gaps);
+	return Max(spacing, 1);
+}
+
+/* a point of the count method's history */
+typedef struct CountHistory
+{
+	TimestampTz ts;
+	int			bucket;
+	double		c;				/* the count, or the edge of the usual range
+								 * when it was flagged */
+	double		mu;				/* its expected count, when it had one */
+	double		rv;				/* relative variance of mu */
+	bool		has_mu;
+} CountHistory;
+
+/*
+ * The count method.  The expected count of a point is level x season:
+ *	season:	the mean count of its position in the week (its weekday, for
+ *			daily points) over the window_size previous periods, relative
+ *			to the mean of all positions;
+ *	level:	the counts of the `seasons` previous weeks divided by their
+ *			season factors.
+ * Means over long windows, not the median of four weeks: at 10 orders a day
+ * the baseline's own noise decides how small a change can be told from
+ * chance (the median of 4 Poisson counts has ~40% of a count's variance;
+ * this baseline, 16 weeks of profile and 8 of level, ~8%).
+ * The count is then a negative binomial with that mean and variance
+ * mu + alpha mu^2, where alpha is
+ *	- the baseline's relative variance, 1 / (counts in the level window) +
+ *	  1 / (counts of the weekday in the profile window): what the mean of a
+ *	  Gamma-distributed (uncertain) Poisson rate gives, so the tail is that
+ *	  of the prediction, not of a known rate; plus
+ *	- the overdispersion of the series, by the method of moments over the
+ *	  window (sum((c - mu)^2 - var) / sum(mu^2)), only when the data show
+ *	  it: Pearson's statistic more than OVERDISPERSION_SIGNIFICANT standard
+ *	  errors above its Poisson value.  Otherwise the counts are Poisson: a
+ *	  noisy estimate of nothing would only fatten the tails.
+ * Both tails: p = 2 min(P(Y <= y), P(Y >= y)); z is the normal score of
+ * the smaller tail, signed.  So the smallest count that can be a drop
+ * depends on the expected one: P(Y = 0) = exp(-3) = 0.05 when 3 are
+ * expected, never significant; exp(-30) when 30 are.
+ * A flagged point enters the history at the edge of the usual range (mu
+ * +/- the threshold's normal score in standard deviations): an outage does
+ * not drag the next weeks' baseline down, and a lasting change of level is
+ * still followed, a step at a time.  A point observed for only part of its
+ * period (exposure < 1, the day in progress) is scored against that part
+ * of the expected count and stays out of the history; exposure 0 or a NULL
+ * value is not scored at all.
+ */
+static void
+score_series_count(const Point *p, int64 n, const DetectOptions *o, PointResult *res)
+{
+	int64		spacing = series_spacing(p, n);
+	int			nbuckets = (int) Max(1, Min(MAX_SEASON_BUCKETS, rint((double) WEEK_USECS / spacing)));
+	int64		width = WEEK_USECS / nbuckets;
+	int64		profile_span = (int64) o->window * spacing;
+	int64		level_span = Min(profile_span, (nbuckets > 1 ? WEEK_USECS : spacing) * (int64) o->seasons);
+	double		points_per_year = 365.25 * USECS_PER_DAY / (double) spacing;
+	double		log_alpha_point;
+	double		edge;
+	CountHistory *h = palloc(sizeof(CountHistory) * Max(n, 1));
+	int64		nh = 0,
+				prof_start = 0,
+				level_start = 0,
+				nvalues = 0;
+	double	   *prof_sum = palloc0(sizeof(double) * nbuckets);
+	int64	   *prof_n = palloc0(sizeof(int64) * nbuckets);
+	int64	   *level_n = palloc0(sizeof(int64) * nbuckets);
+	double	   *season = palloc0(sizeof(double) * nbuckets);
+	double		level_sum = 0,
+				excess_num = 0,
+				excess_den = 0,
+				pearson = 0;
+	int64		npearson = 0;
+
+	if (o->threshold_given)
+		log_alpha_point = log(2.0) + log_normal_tail(o->threshold);
+	else
+		log_alpha_point = log(Min(1.0, o->false_alarms / points_per_year));
+	edge = normal_score(log_alpha_point - log(2.0));
+
+	for (int64 i = 0; i < n; i++)
+	{
+		PointResult *r = &res[i];
+		double		y = p[i].value;
+		int			b;
+		double		mean_season = 0,
+					season_weight = 0,
+					mu_full = 0,
+					alpha = 0,
+					ll = 0,
+					lu = 0,
+					rv = 0;
+		int			nseason = 0;
+		bool		scorable;
+
+		memset(r, 0, sizeof(PointResult));
+		if (p[i].value_null || p[i].exposure <= 0)
+			continue;
+		b = season_bucket(p[i].ts, width, nbuckets);
+
+		/* slide both windows up to this point */
+		while (prof_start < nh && h[prof_start].ts < p[i].ts - profile_span)
+		{
+			CountHistory *old = &h[prof_start++];
+
+			prof_sum[old->bucket] -= old->c;
+			prof_n[old->bucket]--;
+			if (old->has_mu)
+			{
+				double		d2 = (old->c - old->mu) * (old->c - old->mu);
+				double		var = old->mu + old->rv * old->mu * old->mu;
+
+				excess_num -= d2 - var;
+				excess_den -= old->mu * old->mu;
+				pearson -= d2 / var;
+				npearson--;
+			}
+		}
+		while (level_start < nh && h[level_start].ts < p[i].ts - level_span)
+		{
+			CountHistory *old = &h[level_start++];
+
+			level_sum -= old->c;
+			level_n[old->bucket]--;
+		}
+
+		for (int k = 0; k < nbuckets; k++)
+			if (prof_n[k] > 0)
+			{
+				season[k] = prof_sum[k] / prof_n[k];
+				mean_season += season[k];
+				nseason++;
+			}
+		scorable = prof_n[b] > 0;
+		if (scorable)
+		{
+			for (int k = 0; k < nbuckets; k++)
+				if (prof_n[k] > 0)
+					season[k] = (mean_season > 0) ? season[k] * nseason / mean_season : 1.0;
+			for (int k = 0; k < nbuckets; k++)
+				if (prof_n[k] > 0)
+					season_weight += season[k] * level_n[k];
+			/* half an order over the level window when none was seen */
+			mu_full = (season_weight > 0) ? level_sum / season_weight * season[b] : 0;
+			mu_full = Max(mu_full, 0.5 / Max(season_weight, 1.0));
+			/* the baseline's own relative variance, as Poisson counts give it */
+			rv = 1.0 / Max(level_sum, 0.5) + 1.0 / Max(prof_sum[b], 0.5);
+			alpha = rv;
+			if (npearson >= 10 && excess_den > 0 &&
+				(pearson - npearson) / sqrt(2.0 * npearson) > OVERDISPERSION_SIGNIFICANT)
+				alpha += Max(0.0, excess_num / excess_den);
+
+			r->has_expected = true;
+			r->expected = mu_full * Min(p[i].exposure, 1.0);
+			count_tails(y, r->expected, alpha, &ll, &lu);
+			r->has_p = true;
+			r->p_value = exp(Min(0.0, log(2.0) + Min(ll, lu)));
+			r->has_z = true;
+			r->z = (ll < lu) ? -normal_score(ll) : (lu < ll) ? normal_score(lu) : 0;
+			if (nvalues >= o->min_history && log(2.0) + Min(ll, lu) <= log_alpha_point)
+			{
+				double		change = y - r->expected;
+
+				r->is_anomaly =
+					!(o->direction == DIR_SPIKE && change <= 0) &&
+					!(o->direction == DIR_DROP && change >= 0) &&
+					fabs(change) >= o->min_relative_change * fabs(r->expected);
+			}
+		}
+		nvalues++;
+
+		/* a whole period joins the history of the next points */
+		if (p[i].exposure >= 1)
+		{
+			CountHistory *e = &h[nh++];
+
+			e->ts = p[i].ts;
+			e->bucket = b;
+			e->c = y;
+			e->has_mu = scorable;
+			e->mu = mu_full;
+			e->rv = rv;
+			/*
+			 * Only once points can be flagged: before, the dispersion is
+			 * still being learnt, and clipping to a range it has not learnt
+			 * yet would hide it for good.
+			 */
+			if (scorable && nvalues > o->min_history && log(2.0) + Min(ll, lu) <= log_alpha_point)
+			{
+				double		sd = sqrt(mu_full + alpha * mu_full * mu_full);
+
+				e->c = Max(0.0, Min(Max(y, mu_full - edge * sd), mu_full + edge * sd));
+			}
+			prof_sum[b] += e->c;
+			prof_n[b]++;
+			level_sum += e->c;
+			level_n[b]++;
+			if (e->has_mu)
+			{
+				double		d2 = (e->c - e->mu) * (e->c - e->mu);
+				double		var = e->mu + e->rv * e->mu * e->mu;
+
+				excess_num += d2 - var;
+				excess_den += e->mu * e->mu;
+				pearson += d2 / var;
+				npearson++;
+			}
+		}
+	}
+	pfree(h);
+	pfree(prof_sum);
+	pfree(prof_n);
+	pfree(level_n);
+	pfree(season);
+}
+
 static double
 datum_to_float8(Datum d, Oid type)
 {
@@ -1178,10 +1675,12 @@ parse_method(const char *s)
 		return METHOD_ROBUST;
 	if (pg_strcasecmp(s, "seasonal") == 0)
 		return METHOD_SEASONAL;
+	if (pg_strcasecmp(s, "count") == 0)
+		return METHOD_COUNT;
 	ereport(ERROR,
 			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 			 errmsg("unknown anomaly detection method \"%s\"", s),
-			 errhint("Use trailing, robust or seasonal.  To read a table, pass it as regclass: detect_anomalies('my_table'::regclass, series_column, ts_column, value_column).")));
+			 errhint("Use trailing, robust, seasonal or count.  To read a table, pass it as regclass: detect_anomalies('my_table'::regclass, series_column, ts_column, value_column).")));
 	return METHOD_SEASONAL;
 }
 
@@ -1201,15 +1700,19 @@ parse_direction(const char *s)
 	return DIR_BOTH;
 }
 
-/* Read every (series, ts, value) row of the query into points. */
+/*
+ * Read every (series, ts, value) row of the query into points, with the
+ * exposure of a fourth column when there is one and it is wanted.
+ */
 static Point *
-read_points(const char *query, int64 *npoints, MemoryContext cxt)
+read_points(const char *query, bool want_exposure, int64 *npoints, MemoryContext cxt)
 {
 	Portal		portal;
 	Point	   *points = NULL;
 	int64		n = 0,
 				capacity = 0;
-	Oid			types[3];
+	Oid			types[4];
+	bool		has_exposure = false;
 	FmgrInfo	series_out;
 	bool		first = true;
 
@@ -1238,6 +1741,18 @@ read_points(const char *query, int64 *npoints, MemoryContext cxt)
 					 errmsg("column \"%s\" (the value) has type %s",
 							NameStr(TupleDescAttr(td, 2)->attname), format_type_be(types[2])),
 					 errhint("The third column must be numeric, integer or floating point.")));
+		if (want_exposure && td->natts >= 4)
+		{
+			types[3] = TupleDescAttr(td, 3)->atttypid;
+			if (types[3] != FLOAT8OID && types[3] != FLOAT4OID && types[3] != NUMERICOID &&
+				types[3] != INT2OID && types[3] != INT4OID && types[3] != INT8OID)
+				ereport(ERROR,
+						(errcode(ERRCODE_DATATYPE_MISMATCH),
+						 errmsg("column \"%s\" (the exposure) has type %s",
+								NameStr(TupleDescAttr(td, 3)->attname), format_type_be(types[3])),
+						 errhint("The fourth column, when there is one, is the fraction of the period observed: a number from 0 to 1.")));
+			has_exposure = true;
+		}
 		{
 			Oid			outfn;
 			bool		varlena;
@@ -1300,6 +1815,22 @@ read_points(const char *query, int64 *npoints, MemoryContext cxt)
 			pt->ts = ca_datum_to_timestamptz(t, types[1]);
 			pt->value_null = vnull;
 			pt->value = vnull ? 0 : datum_to_float8(v, types[2]);
+			pt->exposure = 1;
+			if (has_exposure)
+			{
+				bool		enull;
+				Datum		e = SPI_getbinval(tup, td, 4, &enull);
+
+				if (!enull)
+					pt->exposure = datum_to_float8(e, types[3]);
+				if (!(pt->exposure >= 0 && pt->exposure <= 1))
+					ereport(ERROR,
+							(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+							 errmsg("exposure %g of series %s at %s is not between 0 and 1",
+									pt->exposure, pt->series ? pt->series : "NULL",
+									timestamptz_to_str(pt->ts)),
+							 errhint("The exposure is the fraction of the period observed: 1 for a whole day, 0.5 at midday, 0 for a day not to be scored (NULL means 1).")));
+			}
 			pt->seq = n;
 			n++;
 			MemoryContextSwitchTo(old);
@@ -1313,20 +1844,38 @@ read_points(const char *query, int64 *npoints, MemoryContext cxt)
 	return points;
 }
 
+/* the count method's data are counts: whole numbers, not negative */
+static void
+check_counts(const Point *p, int64 n)
+{
+	for (int64 i = 0; i < n; i++)
+		if (!p[i].value_null && (p[i].value < 0 || p[i].value != floor(p[i].value)))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("value %g of series %s at %s is not a count", p[i].value,
+							p[i].series ? p[i].series : "NULL", timestamptz_to_str(p[i].ts)),
+					 errdetail("The count method scores whole numbers >= 0 (orders, visits, failures)."),
+					 errhint("Score amounts with method seasonal and scale log.")));
+}
+
 /*
  * detect_anomalies(query text, method, window_size, threshold, min_history,
- *					direction, min_relative_change, seasons)
+ *					direction, min_relative_change, seasons, scale)
  * detect_anomalies(source regclass, series_column, ts_column, value_column,
- *					method, ...)
+ *					method, ..., scale[, exposure_column])
  *	 RETURNS TABLE (series text, ts timestamptz, value float8, expected
  *					float8, z float8, robust_z float8, direction text,
- *					is_anomaly boolean)
+ *					is_anomaly boolean[, p_value float8])
+ * v2 (0.2) adds p_value, the exposure (a query's fourth column, a table's
+ * exposure_column) and the count method; 0.1's SQL keeps its own symbols.
  */
 static Datum
-detect_anomalies(FunctionCallInfo fcinfo, bool from_table)
+detect_anomalies(FunctionCallInfo fcinfo, bool from_table, bool v2)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	int			a = from_table ? 4 : 1; /* first option argument */
+	int			nargs = a + 8 + ((from_table && v2) ? 1 : 0);
+	char	   *exposure_column = NULL;
 	DetectOptions o;
 	char	   *query;
 	MemoryContext cxt;
@@ -1334,7 +1883,7 @@ detect_anomalies(FunctionCallInfo fcinfo, bool from_table)
 	int64		n;
 	PointResult *res;
 
-	if (PG_NARGS() != a + 8)
+	if (PG_NARGS() != nargs)
 		elog(ERROR, "detect_anomalies() called with %d arguments: the extension's SQL and library differ in version",
 			 PG_NARGS());
 	if (PG_ARGISNULL(0))
@@ -1346,16 +1895,25 @@ detect_anomalies(FunctionCallInfo fcinfo, bool from_table)
 			ereport(ERROR,
 					(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 					 errmsg("argument %d of detect_anomalies() must not be NULL", i + 1),
-					 errhint("Only threshold may be NULL (it then comes from customer_analytics.zscore_threshold).")));
+					 errhint("Only threshold may be NULL (it then comes from customer_analytics.zscore_threshold, or for the count method from customer_analytics.anomaly_false_alarms_per_year).")));
 	o.method = parse_method(text_to_cstring(PG_GETARG_TEXT_PP(a)));
 	o.window = PG_GETARG_INT32(a + 1);
-	o.threshold = PG_ARGISNULL(a + 2) ? zscore_threshold : PG_GETARG_FLOAT8(a + 2);
+	o.threshold_given = !PG_ARGISNULL(a + 2);
+	o.threshold = o.threshold_given ? PG_GETARG_FLOAT8(a + 2) : zscore_threshold;
+	o.false_alarms = false_alarms_per_year;
 	o.min_history = PG_GETARG_INT32(a + 3);
 	o.direction = parse_direction(text_to_cstring(PG_GETARG_TEXT_PP(a + 4)));
 	o.min_relative_change = PG_GETARG_FLOAT8(a + 5);
 	o.seasons = PG_GETARG_INT32(a + 6);
 	o.scale = parse_scale(text_to_cstring(PG_GETARG_TEXT_PP(a + 7)));
 	o.season_days = 7;
+	if (o.method == METHOD_COUNT && !v2)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("the count method needs version 0.2 of the extension"),
+				 errhint("ALTER EXTENSION customer_analytics UPDATE.")));
+	if (from_table && v2 && !PG_ARGISNULL(a + 8))
+		exposure_column = text_to_cstring(PG_GETARG_TEXT_PP(a + 8));
 	if (o.window < 2 || o.window > 100000)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -1401,15 +1959,23 @@ detect_anomalies(FunctionCallInfo fcinfo, bool from_table)
 						(errcode(ERRCODE_UNDEFINED_COLUMN),
 						 errmsg("column \"%s\" (%s) does not exist in %s", cols[c], roles[c], relname)));
 		}
-		query = psprintf("SELECT %s, %s, %s FROM %s", quote_identifier(cols[0]),
+		if (exposure_column && get_attnum(relid, exposure_column) == InvalidAttrNumber)
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_COLUMN),
+					 errmsg("column \"%s\" (exposure_column) does not exist in %s", exposure_column, relname)));
+		query = psprintf("SELECT %s, %s, %s%s%s FROM %s", quote_identifier(cols[0]),
 						 quote_identifier(cols[1]), quote_identifier(cols[2]),
+						 exposure_column ? ", " : "",
+						 exposure_column ? quote_identifier(exposure_column) : "",
 						 quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)), relname));
 	}
 	else
 		query = text_to_cstring(PG_GETARG_TEXT_PP(0));
 
 	cxt = AllocSetContextCreate(CurrentMemoryContext, "detect_anomalies", ALLOCSET_DEFAULT_SIZES);
-	points = read_points(query, &n, cxt);
+	points = read_points(query, v2 && (!from_table || exposure_column != NULL), &n, cxt);
+	if (o.method == METHOD_COUNT)
+		check_counts(points, n);
 	InitMaterializedSRF(fcinfo, 0);
 	if (n == 0)
 	{
@@ -1426,15 +1992,18 @@ detect_anomalies(FunctionCallInfo fcinfo, bool from_table)
 		while (end < n && same_series(&points[start], &points[end]))
 			end++;
 		old = MemoryContextSwitchTo(cxt);
-		score_series(points + start, end - start, &o, res + start);
+		if (o.method == METHOD_COUNT)
+			score_series_count(points + start, end - start, &o, res + start);
+		else
+			score_series(points + start, end - start, &o, res + start);
 		MemoryContextSwitchTo(old);
 		start = end;
 		CHECK_FOR_INTERRUPTS();
 	}
 	for (int64 i = 0; i < n; i++)
 	{
-		Datum		values[8];
-		bool		nulls[8] = {false};
+		Datum		values[9];
+		bool		nulls[9] = {false};
 		PointResult *r = &res[i];
 
 		values[0] = points[i].series ? CStringGetTextDatum(points[i].series) : (Datum) 0;
@@ -1453,6 +2022,8 @@ detect_anomalies(FunctionCallInfo fcinfo, bool from_table)
 		else
 			nulls[6] = true;
 		values[7] = BoolGetDatum(r->is_anomaly);
+		values[8] = Float8GetDatum(r->p_value);
+		nulls[8] = !r->has_p;
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 		if (!nulls[0])
 			pfree(DatumGetPointer(values[0]));
@@ -1464,11 +2035,23 @@ detect_anomalies(FunctionCallInfo fcinfo, bool from_table)
 Datum
 ca_detect_anomalies_query(PG_FUNCTION_ARGS)
 {
-	return detect_anomalies(fcinfo, false);
+	return detect_anomalies(fcinfo, false, false);
 }
 
 Datum
 ca_detect_anomalies_table(PG_FUNCTION_ARGS)
 {
-	return detect_anomalies(fcinfo, true);
+	return detect_anomalies(fcinfo, true, false);
+}
+
+Datum
+ca_detect_anomalies_query_v2(PG_FUNCTION_ARGS)
+{
+	return detect_anomalies(fcinfo, false, true);
+}
+
+Datum
+ca_detect_anomalies_table_v2(PG_FUNCTION_ARGS)
+{
+	return detect_anomalies(fcinfo, true, true);
 }

@@ -86,6 +86,9 @@ sub checksums
 	my $out = '';
 	foreach my $t (@rels_01)
 	{
+		# derived rows whose method 0.2 changes (the count method):
+		# checked below against a refresh instead
+		next if $t eq 'anomalies';
 		# the built-in tasks and checks are the extension's own: an update
 		# may change them; users' rows keep their 0.1 columns
 		my $rows = 't::text';
@@ -111,6 +114,12 @@ $node->safe_psql('old', q{ALTER EXTENSION customer_analytics UPDATE TO '0.2'});
 is($node->safe_psql('old', q{SELECT extversion FROM pg_extension WHERE extname = 'customer_analytics'}),
     '0.2', 'updated to 0.2');
 is(checksums('old'), $before, 'every table and materialized view of 0.1 has the same rows after the update (customer_rfm as a view)');
+my $anomalies_sql = q{SELECT count(*) || ' ' || md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), ''))
+                      FROM customer_analytics.anomalies t};
+my $anomalies_updated = $node->safe_psql('old', $anomalies_sql);
+$node->safe_psql('old', q{REFRESH MATERIALIZED VIEW customer_analytics.anomalies});
+is($node->safe_psql('old', $anomalies_sql), $anomalies_updated,
+    'anomalies is filled by the 0.2 method on update (a refresh changes nothing)');
 is($node->safe_psql('old', q{SELECT depends_on::text FROM customer_analytics.pipeline_task WHERE task = 'forecast misses'}),
     '{"sales rollup"}', 'the built-in tasks are brought up to date');
 

@@ -8,10 +8,10 @@ SELECT customer_analytics.refresh_sales_views();
 \echo '== the last week of daily sales'
 SELECT day, revenue, orders, customers, avg_order_value
 FROM customer_analytics.daily_sales ORDER BY day DESC LIMIT 7;
-\echo '== anomalies (seasonal baseline, orders, threshold customer_analytics.zscore_threshold) and what was planted'
+\echo '== anomalies (count method on daily orders, customer_analytics.anomaly_false_alarms_per_year) and what was planted'
 \echo '   (an outage of the whole shop, planted on the total, drops every category that day too)'
 SELECT COALESCE(a.series, p.series) AS series, COALESCE(a.day, p.day) AS day,
-       a.orders, a.expected, round(a.z::numeric, 1) AS z, round(a.robust_z::numeric, 1) AS robust_z, a.direction,
+       a.orders, a.expected, round(a.z::numeric, 1) AS z, to_char(a.p_value, '9.9EEEE') AS p_value, a.direction,
        p.kind AS planted
 FROM customer_analytics.anomalies a
 FULL JOIN customer_analytics.sample_anomaly p USING (series, day)

@@ -146,11 +146,11 @@ CREATE FUNCTION customer_analytics.detect_anomalies(
     seasons             integer DEFAULT 4,
     scale               text    DEFAULT 'linear')
 RETURNS TABLE (series text, ts timestamptz, value float8, expected float8, z float8,
-               robust_z float8, direction text, is_anomaly boolean)
-AS 'MODULE_PATHNAME', 'ca_detect_anomalies_query'
+               robust_z float8, direction text, is_anomaly boolean, p_value float8)
+AS 'MODULE_PATHNAME', 'ca_detect_anomalies_query_v2'
 LANGUAGE C STABLE PARALLEL RESTRICTED;
 COMMENT ON FUNCTION customer_analytics.detect_anomalies(text, text, integer, float8, integer, text, float8, integer, text) IS
-    'Score every point of the series a query returns (columns: series key, timestamp, value) against a baseline that never includes the point: method trailing (mean and z over the window_size previous points), robust (median and robust z over them) or seasonal (the median of the same weekday in the previous seasons weeks, then the z and robust z of the residual over the window; both must pass). Scores are computed on the chosen scale: linear, sqrt (counts) or log (amounts). Flags points whose score passes threshold (default customer_analytics.zscore_threshold) in the wanted direction (both, spike, drop), after min_history earlier points, when they differ from the expected value by at least min_relative_change of it';
+    'Score every point of the series a query returns (columns: series key, timestamp, value, and optionally the exposure: the fraction of the period observed, 0 = not scored) against a baseline that never includes the point: method trailing (mean and z over the window_size previous points), robust (median and robust z over them), seasonal (the median of the same weekday in the previous seasons weeks, then the z and robust z of the residual over the window; both must pass; on the chosen scale: linear, sqrt or log) or count (whole counts: expected = level of the previous seasons weeks x weekday profile of the window_size previous periods, two-sided negative binomial tail probability p_value, its variance the baseline''s own uncertainty plus the overdispersion of the window when Pearson''s statistic shows it, Poisson otherwise; z is its normal score). Flags points whose |z| passes threshold (default customer_analytics.zscore_threshold; for the count method p_value <= customer_analytics.anomaly_false_alarms_per_year / points a year) in the wanted direction (both, spike, drop), after min_history earlier points, when they differ from the expected value by at least min_relative_change of it';
 
 CREATE FUNCTION customer_analytics.detect_anomalies(
     source              regclass,
@@ -164,13 +164,14 @@ CREATE FUNCTION customer_analytics.detect_anomalies(
     direction           text    DEFAULT 'both',
     min_relative_change float8  DEFAULT 0,
     seasons             integer DEFAULT 4,
-    scale               text    DEFAULT 'linear')
+    scale               text    DEFAULT 'linear',
+    exposure_column     text    DEFAULT NULL)
 RETURNS TABLE (series text, ts timestamptz, value float8, expected float8, z float8,
-               robust_z float8, direction text, is_anomaly boolean)
-AS 'MODULE_PATHNAME', 'ca_detect_anomalies_table'
+               robust_z float8, direction text, is_anomaly boolean, p_value float8)
+AS 'MODULE_PATHNAME', 'ca_detect_anomalies_table_v2'
 LANGUAGE C STABLE PARALLEL RESTRICTED;
-COMMENT ON FUNCTION customer_analytics.detect_anomalies(regclass, text, text, text, text, integer, float8, integer, text, float8, integer, text) IS
-    'detect_anomalies() over a table or view: name its series key, timestamp and value columns';
+COMMENT ON FUNCTION customer_analytics.detect_anomalies(regclass, text, text, text, text, integer, float8, integer, text, float8, integer, text, text) IS
+    'detect_anomalies() over a table or view: name its series key, timestamp and value columns (and optionally the exposure column)';
 
 /* Views on the star schema */
 
@@ -370,21 +371,22 @@ COMMENT ON VIEW customer_analytics.order_count_series IS
 /*
  * The default method, chosen on the generator's planted anomalies with
  * seeds 1, 2, 3 and reported on seeds 42, 7, 99 (bench/anomaly_quality.sh):
- * the seasonal baseline, on daily order counts scored on the sqrt scale
- * (Poisson noise made even), residual spread over the 56 previous days, the
- * threshold setting (3.0), and changes under 50% ignored: at 3.0 alone,
- * ~3,300 points a year give about ten 3-sigma flags of pure noise.  The
- * series is named by regclass so that pg_depend orders the refreshes.
+ * the count method (negative binomial tail probabilities against level x
+ * weekday profile: the level of the 8 previous weeks, the profile of the
+ * 112 previous days), flagging a point when its two-sided tail probability
+ * is at most customer_analytics.anomaly_false_alarms_per_year (0.3) /
+ * 365.25: ~3,300 points a year, about one false alarm a year for the shop.
+ * The series is named by regclass so that pg_depend orders the refreshes.
  */
 CREATE MATERIALIZED VIEW customer_analytics.anomalies AS
 SELECT a.series, (a.ts AT TIME ZONE 'UTC')::date AS day, a.value::bigint AS orders,
-       round(a.expected::numeric, 1) AS expected, a.z, a.robust_z, a.direction
+       round(a.expected::numeric, 1) AS expected, a.z, a.p_value, a.direction
 FROM customer_analytics.detect_anomalies('customer_analytics.order_count_series'::regclass, 'series', 'ts', 'orders',
-        method => 'seasonal', scale => 'sqrt', window_size => 56, min_relative_change => 0.5) a
+        method => 'count', window_size => 112, seasons => 8) a
 WHERE a.is_anomaly;
 CREATE UNIQUE INDEX anomalies_series_day_idx ON customer_analytics.anomalies (series, day);
 COMMENT ON MATERIALIZED VIEW customer_analytics.anomalies IS
-    'Days with an anomalous number of orders, per product category and for the shop as a whole (series ''total''): detect_anomalies() with the seasonal method on the sqrt scale, a 56-day window, threshold customer_analytics.zscore_threshold, changes under 50% ignored. Built on daily_sales and product_category_sales: refresh those first (refresh_sales_views() does all three)';
+    'Days with an anomalous number of orders, per product category and for the shop as a whole (series ''total''): detect_anomalies() with the count method (expected orders from the level of the 8 previous weeks and the weekday profile of the 112 previous days; p_value: two-sided negative binomial tail probability; z: its normal score), flagged when p_value <= customer_analytics.anomaly_false_alarms_per_year / 365.25. Built on daily_sales and product_category_sales: refresh those first (refresh_sales_views() does all three)';
 
 CREATE FUNCTION customer_analytics.refresh_sales_views(concurrent boolean DEFAULT true)
 RETURNS void
@@ -420,7 +422,7 @@ BEGIN
         IF customer_analytics.raise_alert(
                'anomaly', a.series,
                jsonb_build_object('day', a.day, 'orders', a.orders, 'expected', a.expected,
-                                  'z', round(a.z::numeric, 2), 'robust_z', round(a.robust_z::numeric, 2),
+                                  'z', round(a.z::numeric, 2), 'p_value', to_char(a.p_value, '9.99EEEE')::numeric,
                                   'direction', a.direction),
                'anomaly:' || a.series || ':' || a.day) IS NOT NULL THEN
             raised := raised + 1;
