@@ -1,0 +1,61 @@
+-- The CLV fits' optimiser: the bounded quasi-Newton method (the default)
+-- reaches the likelihood of version 0.1's Nelder-Mead search, grouped and
+-- ungrouped, on a generated shop; data without a repeat purchase gives no
+-- parameters; data in which nobody drops out ends at the no-dropout limit.
+SET client_min_messages = warning;
+SET search_path = customer_analytics, public;
+SET timezone = 'UTC';
+SET extra_float_digits = 0;
+
+TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, transform_state;
+DELETE FROM dim_customer WHERE customer_key <> -1;
+DELETE FROM dim_product WHERE product_key <> -1;
+SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 1500, days => 240, seed => 11, events => false);
+SELECT count(*) > 0 AS transformed FROM transform();
+CREATE TEMP TABLE summary AS SELECT * FROM clv_summary('2025-09-01');
+
+CREATE TEMP TABLE fits (method text, bg bgnbd_model, gg gamma_gamma_model);
+INSERT INTO fits SELECT current_setting('customer_analytics.clv_fit_method'), bgnbd_fit(x, t_x, "T"), gamma_gamma_fit(x, m_x) FROM summary;
+SET customer_analytics.clv_fit_method = nelder_mead;
+INSERT INTO fits SELECT current_setting('customer_analytics.clv_fit_method'), bgnbd_fit(x, t_x, "T"), gamma_gamma_fit(x, m_x) FROM summary;
+SET customer_analytics.clv_fit_method = nelder_mead_ungrouped;
+INSERT INTO fits SELECT current_setting('customer_analytics.clv_fit_method'), bgnbd_fit(x, t_x, "T"), gamma_gamma_fit(x, m_x) FROM summary;
+RESET customer_analytics.clv_fit_method;
+
+-- the same maximum: log-likelihoods to 1e-6 (relative), no worse than the
+-- search's, parameters to 1e-3
+SELECT f.method, (f.bg).customers, (f.gg).customers AS gg_customers,
+       abs((f.bg).loglik - (q.bg).loglik) <= 1e-6 * abs((q.bg).loglik) AS bg_loglik_same,
+       (q.bg).loglik >= (f.bg).loglik - 1e-9 * abs((f.bg).loglik) AS bg_not_worse,
+       abs((f.gg).loglik - (q.gg).loglik) <= 1e-6 * abs((q.gg).loglik) AS gg_loglik_same,
+       (q.gg).loglik >= (f.gg).loglik - 1e-9 * abs((f.gg).loglik) AS gg_not_worse,
+       abs(ln((f.bg).r / (q.bg).r)) < 1e-3 AND abs(ln((f.bg).alpha / (q.bg).alpha)) < 1e-3
+       AND abs(ln((f.bg).a / (q.bg).a)) < 1e-3 AND abs(ln((f.bg).b / (q.bg).b)) < 1e-3 AS bg_params_same,
+       abs(ln((f.gg).p / (q.gg).p)) < 1e-3 AND abs(ln((f.gg).q / (q.gg).q)) < 1e-3
+       AND abs(ln((f.gg).gamma / (q.gg).gamma)) < 1e-3 AS gg_params_same
+FROM fits f, fits q
+WHERE q.method = 'quasi_newton'
+ORDER BY f.method;
+-- and it is the sum of the customers' log-likelihoods at the parameters returned
+SELECT abs((f.bg).loglik - (SELECT sum(bgnbd_loglik(f.bg, s.x, s.t_x, s."T")) FROM summary s)) < 1e-9 * abs((f.bg).loglik) AS loglik_is_sum
+FROM fits f WHERE f.method = 'quasi_newton';
+
+-- nobody bought twice: no rates to fit; the customers are still counted
+SELECT (m).r IS NULL AS no_r, (m).alpha IS NULL AS no_alpha, (m).a IS NULL AS no_a, (m).b IS NULL AS no_b,
+       (m).loglik IS NULL AS no_loglik, (m).customers
+FROM (SELECT bgnbd_fit(0, 0, 10 + g % 30) AS m FROM generate_series(1, 500) g) s;
+
+-- nobody drops out: every customer's last purchase is at the end of the
+-- observation; the fit goes to the limit a / (a + b) -> 0, where everyone
+-- is alive, and its likelihood is at least the search's
+CREATE TEMP TABLE loyal AS
+SELECT (1 + g % 7)::float8 AS x, (30 + g % 11)::float8 AS t_x, (30 + g % 11)::float8 AS "T"
+FROM generate_series(1, 2000) g;
+CREATE TEMP TABLE loyal_fit AS SELECT bgnbd_fit(x, t_x, "T") AS m FROM loyal;
+SET customer_analytics.clv_fit_method = nelder_mead;
+CREATE TEMP TABLE loyal_nm AS SELECT bgnbd_fit(x, t_x, "T") AS m FROM loyal;
+RESET customer_analytics.clv_fit_method;
+SELECT (f.m).a / ((f.m).a + (f.m).b) < 1e-4 AS no_dropout,
+       (f.m).loglik >= (n.m).loglik - 1e-6 * abs((n.m).loglik) AS not_worse,
+       (SELECT min(bgnbd_p_alive(f.m, x, t_x, "T")) FROM loyal) > 0.999 AS all_alive
+FROM loyal_fit f, loyal_nm n;
