@@ -1544,3 +1544,20 @@ BEGIN
     DROP TABLE ca_batch_events, ca_event_customers, ca_stitch_sessions;
 END
 $$;
+
+-- issue 18: what a BG/NBD fit is (degenerate data says so)
+CREATE FUNCTION customer_analytics.bgnbd_fit_status(model customer_analytics.bgnbd_model)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- a degenerate history says so here rather than through parameters
+    -- at the edge of their range: without repeat purchases bgnbd_fit fits
+    -- nothing; without dropout its limit is a / (a + b) -> 0
+    SELECT CASE WHEN model IS NULL OR (model).customers IS NULL THEN 'no customers'
+                WHEN (model).r IS NULL THEN 'no repeat purchases'
+                WHEN (model).a / ((model).a + (model).b) < 1e-4 THEN 'no dropout observed'
+                ELSE 'fitted' END
+$$;
+COMMENT ON FUNCTION customer_analytics.bgnbd_fit_status(customer_analytics.bgnbd_model) IS
+    'What a bgnbd_fit result is: fitted; no customers (NULL); no repeat purchases (no parameters: nothing to fit); no dropout observed (a / (a + b) below 1e-4: the fit went to the limit where everyone is alive)';

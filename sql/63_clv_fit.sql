@@ -55,7 +55,26 @@ CREATE TEMP TABLE loyal_fit AS SELECT bgnbd_fit(x, t_x, "T") AS m FROM loyal;
 SET customer_analytics.clv_fit_method = nelder_mead;
 CREATE TEMP TABLE loyal_nm AS SELECT bgnbd_fit(x, t_x, "T") AS m FROM loyal;
 RESET customer_analytics.clv_fit_method;
-SELECT (f.m).a / ((f.m).a + (f.m).b) < 1e-4 AS no_dropout,
+SELECT bgnbd_fit_status(f.m) AS status, (f.m).a / ((f.m).a + (f.m).b) < 1e-4 AS no_dropout,
        (f.m).loglik >= (n.m).loglik - 1e-6 * abs((n.m).loglik) AS not_worse,
        (SELECT min(bgnbd_p_alive(f.m, x, t_x, "T")) FROM loyal) > 0.999 AS all_alive
 FROM loyal_fit f, loyal_nm n;
+
+-- bgnbd_fit_status of clv_model: fitted on the shop; with every customer's purchases
+-- after the first day taken away, no repeat purchases and no CLV rows;
+-- without facts, no customers
+SET customer_analytics.as_of = '2025-09-01';
+REFRESH MATERIALIZED VIEW clv_model;
+REFRESH MATERIALIZED VIEW customer_clv;
+SELECT bgnbd_fit_status(bgnbd) AS status, (bgnbd).customers, (SELECT count(*) FROM customer_clv) AS clv_rows FROM clv_model;
+DELETE FROM fact_order_line f USING dim_customer c
+WHERE c.customer_key = f.customer_key
+  AND f.date_key > (SELECT min(g.date_key) FROM fact_order_line g JOIN dim_customer d USING (customer_key)
+                    WHERE d.customer_id = c.customer_id AND g.status = 'completed');
+REFRESH MATERIALIZED VIEW clv_model;
+REFRESH MATERIALIZED VIEW customer_clv;
+SELECT bgnbd_fit_status(bgnbd) AS status, (bgnbd).customers, (bgnbd).r, (SELECT count(*) FROM customer_clv) AS clv_rows FROM clv_model;
+TRUNCATE fact_order_line;
+REFRESH MATERIALIZED VIEW clv_model;
+SELECT bgnbd_fit_status(bgnbd) AS status, bgnbd IS NULL AS no_model FROM clv_model;
+RESET customer_analytics.as_of;
