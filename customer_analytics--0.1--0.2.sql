@@ -1698,3 +1698,36 @@ CREATE TRIGGER dim_date_fact_keys_upd AFTER UPDATE ON customer_analytics.dim_dat
     REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.fact_order_line_check_keys();
 CREATE TRIGGER dim_date_fact_keys_trunc AFTER TRUNCATE ON customer_analytics.dim_date
     FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.fact_order_line_check_keys();
+
+-- issue 18: clv_summary without its window and sort (same rows)
+CREATE OR REPLACE FUNCTION customer_analytics.clv_summary(as_of timestamptz)
+RETURNS TABLE (customer_id text, first_purchase date, x float8, t_x float8, "T" float8, m_x float8,
+               purchase_days bigint, revenue numeric)
+LANGUAGE sql STABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- hashed on integer keys first (a customer's versions share a day
+    -- after the dimension join), no window: the first day's revenue is
+    -- taken with the minimum of (day, revenue) pairs, so the mean of the
+    -- repeat days is (total - first) / (days - 1), the same numeric
+    -- division avg() does
+    WITH days AS (
+        SELECT c.customer_id, d.date AS day, sum(f.revenue) AS revenue
+        FROM (SELECT f.customer_key, f.date_key, sum(f.revenue) AS revenue
+              FROM customer_analytics.fact_order_line f
+              WHERE f.status = 'completed' AND f.customer_key <> -1 AND f.order_ts < as_of
+              GROUP BY f.customer_key, f.date_key) f
+        JOIN customer_analytics.dim_customer c ON c.customer_key = f.customer_key
+        JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
+        GROUP BY c.customer_id, d.date
+    )
+    SELECT r.customer_id, min(r.day),
+           (count(*) - 1)::float8,
+           (max(r.day) - min(r.day))::float8,
+           GREATEST((as_of AT TIME ZONE customer_analytics.business_timezone())::date - min(r.day), 0)::float8,
+           ((sum(r.revenue) - (min(ARRAY[r.day - date '2000-01-01', r.revenue]))[2])
+            / NULLIF(count(*) - 1, 0))::float8,
+           count(*), sum(r.revenue)
+    FROM days r
+    GROUP BY r.customer_id
+$$;

@@ -13,6 +13,27 @@ DELETE FROM dim_product WHERE product_key <> -1;
 SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 1500, days => 240, seed => 11, events => false);
 SELECT count(*) > 0 AS transformed FROM transform();
 CREATE TEMP TABLE summary AS SELECT * FROM clv_summary('2025-09-01');
+-- clv_summary gives the rows of its first formulation (a window over the
+-- customer's days for the first one, avg() over the others)
+CREATE TEMP TABLE summary_ref AS
+WITH days AS (
+    SELECT c.customer_id, d.date AS day, sum(f.revenue) AS revenue
+    FROM fact_order_line f
+    JOIN dim_customer c ON c.customer_key = f.customer_key
+    JOIN dim_date d ON d.date_key = f.date_key
+    WHERE f.status = 'completed' AND f.customer_key <> -1 AND f.order_ts < '2025-09-01'
+    GROUP BY c.customer_id, d.date
+), ranked AS (
+    SELECT days.*, min(day) OVER (PARTITION BY days.customer_id) AS first_day FROM days
+)
+SELECT r.customer_id, r.first_day, (count(*) - 1)::float8 AS x, (max(r.day) - r.first_day)::float8 AS t_x,
+       GREATEST(date '2025-09-01' - r.first_day, 0)::float8 AS "T",
+       avg(r.revenue) FILTER (WHERE r.day > r.first_day)::float8 AS m_x, count(*) AS purchase_days, sum(r.revenue) AS revenue
+FROM ranked r GROUP BY r.customer_id, r.first_day;
+SELECT (SELECT count(*) FROM summary) AS customers,
+       (SELECT count(*) FROM (TABLE summary EXCEPT ALL TABLE summary_ref) a) AS only_new,
+       (SELECT count(*) FROM (TABLE summary_ref EXCEPT ALL TABLE summary) b) AS only_ref,
+       (SELECT count(*) FROM summary WHERE m_x IS NOT NULL) AS with_m_x;
 
 CREATE TEMP TABLE fits (method text, bg bgnbd_model, gg gamma_gamma_model);
 INSERT INTO fits SELECT current_setting('customer_analytics.clv_fit_method'), bgnbd_fit(x, t_x, "T"), gamma_gamma_fit(x, m_x) FROM summary;

@@ -387,26 +387,30 @@ RETURNS TABLE (customer_id text, first_purchase date, x float8, t_x float8, "T" 
 LANGUAGE sql STABLE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
+    -- hashed on integer keys first (a customer's versions share a day
+    -- after the dimension join), no window: the first day's revenue is
+    -- taken with the minimum of (day, revenue) pairs, so the mean of the
+    -- repeat days is (total - first) / (days - 1), the same numeric
+    -- division avg() does
     WITH days AS (
         SELECT c.customer_id, d.date AS day, sum(f.revenue) AS revenue
-        FROM customer_analytics.fact_order_line f
+        FROM (SELECT f.customer_key, f.date_key, sum(f.revenue) AS revenue
+              FROM customer_analytics.fact_order_line f
+              WHERE f.status = 'completed' AND f.customer_key <> -1 AND f.order_ts < as_of
+              GROUP BY f.customer_key, f.date_key) f
         JOIN customer_analytics.dim_customer c ON c.customer_key = f.customer_key
         JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
-        WHERE f.status = 'completed' AND f.customer_key <> -1 AND f.order_ts < as_of
         GROUP BY c.customer_id, d.date
-    ),
-    ranked AS (
-        SELECT days.*, min(day) OVER (PARTITION BY days.customer_id) AS first_day
-        FROM days
     )
-    SELECT r.customer_id, r.first_day,
+    SELECT r.customer_id, min(r.day),
            (count(*) - 1)::float8,
-           (max(r.day) - r.first_day)::float8,
-           GREATEST((as_of AT TIME ZONE customer_analytics.business_timezone())::date - r.first_day, 0)::float8,
-           avg(r.revenue) FILTER (WHERE r.day > r.first_day)::float8,
+           (max(r.day) - min(r.day))::float8,
+           GREATEST((as_of AT TIME ZONE customer_analytics.business_timezone())::date - min(r.day), 0)::float8,
+           ((sum(r.revenue) - (min(ARRAY[r.day - date '2000-01-01', r.revenue]))[2])
+            / NULLIF(count(*) - 1, 0))::float8,
            count(*), sum(r.revenue)
-    FROM ranked r
-    GROUP BY r.customer_id, r.first_day
+    FROM days r
+    GROUP BY r.customer_id
 $$;
 COMMENT ON FUNCTION customer_analytics.clv_summary(timestamptz) IS
     'Each known customer''s purchase history before as_of, in days, as BG/NBD and Gamma-Gamma take it: a purchase is a day with completed order lines; x = purchase days after the first, t_x = days from the first to the last, T = days from the first to as_of, m_x = mean revenue of the repeat purchase days (NULL without any)';
