@@ -642,7 +642,7 @@ clv_minimize(const char *model, int n, double *x,
 		hi[i] = LOG_PARAM_BOUND;
 	}
 	clv_stats(&st, s->rows, ncollapsed);
-	ca_minimize_bounded(fg, &st, n, x, lo, hi, 1e-10, 500, &res);
+	ca_minimize_bounded(fg, &st, n, x, lo, hi, 1e-10, 1e-12, 500, &res);
 	elog(DEBUG1, "%s fit over %lld distinct customers (%lld distinct x): %d iterations, %d evaluations, status %d",
 		 model, (long long) ncollapsed, (long long) st.nx,
 		 res.iterations, res.evaluations, (int) res.status);

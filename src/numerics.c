@@ -194,6 +194,8 @@ ca_nelder_mead(CaObjective f, void *arg, int n, double *x, double step,
 #define QN_MAX_N 8
 #define QN_ARMIJO 1e-4
 #define QN_MAX_BACKTRACK 60
+#define QN_MAX_STEP 2.0			/* longest step, in any variable */
+#define QN_NOISE 1e-13			/* relative rounding error of f */
 
 static inline double
 clamp(double v, double lo, double hi)
@@ -212,12 +214,13 @@ held_at_bound(double x, double g, double lo, double hi)
  * Minimise f over the box lo <= x <= hi from x (projected into the box
  * first; replaced by the best point found).  Stops when every component
  * of the projected gradient is at most gtol (1 + |f|), when a step no
- * longer changes x or f measurably, or after max_iter iterations.
+ * longer changes x, when two steps in a row change f by at most
+ * ftol (1 + |f|), or after max_iter iterations.
  */
 void
 ca_minimize_bounded(CaObjectiveGrad f, void *arg, int n, double *x,
 					const double *lo, const double *hi,
-					double gtol, int max_iter, CaMinResult *result)
+					double gtol, double ftol, int max_iter, CaMinResult *result)
 {
 	double		H[QN_MAX_N][QN_MAX_N];
 	double		g[QN_MAX_N],
@@ -228,6 +231,7 @@ ca_minimize_bounded(CaObjectiveGrad f, void *arg, int n, double *x,
 				y[QN_MAX_N];
 	double		fx;
 	bool		scaled = false;
+	int			flat_steps = 0;
 
 	Assert(n > 0 && n <= QN_MAX_N);
 	memset(result, 0, sizeof(*result));
@@ -286,14 +290,36 @@ ca_minimize_bounded(CaObjectiveGrad f, void *arg, int n, double *x,
 				for (int j = 0; j < n; j++)
 					H[i][j] = (i == j);
 			scaled = false;
+			slope = 0;
 			for (int i = 0; i < n; i++)
+			{
 				d[i] = held_at_bound(x[i], g[i], lo[i], hi[i]) ? 0 : -g[i];
+				slope += d[i] * g[i];
+			}
 		}
 		for (int i = 0; i < n; i++)
 			dmax = Max(dmax, fabs(d[i]));
-		/* before any curvature is known, a first step of length 1 at most */
+
+		/*
+		 * Before any curvature is known, a first step of length 1 at most;
+		 * after, QN_MAX_STEP: along a nearly flat ridge the quasi-Newton step
+		 * is huge, and backtracking from it costs an evaluation per halving.
+		 */
 		if (!scaled && dmax > 1)
 			t = 1 / dmax;
+		else if (dmax > QN_MAX_STEP)
+			t = QN_MAX_STEP / dmax;
+
+		/*
+		 * A step whose predicted decrease is below the rounding error of f (a
+		 * sum over every customer) cannot be told from noise: the minimum, in
+		 * floating point.
+		 */
+		if (-slope * t <= QN_NOISE * (1 + fabs(fx)))
+		{
+			result->status = CA_MIN_CONVERGED;
+			break;
+		}
 
 		/* backtrack along the projected path until f decreases enough */
 		for (int k = 0; k < QN_MAX_BACKTRACK; k++)
@@ -315,6 +341,11 @@ ca_minimize_bounded(CaObjectiveGrad f, void *arg, int n, double *x,
 			if (isfinite(fn) && fn <= fx + QN_ARMIJO * decrease)
 			{
 				accepted = true;
+				break;
+			}
+			if (-decrease <= QN_NOISE * (1 + fabs(fx)))
+			{
+				moved = false;	/* as good as the minimum: see above */
 				break;
 			}
 			t *= 0.5;
@@ -384,12 +415,22 @@ ca_minimize_bounded(CaObjectiveGrad f, void *arg, int n, double *x,
 							(rho * rho * yHy + rho) * s[i] * s[j];
 			}
 
-			/* a step that changes f by nothing measurable ends the search */
-			if (fabs(oldf - fx) <= 1e-15 * (1 + fabs(fx)) && scaled)
+			/*
+			 * Two steps in a row that change f by less than ftol (relative)
+			 * end the search: at a minimum BFGS converges faster than that,
+			 * so this is a flat ridge toward a limit at infinity (a
+			 * degenerate fit), where more steps buy nothing but time.
+			 */
+			if (scaled && fabs(oldf - fx) <= ftol * (1 + fabs(fx)))
 			{
-				result->status = CA_MIN_CONVERGED;
-				break;
+				if (++flat_steps >= 2)
+				{
+					result->status = CA_MIN_CONVERGED;
+					break;
+				}
 			}
+			else
+				flat_steps = 0;
 		}
 	}
 	result->value = fx;

@@ -40,7 +40,8 @@ extern double ca_nelder_mead(CaObjective f, void *arg, int n, double *x,
 
 extern void ca_minimize_bounded(CaObjectiveGrad f, void *arg, int n, double *x,
 								const double *lo, const double *hi,
-								double gtol, int max_iter, CaMinResult *result);
+								double gtol, double ftol, int max_iter,
+								CaMinResult *result);
 
 extern double ca_digamma(double x);
 
