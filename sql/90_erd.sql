@@ -17,8 +17,8 @@ END $$;
 CREATE TEMP TABLE erd AS
 SELECT pg_temp.run_text_query(pg_read_file(:'erd_sql')) AS generated,
        rtrim(pg_read_file(:'erd_dot'), E'\n') AS committed;
--- sanity: the generator sees the schema and its foreign keys
-SELECT generated LIKE '%"pipeline_step":"run_id" -> "pipeline_run":"run_id"%' AS has_fk_edge,
+-- sanity: the generator sees the star schema and its foreign keys
+SELECT generated LIKE '%"fact_order_line":"customer_key" -> "dim_customer":"customer_key"%' AS has_fk_edge,
        generated LIKE '%subgraph "cluster_staging"%' AS has_staging,
        (SELECT count(*) FROM regexp_matches(generated, '\[label=<<table', 'g'))
          = (SELECT count(*) FROM pg_class WHERE relnamespace = 'customer_analytics'::regnamespace
