@@ -1146,6 +1146,7 @@ DECLARE
     tz          text := business_timezone();
     n           bigint;
     new_keys    boolean := false;
+    unknown_before boolean;
 BEGIN
     -- one transform at a time; the second waits, then sees the first's work
     PERFORM pg_advisory_xact_lock(hashtext('customer_analytics.transform'));
@@ -1276,6 +1277,14 @@ BEGIN
       AND d.customer_id IN (SELECT o.customer_id FROM ca_batch_orders o);
     ANALYZE ca_customer_lookup;
 
+    /*
+     * Lines already pointing at an unknown member before this run are the
+     * only ones the late-dimension repair below can change: the lines this
+     * run writes are looked up in the dimensions as they now are.
+     */
+    unknown_before := new_keys AND EXISTS (SELECT 1 FROM fact_order_line
+                                           WHERE customer_key = -1 OR product_key = -1);
+
     /* order lines */
     INSERT INTO fact_order_line AS f
         (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity,
@@ -1313,8 +1322,7 @@ BEGIN
      * key once it has.  Only needed when this run added dimension rows.
      */
     n := 0;
-    IF new_keys AND EXISTS (SELECT 1 FROM fact_order_line
-                            WHERE customer_key = -1 OR product_key = -1) THEN
+    IF unknown_before THEN
         WITH latest AS (
             SELECT DISTINCT ON (s.order_id, s.line_number)
                    s.order_id, s.line_number, s.customer_id, s.product_id, s.order_ts
@@ -2189,3 +2197,20 @@ END
 $$;
 COMMENT ON FUNCTION customer_analytics.alert_new_anomalies()
     IS 'Raise an alert (kind anomaly, NOTIFY customer_analytics_alerts) for every row of the anomalies view not alerted before (one alert per series and day, ever: dedup_key anomaly:<series>:<day>); returns how many were raised';
+
+-- issue 18: what a BG/NBD fit is (degenerate data says so)
+CREATE FUNCTION customer_analytics.bgnbd_fit_status(model customer_analytics.bgnbd_model)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- a degenerate history says so here rather than through parameters
+    -- at the edge of their range: without repeat purchases bgnbd_fit fits
+    -- nothing; without dropout its limit is a / (a + b) -> 0
+    SELECT CASE WHEN model IS NULL OR (model).customers IS NULL THEN 'no customers'
+                WHEN (model).r IS NULL THEN 'no repeat purchases'
+                WHEN (model).a / ((model).a + (model).b) < 1e-4 THEN 'no dropout observed'
+                ELSE 'fitted' END
+$$;
+COMMENT ON FUNCTION customer_analytics.bgnbd_fit_status(customer_analytics.bgnbd_model) IS
+    'What a bgnbd_fit result is: fitted; no customers (NULL); no repeat purchases (no parameters: nothing to fit); no dropout observed (a / (a + b) below 1e-4: the fit went to the limit where everyone is alive)';

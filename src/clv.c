@@ -32,9 +32,11 @@
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/float.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 
 #include "customer_analytics.h"
+#include "numerics.h"
 
 PG_FUNCTION_INFO_V1(ca_bgnbd_sfunc);
 PG_FUNCTION_INFO_V1(ca_bgnbd_final);
@@ -47,6 +49,40 @@ PG_FUNCTION_INFO_V1(ca_bgnbd_p_alive);
 PG_FUNCTION_INFO_V1(ca_gg_expected);
 
 #define LOG_PARAM_BOUND 20.0	/* fitted parameters within e^-20 .. e^20 */
+
+/* customer_analytics.clv_fit_method */
+typedef enum ClvFitMethod
+{
+	CLV_FIT_QUASI_NEWTON,		/* grouped customers, bounded quasi-Newton */
+	CLV_FIT_NELDER_MEAD,		/* grouped customers, restarted Nelder-Mead
+								 * (0.1) */
+	CLV_FIT_NELDER_MEAD_UNGROUPED	/* every customer, restarted Nelder-Mead */
+} ClvFitMethod;
+
+static const struct config_enum_entry clv_fit_method_options[] = {
+	{"quasi_newton", CLV_FIT_QUASI_NEWTON, false},
+	{"nelder_mead", CLV_FIT_NELDER_MEAD, false},
+	{"nelder_mead_ungrouped", CLV_FIT_NELDER_MEAD_UNGROUPED, false},
+	{NULL, 0, false}
+};
+
+static int	clv_fit_method = CLV_FIT_QUASI_NEWTON;
+
+void
+ca_clv_init(void)
+{
+	DefineCustomEnumVariable(CA_GUC_PREFIX ".clv_fit_method",
+							 "How bgnbd_fit and gamma_gamma_fit maximise the likelihood.",
+							 "quasi_newton (the default) groups identical customers and uses analytic gradients; "
+							 "nelder_mead is the derivative-free search of version 0.1, "
+							 "nelder_mead_ungrouped the same over every customer (for comparisons).",
+							 &clv_fit_method,
+							 CLV_FIT_QUASI_NEWTON,
+							 clv_fit_method_options,
+							 PGC_USERSET,
+							 0,
+							 NULL, NULL, NULL);
+}
 
 /* one customer (BG/NBD: x, t_x, T; Gamma-Gamma: x, m_x, unused) */
 typedef struct ClvRow
@@ -337,6 +373,7 @@ log_params_ok(const double *x, int n)
 	return true;
 }
 
+/* the negative log-likelihoods, customer by customer, for Nelder-Mead */
 static double
 bgnbd_negll(void *arg, const double *x)
 {
@@ -392,6 +429,226 @@ fit_restarting(CaObjective f, void *arg, int n, double *x)
 	return best;
 }
 
+/*
+ * The sufficient statistics of a fit: the collapsed rows (sorted, so
+ * that rows with the same x are adjacent) and, per distinct x, its total
+ * weight.  The terms of either log-likelihood that depend on x alone (the
+ * lgamma ratios, the costly part) are then computed once per distinct x,
+ * of which real data have a few hundred at most; the rest once per
+ * distinct row.
+ */
+typedef struct ClvStats
+{
+	const ClvRow *rows;
+	int64		nrows;
+	int64		nx;				/* distinct x */
+	double	   *xval;			/* [nx] */
+	double	   *xweight;		/* [nx] total weight of rows with that x */
+	int64	   *xend;			/* [nx] rows of x value k end before xend[k] */
+	double		total;			/* total weight */
+} ClvStats;
+
+static void
+clv_stats(ClvStats *st, const ClvRow *rows, int64 nrows)
+{
+	int64		k = -1;
+
+	st->rows = rows;
+	st->nrows = nrows;
+	st->nx = 0;
+	st->total = 0;
+	for (int64 i = 0; i < nrows; i++)
+		if (i == 0 || rows[i].v[0] != rows[i - 1].v[0])
+			st->nx++;
+	st->xval = palloc(Max(st->nx, 1) * sizeof(double));
+	st->xweight = palloc0(Max(st->nx, 1) * sizeof(double));
+	st->xend = palloc(Max(st->nx, 1) * sizeof(int64));
+	for (int64 i = 0; i < nrows; i++)
+	{
+		if (i == 0 || rows[i].v[0] != rows[i - 1].v[0])
+			st->xval[++k] = rows[i].v[0];
+		st->xweight[k] += rows[i].weight;
+		st->xend[k] = i + 1;
+		st->total += rows[i].weight;
+	}
+}
+
+/*
+ * The BG/NBD negative log-likelihood (FHL 2005 equation 6 summed over
+ * customers, as bgnbd_ll) and its gradient, in the log-parameters
+ * (log r, log alpha, log a, log b).
+ */
+static double
+bgnbd_negll_grad(void *arg, const double *lp, double *grad)
+{
+	ClvStats   *st = arg;
+	double		r = exp(lp[0]),
+				alpha = exp(lp[1]),
+				a = exp(lp[2]),
+				b = exp(lp[3]);
+	double		lg_r = lgamma(r),
+				lg_b = lgamma(b),
+				lg_ab = lgamma(a + b),
+				dg_r = ca_digamma(r),
+				dg_b = ca_digamma(b),
+				dg_ab = ca_digamma(a + b),
+				log_a = log(a);
+	double		ll = st->total * r * log(alpha);
+	double		dr = st->total * log(alpha),
+				dalpha = st->total * r / alpha,
+				da = 0,
+				db = 0;
+	int64		i = 0;
+
+	for (int64 k = 0; k < st->nx; k++)
+	{
+		double		x = st->xval[k],
+					w = st->xweight[k];
+		double		rx = r + x;
+		double		log_bx1 = x > 0 ? log(b + x - 1) : 0;
+
+		/* lgamma(r + x) - lgamma(r) + lnB(a, b + x) - lnB(a, b) */
+		ll += w * (lgamma(rx) - lg_r + lg_ab + lgamma(b + x) - lg_b - lgamma(a + b + x));
+		dr += w * (ca_digamma(rx) - dg_r);
+		da += w * (dg_ab - ca_digamma(a + b + x));
+		db += w * (dg_ab + ca_digamma(b + x) - dg_b - ca_digamma(a + b + x));
+
+		for (; i < st->xend[k]; i++)
+		{
+			const ClvRow *row = &st->rows[i];
+			double		wi = row->weight;
+			double		log_aT = log(alpha + row->v[2]);
+			double		a3 = -rx * log_aT;
+
+			if (x > 0)
+			{
+				double		log_atx = log(alpha + row->v[1]);
+				double		a4 = log_a - log_bx1 - rx * log_atx;
+				double		mx = Max(a3, a4);
+				double		e3 = exp(a3 - mx),
+							e4 = exp(a4 - mx),
+							w3 = e3 / (e3 + e4),
+							w4 = e4 / (e3 + e4);
+
+				ll += wi * (mx + log(e3 + e4));
+				dr -= wi * (w3 * log_aT + w4 * log_atx);
+				dalpha -= wi * rx * (w3 / (alpha + row->v[2]) + w4 / (alpha + row->v[1]));
+				da += wi * w4 / a;
+				db -= wi * w4 / (b + x - 1);
+			}
+			else
+			{
+				ll += wi * a3;
+				dr -= wi * log_aT;
+				dalpha -= wi * rx / (alpha + row->v[2]);
+			}
+		}
+	}
+	/* d/d log p = p d/dp */
+	grad[0] = -dr * r;
+	grad[1] = -dalpha * alpha;
+	grad[2] = -da * a;
+	grad[3] = -db * b;
+	return -ll;
+}
+
+/*
+ * The Gamma-Gamma negative log-likelihood (Fader and Hardie 2013
+ * equation 3 summed over customers, as gg_ll) and its gradient in the
+ * log-parameters (log p, log q, log gamma).
+ */
+static double
+gg_negll_grad(void *arg, const double *lp, double *grad)
+{
+	ClvStats   *st = arg;
+	double		p = exp(lp[0]),
+				q = exp(lp[1]),
+				g = exp(lp[2]);
+	double		lg_q = lgamma(q),
+				dg_q = ca_digamma(q),
+				log_g = log(g);
+	double		ll = 0,
+				dp = 0,
+				dq = 0,
+				dg = 0;
+	int64		i = 0;
+
+	for (int64 k = 0; k < st->nx; k++)
+	{
+		double		x = st->xval[k],
+					w = st->xweight[k];
+		double		px = p * x,
+					log_x = log(x);
+		double		dg_pxq = ca_digamma(px + q);
+
+		ll += w * (lgamma(px + q) - lgamma(px) - lg_q + q * log_g + px * log_x);
+		dp += w * x * (dg_pxq - ca_digamma(px) + log_x);
+		dq += w * (dg_pxq - dg_q + log_g);
+		dg += w * q / g;
+
+		for (; i < st->xend[k]; i++)
+		{
+			const ClvRow *row = &st->rows[i];
+			double		wi = row->weight;
+			double		mx = row->v[1];
+			double		log_mx = log(mx),
+						log_gxm = log(g + x * mx);
+
+			ll += wi * ((px - 1) * log_mx - (px + q) * log_gxm);
+			dp += wi * x * (log_mx - log_gxm);
+			dq -= wi * log_gxm;
+			dg -= wi * (px + q) / (g + x * mx);
+		}
+	}
+	grad[0] = -dp * p;
+	grad[1] = -dq * q;
+	grad[2] = -dg * g;
+	return -ll;
+}
+
+/*
+ * Fit the log-parameters x (a starting point on entry) to the customers
+ * of s by the method the setting asks for; returns the negative
+ * log-likelihood at the result.
+ */
+static double
+clv_minimize(const char *model, int n, double *x,
+			 CaObjective f, CaObjectiveGrad fg, ClvState *s)
+{
+	double		lo[4],
+				hi[4];
+	ClvProblem	prob;
+	ClvStats	st;
+	CaMinResult res;
+	int64		ncollapsed;
+
+	if (clv_fit_method == CLV_FIT_NELDER_MEAD_UNGROUPED)
+	{
+		prob.rows = s->rows;
+		prob.nrows = s->nrows;
+		return fit_restarting(f, &prob, n, x);
+	}
+	ncollapsed = clv_collapse(s);
+	if (clv_fit_method == CLV_FIT_NELDER_MEAD)
+	{
+		prob.rows = s->rows;
+		prob.nrows = ncollapsed;
+		return fit_restarting(f, &prob, n, x);
+	}
+
+	for (int i = 0; i < n; i++)
+	{
+		lo[i] = -LOG_PARAM_BOUND;
+		hi[i] = LOG_PARAM_BOUND;
+	}
+	clv_stats(&st, s->rows, ncollapsed);
+	ca_minimize_bounded(fg, &st, n, x, lo, hi, 1e-10, 1e-12, 500, &res);
+	elog(DEBUG1, "%s fit over %lld distinct customers (%lld distinct x): %d iterations, %d evaluations, status %d",
+		 model, (long long) ncollapsed, (long long) st.nx,
+		 res.iterations, res.evaluations, (int) res.status);
+	return res.value;
+}
+
 /* bgnbd_fit(x float8, t_x float8, T float8) transition: one customer */
 Datum
 ca_bgnbd_sfunc(PG_FUNCTION_ARGS)
@@ -416,7 +673,6 @@ Datum
 ca_bgnbd_final(PG_FUNCTION_ARGS)
 {
 	ClvState   *s;
-	ClvProblem	prob;
 	double		x[4];
 	double		mean_x = 0,
 				mean_T = 0,
@@ -439,8 +695,23 @@ ca_bgnbd_final(PG_FUNCTION_ARGS)
 	}
 	mean_x /= s->nrows;
 	mean_T /= s->nrows;
-	prob.nrows = clv_collapse(s);
-	prob.rows = s->rows;
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "bgnbd_fit final function must return a composite type");
+	tupdesc = BlessTupleDesc(tupdesc);
+	values[5] = Int64GetDatum(customers);
+
+	/*
+	 * Without a repeat purchase the likelihood grows without bound as the
+	 * purchase rate goes to 0 and says nothing about dropout: there is no
+	 * model to fit, which the parameters say by being NULL.
+	 */
+	if (mean_x == 0 && clv_fit_method == CLV_FIT_QUASI_NEWTON)
+	{
+		for (int i = 0; i < 5; i++)
+			nulls[i] = true;
+		PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+	}
 
 	/* start at r = 1 with the rate r / alpha the data show, a = b = 1 */
 	x[0] = 0;
@@ -448,15 +719,11 @@ ca_bgnbd_final(PG_FUNCTION_ARGS)
 	x[1] = Min(Max(x[1], -LOG_PARAM_BOUND + 1), LOG_PARAM_BOUND - 1);
 	x[2] = 0;
 	x[3] = 0;
-	negll = fit_restarting(bgnbd_negll, &prob, 4, x);
+	negll = clv_minimize("BG/NBD", 4, x, bgnbd_negll, bgnbd_negll_grad, s);
 
-	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "bgnbd_fit final function must return a composite type");
-	tupdesc = BlessTupleDesc(tupdesc);
 	for (int i = 0; i < 4; i++)
 		values[i] = Float8GetDatum(exp(x[i]));
 	values[4] = Float8GetDatum(-negll);
-	values[5] = Int64GetDatum(customers);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 
@@ -487,7 +754,6 @@ Datum
 ca_gg_final(PG_FUNCTION_ARGS)
 {
 	ClvState   *s;
-	ClvProblem	prob;
 	double		x[3];
 	double		mean_m = 0,
 				negll;
@@ -505,14 +771,12 @@ ca_gg_final(PG_FUNCTION_ARGS)
 	for (int64 i = 0; i < s->nrows; i++)
 		mean_m += s->rows[i].v[1];
 	mean_m /= s->nrows;
-	prob.nrows = clv_collapse(s);
-	prob.rows = s->rows;
 
 	/* p = 1, q = 2: E[M] = p gamma / (q - 1) = the mean spend */
 	x[0] = 0;
 	x[1] = log(2.0);
 	x[2] = Min(Max(log(mean_m), -LOG_PARAM_BOUND + 1), LOG_PARAM_BOUND - 1);
-	negll = fit_restarting(gg_negll, &prob, 3, x);
+	negll = clv_minimize("Gamma-Gamma", 3, x, gg_negll, gg_negll_grad, s);
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "gamma_gamma_fit final function must return a composite type");

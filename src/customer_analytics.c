@@ -69,6 +69,7 @@ _PG_init(void)
 	ca_pipeline_init();
 	ca_zscore_init();
 	ca_sessionize_init();
+	ca_clv_init();
 
 	MarkGUCPrefixReserved(CA_GUC_PREFIX);
 }

@@ -32,15 +32,7 @@ extern void ca_sessionize_init(void);
 extern void ca_zscore_init(void);
 extern void ca_cron_link_init(void);
 extern void ca_pipeline_init(void);
-
-/*
- * forecast.c: Nelder-Mead minimiser, shared with clv.c.  The objective
- * returns NaN or infinity for a point it refuses.
- */
-typedef double (*CaObjective) (void *arg, const double *x);
-
-extern double ca_nelder_mead(CaObjective f, void *arg, int n, double *x,
-							 double step, double ftol, int max_iter);
+extern void ca_clv_init(void);
 
 /*
  * copy_source.c: feed bytes produced in memory to PostgreSQL's COPY FROM

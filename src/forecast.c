@@ -20,7 +20,7 @@
  *	- forecast(model, horizon [, level]): the next horizon days, each with
  *	  its point forecast and prediction interval.
  *
- * The Nelder-Mead minimiser is shared with clv.c (ca_nelder_mead).
+ * The parameters are fitted by Nelder-Mead (numerics.c).
  *
  * Initialisation (the first period of days is used up by it): the level
  * is the mean of the first period, the trend the difference between the
@@ -58,6 +58,7 @@
 #include "utils/tuplestore.h"
 
 #include "customer_analytics.h"
+#include "numerics.h"
 
 PG_FUNCTION_INFO_V1(ca_hw_sfunc);
 PG_FUNCTION_INFO_V1(ca_hw_final);
@@ -89,163 +90,6 @@ typedef struct HwState
 	/* given parameters alpha, beta, gamma, phi; NaN = to be fitted */
 	float8		params[HW_NPARAMS];
 } HwState;
-
-/* ---------------------------------------------------------------------
- * Nelder-Mead
- * ---------------------------------------------------------------------
- */
-
-static inline double
-nm_value(CaObjective f, void *arg, const double *x)
-{
-	double		v = f(arg, x);
-
-	return isnan(v) ? get_float8_infinity() : v;
-}
-
-/*
- * Minimise f over R^n from x (replaced by the best point found), with an
- * initial simplex of the given step along each axis.  Standard
- * coefficients (reflection 1, expansion 2, contraction 1/2, shrink 1/2);
- * stops when the simplex's values agree to ftol (relative) or after
- * max_iter iterations.  A non-finite value counts as +infinity, so f can
- * refuse a point by returning NaN.  Returns the best value.
- */
-double
-ca_nelder_mead(CaObjective f, void *arg, int n, double *x, double step,
-			   double ftol, int max_iter)
-{
-	double	   *simplex = palloc((n + 1) * n * sizeof(double));
-	double	   *fv = palloc((n + 1) * sizeof(double));
-	double	   *centroid = palloc(n * sizeof(double));
-	double	   *xr = palloc(n * sizeof(double));
-	double	   *xe = palloc(n * sizeof(double));
-	double		best;
-
-#define P(i) (simplex + (i) * n)
-#define EVAL(p) nm_value(f, arg, (p))
-
-	if (n == 0)
-		return nm_value(f, arg, x);
-
-	for (int i = 0; i <= n; i++)
-	{
-		memcpy(P(i), x, n * sizeof(double));
-		if (i > 0)
-			P(i)[i - 1] += step;
-		fv[i] = EVAL(P(i));
-	}
-
-	for (int iter = 0; iter < max_iter; iter++)
-	{
-		int			lo = 0,
-					hi = 0,
-					nh = 0;
-		double		fr;
-
-		CHECK_FOR_INTERRUPTS();
-
-		/* best, worst and second worst */
-		for (int i = 1; i <= n; i++)
-		{
-			if (fv[i] < fv[lo])
-				lo = i;
-			if (fv[i] > fv[hi])
-				hi = i;
-		}
-		nh = (hi == 0) ? 1 : 0;
-		for (int i = 0; i <= n; i++)
-			if (i != hi && fv[i] > fv[nh])
-				nh = i;
-
-		if (isfinite(fv[hi]) &&
-			fabs(fv[hi] - fv[lo]) <= ftol * (fabs(fv[lo]) + 1e-12))
-			break;
-
-		for (int j = 0; j < n; j++)
-		{
-			centroid[j] = 0;
-			for (int i = 0; i <= n; i++)
-				if (i != hi)
-					centroid[j] += P(i)[j];
-			centroid[j] /= n;
-		}
-
-		for (int j = 0; j < n; j++)
-			xr[j] = centroid[j] + (centroid[j] - P(hi)[j]);
-		fr = EVAL(xr);
-
-		if (fr < fv[lo])
-		{
-			double		fe;
-
-			for (int j = 0; j < n; j++)
-				xe[j] = centroid[j] + 2.0 * (centroid[j] - P(hi)[j]);
-			fe = EVAL(xe);
-			if (fe < fr)
-			{
-				memcpy(P(hi), xe, n * sizeof(double));
-				fv[hi] = fe;
-			}
-			else
-			{
-				memcpy(P(hi), xr, n * sizeof(double));
-				fv[hi] = fr;
-			}
-		}
-		else if (fr < fv[nh])
-		{
-			memcpy(P(hi), xr, n * sizeof(double));
-			fv[hi] = fr;
-		}
-		else
-		{
-			/* contract, outside if the reflection helped, else inside */
-			bool		outside = fr < fv[hi];
-			double		fc;
-
-			for (int j = 0; j < n; j++)
-				xe[j] = outside ? centroid[j] + 0.5 * (xr[j] - centroid[j])
-					: centroid[j] + 0.5 * (P(hi)[j] - centroid[j]);
-			fc = EVAL(xe);
-			if (fc < (outside ? fr : fv[hi]))
-			{
-				memcpy(P(hi), xe, n * sizeof(double));
-				fv[hi] = fc;
-			}
-			else
-			{
-				/* shrink towards the best point */
-				for (int i = 0; i <= n; i++)
-				{
-					if (i == lo)
-						continue;
-					for (int j = 0; j < n; j++)
-						P(i)[j] = P(lo)[j] + 0.5 * (P(i)[j] - P(lo)[j]);
-					fv[i] = EVAL(P(i));
-				}
-			}
-		}
-	}
-
-	{
-		int			lo = 0;
-
-		for (int i = 1; i <= n; i++)
-			if (fv[i] < fv[lo])
-				lo = i;
-		memcpy(x, P(lo), n * sizeof(double));
-		best = fv[lo];
-	}
-#undef P
-#undef EVAL
-	pfree(simplex);
-	pfree(fv);
-	pfree(centroid);
-	pfree(xr);
-	pfree(xe);
-	return best;
-}
 
 /* ---------------------------------------------------------------------
  * Holt-Winters recursions

@@ -144,6 +144,7 @@ DECLARE
     tz          text := business_timezone();
     n           bigint;
     new_keys    boolean := false;
+    unknown_before boolean;
 BEGIN
     -- one transform at a time; the second waits, then sees the first's work
     PERFORM pg_advisory_xact_lock(hashtext('customer_analytics.transform'));
@@ -274,6 +275,14 @@ BEGIN
       AND d.customer_id IN (SELECT o.customer_id FROM ca_batch_orders o);
     ANALYZE ca_customer_lookup;
 
+    /*
+     * Lines already pointing at an unknown member before this run are the
+     * only ones the late-dimension repair below can change: the lines this
+     * run writes are looked up in the dimensions as they now are.
+     */
+    unknown_before := new_keys AND EXISTS (SELECT 1 FROM fact_order_line
+                                           WHERE customer_key = -1 OR product_key = -1);
+
     /* order lines */
     INSERT INTO fact_order_line AS f
         (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity,
@@ -311,8 +320,7 @@ BEGIN
      * key once it has.  Only needed when this run added dimension rows.
      */
     n := 0;
-    IF new_keys AND EXISTS (SELECT 1 FROM fact_order_line
-                            WHERE customer_key = -1 OR product_key = -1) THEN
+    IF unknown_before THEN
         WITH latest AS (
             SELECT DISTINCT ON (s.order_id, s.line_number)
                    s.order_id, s.line_number, s.customer_id, s.product_id, s.order_ts

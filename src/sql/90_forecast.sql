@@ -385,6 +385,22 @@ CREATE FUNCTION customer_analytics.gamma_gamma_expected_value(model customer_ana
 COMMENT ON FUNCTION customer_analytics.gamma_gamma_expected_value(customer_analytics.gamma_gamma_model, float8, float8) IS
     'Expected spend per future purchase of a customer with x repeat purchases of mean value m_x: p (gamma + x m_x) / (p x + q - 1); the population mean p gamma / (q - 1) when x = 0 (m_x may then be NULL). NULL for a NULL model or x, and for a NULL m_x with x > 0 (repeat purchases all returned)';
 
+CREATE FUNCTION customer_analytics.bgnbd_fit_status(model customer_analytics.bgnbd_model)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- a degenerate history says so here rather than through parameters
+    -- at the edge of their range: without repeat purchases bgnbd_fit fits
+    -- nothing; without dropout its limit is a / (a + b) -> 0
+    SELECT CASE WHEN model IS NULL OR (model).customers IS NULL THEN 'no customers'
+                WHEN (model).r IS NULL THEN 'no repeat purchases'
+                WHEN (model).a / ((model).a + (model).b) < 1e-4 THEN 'no dropout observed'
+                ELSE 'fitted' END
+$$;
+COMMENT ON FUNCTION customer_analytics.bgnbd_fit_status(customer_analytics.bgnbd_model) IS
+    'What a bgnbd_fit result is: fitted; no customers (NULL); no repeat purchases (no parameters: nothing to fit); no dropout observed (a / (a + b) below 1e-4: the fit went to the limit where everyone is alive)';
+
 CREATE FUNCTION customer_analytics.clv_summary(as_of timestamptz)
 RETURNS TABLE (customer_id text, first_purchase date, x float8, t_x float8, "T" float8, m_x float8,
                purchase_days bigint, revenue numeric)

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# The first builds of the derived tables against the plain SQL computing
+# the same rows, same run, on a generated shop:
+#
+#   sales rollup: refresh_sales_rollup(full_refresh => true) against the
+#       two GROUP BY queries written into copies of sales_rollup_day and
+#       sales_rollup_category;
+#   sessions: refresh_sessions(full_rebuild => true) against lag() and a
+#       running sum() numbering each visitor's sessions, then GROUP BY,
+#       written into a copy of sessions.
+set -euo pipefail
+. "$(dirname "$0")/lib.sh"
+ensure_root "$@"
+RUNS=${RUNS:-3}
+SHOP_CUSTOMERS=${SHOP_CUSTOMERS:-10000}
+SHOP_DAYS=${SHOP_DAYS:-365}
+
+install_packages
+build_and_install || die "build failed"
+bench_start
+trap bench_stop EXIT
+
+log "generated shop: $SHOP_CUSTOMERS customers, $SHOP_DAYS days"
+bench_psql -q <<SQL
+SET client_min_messages = warning;
+CREATE EXTENSION customer_analytics;
+SELECT count(*) FROM customer_analytics.generate_sample_data(customers => $SHOP_CUSTOMERS, days => $SHOP_DAYS, seed => 42,
+                                                             start_date => '2025-01-01');
+SELECT count(*) FROM customer_analytics.transform();
+VACUUM ANALYZE;
+CREATE TABLE bench.rollup_day (LIKE customer_analytics.sales_rollup_day INCLUDING ALL);
+CREATE TABLE bench.rollup_category (LIKE customer_analytics.sales_rollup_category INCLUDING ALL);
+CREATE TABLE bench.sessions (LIKE customer_analytics.sessions INCLUDING ALL);
+SQL
+lines=$(bench_value "SELECT count(*) FROM customer_analytics.fact_order_line")
+events=$(bench_value "SELECT count(*) FROM customer_analytics.fact_event")
+
+PLAIN_ROLLUP="INSERT INTO bench.rollup_day (day, revenue, orders, customers)
+    SELECT d.date, sum(f.revenue), count(DISTINCT f.order_id), count(DISTINCT c.customer_id) FILTER (WHERE f.customer_key <> -1)
+    FROM customer_analytics.fact_order_line f
+    JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
+    JOIN customer_analytics.dim_customer c ON c.customer_key = f.customer_key
+    WHERE f.status = 'completed' GROUP BY d.date;
+INSERT INTO bench.rollup_category (day, category, revenue, orders, units)
+    SELECT d.date, p.category, sum(f.revenue), count(DISTINCT f.order_id), sum(f.quantity)
+    FROM customer_analytics.fact_order_line f
+    JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
+    JOIN customer_analytics.dim_product p ON p.product_key = f.product_key
+    WHERE f.status = 'completed' GROUP BY d.date, p.category"
+PLAIN_SESSIONS="INSERT INTO bench.sessions (visitor, session_start, session_end, date_key, customer_id, customer_key,
+                      events, pages, product_views, add_to_carts, checkouts, purchases, channel, device)
+    SELECT e.visitor, min(e.event_ts), max(e.event_ts),
+           customer_analytics.date_key((min(e.event_ts) AT TIME ZONE 'UTC')::date),
+           (array_agg(e.customer_id ORDER BY e.event_ts DESC, e.event_id DESC) FILTER (WHERE e.customer_id IS NOT NULL))[1],
+           (array_agg(e.customer_key ORDER BY e.event_ts DESC, e.event_id DESC) FILTER (WHERE e.customer_key IS NOT NULL))[1],
+           count(*),
+           count(*) FILTER (WHERE e.event_type IN ('page_view', 'product_view')),
+           count(*) FILTER (WHERE e.event_type = 'product_view'),
+           count(*) FILTER (WHERE e.event_type = 'add_to_cart'),
+           count(*) FILTER (WHERE e.event_type = 'checkout'),
+           count(*) FILTER (WHERE e.event_type = 'purchase'),
+           (array_agg(e.channel ORDER BY e.event_ts, e.event_id))[1],
+           (array_agg(e.device ORDER BY e.event_ts, e.event_id))[1]
+    FROM (SELECT b.*, sum(b.brk) OVER (PARTITION BY b.visitor ORDER BY b.event_ts, b.event_id) AS sn
+          FROM (SELECT customer_analytics.visitor(f.customer_id, f.session_id) AS visitor, f.*,
+                       CASE WHEN f.event_ts - lag(f.event_ts) OVER w > interval '30 minutes' THEN 1 ELSE 0 END AS brk
+                FROM customer_analytics.fact_event f
+                WINDOW w AS (PARTITION BY customer_analytics.visitor(f.customer_id, f.session_id) ORDER BY f.event_ts, f.event_id)) b) e
+    GROUP BY e.visitor, e.sn"
+
+time_sql() {
+    bench_value "SELECT round(bench.time('$1', \$q\$$3\$q\$, $RUNS, \$q\$$2\$q\$)::numeric, 1)"
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+
+log "timing ($RUNS runs each)"
+rollup_plain=$(time_sql rollup_plain "TRUNCATE bench.rollup_day, bench.rollup_category" "$PLAIN_ROLLUP")
+rollup_first=$(time_sql rollup_first "SELECT 1" "SELECT customer_analytics.refresh_sales_rollup(full_refresh => true)")
+sessions_plain=$(time_sql sessions_plain "TRUNCATE bench.sessions" "$PLAIN_SESSIONS")
+sessions_first=$(time_sql sessions_first "SELECT 1" "SELECT count(*) FROM customer_analytics.refresh_sessions(full_rebuild => true)")
+# same rows
+same_rollup=$(bench_value "SELECT (SELECT count(*) FROM (TABLE bench.rollup_day EXCEPT TABLE customer_analytics.sales_rollup_day) a)
+                                + (SELECT count(*) FROM (TABLE customer_analytics.sales_rollup_day EXCEPT TABLE bench.rollup_day) b)
+                                + (SELECT count(*) FROM (TABLE bench.rollup_category EXCEPT TABLE customer_analytics.sales_rollup_category) c)
+                                + (SELECT count(*) FROM (TABLE customer_analytics.sales_rollup_category EXCEPT TABLE bench.rollup_category) d) = 0")
+same_sessions=$(bench_value "SELECT (SELECT count(*) FROM (TABLE bench.sessions EXCEPT TABLE customer_analytics.sessions) a)
+                                  + (SELECT count(*) FROM (TABLE customer_analytics.sessions EXCEPT TABLE bench.sessions) b) = 0")
+nsessions=$(bench_value "SELECT count(*) FROM customer_analytics.sessions")
+
+bench_record first_builds <<MD
+# First builds against the plain SQL computing the same rows
+
+Generated shop (\`generate_sample_data\`, $SHOP_CUSTOMERS customers,
+$SHOP_DAYS days, transformed: $lines order lines, $events events). Median of
+$RUNS runs each, same run, shared_buffers = $BENCH_SHARED_BUFFERS.
+
+| | median | ratio | same rows |
+|---|---:|---:|---|
+| plain: the two \`GROUP BY\` queries into copies of \`sales_rollup_day\` and \`sales_rollup_category\` | $rollup_plain ms | 1.00 | |
+| \`refresh_sales_rollup(full_refresh => true)\` | $rollup_first ms | $(ratio "$rollup_first" "$rollup_plain") | $same_rollup |
+| plain: \`lag()\` and a running \`sum()\` number each visitor's sessions, \`GROUP BY\` into a copy of \`sessions\` ($nsessions sessions) | $sessions_plain ms | 1.00 | |
+| \`refresh_sessions(full_rebuild => true)\` | $sessions_first ms | $(ratio "$sessions_first" "$sessions_plain") | $same_sessions |
+
+The full rebuild of the RFM rollup (`refresh_customer_rfm()` from empty, against `rfm()`) is not measured here.
+MD
