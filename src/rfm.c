@@ -36,12 +36,14 @@
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
 #include "common/int.h"
+#include "common/shortest_dec.h"
 #include "executor/spi.h"
 #include "executor/tuptable.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "parser/parse_relation.h"
+#include "parser/scansup.h"
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -545,22 +547,88 @@ qs_make(MemoryContext cxt, int64 capacity)
 	return qs;
 }
 
+/*
+ * Text form: the values as a float8 array literal, "{v1,v2,...}", each in
+ * the shortest form that reads back to the same bits (whatever
+ * extra_float_digits says).  Citus ships partial aggregate states between
+ * nodes as text, so quintile_breaks can only be pushed down to the workers
+ * if this round-trips exactly.
+ */
 Datum
 ca_quantile_state_in(PG_FUNCTION_ARGS)
 {
-	ereport(ERROR,
-			(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-			 errmsg("type quantile_state has no text input"),
-			 errdetail("It is the internal state of quintile_breaks() and is only built by that aggregate.")));
-	PG_RETURN_NULL();
+	char	   *str = PG_GETARG_CSTRING(0);
+	char	   *p = str;
+	int64		n = 0;
+	QuantileState *qs;
+
+	while (scanner_isspace(*p))
+		p++;
+	if (*p != '{')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+				 errmsg("invalid input syntax for type quantile_state: \"%s\"", str),
+				 errdetail("A quantile_state is written as a list of float8 values in braces, such as {1.5,2,3}.")));
+	p++;
+	/* one value more than there are commas, unless the braces are empty */
+	for (char *q = p; *q; q++)
+		n += (*q == ',');
+	qs = qs_make(CurrentMemoryContext, Max(n + 1, 1));
+	while (scanner_isspace(*p))
+		p++;
+	if (*p != '}')
+	{
+		for (;;)
+		{
+			char	   *start = p;
+			char		saved;
+
+			while (*p && *p != ',' && *p != '}')
+				p++;
+			if (*p == '\0')
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+						 errmsg("invalid input syntax for type quantile_state: \"%s\"", str),
+						 errdetail("The closing brace is missing.")));
+			saved = *p;
+			*p = '\0';
+			/* float8in reports a malformed or out-of-range value itself */
+			qs->values[qs->count++] = DatumGetFloat8(DirectFunctionCall1(float8in, CStringGetDatum(start)));
+			*p = saved;
+			if (*p++ == '}')
+				break;
+		}
+	}
+	else
+		p++;
+	while (scanner_isspace(*p))
+		p++;
+	if (*p != '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+				 errmsg("invalid input syntax for type quantile_state: \"%s\"", str),
+				 errdetail("Junk follows the closing brace.")));
+	PG_RETURN_POINTER(qs);
 }
 
 Datum
 ca_quantile_state_out(PG_FUNCTION_ARGS)
 {
 	QuantileState *qs = (QuantileState *) PG_DETOAST_DATUM(PG_GETARG_DATUM(0));
+	StringInfoData buf;
+	char		num[DOUBLE_SHORTEST_DECIMAL_LEN];
 
-	PG_RETURN_CSTRING(psprintf("(" INT64_FORMAT " values)", qs->count));
+	initStringInfo(&buf);
+	appendStringInfoChar(&buf, '{');
+	for (int64 i = 0; i < qs->count; i++)
+	{
+		if (i > 0)
+			appendStringInfoChar(&buf, ',');
+		double_to_shortest_decimal_buf(qs->values[i], num);
+		appendStringInfoString(&buf, num);
+	}
+	appendStringInfoChar(&buf, '}');
+	PG_RETURN_CSTRING(buf.data);
 }
 
 /* quintile_breaks(value float8) transition: NULLs are skipped */
