@@ -1123,18 +1123,22 @@ scan_table(RfmScan *sc, Relation rel, AttrNumber cust_att, AttrNumber order_att,
 }
 
 /*
- * A view, or a table with row-level security: read it through SQL, which
- * applies the policies (slower, but the same result).
+ * A view, a table with row-level security or a Citus table (its rows in
+ * shards that only Citus's planner reaches): read it through SQL, which
+ * applies the policies or goes to the shards (slower, but the same result).
+ * For the star schema, "where" keeps the completed lines and customer keys
+ * are mapped to customers as scan_table() does.
  */
 static void
 scan_query(RfmScan *sc, Relation rel, const char *cust, const char *order,
-		   const char *ts, const char *amount)
+		   const char *ts, const char *amount, const char *where)
 {
-	char	   *sql = psprintf("SELECT %s, %s, %s, %s FROM %s",
+	char	   *sql = psprintf("SELECT %s, %s, %s, %s FROM %s%s%s",
 							   quote_identifier(cust), order ? quote_identifier(order) : "NULL",
 							   quote_identifier(ts), quote_identifier(amount),
 							   quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
-														  RelationGetRelationName(rel)));
+														  RelationGetRelationName(rel)),
+							   where ? " WHERE " : "", where ? where : "");
 	Portal		portal;
 	MemoryContext rowcxt = AllocSetContextCreate(CurrentMemoryContext, "rfm row", ALLOCSET_SMALL_SIZES);
 
@@ -1159,10 +1163,22 @@ scan_query(RfmScan *sc, Relation rel, const char *cust, const char *order,
 			Datum		a = SPI_getbinval(tup, td, 4, &anull);
 			MemoryContext old;
 
+			uint64		custkey;
+
 			if (cnull || tnull)
 				continue;
+			if (sc->star_schema)
+			{
+				VersionMap *v = versionmap_lookup(sc->versions, (uint64) DatumGetInt64(c));
+
+				if (v == NULL)
+					continue;	/* the unknown customer */
+				custkey = v->durable;
+			}
+			else
+				custkey = hash_value(&sc->customer_hash, c);
 			old = MemoryContextSwitchTo(rowcxt);
-			rfm_scan_row(sc, hash_value(&sc->customer_hash, c), c, o, onull, t, anull, a);
+			rfm_scan_row(sc, custkey, c, o, onull, t, anull, a);
 			MemoryContextSwitchTo(old);
 			MemoryContextReset(rowcxt);
 			sc->rows_seen++;
@@ -1336,9 +1352,13 @@ ca_rfm(PG_FUNCTION_ARGS)
 		fmgr_info(lookup_type_cache(TEXTOID, TYPECACHE_HASH_EXTENDED_PROC)->hash_extended_proc,
 				  &sc.order_hash);
 		load_customer_versions(&sc);
-		scan_table(&sc, rel, attnameAttNum(rel, "customer_key", false), attnameAttNum(rel, "order_id", false),
-				   attnameAttNum(rel, "order_ts", false), attnameAttNum(rel, "revenue", false),
-				   attnameAttNum(rel, "status", false));
+		if (ca_citus_kind(RelationGetRelid(rel)) != CA_CITUS_NONE)
+			scan_query(&sc, rel, "customer_key", "order_id", "order_ts", "revenue",
+					   "status = 'completed'");
+		else
+			scan_table(&sc, rel, attnameAttNum(rel, "customer_key", false), attnameAttNum(rel, "order_id", false),
+					   attnameAttNum(rel, "order_ts", false), attnameAttNum(rel, "revenue", false),
+					   attnameAttNum(rel, "status", false));
 	}
 	else
 	{
@@ -1391,10 +1411,11 @@ ca_rfm(PG_FUNCTION_ARGS)
 		fmgr_info(outfn, &sc.customer_out);
 
 		if ((rel->rd_rel->relkind == RELKIND_RELATION || rel->rd_rel->relkind == RELKIND_MATVIEW) &&
-			check_enable_rls(RelationGetRelid(rel), InvalidOid, false) != RLS_ENABLED)
+			check_enable_rls(RelationGetRelid(rel), InvalidOid, false) != RLS_ENABLED &&
+			ca_citus_kind(RelationGetRelid(rel)) == CA_CITUS_NONE)
 			scan_table(&sc, rel, ca, oa, ta, aa, 0);
 		else
-			scan_query(&sc, rel, cust_col, order_col, ts_col, amount_col);
+			scan_query(&sc, rel, cust_col, order_col, ts_col, amount_col, NULL);
 	}
 	relation_close(rel, AccessShareLock);
 
@@ -1456,6 +1477,16 @@ ca_rfm_from_rollup(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_TABLE),
 				 errmsg("table customer_analytics.rfm_rollup_customer does not exist")));
+	{
+		CaCitusKind citus = ca_citus_kind(relid);
+
+		if (citus != CA_CITUS_NONE)
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("cannot score customers from customer_analytics.rfm_rollup_customer: it is managed by Citus"),
+					 ca_citus_errdetail(relid, citus),
+					 errhint("Score from the facts with customer_analytics.rfm(), which reads a Citus table through SQL.")));
+	}
 	cxt = AllocSetContextCreate(CurrentMemoryContext, "rfm_from_rollup", ALLOCSET_DEFAULT_SIZES);
 	rel = table_open(relid, AccessShareLock);
 	if (pg_class_aclcheck(relid, GetUserId(), ACL_SELECT) != ACLCHECK_OK)
