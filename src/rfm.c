@@ -1058,6 +1058,27 @@ column_attnum(Relation rel, const char *column, const char *role, Oid * type,
 }
 
 /*
+ * The customer a row counts for: in the star schema the durable customer
+ * of its customer_key (false for the unknown customer, whose lines are not
+ * scored), otherwise the hash of the customer column.
+ */
+static inline bool
+row_customer(RfmScan *sc, Datum cust, uint64 *custkey)
+{
+	if (sc->star_schema)
+	{
+		VersionMap *v = versionmap_lookup(sc->versions, (uint64) DatumGetInt64(cust));
+
+		if (v == NULL)
+			return false;
+		*custkey = v->durable;
+	}
+	else
+		*custkey = hash_value(&sc->customer_hash, cust);
+	return true;
+}
+
+/*
  * Scan a table directly (no executor, no SPI per row).  For the star schema
  * only completed lines of known customers count.
  */
@@ -1098,16 +1119,8 @@ scan_table(RfmScan *sc, Relation rel, AttrNumber cust_att, AttrNumber order_att,
 			if (snull || VARSIZE_ANY_EXHDR(st) != 9 || memcmp(VARDATA_ANY(st), "completed", 9) != 0)
 				continue;
 		}
-		if (sc->star_schema)
-		{
-			VersionMap *v = versionmap_lookup(sc->versions, (uint64) DatumGetInt64(cust));
-
-			if (v == NULL)
-				continue;		/* the unknown customer */
-			custkey = v->durable;
-		}
-		else
-			custkey = hash_value(&sc->customer_hash, cust);
+		if (!row_customer(sc, cust, &custkey))
+			continue;
 		if (order_att)
 			order = slot_getattr(slot, order_att, &onull);
 		amount = slot_getattr(slot, amount_att, &anull);
@@ -1167,16 +1180,8 @@ scan_query(RfmScan *sc, Relation rel, const char *cust, const char *order,
 
 			if (cnull || tnull)
 				continue;
-			if (sc->star_schema)
-			{
-				VersionMap *v = versionmap_lookup(sc->versions, (uint64) DatumGetInt64(c));
-
-				if (v == NULL)
-					continue;	/* the unknown customer */
-				custkey = v->durable;
-			}
-			else
-				custkey = hash_value(&sc->customer_hash, c);
+			if (!row_customer(sc, c, &custkey))
+				continue;
 			old = MemoryContextSwitchTo(rowcxt);
 			rfm_scan_row(sc, custkey, c, o, onull, t, anull, a);
 			MemoryContextSwitchTo(old);
