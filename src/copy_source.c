@@ -20,6 +20,7 @@
 #include "commands/copy.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
+#include "nodes/makefuncs.h"
 #include "nodes/value.h"
 #include "parser/parse_node.h"
 #include "parser/parse_relation.h"
@@ -164,7 +165,7 @@ copy_through_sql(Relation rel, List *attnames, List *copy_options,
 	SPI_connect();
 	SPI_execute(psprintf("CREATE TEMPORARY TABLE %s (%s) ON COMMIT DROP", stage, defs.data), false, 0);
 	SPI_finish();
-	stage_oid = RelnameGetRelid(stage);
+	stage_oid = RangeVarGetRelid(makeRangeVar("pg_temp", stage, -1), NoLock, false);
 	stage_rel = table_open(stage_oid, RowExclusiveLock);
 	copied = copy_into(stage_rel, attnames, copy_options, produce, arg);
 	table_close(stage_rel, NoLock);
