@@ -24,6 +24,9 @@ if ! build_and_install; then
     summary
 fi
 
+# issue 17: Citus for t/017_citus.pl, built once into a cache (the test skips without it)
+PG_CONFIG="$PG_CONFIG" "$REPO/scripts/citus.sh" || log "Citus is not available: t/017_citus.pl will be skipped"
+
 WORK=$(scratch_copy test)
 log "running tests in $WORK"
 

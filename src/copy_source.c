@@ -15,11 +15,19 @@
  */
 #include "postgres.h"
 
+#include "access/table.h"
+#include "catalog/namespace.h"
 #include "commands/copy.h"
+#include "executor/spi.h"
 #include "miscadmin.h"
+#include "nodes/makefuncs.h"
+#include "nodes/value.h"
 #include "parser/parse_node.h"
 #include "parser/parse_relation.h"
 #include "storage/lockdefs.h"
+#include "utils/builtins.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
 
 #include "customer_analytics.h"
 
@@ -70,15 +78,11 @@ producer_read(void *outbuf, int minread, int maxread)
 }
 
 /*
- * Run COPY FROM over the producer's output into rel, which the caller has
- * opened with RowExclusiveLock and checked for INSERT privilege.  attnames
- * lists the columns in input order (NIL: all columns); copy_options are
- * COPY's own options as DefElems (format, header, encoding, ...).
- * Returns the number of rows inserted.
+ * COPY FROM the producer's output straight into rel, through the table AM.
  */
-uint64
-ca_copy_from_producer(Relation rel, List *attnames, List *copy_options,
-					  CaChunkProducer produce, void *arg)
+static uint64
+copy_into(Relation rel, List *attnames, List *copy_options,
+		  CaChunkProducer produce, void *arg)
 {
 	ProducerSource src;
 	ProducerSource *saved = active_source;
@@ -114,6 +118,87 @@ ca_copy_from_producer(Relation rel, List *attnames, List *copy_options,
 	pfree(src.chunk.data);
 	free_parsestate(pstate);
 	return processed;
+}
+
+/*
+ * A Citus table's rows live in shards that the table AM cannot reach:
+ * COPY into a temporary table with the same columns, then INSERT ... SELECT
+ * from it, which Citus routes to the shards.  Every row that COPY took must
+ * come out of the INSERT, or the load fails.
+ */
+static uint64
+copy_through_sql(Relation rel, List *attnames, List *copy_options,
+				 CaChunkProducer produce, void *arg)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	char	   *target = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
+													RelationGetRelationName(rel));
+	char	   *stage = psprintf("ca_citus_stage_%u", RelationGetRelid(rel));
+	StringInfoData defs;
+	StringInfoData cols;
+	Oid			stage_oid;
+	Relation	stage_rel;
+	uint64		copied;
+	uint64		inserted;
+	ListCell   *lc;
+
+	initStringInfo(&defs);
+	initStringInfo(&cols);
+	for (int i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i);
+		bool		wanted = (attnames == NIL);
+
+		if (att->attisdropped)
+			continue;
+		foreach(lc, attnames)
+			wanted |= (strcmp(strVal(lfirst(lc)), NameStr(att->attname)) == 0);
+		if (!wanted)
+			continue;
+		appendStringInfo(&defs, "%s%s %s", defs.len ? ", " : "",
+						 quote_identifier(NameStr(att->attname)),
+						 format_type_with_typemod(att->atttypid, att->atttypmod));
+		appendStringInfo(&cols, "%s%s", cols.len ? ", " : "",
+						 quote_identifier(NameStr(att->attname)));
+	}
+
+	SPI_connect();
+	SPI_execute(psprintf("CREATE TEMPORARY TABLE %s (%s) ON COMMIT DROP", stage, defs.data), false, 0);
+	SPI_finish();
+	stage_oid = RangeVarGetRelid(makeRangeVar("pg_temp", stage, -1), NoLock, false);
+	stage_rel = table_open(stage_oid, RowExclusiveLock);
+	copied = copy_into(stage_rel, attnames, copy_options, produce, arg);
+	table_close(stage_rel, NoLock);
+
+	SPI_connect();
+	SPI_execute(psprintf("INSERT INTO %s (%s) SELECT %s FROM pg_temp.%s",
+						 target, cols.data, cols.data, stage), false, 0);
+	inserted = SPI_processed;
+	SPI_execute(psprintf("DROP TABLE pg_temp.%s", stage), false, 0);
+	SPI_finish();
+	if (inserted != copied)
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("loading %s through Citus inserted " UINT64_FORMAT " rows of the " UINT64_FORMAT " read",
+						target, inserted, copied),
+				 errdetail("The load is undone rather than reported with rows that are not there.")));
+	return copied;
+}
+
+/*
+ * Run COPY FROM over the producer's output into rel, which the caller has
+ * opened with RowExclusiveLock and checked for INSERT privilege.  attnames
+ * lists the columns in input order (NIL: all columns); copy_options are
+ * COPY's own options as DefElems (format, header, encoding, ...).
+ * Returns the number of rows inserted.
+ */
+uint64
+ca_copy_from_producer(Relation rel, List *attnames, List *copy_options,
+					  CaChunkProducer produce, void *arg)
+{
+	if (ca_citus_kind(RelationGetRelid(rel)) != CA_CITUS_NONE)
+		return copy_through_sql(rel, attnames, copy_options, produce, arg);
+	return copy_into(rel, attnames, copy_options, produce, arg);
 }
 
 /*

@@ -53,4 +53,19 @@ extern CaCopyReader *ca_copy_reader_begin(Relation rel, List *copy_options,
 extern CaCopyFromState ca_copy_reader_state(CaCopyReader *reader);
 extern void ca_copy_reader_end(CaCopyReader *reader, bool abandon);
 
+/*
+ * citus_guard.c: is a table managed by Citus (its rows in shards that only
+ * SQL reaches, not the table AM)?
+ */
+typedef enum CaCitusKind
+{
+	CA_CITUS_NONE,				/* an ordinary table, or Citus is absent */
+	CA_CITUS_DISTRIBUTED,
+	CA_CITUS_REFERENCE,
+	CA_CITUS_LOCAL				/* Citus-local or single-shard */
+} CaCitusKind;
+
+extern CaCitusKind ca_citus_kind(Oid relid);
+extern int	ca_citus_errdetail(Oid relid, CaCitusKind kind);
+
 #endif							/* CUSTOMER_ANALYTICS_H */

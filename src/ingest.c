@@ -1622,6 +1622,7 @@ check_target(Relation rel)
 {
 	char	   *name = qualified_relation_name(rel);
 	AclResult	acl;
+	CaCitusKind citus;
 
 	if (rel->rd_rel->relkind != RELKIND_RELATION)
 		ereport(ERROR,
@@ -1642,6 +1643,14 @@ check_target(Relation rel)
 				 errmsg("cannot ingest into %s: it has row-level security", name),
 				 errdetail("Like COPY FROM, ingestion does not apply row-level security policies."),
 				 errhint("Ingest into a table without policies, then INSERT ... SELECT from it.")));
+	/* before the triggers: Citus puts a truncate trigger of its own on them */
+	citus = ca_citus_kind(RelationGetRelid(rel));
+	if (citus != CA_CITUS_NONE)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("cannot ingest into %s: it is managed by Citus", name),
+				 ca_citus_errdetail(RelationGetRelid(rel), citus),
+				 errhint("Ingest into a local table with the same columns, then INSERT INTO %s SELECT ... FROM it: Citus routes that INSERT to the shards.", name)));
 	if (rel->trigdesc)
 	{
 		for (int i = 0; i < rel->trigdesc->numtriggers; i++)

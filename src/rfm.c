@@ -37,12 +37,14 @@
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
 #include "common/int.h"
+#include "common/shortest_dec.h"
 #include "executor/spi.h"
 #include "executor/tuptable.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "parser/parse_relation.h"
+#include "parser/scansup.h"
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -577,22 +579,88 @@ qs_make(MemoryContext cxt, int64 capacity)
 	return qs;
 }
 
+/*
+ * Text form: the values as a float8 array literal, "{v1,v2,...}", each in
+ * the shortest form that reads back to the same bits (whatever
+ * extra_float_digits says).  Citus ships partial aggregate states between
+ * nodes as text, so quintile_breaks can only be pushed down to the workers
+ * if this round-trips exactly.
+ */
 Datum
 ca_quantile_state_in(PG_FUNCTION_ARGS)
 {
-	ereport(ERROR,
-			(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-			 errmsg("type quantile_state has no text input"),
-			 errdetail("It is the internal state of quintile_breaks() and is only built by that aggregate.")));
-	PG_RETURN_NULL();
+	char	   *str = PG_GETARG_CSTRING(0);
+	char	   *p = str;
+	int64		n = 0;
+	QuantileState *qs;
+
+	while (scanner_isspace(*p))
+		p++;
+	if (*p != '{')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+				 errmsg("invalid input syntax for type quantile_state: \"%s\"", str),
+				 errdetail("A quantile_state is written as a list of float8 values in braces, such as {1.5,2,3}.")));
+	p++;
+	/* one value more than there are commas, unless the braces are empty */
+	for (char *q = p; *q; q++)
+		n += (*q == ',');
+	qs = qs_make(CurrentMemoryContext, Max(n + 1, 1));
+	while (scanner_isspace(*p))
+		p++;
+	if (*p != '}')
+	{
+		for (;;)
+		{
+			char	   *start = p;
+			char		saved;
+
+			while (*p && *p != ',' && *p != '}')
+				p++;
+			if (*p == '\0')
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+						 errmsg("invalid input syntax for type quantile_state: \"%s\"", str),
+						 errdetail("The closing brace is missing.")));
+			saved = *p;
+			*p = '\0';
+			/* float8in reports a malformed or out-of-range value itself */
+			qs->values[qs->count++] = DatumGetFloat8(DirectFunctionCall1(float8in, CStringGetDatum(start)));
+			*p = saved;
+			if (*p++ == '}')
+				break;
+		}
+	}
+	else
+		p++;
+	while (scanner_isspace(*p))
+		p++;
+	if (*p != '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+				 errmsg("invalid input syntax for type quantile_state: \"%s\"", str),
+				 errdetail("Junk follows the closing brace.")));
+	PG_RETURN_POINTER(qs);
 }
 
 Datum
 ca_quantile_state_out(PG_FUNCTION_ARGS)
 {
 	QuantileState *qs = (QuantileState *) PG_DETOAST_DATUM(PG_GETARG_DATUM(0));
+	StringInfoData buf;
+	char		num[DOUBLE_SHORTEST_DECIMAL_LEN];
 
-	PG_RETURN_CSTRING(psprintf("(" INT64_FORMAT " values)", qs->count));
+	initStringInfo(&buf);
+	appendStringInfoChar(&buf, '{');
+	for (int64 i = 0; i < qs->count; i++)
+	{
+		if (i > 0)
+			appendStringInfoChar(&buf, ',');
+		double_to_shortest_decimal_buf(qs->values[i], num);
+		appendStringInfoString(&buf, num);
+	}
+	appendStringInfoChar(&buf, '}');
+	PG_RETURN_CSTRING(buf.data);
 }
 
 /* quintile_breaks(value float8) transition: NULLs are skipped */
@@ -1045,6 +1113,27 @@ column_attnum(Relation rel, const char *column, const char *role, Oid * type,
 }
 
 /*
+ * The customer a row counts for: in the star schema the durable customer
+ * of its customer_key (false for the unknown customer, whose lines are not
+ * scored), otherwise the hash of the customer column.
+ */
+static inline bool
+row_customer(RfmScan *sc, Datum cust, uint64 *custkey)
+{
+	if (sc->star_schema)
+	{
+		VersionMap *v = versionmap_lookup(sc->versions, (uint64) DatumGetInt64(cust));
+
+		if (v == NULL)
+			return false;
+		*custkey = v->durable;
+	}
+	else
+		*custkey = hash_value(&sc->customer_hash, cust);
+	return true;
+}
+
+/*
  * Scan a table directly (no executor, no SPI per row).  For the star schema
  * only completed lines of known customers count.
  */
@@ -1087,16 +1176,8 @@ scan_table(RfmScan *sc, Relation rel, AttrNumber cust_att, AttrNumber order_att,
 			if (snull || VARSIZE_ANY_EXHDR(st) != 9 || memcmp(VARDATA_ANY(st), "completed", 9) != 0)
 				continue;
 		}
-		if (sc->star_schema)
-		{
-			VersionMap *v = versionmap_lookup(sc->versions, (uint64) DatumGetInt64(cust));
-
-			if (v == NULL)
-				continue;		/* the unknown customer */
-			custkey = v->durable;
-		}
-		else
-			custkey = hash_value(&sc->customer_hash, cust);
+		if (!row_customer(sc, cust, &custkey))
+			continue;
 		if (order_att)
 			order = slot_getattr(slot, order_att, &onull);
 		amount = slot_getattr(slot, amount_att, &anull);
@@ -1126,8 +1207,9 @@ scan_table(RfmScan *sc, Relation rel, AttrNumber cust_att, AttrNumber order_att,
 }
 
 /*
- * A view, or a table with row-level security: read it through SQL, which
- * applies the policies (slower, but the same result).
+ * A view, a table with row-level security or a Citus table (its rows in
+ * shards that only Citus's planner reaches): read it through SQL, which
+ * applies the policies or goes to the shards (slower, but the same result).
  */
 static void
 scan_query(RfmScan *sc, Relation rel, const char *cust, const char *order,
@@ -1162,10 +1244,14 @@ scan_query(RfmScan *sc, Relation rel, const char *cust, const char *order,
 			Datum		a = SPI_getbinval(tup, td, 4, &anull);
 			MemoryContext old;
 
+			uint64		custkey;
+
 			if (cnull || tnull)
 				continue;
+			if (!row_customer(sc, c, &custkey))
+				continue;
 			old = MemoryContextSwitchTo(rowcxt);
-			rfm_scan_row(sc, hash_value(&sc->customer_hash, c), c, o, onull, t, anull, a);
+			rfm_scan_row(sc, custkey, c, o, onull, t, anull, a);
 			MemoryContextSwitchTo(old);
 			MemoryContextReset(rowcxt);
 			sc->rows_seen++;
@@ -1339,6 +1425,18 @@ ca_rfm(PG_FUNCTION_ARGS)
 		fmgr_info(lookup_type_cache(TEXTOID, TYPECACHE_HASH_EXTENDED_PROC)->hash_extended_proc,
 				  &sc.order_hash);
 		load_customer_versions(&sc);
+		/*
+		 * A star schema distributed by Citus has no layout of its own yet
+		 * (the credit-note and SCD2 rules below read the local heap), so
+		 * rather than read an empty shell, say so.
+		 */
+		if (ca_citus_kind(RelationGetRelid(rel)) != CA_CITUS_NONE)
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("rfm() cannot read the star schema's \"%s\": it is managed by Citus",
+							RelationGetRelationName(rel)),
+					 ca_citus_errdetail(RelationGetRelid(rel), ca_citus_kind(RelationGetRelid(rel))),
+					 errhint("A distributed star schema is not supported yet; rfm() reads other Citus tables named with their columns through a query.")));
 		scan_table(&sc, rel, attnameAttNum(rel, "customer_key", false), attnameAttNum(rel, "order_id", false),
 				   attnameAttNum(rel, "order_ts", false), attnameAttNum(rel, "revenue", false),
 				   attnameAttNum(rel, "status", false), attnameAttNum(rel, "quantity", false));
@@ -1394,7 +1492,8 @@ ca_rfm(PG_FUNCTION_ARGS)
 		fmgr_info(outfn, &sc.customer_out);
 
 		if ((rel->rd_rel->relkind == RELKIND_RELATION || rel->rd_rel->relkind == RELKIND_MATVIEW) &&
-			check_enable_rls(RelationGetRelid(rel), InvalidOid, false) != RLS_ENABLED)
+			check_enable_rls(RelationGetRelid(rel), InvalidOid, false) != RLS_ENABLED &&
+			ca_citus_kind(RelationGetRelid(rel)) == CA_CITUS_NONE)
 			scan_table(&sc, rel, ca, oa, ta, aa, 0, 0);
 		else
 			scan_query(&sc, rel, cust_col, order_col, ts_col, amount_col);
@@ -1459,6 +1558,16 @@ ca_rfm_from_rollup(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_TABLE),
 				 errmsg("table customer_analytics.rfm_rollup_customer does not exist")));
+	{
+		CaCitusKind citus = ca_citus_kind(relid);
+
+		if (citus != CA_CITUS_NONE)
+			ereport(ERROR,
+					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+					 errmsg("cannot score customers from customer_analytics.rfm_rollup_customer: it is managed by Citus"),
+					 ca_citus_errdetail(relid, citus),
+					 errhint("Score from the facts with customer_analytics.rfm(), which reads a Citus table through SQL.")));
+	}
 	cxt = AllocSetContextCreate(CurrentMemoryContext, "rfm_from_rollup", ALLOCSET_DEFAULT_SIZES);
 	rel = table_open(relid, AccessShareLock);
 	if (pg_class_aclcheck(relid, GetUserId(), ACL_SELECT) != ACLCHECK_OK)
