@@ -529,11 +529,8 @@ insert_slots(IngestState *st, int lo, int hi)
 		List	   *recheck = NIL;
 
 		if (st->rri->ri_NumIndices > 0)
-			recheck = ExecInsertIndexTuples(st->rri, st->slots[i], st->estate,
-#if PG_VERSION_NUM >= 160000
-											false,
-#endif
-											false, false, NULL, NIL);
+			recheck = ca_ExecInsertIndexTuples(st->rri, st->slots[i], st->estate,
+											   false, false, NULL, NIL);
 		if (st->has_ri_triggers)
 			ExecARInsertTriggers(st->estate, st->rri, st->slots[i], recheck, NULL);
 		list_free(recheck);
