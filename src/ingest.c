@@ -933,7 +933,14 @@ process_record(IngestState *st, char **fields, int nfields)
 				case IMPUTE_PREVIOUS:
 					if (rule->have_previous)
 					{
-						values[att - 1] = rule->previous;
+						Form_pg_attribute a = TupleDescAttr(st->tupdesc, att - 1);
+
+						/*
+						 * A copy in the batch: the row stays buffered after
+						 * the next accepted row frees rule->previous to keep
+						 * its own value.
+						 */
+						values[att - 1] = datumCopy(rule->previous, a->attbyval, a->attlen);
 						nulls[att - 1] = false;
 					}
 					break;
