@@ -73,12 +73,18 @@ install_packages() {
 CA_CFLAGS="-Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers -Wno-sign-compare -Wno-clobbered"
 
 # select_pg MAJOR: PG_CONFIG, PG_MAJOR and PG_BINDIR become those of that
-# major, installed if missing: from apt when it has the packages (Debian's
-# 15, or the PostgreSQL project's repository), else 18 is built from the
-# vendored sources (scripts/pg18.sh).  Returns 1 when it cannot be had.
+# major: CA_PG<MAJOR>_CONFIG when set, else installed if missing: from apt
+# when it has the packages (Debian's 15, or the PostgreSQL project's
+# repository), else 18 is built from the vendored sources (scripts/pg18.sh).
+# Returns 1 when it cannot be had.
 select_pg() {
-    local major=$1
-    if [ "$major" = 18 ]; then
+    local major=$1 given_var=CA_PG$1_CONFIG
+    if [ -n "${!given_var:-}" ]; then
+        # CA_PG15_CONFIG=... (etc.): that installation for this major
+        [ "$(pg_major_of "${!given_var}")" = "$major" ] \
+            || { echo "error: $given_var (${!given_var}) is not PostgreSQL $major" >&2; return 1; }
+        PG_CONFIG=${!given_var}
+    elif [ "$major" = 18 ]; then
         ensure_pg18 || return 1
         PG_CONFIG=$PG18_CONFIG
     else
