@@ -134,25 +134,25 @@ incomplete() {
     fi
 }
 
+# regress_family NAME TARGET DIFFS: a pg_regress-style family on $major in
+# $WORK, counted, with its diffs shown
+regress_family() {
+    local t0=$SECONDS
+    run_family "$WORK" "$1" "$2"
+    count_regress "$WORK/$1.log" "$major $1"
+    incomplete "$WORK" "$1"
+    [ -f "$3" ] && { echo "--- $1: ${3#$WORK/}"; cat "$3"; }
+    timed "$1 on $major" "$t0"
+}
+
 for major in "${ready[@]}"; do
     WORK=$(scratch_copy "test$major")
     log "PostgreSQL $major: running tests in $WORK"
     failed_before=$failed
 
-    t0=$SECONDS
-    run_family "$WORK" regress check-regress
-    count_regress "$WORK/regress.log" "$major regress"
-    incomplete "$WORK" regress
-    [ -f "$WORK/regression.diffs" ] && { echo "--- regression.diffs"; cat "$WORK/regression.diffs"; }
-    timed "regress on $major" "$t0"
-
+    regress_family regress check-regress "$WORK/regression.diffs"
     if ls "$WORK"/specs/*.spec >/dev/null 2>&1; then
-        t0=$SECONDS
-        run_family "$WORK" isolation check-isolation
-        count_regress "$WORK/isolation.log" "$major isolation"
-        incomplete "$WORK" isolation
-        [ -f "$WORK/output_iso/regression.diffs" ] && { echo "--- isolation regression.diffs"; cat "$WORK/output_iso/regression.diffs"; }
-        timed "isolation on $major" "$t0"
+        regress_family isolation check-isolation "$WORK/output_iso/regression.diffs"
     fi
 
     # TAP on the oldest tested major (and on all with CA_TAP_ON_ALL=1, or
