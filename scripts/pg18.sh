@@ -12,11 +12,11 @@ PGCRON18_TARBALL=pg_cron-$PGCRON18_VERSION.tar.gz
 PGCRON18_SHA256=6684ba135a8de3663af5eddbae354a080b37d2f28f2c1801eeab3bbbb4c39f6a
 # Raised whenever the configure options or the steps below change, so that
 # a cache built the old way is rebuilt rather than trusted.
-PG18_RECIPE=1
+PG18_RECIPE=2
 
 # Build dependencies of the source build (Debian names).
 PG18_BUILD_PACKAGES=(bison flex libreadline-dev zlib1g-dev libicu-dev pkg-config
-                     libssl-dev liblz4-dev libzstd-dev make gcc libipc-run-perl)
+                     libssl-dev liblz4-dev libzstd-dev libxml2-dev make gcc libipc-run-perl)
 
 CA_BUILD_CACHE=${CA_BUILD_CACHE:-/var/cache/customer_analytics}
 CA_VENDOR_DIR=${CA_VENDOR_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/shared/vendor}
@@ -89,12 +89,12 @@ ensure_pg18() {
     fi
 
     echo "PostgreSQL $PG18_VERSION: building into $prefix (a few minutes; log in $dir/build.log)" >&2
-    rm -rf "$dir"
+    # Built and installed aside (DESTDIR), then moved into place: a failed
+    # or interrupted build leaves the previous installation as it was.
+    rm -rf "$dir/src" "$dir/stage"
     mkdir -p "$dir/src" || return 1
-    local jobs
+    local jobs stage=$dir/stage$prefix
     jobs=$(nproc 2>/dev/null || echo 2)
-    # The steps run in a subshell so that a failure stops them without
-    # leaving a stamp; the stamp is written last.
     (
         set -e
         cd "$dir/src"
@@ -102,20 +102,22 @@ ensure_pg18() {
         tar -xzf "$CA_VENDOR_DIR/$PGCRON18_TARBALL"
         cd "postgresql-$PG18_VERSION"
         # --enable-tap-tests: PGXS's prove_installcheck needs the Perl test
-        # modules installed; the --with options match Debian's packages so
-        # that a 15 cluster from Debian can be pg_upgrade'd to this one.
+        # modules installed; the --with options are those of Debian's and
+        # the PostgreSQL project's packages (a 15 cluster from Debian is
+        # pg_upgrade'd to this one; the demo's report uses query_to_xml).
         ./configure --prefix="$prefix" --enable-tap-tests --with-openssl --with-lz4 \
-            --with-zstd --with-icu
+            --with-zstd --with-icu --with-libxml
         make -j"$jobs" world-bin
-        make install-world-bin
+        make install-world-bin DESTDIR="$dir/stage"
         # pg_regress, the isolation tester and the TAP modules are what PGXS
         # test targets run; install them explicitly in case world-bin did not.
-        make -C src/test/regress install
-        make -C src/test/isolation install
-        make -C src/test/perl install
+        make -C src/test/regress install DESTDIR="$dir/stage"
+        make -C src/test/isolation install DESTDIR="$dir/stage"
+        make -C src/test/perl install DESTDIR="$dir/stage"
+        # PostgreSQL is relocatable: the staged pg_config names the staged tree
         cd "../pg_cron-$PGCRON18_VERSION"
-        make PG_CONFIG="$prefix/bin/pg_config"
-        make PG_CONFIG="$prefix/bin/pg_config" install
+        make PG_CONFIG="$stage/bin/pg_config"
+        make PG_CONFIG="$stage/bin/pg_config" install
     ) >"$dir/build.log" 2>&1
     if [ $? -ne 0 ]; then
         echo "error: building PostgreSQL $PG18_VERSION failed; the last lines of $dir/build.log:" >&2
@@ -123,8 +125,11 @@ ensure_pg18() {
         return 1
     fi
     # The tests run as an unprivileged user that must read the installation.
-    chmod -R a+rX "$prefix"
-    rm -rf "$dir/src"
+    chmod -R a+rX "$stage"
+    rm -rf "$prefix.old"
+    [ -e "$prefix" ] && mv "$prefix" "$prefix.old"
+    mv "$stage" "$prefix" || return 1
+    rm -rf "$prefix.old" "$dir/stage" "$dir/src"
     echo "$want" >"$stamp"
 }
 
