@@ -40,6 +40,17 @@ EXTRA_CLEAN = results output_iso tmp_check tmp_check_iso log \
               regression.diffs regression.out
 
 PG_CONFIG ?= pg_config
+
+# One source tree for these majors (src/pg_compat.h holds what differs);
+# another fails here, before a compiler error could hide why.
+SUPPORTED_MAJORS = 15 16 17 18
+PG_MAJOR := $(shell $(PG_CONFIG) --version 2>/dev/null | sed -n 's/^PostgreSQL \([0-9][0-9]*\).*/\1/p')
+ifeq ($(PG_MAJOR),)
+$(error cannot run "$(PG_CONFIG) --version": set PG_CONFIG to the pg_config of PostgreSQL 15, 16, 17 or 18)
+endif
+ifeq ($(filter $(PG_MAJOR),$(SUPPORTED_MAJORS)),)
+$(error customer_analytics supports PostgreSQL 15 to 18, but $(PG_CONFIG) is PostgreSQL $(PG_MAJOR); set PG_CONFIG to the pg_config of a supported installation)
+endif
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 

@@ -2214,3 +2214,56 @@ AS $$
 $$;
 COMMENT ON FUNCTION customer_analytics.bgnbd_fit_status(customer_analytics.bgnbd_model) IS
     'What a bgnbd_fit result is: fitted; no customers (NULL); no repeat purchases (no parameters: nothing to fit); no dropout observed (a / (a + b) below 1e-4: the fit went to the limit where everyone is alive)';
+
+-- issue 15: pipeline_plan() keeps each step's dependencies in their declared
+-- order (a semi-join returned them in the planner's order, which differs on 18)
+CREATE OR REPLACE FUNCTION customer_analytics.pipeline_plan(scope text DEFAULT 'all')
+RETURNS TABLE (step_no integer, step text, command text, depends_on text[])
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    placed text[] := '{}';
+    pick record;
+    n integer := 0;
+BEGIN
+    CREATE TEMP TABLE IF NOT EXISTS ca_plan_steps (step text, command text, depends_on text[], ordinal int) ON COMMIT DROP;
+    TRUNCATE ca_plan_steps;
+    INSERT INTO ca_plan_steps
+    SELECT t.task, t.command, t.depends_on, t.ordinal
+    FROM customer_analytics.pipeline_task t WHERE t.enabled AND t.scope = pipeline_plan.scope;
+    IF scope = 'all' THEN
+        INSERT INTO ca_plan_steps
+        SELECT 'refresh ' || customer_analytics.qualified_name(p.matview),
+               format('REFRESH MATERIALIZED VIEW %s%s', CASE WHEN p.concurrent THEN 'CONCURRENTLY ' ELSE '' END, p.matview),
+               ARRAY['checks'] || ARRAY(SELECT 'refresh ' || customer_analytics.qualified_name(x) FROM unnest(p.depends_on) x)
+                   || ARRAY(SELECT t.task FROM customer_analytics.pipeline_task t
+                            WHERE t.enabled AND t.scope = 'all'
+                              AND t.feeds && ARRAY(SELECT customer_analytics.qualified_name(x) FROM unnest(p.reads) x)
+                            ORDER BY t.task),
+               100 + p.level
+        FROM customer_analytics.refresh_plan() p;
+    END IF;
+    -- a dependency on a step that is not in this plan is no dependency;
+    -- the others keep their order (the semi-join alone may not)
+    UPDATE ca_plan_steps s SET depends_on = ARRAY(SELECT u.d FROM unnest(s.depends_on) WITH ORDINALITY u(d, i)
+                                                  WHERE u.d IN (SELECT step FROM ca_plan_steps) ORDER BY u.i);
+    LOOP
+        SELECT s.* INTO pick FROM ca_plan_steps s
+        WHERE NOT s.step = ANY (placed) AND s.depends_on <@ placed
+        ORDER BY s.ordinal, s.step LIMIT 1;
+        EXIT WHEN NOT FOUND;
+        n := n + 1;
+        placed := placed || pick.step;
+        step_no := n; step := pick.step; command := pick.command; depends_on := pick.depends_on;
+        RETURN NEXT;
+    END LOOP;
+    IF n < (SELECT count(*) FROM ca_plan_steps) THEN
+        RAISE EXCEPTION 'the pipeline''s steps depend on each other in a cycle'
+            USING ERRCODE = 'invalid_recursion',
+                  DETAIL = 'Steps in the cycle: ' || (SELECT string_agg(step, ', ' ORDER BY step) FROM ca_plan_steps WHERE NOT step = ANY (placed)) || '.',
+                  HINT = 'Fix depends_on in customer_analytics.pipeline_task.';
+    END IF;
+END
+$$;

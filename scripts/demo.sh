@@ -8,6 +8,7 @@
 #
 # To use an existing server instead, set the usual PG* variables (PGHOST,
 # PGPORT, PGUSER, PGDATABASE); nothing is started or stopped then.
+# --pg 18 runs it on PostgreSQL 18 (from apt, or built: scripts/pg18.sh).
 set -euo pipefail
 . "$(dirname "$0")/common.sh"
 ensure_root "$@"
@@ -17,7 +18,22 @@ DEMO_PORT=${DEMO_PORT:-54329}
 CUSTOMERS=${DEMO_CUSTOMERS:-10000}
 DAYS=${DEMO_DAYS:-365}
 
-install_packages
+# --pg 18: the demo on PostgreSQL 18 (installed or built: scripts/pg18.sh)
+want_major=
+while [ $# -gt 0 ]; do
+    case $1 in
+        --pg) [ $# -ge 2 ] || die "usage: $0 [--pg 15|18]"; want_major=$2; shift 2 ;;
+        --pg=*) want_major=${1#--pg=}; shift ;;
+        *) die "usage: $0 [--pg 15|18]" ;;
+    esac
+done
+if [ -n "$want_major" ] && [ "$want_major" != "$PG_MAJOR" ]; then
+    [ "$PG_CONFIG_FROM_CALLER" = 0 ] || die "PG_CONFIG ($PG_CONFIG) is PostgreSQL $PG_MAJOR, but --pg $want_major was asked for"
+    install_packages "${BASE_PACKAGES[@]}"
+    select_pg "$want_major" || die "PostgreSQL $want_major could not be set up"
+else
+    install_packages
+fi
 build_and_install || die "build failed"
 
 if [ -n "${PGHOST:-}${PGPORT:-}${PGDATABASE:-}" ]; then
@@ -47,9 +63,9 @@ max_wal_size = '4GB'
 CONF
     as_pg_user "$PG_BINDIR/pg_ctl" -D "$DATA" -l "$OUT/server.log" -w start >/dev/null
     export PGHOST=$OUT PGPORT=$DEMO_PORT PGUSER=postgres
-    as_pg_user psql -X -q -h "$OUT" -p "$DEMO_PORT" -U postgres -d postgres -c "CREATE DATABASE warehouse" >/dev/null
+    as_pg_user "$PG_BINDIR/psql" -X -q -h "$OUT" -p "$DEMO_PORT" -U postgres -d postgres -c "CREATE DATABASE warehouse" >/dev/null
     export PGDATABASE=warehouse
-    PSQL=(runuser -u "$PG_OS_USER" -- psql -X -v ON_ERROR_STOP=1 -h "$OUT" -p "$DEMO_PORT" -U postgres -d warehouse)
+    PSQL=(runuser -u "$PG_OS_USER" -- "$PG_BINDIR/psql" -X -v ON_ERROR_STOP=1 -h "$OUT" -p "$DEMO_PORT" -U postgres -d warehouse)
 fi
 
 log "creating the extensions"

@@ -122,6 +122,13 @@ FROM ingest_csv_text('public.lines', E'order_id,product_id,channel,quantity,regi
                                      ',P4,web,1,south,1\n');
 SELECT * FROM public.lines ORDER BY order_id;
 SELECT imputed FROM ingest_load WHERE load_id = (SELECT max(load_id) FROM ingest_load);
+-- a row given the previous value keeps it while the next row, still in
+-- the same batch, brings a new one of the same size
+TRUNCATE public.lines;
+SELECT status, rows_loaded, rows_imputed
+FROM ingest_csv_text('public.lines', E'order_id,product_id,channel,quantity,region,store\n'
+                                     'P1,P1,app,2,north,7\nP2,P2,web,1,,7\nP3,P3,web,1,south,7\nP4,P4,web,1,,7\n');
+SELECT order_id, region FROM public.lines ORDER BY order_id;
 -- a required column the file lacks, with no rule: refused before reading
 SELECT pg_temp.try($$SELECT * FROM customer_analytics.ingest_csv_text('public.things', E'id,amount\n1,2\n')$$);
 -- rules that cannot apply are refused, naming the column

@@ -238,7 +238,10 @@ SET parallel_setup_cost = 0;
 SET parallel_tuple_cost = 0;
 SET min_parallel_table_scan_size = 0;
 SET max_parallel_workers_per_gather = 2;
-SET force_parallel_mode = on;
+-- force_parallel_mode is named debug_parallel_query from PostgreSQL 16 on
+SELECT CASE WHEN current_setting('server_version_num')::int >= 160000 THEN 'debug_parallel_query'
+            ELSE 'force_parallel_mode' END AS parallel_guc \gset
+SET :parallel_guc = on;
 EXPLAIN (COSTS OFF) SELECT customer, rfm_agg(ts, amount) FROM public.big_orders GROUP BY customer;
 EXPLAIN (COSTS OFF) SELECT quintile_breaks(x) FROM public.big_orders;
 SELECT count(*) AS differences
@@ -250,7 +253,7 @@ RESET parallel_setup_cost;
 RESET parallel_tuple_cost;
 RESET min_parallel_table_scan_size;
 RESET max_parallel_workers_per_gather;
-RESET force_parallel_mode;
+RESET :parallel_guc;
 
 ------------------------------------------------------------------------
 -- the views

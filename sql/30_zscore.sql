@@ -109,7 +109,10 @@ SET parallel_setup_cost = 0;
 SET parallel_tuple_cost = 0;
 SET min_parallel_table_scan_size = 0;
 SET max_parallel_workers_per_gather = 2;
-SET force_parallel_mode = on;
+-- force_parallel_mode is named debug_parallel_query from PostgreSQL 16 on
+SELECT CASE WHEN current_setting('server_version_num')::int >= 160000 THEN 'debug_parallel_query'
+            ELSE 'force_parallel_mode' END AS parallel_guc \gset
+SET :parallel_guc = on;
 EXPLAIN (COSTS OFF) SELECT stats_agg(x), median_mad_agg(x) FROM par;
 CREATE TEMP TABLE parallel_result AS SELECT stats_agg(x) AS s, median_mad_agg(x)::text AS m FROM par;
 SELECT count(p.s) = count(s.s::stats) AS same_count,
@@ -117,7 +120,7 @@ SELECT count(p.s) = count(s.s::stats) AS same_count,
        abs(variance(p.s) - variance(s.s::stats)) <= 1e-10 * variance(s.s::stats) AS same_variance,
        p.m = s.m AS same_median_mad
 FROM parallel_result p, serial_result s;
-RESET force_parallel_mode;
+RESET :parallel_guc;
 RESET max_parallel_workers_per_gather;
 RESET parallel_setup_cost;
 RESET parallel_tuple_cost;

@@ -13,6 +13,8 @@
 #include "nodes/pg_list.h"
 #include "utils/relcache.h"
 
+#include "pg_compat.h"
+
 /* GUC prefix; every setting of ours is customer_analytics.<name> */
 #define CA_GUC_PREFIX "customer_analytics"
 

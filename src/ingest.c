@@ -550,11 +550,8 @@ insert_slots(IngestState *st, int lo, int hi)
 		List	   *recheck = NIL;
 
 		if (st->rri->ri_NumIndices > 0)
-			recheck = ExecInsertIndexTuples(st->rri, st->slots[i], st->estate,
-#if PG_VERSION_NUM >= 160000
-											false,
-#endif
-											false, false, NULL, NIL);
+			recheck = ca_ExecInsertIndexTuples(st->rri, st->slots[i], st->estate,
+											   false, false, NULL, NIL);
 		if (st->has_ri_triggers)
 			ExecARInsertTriggers(st->estate, st->rri, st->slots[i], recheck, NULL);
 		list_free(recheck);
@@ -958,7 +955,14 @@ process_record(IngestState *st, char **fields, int nfields)
 				case IMPUTE_PREVIOUS:
 					if (rule->have_previous)
 					{
-						values[att - 1] = rule->previous;
+						Form_pg_attribute a = TupleDescAttr(st->tupdesc, att - 1);
+
+						/*
+						 * A copy in the batch: the row stays buffered after
+						 * the next accepted row frees rule->previous to keep
+						 * its own value.
+						 */
+						values[att - 1] = datumCopy(rule->previous, a->attbyval, a->attlen);
 						nulls[att - 1] = false;
 					}
 					break;

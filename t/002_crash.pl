@@ -83,10 +83,11 @@ SELECT 'fact_event ' || count(*) || ' ' || md5(string_agg(x, E'\n' ORDER BY x)) 
   FROM customer_analytics.fact_event f
   LEFT JOIN customer_analytics.dim_customer c USING (customer_key)
   LEFT JOIN customer_analytics.dim_product p USING (product_key)) s
+ORDER BY 1
 };
 my $reference = $node->safe_psql('reference', $star_sql);
 note "the clean run (rows and checksum per table):\n$reference";
-like($reference, qr/fact_order_line [1-9]\d* .*fact_event [1-9]\d* /s, 'the clean run has facts');
+like($reference, qr/^fact_event [1-9]\d* .*^fact_order_line [1-9]\d* /ms, 'the clean run has facts');
 
 my $facts_sql = q{SELECT (SELECT count(*) FROM customer_analytics.fact_order_line)
                        + (SELECT count(*) FROM customer_analytics.fact_event)

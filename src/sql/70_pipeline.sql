@@ -373,9 +373,10 @@ BEGIN
                100 + p.level
         FROM customer_analytics.refresh_plan() p;
     END IF;
-    -- a dependency on a step that is not in this plan is no dependency
-    UPDATE ca_plan_steps s SET depends_on = ARRAY(SELECT d FROM unnest(s.depends_on) d
-                                                  WHERE d IN (SELECT step FROM ca_plan_steps));
+    -- a dependency on a step that is not in this plan is no dependency;
+    -- the others keep their order (the semi-join alone may not)
+    UPDATE ca_plan_steps s SET depends_on = ARRAY(SELECT u.d FROM unnest(s.depends_on) WITH ORDINALITY u(d, i)
+                                                  WHERE u.d IN (SELECT step FROM ca_plan_steps) ORDER BY u.i);
     LOOP
         SELECT s.* INTO pick FROM ca_plan_steps s
         WHERE NOT s.step = ANY (placed) AND s.depends_on <@ placed

@@ -1,0 +1,38 @@
+/*
+ * pg_compat.h
+ *	  What differs between the PostgreSQL majors customer_analytics builds
+ *	  on (15 to 18), in one place.
+ *
+ * Each difference is a PG_VERSION_NUM guard that keeps the call sites
+ * written against one spelling.  Included by customer_analytics.h, after
+ * postgres.h.
+ */
+#ifndef CA_PG_COMPAT_H
+#define CA_PG_COMPAT_H
+
+#if PG_VERSION_NUM < 150000 || PG_VERSION_NUM >= 190000
+#error "customer_analytics supports PostgreSQL 15, 16, 17 and 18"
+#endif
+
+/*
+ * PostgreSQL 16 gave ExecInsertIndexTuples() a trailing onlySummarizing
+ * argument (for HOT updates that only touch summarizing indexes).  Ours
+ * are inserts, which go into every index: false, what 15 did.
+ */
+#if PG_VERSION_NUM >= 160000
+#define ca_ExecInsertIndexTuples(rri, slot, estate, update, noDupErr, specConflict, arbiterIndexes) \
+	ExecInsertIndexTuples(rri, slot, estate, update, noDupErr, specConflict, arbiterIndexes, false)
+#else
+#define ca_ExecInsertIndexTuples ExecInsertIndexTuples
+#endif
+
+/*
+ * PostgreSQL 18 dropped c.h's Abs() macro in favour of the C library's
+ * abs()/labs() and its own i64abs(), which 15 lacks.  generator.c applies
+ * it to int and int64 alike, which only a macro does.
+ */
+#if PG_VERSION_NUM >= 180000 && !defined(Abs)
+#define Abs(x)			((x) >= 0 ? (x) : -(x))
+#endif
+
+#endif							/* CA_PG_COMPAT_H */
