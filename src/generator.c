@@ -1517,8 +1517,7 @@ close_fd(int *fd, const char *path)
  * server may write) or of the wrong type (a FIFO would block the writer or
  * hand the rows to whoever reads it).  open_errno is the failed open's.
  */
-static void
-pg_attribute_noreturn()
+pg_noreturn static void
 refuse_output_path(const char *path, bool want_dir, int open_errno)
 {
 	struct stat st;

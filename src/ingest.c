@@ -1779,8 +1779,7 @@ ca_file_type_name(mode_t mode)
 	return "a special file";
 }
 
-static void
-pg_attribute_noreturn()
+pg_noreturn static void
 refuse_file_type(const char *path, mode_t mode)
 {
 	ereport(ERROR,

@@ -35,4 +35,32 @@
 #define Abs(x)			((x) >= 0 ? (x) : -(x))
 #endif
 
+/*
+ * PostgreSQL 16 gave DecodeDateTime() a trailing argument that reports
+ * what was wrong; we only ask whether a setting is a time at all.
+ */
+#if PG_VERSION_NUM >= 160000
+#include "utils/datetime.h"
+static inline int
+ca_DecodeDateTime(char **field, int *ftype, int nf, int *dtype,
+				  struct pg_tm *tm, fsec_t *fsec, int *tzp)
+{
+	DateTimeErrorExtra extra;
+
+	return DecodeDateTime(field, ftype, nf, dtype, tm, fsec, tzp, &extra);
+}
+#else
+#define ca_DecodeDateTime DecodeDateTime
+#endif
+
+/*
+ * PostgreSQL 18 replaced pg_attribute_noreturn(), written after a
+ * declarator, by pg_noreturn, written before the declaration (C11's
+ * _Noreturn where the compiler has it).  Ours are written the 18 way; on
+ * older majors GCC's attribute stands in that place as well.
+ */
+#if PG_VERSION_NUM < 180000 && !defined(pg_noreturn)
+#define pg_noreturn pg_attribute_noreturn()
+#endif
+
 #endif							/* CA_PG_COMPAT_H */

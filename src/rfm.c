@@ -108,7 +108,7 @@ check_as_of(char **newval, void **extra, GucSource source)
 	if (*newval == NULL || (*newval)[0] == '\0')
 		return true;
 	if (ParseDateTime(*newval, workbuf, sizeof(workbuf), field, ftype, MAXDATEFIELDS, &nf) == 0 &&
-		DecodeDateTime(field, ftype, nf, &dtype, &tm, &fsec, &tz) == 0 &&
+		ca_DecodeDateTime(field, ftype, nf, &dtype, &tm, &fsec, &tz) == 0 &&
 		(dtype == DTK_DATE || dtype == DTK_NOW || dtype == DTK_EPOCH))
 		return true;
 	GUC_check_errdetail("\"%s\" is neither a timestamp nor \"now\".", *newval);
