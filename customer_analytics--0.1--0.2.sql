@@ -1819,6 +1819,29 @@ $$;
 COMMENT ON FUNCTION customer_analytics.quality_check_incremental_sql(customer_analytics.quality_check) IS
     'The SQL that returns the failing rows of a quality check among the rows changed since the previous pass (and the rows a change elsewhere can invalidate); NULL when the check always runs over whole tables';
 
+/* Whether an update or delete since the previous pass may have moved the newest value of a column */
+CREATE FUNCTION customer_analytics.ca_newest_moved(rel regclass, col text, newest text)
+RETURNS boolean
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    moved boolean;
+BEGIN
+    IF newest IS NULL THEN
+        RETURN EXISTS (SELECT FROM pg_temp.ca_check_changes x WHERE x.rel = ca_newest_moved.rel AND x.op = 'o');
+    END IF;
+    EXECUTE format('SELECT EXISTS (SELECT FROM pg_temp.ca_check_changes x WHERE x.rel = $1 AND x.op = ''o'' '
+                   'AND NOT (jsonb_populate_record(NULL::%s, x.old_row)).%I < $2::%s)',
+                   rel, col, (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+                              WHERE a.attrelid = rel AND a.attname = col))
+        INTO moved USING rel, newest;
+    RETURN moved;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.ca_newest_moved(regclass, text, text) IS
+    'Internal to run_checks(): whether a row updated or deleted since the previous pass held a value of the column at least as new as that pass''s newest (else the newest stands and a freshness check needs only the changed rows)';
+
 CREATE FUNCTION customer_analytics.run_checks(run_id bigint DEFAULT NULL, only_target text DEFAULT NULL,
                                               "full" boolean DEFAULT false)
 RETURNS TABLE (check_name text, kind text, target text, severity text, passed boolean,
@@ -1864,9 +1887,12 @@ BEGIN
                AND prog.full_at > now() - full_every THEN
                 IF c.kind = 'custom' OR NOT (to_regclass(c.target) = ANY (whole_tables)
                                              OR COALESCE(to_regclass(c.params->>'to') = ANY (whole_tables), false)) THEN
-                    -- a row updated or deleted may have been the newest
-                    IF c.kind <> 'freshness' OR NOT EXISTS (SELECT FROM ca_check_changes x
-                                                            WHERE x.rel = to_regclass(c.target) AND x.op = 'o') THEN
+                    -- a row updated or deleted may have been the newest (the
+                    -- clickstream's stitching updates events every run, all
+                    -- older than the newest: those leave it where it was)
+                    IF c.kind <> 'freshness' OR NOT customer_analytics.ca_newest_moved(to_regclass(c.target),
+                                                                                       btrim(c.column_name),
+                                                                                       prog.state->>'newest') THEN
                         q := customer_analytics.quality_check_incremental_sql(c);
                         incremental := q IS NOT NULL;
                     END IF;
