@@ -233,7 +233,8 @@ SQL
 }
 
 run_sizes() {
-    local m customers runs_sql
+    local m customers
+    load_before=$(cut -d' ' -f1 /proc/loadavg)
     : >"$BENCH_OUT/sizes.tsv"
     for m in $SIZES; do
         customers=$((BASE_CUSTOMERS * m))
@@ -324,18 +325,22 @@ PY
 <!-- part: sizes -->
 ## The same append on histories of ${SIZES// /x, }x
 
-A generated shop of $BASE_CUSTOMERS customers x 365 days (${SIZES%% *}x), and shops of ${SIZES#* } times as
+A generated shop of $BASE_CUSTOMERS customers x 365 days (${SIZES%% *}x), and shops of $(echo "${SIZES#* }" | sed 's/ / and /g') times as
 many customers over the same year (\`generate_sample_data(seed => 7)\`,
 ending yesterday), each built by a first \`run_pipeline()\`. Then, $SIZE_RUNS times,
 the same append: one day of $APPEND_LINES order lines of existing customers and
 $APPEND_EVENTS events (today), and \`CALL run_pipeline()\`. Median time of each
 step over the $SIZE_RUNS runs, per size; the baseline of each ratio is the
 same step on the 1x history, measured in the same run of this script.
-shared_buffers = $BENCH_SHARED_BUFFERS.
+shared_buffers = $BENCH_SHARED_BUFFERS. Load average of the (shared) machine
+before and after: $load_before / $(cut -d' ' -f1 /proc/loadavg).
 
 **${SIZES##* }x / ${SIZES%% *}x, whole run: $ratio** (target: at most 1.5).
 
 $(cat "$BENCH_OUT/sizes_table.md")
+
+Reproduce: \`PART=sizes ./bench/pipeline.sh\` (as root; BASE_CUSTOMERS, SIZES,
+APPEND_LINES, APPEND_EVENTS, SIZE_RUNS override the defaults).
 MD
 }
 

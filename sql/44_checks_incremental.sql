@@ -157,4 +157,7 @@ SELECT check_name, incremental, passed FROM run_checks() WHERE check_name LIKE '
 
 DELETE FROM quality_check WHERE name LIKE 't %';
 DROP TABLE public.signup;
+-- the following tests start without events or order lines
+TRUNCATE stg_events, stg_orders, fact_event;
+TRUNCATE fact_order_line CASCADE;
 RESET customer_analytics.full_checks_interval;
