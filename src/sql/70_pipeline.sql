@@ -552,7 +552,9 @@ DECLARE
     def text;
     whole_tables regclass[];
     newest text;
-    full_every interval := current_setting('customer_analytics.full_checks_interval')::interval;
+    -- (a session that has not loaded the library yet has no such setting:
+    -- its default, or the placeholder a configuration file made)
+    full_every interval := COALESCE(NULLIF(current_setting('customer_analytics.full_checks_interval', true), ''), '1 day')::interval;
 BEGIN
     IF only_target IS NULL THEN
         -- one pass at a time: a pass takes the queue only once the previous
