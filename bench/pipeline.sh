@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# run_pipeline() after 1% new order lines against a full refresh of the
-# same views, on a 1,000,000-line fact table, in the same run.
+# Two parts (PART=load, PART=sizes, default both; a part not run keeps its
+# section of bench/results/pipeline.md):
+#
+# load: run_pipeline() after 1% new order lines against a full refresh of
+# the same views, on a 1,000,000-line fact table, in the same run.
 #
 #   incremental: stage 1% new lines, CALL run_pipeline() (transform of the
 #                new lines, checks, the sales rollup for the days touched,
@@ -9,8 +12,16 @@
 #                rollups rebuilt for every day, customer_rfm's scores
 #                rewritten from rfm() (what REFRESH of a materialized view
 #                customer_rfm costs), then every view refreshed
+#
+# sizes: the same fixed append (one day of a shop: APPEND_LINES order lines,
+#        APPEND_EVENTS events, existing customers) on generated histories
+#        of 1x, 3x and 10x BASE_CUSTOMERS customers over a year, ending the
+#        day before; CALL run_pipeline() after each append, each step's
+#        median time at each size, and the ratio of each size to 1x.  The
+#        baseline is the same run on the 1x history.
 set -euo pipefail
 BENCH_SHARED_BUFFERS=${BENCH_SHARED_BUFFERS:-4GB}
+PART=${PART:-all}
 . "$(dirname "$0")/lib.sh"
 ensure_root "$@"
 RUNS=${RUNS:-5}
@@ -23,6 +34,7 @@ build_and_install || die "build failed"
 bench_start
 trap bench_stop EXIT
 
+if [ "$PART" != sizes ]; then
 log "loading $LINES order lines of $CUSTOMERS customers over two years"
 bench_psql -q <<SQL
 SET client_min_messages = warning;
@@ -135,7 +147,7 @@ transform_checks_ms=$(bench_value "
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
-bench_record pipeline <<MD
+cat >"$BENCH_OUT/part_load.md" <<MD
 # run_pipeline() after 1% new order lines, against a full refresh
 
 A star schema of $LINES order lines (100,000 customers, 1,000 products in 12
@@ -183,3 +195,173 @@ $models
 
 Reproduce: \`./bench/pipeline.sh\` (as root; RUNS, LINES, CUSTOMERS override the defaults).
 MD
+fi
+
+# ---------------------------------------------------------------------------
+# sizes: the same append on histories of 1x, 3x, 10x
+# ---------------------------------------------------------------------------
+BASE_CUSTOMERS=${BASE_CUSTOMERS:-3000}
+SIZES=${SIZES:-"1 3 10"}
+APPEND_LINES=${APPEND_LINES:-200}
+APPEND_EVENTS=${APPEND_EVENTS:-2000}
+SIZE_RUNS=${SIZE_RUNS:-3}
+
+# one day of a shop, the same at every size: lines of distinct existing
+# customers (the first APPEND_LINES by a fixed hash), and events of
+# sessions of the same customers and of anonymous visitors; $1 numbers it
+day_append_sql() {
+    cat <<SQL
+WITH c AS (SELECT customer_id, row_number() OVER (ORDER BY hashtext(customer_id), customer_id) AS n
+           FROM customer_analytics.dim_customer WHERE is_current AND customer_key > 0),
+     p AS (SELECT product_id, row_number() OVER (ORDER BY product_id) AS n, count(*) OVER () AS np
+           FROM customer_analytics.dim_product WHERE product_key > 0)
+INSERT INTO customer_analytics.stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price, discount, status, channel)
+SELECT 'B$1-' || g, 1, c.customer_id, p.product_id,
+       date_trunc('hour', now()) - (g % 600) * interval '1 minute', 1 + g % 3, 19.99, 0, 'completed', 'web'
+FROM generate_series(1, $APPEND_LINES) g JOIN c ON c.n = g JOIN p ON p.n = 1 + g % p.np;
+WITH c AS (SELECT customer_id, row_number() OVER (ORDER BY hashtext(customer_id), customer_id) AS n
+           FROM customer_analytics.dim_customer WHERE is_current AND customer_key > 0),
+     p AS (SELECT product_id, row_number() OVER (ORDER BY product_id) AS n, count(*) OVER () AS np
+           FROM customer_analytics.dim_product WHERE product_key > 0)
+INSERT INTO customer_analytics.stg_events (event_id, event_ts, customer_id, session_id, event_type, product_id, channel, device)
+SELECT 'B$1-e' || g, date_trunc('hour', now()) - (g / 10 % 600) * interval '1 minute' + (g % 10) * interval '5 seconds',
+       CASE WHEN g % 3 = 0 THEN NULL ELSE c.customer_id END, 'B$1-s' || g / 10,
+       (ARRAY['page_view', 'product_view', 'product_view', 'add_to_cart', 'checkout'])[1 + g % 5],
+       p.product_id, 'web', 'mobile'
+FROM generate_series(1, $APPEND_EVENTS) g JOIN c ON c.n = 1 + (g / 10) % $APPEND_LINES JOIN p ON p.n = 1 + g % p.np;
+SQL
+}
+
+run_sizes() {
+    local m customers
+    load_before=$(cut -d' ' -f1 /proc/loadavg)
+    : >"$BENCH_OUT/sizes.tsv"
+    for m in $SIZES; do
+        customers=$((BASE_CUSTOMERS * m))
+        log "size ${m}x: $customers customers over a year"
+        bench_psql -q <<SQL
+SET client_min_messages = warning;
+DROP EXTENSION IF EXISTS customer_analytics CASCADE;
+CREATE EXTENSION customer_analytics;
+SELECT count(*) FROM customer_analytics.generate_sample_data(customers => $customers, days => 365, seed => 7,
+    start_date => current_date - 366, defects => false);
+SELECT count(*) FROM customer_analytics.transform();
+VACUUM ANALYZE;
+-- the first run builds everything; the second is a run with nothing new
+CALL customer_analytics.run_pipeline();
+CALL customer_analytics.run_pipeline();
+SQL
+        for r in $(seq "$SIZE_RUNS"); do
+            bench_psql -q -c "SET client_min_messages = warning" -c "$(day_append_sql "$r")" >/dev/null
+            bench_psql -q -c "SET client_min_messages = warning" -c "CALL customer_analytics.run_pipeline()"
+        done
+        # the timed runs are the last SIZE_RUNS; total = the run's own time
+        bench_psql -At -F $'\t' -c "
+            WITH runs AS (SELECT run_id FROM customer_analytics.pipeline_run ORDER BY run_id DESC LIMIT $SIZE_RUNS),
+            t AS (SELECT s.step, min(s.step_no) AS step_no,
+                         percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM s.finished_at - s.started_at) * 1000) AS ms,
+                         percentile_cont(0.5) WITHIN GROUP (ORDER BY s.rows_affected) AS n
+                  FROM customer_analytics.pipeline_step s JOIN runs USING (run_id) GROUP BY s.step)
+            SELECT $m, step_no, step, round(ms::numeric, 1), COALESCE(n::bigint::text, '') FROM t
+            UNION ALL
+            SELECT $m, 0, 'whole run', round(percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM r.finished_at - r.started_at) * 1000)::numeric, 1),
+                   string_agg(DISTINCT r.status, ',')
+            FROM customer_analytics.pipeline_run r JOIN runs USING (run_id)
+            UNION ALL
+            SELECT $m, -1, 'history', (SELECT count(*) FROM customer_analytics.fact_order_line),
+                   (SELECT count(*) FROM customer_analytics.fact_event)::text
+            UNION ALL
+            SELECT $m, -2, 'checks over what changed', count(*) FILTER (WHERE q.incremental), count(*)::text
+            FROM customer_analytics.quality_result q JOIN runs USING (run_id)
+            UNION ALL
+            SELECT $m, 100 + row_number() OVER (ORDER BY check_name), 'check: ' || check_name, round(ms::numeric, 1), ''
+            FROM (SELECT q.check_name, percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM q.checked_at - q.prev) * 1000) AS ms
+                  FROM (SELECT q.*, COALESCE(lag(q.checked_at) OVER (PARTITION BY q.run_id ORDER BY q.result_id), s.started_at) AS prev
+                        FROM customer_analytics.quality_result q JOIN runs USING (run_id)
+                        JOIN customer_analytics.pipeline_step s ON s.run_id = q.run_id AND s.step = 'checks') q
+                  GROUP BY q.check_name) c
+            UNION ALL
+            SELECT $m, -3, 'checks over whole tables', 0,
+                   COALESCE(string_agg(DISTINCT q.check_name || CASE WHEN q.passed THEN '' ELSE ' (failed)' END, ', '), 'none')
+            FROM customer_analytics.quality_result q JOIN runs USING (run_id) WHERE NOT q.incremental" >>"$BENCH_OUT/sizes.tsv"
+    done
+    # one table: a row per step, a column per size, and each size's ratio to the first
+    python3 - "$BENCH_OUT/sizes.tsv" "$SIZES" >"$BENCH_OUT/sizes_table.md" <<'PY'
+import sys, collections
+rows = [l.rstrip('\n').split('\t') for l in open(sys.argv[1]) if l.strip()]
+sizes = sys.argv[2].split()
+ms = collections.defaultdict(dict); extra = collections.defaultdict(dict); order = {}
+for m, no, step, v, n in rows:
+    ms[step][m] = float(v); extra[step][m] = n; order.setdefault(step, int(no))
+base = sizes[0]
+print('| step | ' + ' | '.join(f'{s}x' for s in sizes) + ' | ' + ' | '.join(f'{s}x / {base}x' for s in sizes[1:]) + ' |')
+print('|---|' + '---:|' * (2 * len(sizes) - 1))
+def fmt(step):
+    cells = [f"{ms[step].get(s, float('nan')):.1f} ms" for s in sizes]
+    ratios = []
+    for s in sizes[1:]:
+        a, b = ms[step].get(s), ms[step].get(base)
+        ratios.append(f'{a / b:.2f}' if a is not None and b else 'n/a')
+    return f'| {step} | ' + ' | '.join(cells) + ' | ' + ' | '.join(ratios) + ' |'
+for step in sorted((s for s in ms if 0 < order[s] < 100), key=lambda s: order[s]):
+    print(fmt(step))
+print(fmt('whole run').replace('| whole run |', '| **whole run** |'))
+print()
+print('The checks step, check by check (from quality_result.checked_at):')
+print()
+print('| check | ' + ' | '.join(f'{s}x' for s in sizes) + ' | ' + ' | '.join(f'{s}x / {base}x' for s in sizes[1:]) + ' |')
+print('|---|' + '---:|' * (2 * len(sizes) - 1))
+for step in sorted((s for s in ms if order[s] >= 100), key=lambda s: order[s]):
+    print(fmt(step).replace('| check: ', '| ', 1))
+print()
+print('History (order lines / events): ' + ', '.join(f"{s}x {int(ms['history'][s]):,} / {int(extra['history'][s]):,}" for s in sizes) + '.')
+print('Checks run over what changed in the timed runs: ' + ', '.join(f"{s}x {int(ms['checks over what changed'][s])} of {extra['checks over what changed'][s]}" for s in sizes) + '.')
+print('Checks over whole tables: ' + '; '.join(f"{s}x {extra['checks over whole tables'][s]}" for s in sizes) + '.')
+print('Runs: ' + ', '.join(f"{s}x {extra['whole run'][s]}" for s in sizes) + '.')
+PY
+    local ratio
+    ratio=$(awk -F'\t' -v last="${SIZES##* }" -v first="${SIZES%% *}" '$3 == "whole run" { t[$1] = $4 } END { printf "%.2f", t[last] / t[first] }' "$BENCH_OUT/sizes.tsv")
+    cat >"$BENCH_OUT/part_sizes.md" <<MD
+<!-- part: sizes -->
+## The same append on histories of ${SIZES// /x, }x
+
+A generated shop of $BASE_CUSTOMERS customers x 365 days (${SIZES%% *}x), and shops of $(echo "${SIZES#* }" | sed 's/ / and /g') times as
+many customers over the same year (\`generate_sample_data(seed => 7)\`,
+ending yesterday), each built by a first \`run_pipeline()\`. Then, $SIZE_RUNS times,
+the same append: one day of $APPEND_LINES order lines of existing customers and
+$APPEND_EVENTS events (today), and \`CALL run_pipeline()\`. Median time of each
+step over the $SIZE_RUNS runs, per size; the baseline of each ratio is the
+same step on the 1x history, measured in the same run of this script.
+shared_buffers = $BENCH_SHARED_BUFFERS. Load average of the (shared) machine
+before and after: $load_before / $(cut -d' ' -f1 /proc/loadavg).
+
+**${SIZES##* }x / ${SIZES%% *}x, whole run: $ratio** (target: at most 1.5).
+
+$(cat "$BENCH_OUT/sizes_table.md")
+
+Reproduce: \`PART=sizes ./bench/pipeline.sh\` (as root; BASE_CUSTOMERS, SIZES,
+APPEND_LINES, APPEND_EVENTS, SIZE_RUNS override the defaults).
+MD
+}
+
+if [ "$PART" != load ]; then
+    run_sizes
+fi
+
+# the part not run keeps its section of the previous results
+old=$BENCH_DIR/results/pipeline.md
+if [ ! -f "$BENCH_OUT/part_load.md" ] || [ "$PART" = sizes ]; then
+    if [ -f "$old" ]; then
+        sed -e '1d' -e '/^Machine: /d' -e '/^<!-- part: sizes -->/,$d' "$old" >"$BENCH_OUT/part_load.md"
+    else
+        : >"$BENCH_OUT/part_load.md"
+    fi
+fi
+if [ "$PART" = load ]; then
+    if [ -f "$old" ] && grep -q '^<!-- part: sizes -->' "$old"; then
+        sed -n '/^<!-- part: sizes -->/,$p' "$old" | sed '/^Machine: /d' >"$BENCH_OUT/part_sizes.md"
+    else
+        : >"$BENCH_OUT/part_sizes.md"
+    fi
+fi
+cat "$BENCH_OUT/part_load.md" "$BENCH_OUT/part_sizes.md" | bench_record pipeline

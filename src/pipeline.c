@@ -15,6 +15,7 @@
 static int	pipeline_retries = 2;
 static double pipeline_retry_backoff = 1.0;
 static char *history_retention = NULL;
+static char *full_checks_interval = NULL;
 
 void
 ca_pipeline_init(void)
@@ -39,6 +40,13 @@ ca_pipeline_init(void)
 							   "An interval, e.g. '30 days'.",
 							   &history_retention,
 							   "30 days",
+							   PGC_USERSET, 0,
+							   NULL, NULL, NULL);
+	DefineCustomStringVariable(CA_GUC_PREFIX ".full_checks_interval",
+							   "How often run_checks() runs each check over whole tables instead of over what changed.",
+							   "An interval, e.g. '1 day': a check whose last full run is older runs full.",
+							   &full_checks_interval,
+							   "1 day",
 							   PGC_USERSET, 0,
 							   NULL, NULL, NULL);
 }

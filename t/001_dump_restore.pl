@@ -77,7 +77,7 @@ is($node->safe_psql('warehouse', q{
     SELECT string_agg(c.relname, ' ' ORDER BY c.relname) FROM pg_class c
     WHERE c.relnamespace = 'customer_analytics'::regnamespace AND c.relkind = 'r'
       AND c.oid NOT IN (SELECT unnest(extconfig) FROM pg_extension WHERE extname = 'customer_analytics')}),
-    'clickstream_change clickstream_state rfm_dirty_customer rfm_new_line rfm_rollup_customer sales_dirty_day sales_rollup_category sales_rollup_day sessions',
+    'check_change clickstream_change clickstream_state quality_check_progress rfm_dirty_customer rfm_new_line rfm_rollup_customer sales_dirty_day sales_rollup_category sales_rollup_day sessions',
     'only derived tables are left out of the dump');
 
 my $dump = $node->basedir . '/warehouse.dump';
@@ -120,6 +120,14 @@ is($node->safe_psql('restored', q{
           FROM customer_analytics.customer_rfm_refresh) same_as_of}),
     '0', 'the first RFM refresh after the restore rewrites no score');
 is($node->safe_psql('restored', $rfm_sql), $rfm_before, 'and rebuilds the same RFM rollup');
+# nothing is known of the checks' past: the first pass after a restore is
+# whole, the next one over what changed
+is($node->safe_psql('restored', q{
+    SELECT count(*) FILTER (WHERE incremental) || ' ' || count(*) FILTER (WHERE NOT passed AND failing_rows < 0)
+    FROM customer_analytics.run_checks()}), '0 0', 'the first pass of the checks after a restore reads whole tables');
+is($node->safe_psql('restored', q{
+    SELECT bool_or(incremental) FROM customer_analytics.run_checks()}), 't',
+    'and the next one what changed');
 
 # the users' objects: builtin rows once (from CREATE EXTENSION), theirs
 # (from the dump), the view, the grants

@@ -99,6 +99,9 @@ sub checksums
 			$where = ' WHERE NOT t.builtin';
 		}
 		$where = ' WHERE NOT t.builtin' if $t eq 'quality_check';
+		# 0.2 adds quality_result.incremental (NULL for older results)
+		$rows = 'row(t.result_id, t.run_id, t.check_name, t.checked_at, t.severity, t.passed, t.failing_rows, t.sample)::text'
+		  if $t eq 'quality_result';
 		$out .= "$t " . $node->safe_psql($db,
 			"SELECT count(*) || ' ' || md5(coalesce(string_agg($rows, ',' ORDER BY $rows), '')) "
 			  . "FROM customer_analytics.$t t$where") . "\n";
