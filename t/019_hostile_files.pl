@@ -35,7 +35,9 @@ $node->safe_psql('postgres', q{
 });
 
 # the files, in a directory of the test (the server runs as this user)
-my $dir     = $node->basedir . '/files';
+# a short base path: a Unix socket's path must fit in 108 bytes, which a
+# file below the node's data directory in a scratch copy may not
+my $dir     = PostgreSQL::Test::Utils::tempdir_short() . '/files';
 my $landing = "$dir/landing";
 my $store   = "$dir/store";
 mkdir $_ or die "mkdir $_: $!" foreach ($dir, $landing, $store, "$dir/bigdir");
@@ -51,7 +53,7 @@ write_file("$landing/good1.csv", "id,name\n1,one\n2,two\n");
 write_file("$landing/good2.csv", "id,name\n3,three\n");
 write_file("$store/four.csv",    "id,name\n4,four\n5,five\n");
 $node->safe_psql('postgres', qq{
-	COPY (SELECT g AS id, 'name ' || g AS name FROM generate_series(1, 2000000) g)
+	COPY (SELECT g AS id, 'name ' || g AS name FROM generate_series(1, 20000000) g)
 	TO '$dir/bigdir/big.csv' WITH (FORMAT csv, HEADER)});
 my $allowed = "$landing, $store, $dir/bigdir";
 my $confine = "SET customer_analytics.ingest_allowed_directories = '$allowed';";
@@ -96,6 +98,7 @@ mkfifo("$landing/slow.csv", 0600) or die "mkfifo: $!";
 my $writer = fork() // die "fork: $!";
 if ($writer == 0)
 {
+	$SIG{TERM} = $SIG{INT} = 'DEFAULT';    # see the link flipper below
 	$SIG{PIPE} = 'IGNORE';
 	sysopen(my $w, "$landing/slow.csv", O_RDWR) or POSIX::_exit(1);
 	syswrite($w, "id,name\n");
@@ -124,6 +127,9 @@ symlink("$store/four.csv", "$landing/swap.csv") or die "symlink: $!";
 my $flipper = fork() // die "fork: $!";
 if ($flipper == 0)
 {
+	# the test modules' handlers die on TERM, and dying runs their END
+	# blocks, which would stop the node from this child: just end
+	$SIG{TERM} = $SIG{INT} = 'DEFAULT';
 	my $deadline = time + 60;
 	my $i = 0;
 	while (time < $deadline && getppid() > 1)
