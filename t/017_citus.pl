@@ -29,7 +29,7 @@ my $sharedir = `pg_config --sharedir`;
 chomp $sharedir;
 if (!-f "$sharedir/extension/citus.control")
 {
-	plan skip_all => "Citus is not installed in $sharedir (scripts/citus.sh builds it)";
+	plan skip_all => "Citus is not installed in $sharedir (scripts/citus.sh builds Citus 13.2 for PostgreSQL 15 to 17)";
 }
 
 my @nodes;
