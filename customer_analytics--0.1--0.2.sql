@@ -2678,3 +2678,1641 @@ $$;
 COMMENT ON FUNCTION customer_analytics.run_checks(bigint, text, boolean) IS
     'Runs every enabled quality check (or those of one target, over whole tables): a row per check with passed, the number of failing rows (-1: the check itself failed), a sample of up to 5, and whether it ran over the rows changed since the previous pass only (incremental) or over whole tables (full => true, a check that failed or changed, or whose last full run is older than customer_analytics.full_checks_interval); logs each in quality_result and raises an alert for each failure';
 
+
+-- issue 21: what the extension keeps for itself moves to the schema
+-- customer_analytics_internal (change queues, run states, trigger and
+-- helper functions), so that customer_analytics holds what README.md
+-- documents; transform() and transform_events() in steps sharing one
+-- customer-version lookup and one lock key; the stats accessors no longer
+-- shadow the built-in count, variance and stddev aggregates.
+CREATE SCHEMA customer_analytics_internal;
+COMMENT ON SCHEMA customer_analytics_internal IS
+    'customer_analytics: internal queues, states and helper functions of the customer_analytics extension (not an interface)';
+ALTER TABLE customer_analytics.transform_state SET SCHEMA customer_analytics_internal;
+ALTER TABLE customer_analytics.event_transform_state SET SCHEMA customer_analytics_internal;
+ALTER TABLE customer_analytics.rfm_dirty_customer SET SCHEMA customer_analytics_internal;
+ALTER TABLE customer_analytics.sales_dirty_day SET SCHEMA customer_analytics_internal;
+ALTER TABLE customer_analytics.check_change SET SCHEMA customer_analytics_internal;
+ALTER TABLE customer_analytics.quality_check_progress SET SCHEMA customer_analytics_internal;
+ALTER TABLE customer_analytics.clickstream_change SET SCHEMA customer_analytics_internal;
+ALTER TABLE customer_analytics.clickstream_state SET SCHEMA customer_analytics_internal;
+ALTER SEQUENCE customer_analytics.check_pass_seq SET SCHEMA customer_analytics_internal;
+ALTER FUNCTION customer_analytics.ca_newly_staged(xid8, xid8, xid8, pg_snapshot, pg_snapshot, xid8) SET SCHEMA customer_analytics_internal;
+ALTER FUNCTION customer_analytics_internal.ca_newly_staged(xid8, xid8, xid8, pg_snapshot, pg_snapshot, xid8) RENAME TO newly_staged;
+ALTER FUNCTION customer_analytics.ca_staged_window(pg_snapshot, bigint, bigint, boolean) SET SCHEMA customer_analytics_internal;
+ALTER FUNCTION customer_analytics_internal.ca_staged_window(pg_snapshot, bigint, bigint, boolean) RENAME TO staged_window;
+ALTER FUNCTION customer_analytics.ca_key_columns(regclass) SET SCHEMA customer_analytics_internal;
+ALTER FUNCTION customer_analytics_internal.ca_key_columns(regclass) RENAME TO key_columns;
+ALTER FUNCTION customer_analytics.ca_note_check_change() SET SCHEMA customer_analytics_internal;
+ALTER FUNCTION customer_analytics_internal.ca_note_check_change() RENAME TO note_check_change;
+ALTER FUNCTION customer_analytics.ca_tracked(regclass) SET SCHEMA customer_analytics_internal;
+ALTER FUNCTION customer_analytics_internal.ca_tracked(regclass) RENAME TO tracked;
+ALTER FUNCTION customer_analytics.ca_newest_moved(regclass, text, text) SET SCHEMA customer_analytics_internal;
+ALTER FUNCTION customer_analytics_internal.ca_newest_moved(regclass, text, text) RENAME TO newest_moved;
+ALTER FUNCTION customer_analytics.ca_fact_event_changed() SET SCHEMA customer_analytics_internal;
+ALTER FUNCTION customer_analytics_internal.ca_fact_event_changed() RENAME TO fact_event_changed;
+ALTER FUNCTION customer_analytics.note_dirty_customers() SET SCHEMA customer_analytics_internal;
+ALTER FUNCTION customer_analytics.note_dirty_sales_days() SET SCHEMA customer_analytics_internal;
+ALTER FUNCTION customer_analytics.money_units(numeric, boolean) SET SCHEMA customer_analytics_internal;
+ALTER FUNCTION customer_analytics.rfm_segment_rule_guard() SET SCHEMA customer_analytics_internal;
+ALTER FUNCTION customer_analytics.pipeline_execute_step(bigint, integer, text, text, text[], integer) SET SCHEMA customer_analytics_internal;
+ALTER FUNCTION customer_analytics.count(customer_analytics.stats) RENAME TO stats_count;
+ALTER FUNCTION customer_analytics.mean(customer_analytics.stats) RENAME TO stats_mean;
+ALTER FUNCTION customer_analytics.variance(customer_analytics.stats) RENAME TO stats_variance;
+ALTER FUNCTION customer_analytics.stddev(customer_analytics.stats) RENAME TO stats_stddev;
+
+CREATE FUNCTION customer_analytics_internal.lock_key(name text)
+RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT (7411::bigint OPERATOR(pg_catalog.<<) 32)
+             OPERATOR(pg_catalog.|) (pg_catalog.hashtext(name)::bigint OPERATOR(pg_catalog.&) 4294967295) $$;
+
+CREATE FUNCTION customer_analytics_internal.customer_versions(customer_ids text[])
+RETURNS TABLE (customer_id text, customer_key bigint, valid_from timestamptz, valid_to timestamptz)
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$
+    SELECT d.customer_id, d.customer_key,
+           CASE WHEN pg_catalog.row_number() OVER (PARTITION BY d.customer_id ORDER BY d.valid_from)
+                     OPERATOR(pg_catalog.=) 1
+                THEN '-infinity'::timestamptz ELSE d.valid_from END,
+           d.valid_to
+    FROM customer_analytics.dim_customer d
+    WHERE d.customer_key OPERATOR(pg_catalog.<>) -1
+      AND d.customer_id IN (SELECT pg_catalog.unnest(customer_ids))
+$$;
+
+CREATE FUNCTION customer_analytics_internal.stage_order_batch(snap pg_snapshot, prev pg_snapshot,
+                                                              lo xid8, hi xid8, own_xid xid8)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+BEGIN
+    /* the staged rows of this run, latest version per natural key */
+    CREATE TEMP TABLE ca_batch_products ON COMMIT DROP AS
+    SELECT DISTINCT ON (s.product_id)
+           s.product_id, s.name, COALESCE(NULLIF(s.category, ''), 'Unknown') AS category,
+           s.subcategory, s.unit_cost, s.list_price, s.updated_at, s.stage_id
+    FROM stg_products s
+    WHERE newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
+    ORDER BY s.product_id, s.stage_id DESC;
+
+    CREATE TEMP TABLE ca_batch_customers ON COMMIT DROP AS
+    SELECT DISTINCT ON (s.customer_id, COALESCE(s.updated_at, s.loaded_at))
+           s.customer_id, s.name, s.email, s.city, s.state, s.country, s.signup_date,
+           COALESCE(s.updated_at, s.loaded_at) AS version_ts
+    FROM stg_customers s
+    WHERE newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
+    ORDER BY s.customer_id, COALESCE(s.updated_at, s.loaded_at), s.stage_id DESC;
+
+    CREATE TEMP TABLE ca_batch_orders ON COMMIT DROP AS
+    SELECT DISTINCT ON (s.order_id, s.line_number) s.*
+    FROM stg_orders s
+    WHERE newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
+    ORDER BY s.order_id, s.line_number, s.stage_id DESC;
+
+    ANALYZE ca_batch_products, ca_batch_customers, ca_batch_orders;
+END
+$$;
+
+CREATE FUNCTION customer_analytics_internal.load_dim_product()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    INSERT INTO dim_product AS d (product_id, name, category, subcategory, unit_cost, list_price,
+                                  updated_at, stage_id)
+    SELECT product_id, name, category, subcategory, unit_cost, list_price, updated_at, stage_id
+    FROM ca_batch_products
+    ON CONFLICT (product_id) DO UPDATE
+        SET name = excluded.name, category = excluded.category, subcategory = excluded.subcategory,
+            unit_cost = excluded.unit_cost, list_price = excluded.list_price,
+            updated_at = excluded.updated_at, stage_id = excluded.stage_id
+        WHERE excluded.stage_id > d.stage_id
+          AND (d.name, d.category, d.subcategory, d.unit_cost, d.list_price)
+              IS DISTINCT FROM
+              (excluded.name, excluded.category, excluded.subcategory, excluded.unit_cost, excluded.list_price);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    -- the fact joins that follow are planned on these statistics
+    IF n > 0 THEN
+        ANALYZE dim_product;
+    END IF;
+    RETURN n;
+END
+$$;
+
+CREATE FUNCTION customer_analytics_internal.load_dim_customer()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    CREATE TEMP TABLE ca_new_versions ON COMMIT DROP AS
+    WITH cur AS (
+        SELECT d.customer_id, d.name, d.email, d.city, d.state, d.country, d.signup_date,
+               d.valid_from AS version_ts, false AS is_new
+        FROM dim_customer d
+        WHERE d.is_current AND d.customer_id IN (SELECT customer_id FROM ca_batch_customers)
+    ), chain AS (
+        SELECT * FROM cur
+        UNION ALL
+        SELECT b.customer_id, b.name, b.email, b.city, b.state, b.country, b.signup_date,
+               b.version_ts, true
+        FROM ca_batch_customers b
+        LEFT JOIN cur c ON c.customer_id = b.customer_id
+        WHERE c.customer_id IS NULL OR b.version_ts > c.version_ts
+    ), diffed AS (
+        SELECT ch.*,
+               ROW(ch.name, ch.email, ch.city, ch.state, ch.country, ch.signup_date)
+                   IS DISTINCT FROM
+               lag(ROW(ch.name, ch.email, ch.city, ch.state, ch.country, ch.signup_date))
+                   OVER (PARTITION BY ch.customer_id ORDER BY ch.version_ts) AS changed
+        FROM chain ch
+    )
+    SELECT df.customer_id, df.name, df.email, df.city, df.state, df.country,
+           df.signup_date, df.version_ts
+    FROM diffed df
+    WHERE df.is_new AND df.changed;
+
+    UPDATE dim_customer d
+    SET valid_to = f.first_ts, is_current = false
+    FROM (SELECT customer_id, min(version_ts) AS first_ts
+          FROM ca_new_versions GROUP BY customer_id) f
+    WHERE d.customer_id = f.customer_id AND d.is_current;
+
+    INSERT INTO dim_customer (customer_id, name, email, city, state, country, signup_date,
+                              valid_from, valid_to, is_current)
+    SELECT nv.customer_id, nv.name, nv.email, nv.city, nv.state, nv.country, nv.signup_date,
+           nv.version_ts,
+           COALESCE(lead(nv.version_ts) OVER w, 'infinity'),
+           lead(nv.version_ts) OVER w IS NULL
+    FROM ca_new_versions nv
+    WINDOW w AS (PARTITION BY nv.customer_id ORDER BY nv.version_ts);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    DROP TABLE ca_new_versions;
+    IF n > 0 THEN
+        ANALYZE dim_customer;
+    END IF;
+    RETURN n;
+END
+$$;
+
+CREATE FUNCTION customer_analytics_internal.load_fact_order_line()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    tz text := business_timezone();
+    n bigint;
+BEGIN
+    CREATE TEMP TABLE ca_customer_lookup ON COMMIT DROP AS
+    SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT o.customer_id FROM ca_batch_orders o
+                                          WHERE o.customer_id IS NOT NULL));
+    ANALYZE ca_customer_lookup;
+
+    INSERT INTO fact_order_line AS f
+        (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity,
+         unit_price, discount, status, channel, updated_at, stage_id, load_id)
+    SELECT s.order_id, s.line_number,
+           COALESCE(c.customer_key, -1),
+           COALESCE(p.product_key, -1),
+           date_key((s.order_ts AT TIME ZONE tz)::date),
+           s.order_ts, s.quantity, s.unit_price, s.discount, s.status, s.channel,
+           s.updated_at, s.stage_id, s.load_id
+    FROM ca_batch_orders s
+    LEFT JOIN ca_customer_lookup c
+           ON c.customer_id = s.customer_id AND s.order_ts >= c.valid_from AND s.order_ts < c.valid_to
+    LEFT JOIN dim_product p ON p.product_id = s.product_id
+    ON CONFLICT (order_id, line_number) DO UPDATE
+        SET customer_key = excluded.customer_key, product_key = excluded.product_key,
+            date_key = excluded.date_key, order_ts = excluded.order_ts,
+            quantity = excluded.quantity, unit_price = excluded.unit_price,
+            discount = excluded.discount, status = excluded.status,
+            channel = excluded.channel, updated_at = excluded.updated_at,
+            stage_id = excluded.stage_id, load_id = excluded.load_id
+        WHERE excluded.stage_id > f.stage_id
+          AND (f.customer_key, f.product_key, f.order_ts, f.quantity, f.unit_price,
+               f.discount, f.status, f.channel, f.updated_at)
+              IS DISTINCT FROM
+              (excluded.customer_key, excluded.product_key, excluded.order_ts, excluded.quantity,
+               excluded.unit_price, excluded.discount, excluded.status, excluded.channel,
+               excluded.updated_at);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    DROP TABLE ca_customer_lookup;
+    RETURN n;
+END
+$$;
+
+CREATE FUNCTION customer_analytics_internal.repair_order_line_keys()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    WITH latest AS (
+        SELECT DISTINCT ON (s.order_id, s.line_number)
+               s.order_id, s.line_number, s.customer_id, s.product_id, s.order_ts
+        FROM stg_orders s
+        JOIN fact_order_line f USING (order_id, line_number)
+        WHERE f.customer_key = -1 OR f.product_key = -1
+        ORDER BY s.order_id, s.line_number, s.stage_id DESC
+    ), resolved AS (
+        SELECT l.order_id, l.line_number,
+               COALESCE(v.customer_key, -1) AS customer_key,
+               COALESCE(p.product_key, -1) AS product_key
+        FROM latest l
+        LEFT JOIN customer_versions(ARRAY(SELECT DISTINCT l2.customer_id FROM latest l2)) v
+               ON v.customer_id = l.customer_id AND l.order_ts >= v.valid_from AND l.order_ts < v.valid_to
+        LEFT JOIN dim_product p ON p.product_id = l.product_id
+    )
+    UPDATE fact_order_line f
+    SET customer_key = r.customer_key, product_key = r.product_key
+    FROM resolved r
+    WHERE f.order_id = r.order_id AND f.line_number = r.line_number
+      AND (f.customer_key, f.product_key) IS DISTINCT FROM (r.customer_key, r.product_key);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+CREATE FUNCTION customer_analytics_internal.stage_event_batch(snap pg_snapshot, prev pg_snapshot,
+                                                              lo xid8, hi xid8, own_xid xid8)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+BEGIN
+    CREATE TEMP TABLE ca_batch_events ON COMMIT DROP AS
+    SELECT DISTINCT ON (s.event_id) s.*
+    FROM stg_events s
+    WHERE newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
+    ORDER BY s.event_id, s.stage_id DESC;
+END
+$$;
+
+CREATE FUNCTION customer_analytics_internal.hold_back_late_events(cutoff timestamptz, previous_own_xid xid8)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    late record;
+BEGIN
+    WITH gone AS (
+        DELETE FROM ca_batch_events b
+        WHERE b.event_ts < cutoff
+          -- rows the previous run took from its own transaction come again: not late
+          AND b.staged_xid IS DISTINCT FROM previous_own_xid
+        RETURNING b.event_ts, b.load_id
+    )
+    SELECT count(*) AS events, min(event_ts) AS oldest, max(event_ts) AS newest,
+           array_agg(DISTINCT load_id) FILTER (WHERE load_id IS NOT NULL) AS loads
+    INTO late FROM gone;
+    IF late.events > 0 THEN
+        PERFORM raise_alert('late_events', 'stg_events',
+                            jsonb_build_object('events', late.events, 'oldest', late.oldest,
+                                               'newest', late.newest, 'cutoff', cutoff,
+                                               'loads', late.loads),
+                            severity => 'warn');
+    END IF;
+    RETURN late.events;
+END
+$$;
+
+CREATE FUNCTION customer_analytics_internal.load_fact_event()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    tz text := business_timezone();
+    n bigint;
+BEGIN
+    CREATE TEMP TABLE ca_event_customers ON COMMIT DROP AS
+    SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT e.customer_id FROM ca_batch_events e
+                                          WHERE e.customer_id IS NOT NULL));
+    ANALYZE ca_event_customers;
+
+    INSERT INTO fact_event AS f
+        (event_id, event_ts, date_key, customer_key, customer_id, customer_stitched, session_id,
+         event_type, product_key, order_id, channel, device, stage_id, load_id)
+    SELECT s.event_id, s.event_ts, date_key((s.event_ts AT TIME ZONE tz)::date),
+           CASE WHEN s.customer_id IS NULL THEN NULL
+                ELSE COALESCE(c.customer_key, -1) END,
+           s.customer_id, false,
+           s.session_id, s.event_type,
+           CASE WHEN s.product_id IS NULL THEN NULL ELSE COALESCE(p.product_key, -1) END,
+           s.order_id, s.channel, s.device, s.stage_id, s.load_id
+    FROM ca_batch_events s
+    LEFT JOIN ca_event_customers c
+           ON c.customer_id = s.customer_id AND s.event_ts >= c.valid_from AND s.event_ts < c.valid_to
+    LEFT JOIN dim_product p ON p.product_id = s.product_id
+    ON CONFLICT (event_id) DO UPDATE
+        SET event_ts = excluded.event_ts, date_key = excluded.date_key,
+            customer_key = excluded.customer_key, customer_id = excluded.customer_id,
+            customer_stitched = false, session_id = excluded.session_id,
+            event_type = excluded.event_type, product_key = excluded.product_key,
+            order_id = excluded.order_id, channel = excluded.channel,
+            device = excluded.device, stage_id = excluded.stage_id, load_id = excluded.load_id
+        WHERE excluded.stage_id > f.stage_id
+          AND (f.event_ts, f.customer_key, f.customer_id, f.customer_stitched, f.session_id,
+               f.event_type, f.product_key, f.order_id, f.channel, f.device)
+              IS DISTINCT FROM
+              (excluded.event_ts, excluded.customer_key, excluded.customer_id, false,
+               excluded.session_id, excluded.event_type, excluded.product_key,
+               excluded.order_id, excluded.channel, excluded.device);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    DROP TABLE ca_event_customers;
+    RETURN n;
+END
+$$;
+
+CREATE FUNCTION customer_analytics_internal.stitch_sessions()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    -- only sessions where something can change: an anonymous event and an
+    -- identified one, or events stitched before
+    CREATE TEMP TABLE ca_stitch_sessions ON COMMIT DROP AS
+    SELECT f.session_id
+    FROM fact_event f
+    WHERE f.session_id IN (SELECT b.session_id FROM ca_batch_events b)
+    GROUP BY f.session_id
+    HAVING (bool_or(f.customer_id IS NULL) AND bool_or(f.customer_id IS NOT NULL))
+           OR bool_or(f.customer_stitched);
+    ANALYZE ca_stitch_sessions;
+    WITH sess AS (
+        SELECT f.event_id, f.customer_key, f.customer_id, f.customer_stitched,
+               count(*) FILTER (WHERE f.customer_id IS NOT NULL AND NOT f.customer_stitched)
+                   OVER (PARTITION BY f.session_id ORDER BY f.event_ts DESC, f.event_id DESC
+                         ROWS UNBOUNDED PRECEDING) AS grp,
+               f.session_id
+        FROM fact_event f
+        WHERE f.session_id IN (SELECT c.session_id FROM ca_stitch_sessions c)
+    ), linked AS (
+        SELECT s.event_id, s.customer_key, s.customer_id, s.customer_stitched,
+               max(s.customer_key) FILTER (WHERE s.customer_id IS NOT NULL AND NOT s.customer_stitched)
+                   OVER g AS new_key,
+               max(s.customer_id) FILTER (WHERE s.customer_id IS NOT NULL AND NOT s.customer_stitched)
+                   OVER g AS new_id
+        FROM sess s
+        WINDOW g AS (PARTITION BY s.session_id, s.grp)
+    )
+    UPDATE fact_event f
+    SET customer_key = l.new_key, customer_id = l.new_id, customer_stitched = l.new_id IS NOT NULL
+    FROM linked l
+    WHERE f.event_id = l.event_id
+      AND (l.customer_id IS NULL OR l.customer_stitched)
+      AND (l.customer_key, l.customer_id, l.customer_stitched)
+          IS DISTINCT FROM (l.new_key, l.new_id, l.new_id IS NOT NULL);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    DROP TABLE ca_stitch_sessions;
+    RETURN n;
+END
+$$;
+
+CREATE FUNCTION customer_analytics_internal.repair_event_customer_keys()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    UPDATE fact_event f
+    SET customer_key = v.customer_key
+    FROM customer_versions(ARRAY(SELECT DISTINCT e.customer_id FROM fact_event e
+                                 WHERE e.customer_key = -1)) v
+    WHERE f.customer_key = -1 AND v.customer_id = f.customer_id
+      AND f.event_ts >= v.valid_from AND f.event_ts < v.valid_to;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.raise_alert(
+    kind      text,
+    subject   text,
+    details   jsonb DEFAULT '{}',
+    dedup_key text DEFAULT NULL,
+    severity  text DEFAULT 'warn')
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    new_id  bigint;
+    payload jsonb;
+BEGIN
+    IF kind IS NULL OR subject IS NULL THEN
+        RAISE EXCEPTION 'an alert needs a kind and a subject'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF severity IS NOT NULL AND severity NOT IN ('info', 'warn', 'error') THEN
+        RAISE EXCEPTION 'invalid alert severity "%"', severity
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use info, warn or error.';
+    END IF;
+    INSERT INTO alert AS a (kind, subject, severity, details, dedup_key)
+    VALUES (kind, subject, COALESCE(severity, 'warn'), COALESCE(details, '{}'),
+            COALESCE(dedup_key, kind || ':' || subject || ':' || md5(COALESCE(details, '{}')::text)))
+    ON CONFLICT ON CONSTRAINT alert_dedup_key_key DO NOTHING
+    RETURNING a.alert_id INTO new_id;
+    IF new_id IS NOT NULL THEN
+        payload := jsonb_build_object('alert_id', new_id, 'kind', kind, 'subject', subject,
+                                      'severity', COALESCE(severity, 'warn'), 'details', details);
+        -- NOTIFY payloads must stay under 8000 bytes: drop the details if too big
+        IF octet_length(payload::text) > 7900 THEN
+            payload := payload - 'details' || jsonb_build_object('details_truncated', true);
+        END IF;
+        PERFORM pg_notify('customer_analytics_alerts', payload::text);
+    END IF;
+    RETURN new_id;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.acknowledge_alert(alert_id bigint)
+RETURNS boolean
+LANGUAGE sql VOLATILE STRICT
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+    WITH acked AS (
+        UPDATE customer_analytics.alert a
+        SET acknowledged = true, acknowledged_at = now(), acknowledged_by = current_user
+        WHERE a.alert_id = acknowledge_alert.alert_id AND NOT a.acknowledged
+        RETURNING 1
+    )
+    SELECT EXISTS (SELECT FROM acked)
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.ensure_dim_date(from_day date, to_day date)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    lo date;
+    hi date;
+    added bigint;
+BEGIN
+    IF from_day IS NULL OR to_day IS NULL THEN
+        RETURN 0;
+    END IF;
+    IF to_day - from_day > 36600 THEN
+        RAISE EXCEPTION 'date range % to % is longer than 100 years', from_day, to_day
+            USING ERRCODE = 'data_exception',
+                  HINT = 'A timestamp far in the past or future was staged; find it in the staging tables and correct it.';
+    END IF;
+    -- keep the calendar contiguous from its first to its last day
+    SELECT LEAST(min(date), from_day), GREATEST(max(date), to_day) INTO lo, hi FROM dim_date;
+    lo := COALESCE(lo, from_day);
+    hi := COALESCE(hi, to_day);
+    INSERT INTO dim_date (date_key, date, year, quarter, month, month_name,
+                          iso_year, iso_week, day_of_week, day_name, is_weekend)
+    SELECT date_key(d), d,
+           date_part('year', d), date_part('quarter', d), date_part('month', d),
+           to_char(d, 'FMMonth'),
+           date_part('isoyear', d), date_part('week', d), date_part('isodow', d),
+           to_char(d, 'FMDay'), date_part('isodow', d) >= 6
+    FROM generate_series(lo, hi, interval '1 day') AS g(ts),
+         LATERAL (SELECT g.ts::date AS d) AS x
+    ON CONFLICT (date_key) DO NOTHING;
+    GET DIAGNOSTICS added = ROW_COUNT;
+    RETURN added;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.newly_staged(xid xid8, lo xid8, hi xid8,
+                                                         cur pg_snapshot, prev pg_snapshot, own xid8)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT (xid OPERATOR(pg_catalog.>=) lo AND xid OPERATOR(pg_catalog.<) hi
+            AND pg_catalog.pg_visible_in_snapshot(xid, cur)
+            AND (prev IS NULL OR NOT pg_catalog.pg_visible_in_snapshot(xid, prev)))
+           OR xid OPERATOR(pg_catalog.=) own
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.staged_window(last_snapshot pg_snapshot, last_system bigint,
+                                                          this_system bigint, full_refresh boolean,
+                                                          OUT snap pg_snapshot, OUT prev pg_snapshot,
+                                                          OUT lo xid8, OUT hi xid8)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    snap := pg_current_snapshot();
+    IF full_refresh OR last_snapshot IS NULL OR last_system <> this_system
+       OR pg_snapshot_xmin(last_snapshot) > pg_snapshot_xmax(snap) THEN
+        prev := NULL;           -- everything staged so far
+        lo := '0'::xid8;
+    ELSE
+        prev := last_snapshot;
+        lo := pg_snapshot_xmin(prev);   -- all below were visible to the last run
+    END IF;
+    hi := pg_snapshot_xmax(snap);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.transform(full_refresh boolean DEFAULT false)
+RETURNS TABLE (step text, rows_affected bigint)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    saved       transform_state;
+    w           record;
+    sysid       bigint;
+    tz          text := business_timezone();
+    products    bigint;
+    customers   bigint;
+    unknown_before boolean;
+BEGIN
+    -- one transform at a time; the second waits, then sees the first's work
+    PERFORM pg_advisory_xact_lock(lock_key('transform()'));
+
+    SELECT system_identifier INTO sysid FROM pg_control_system();
+    SELECT * INTO saved FROM transform_state;
+    SELECT * INTO w FROM staged_window(saved.snapshot, saved.system_identifier, sysid, full_refresh);
+    PERFORM stage_order_batch(w.snap, w.prev, w.lo, w.hi, pg_current_xact_id_if_assigned());
+
+    products := load_dim_product();
+    customers := load_dim_customer();
+    RETURN QUERY VALUES ('dim_product', products), ('dim_customer', customers);
+    RETURN QUERY SELECT 'dim_date', ensure_dim_date(min(d), max(d))
+                 FROM (SELECT (order_ts AT TIME ZONE tz)::date AS d FROM ca_batch_orders) days;
+
+    /*
+     * Lines already pointing at an unknown member before this run are the
+     * only ones the repair of late-arriving dimensions can change (the lines
+     * this run writes are looked up in the dimensions as they now are), and
+     * only if this run added dimension rows.
+     */
+    unknown_before := products + customers > 0
+                      AND EXISTS (SELECT FROM fact_order_line WHERE customer_key = -1 OR product_key = -1);
+    RETURN QUERY SELECT 'fact_order_line', load_fact_order_line();
+    RETURN QUERY SELECT 'late_dimension_fixes',
+                        CASE WHEN unknown_before THEN repair_order_line_keys() ELSE 0 END;
+
+    INSERT INTO transform_state (singleton, snapshot, system_identifier, last_run_at)
+    VALUES (true, w.snap, sysid, now())
+    ON CONFLICT (singleton) DO UPDATE
+        SET snapshot = excluded.snapshot,
+            system_identifier = excluded.system_identifier,
+            last_run_at = excluded.last_run_at;
+
+    DROP TABLE ca_batch_products, ca_batch_customers, ca_batch_orders;
+
+    /* clickstream events: their own snapshot, so refresh_clickstream() can run them alone */
+    RETURN QUERY SELECT * FROM transform_events(full_refresh);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.transform_events(full_refresh boolean DEFAULT false)
+RETURNS TABLE (step text, rows_affected bigint)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    saved       event_transform_state;
+    w           record;
+    own_xid     xid8 := pg_current_xact_id_if_assigned();
+    sysid       bigint;
+    tz          text := business_timezone();
+    cutoff      timestamptz;
+    mark        timestamptz;
+BEGIN
+    PERFORM pg_advisory_xact_lock(lock_key('transform_events()'));
+
+    SELECT system_identifier INTO sysid FROM pg_control_system();
+    SELECT * INTO saved FROM event_transform_state;
+    SELECT * INTO w FROM staged_window(saved.snapshot, saved.system_identifier, sysid, full_refresh);
+    IF w.prev IS NOT NULL THEN
+        cutoff := saved.watermark - event_lateness();   -- NULL: no limit, or nothing processed yet
+    END IF;
+    PERFORM stage_event_batch(w.snap, w.prev, w.lo, w.hi, own_xid);
+
+    RETURN QUERY SELECT 'fact_event_too_late',
+                        CASE WHEN cutoff IS NULL THEN 0 ELSE hold_back_late_events(cutoff, saved.own_xid) END;
+    ANALYZE ca_batch_events;
+    PERFORM ensure_dim_date(min((event_ts AT TIME ZONE tz)::date), max((event_ts AT TIME ZONE tz)::date))
+    FROM ca_batch_events;
+
+    RETURN QUERY SELECT 'fact_event', load_fact_event();
+    RETURN QUERY SELECT 'fact_event_stitched', stitch_sessions();
+    RETURN QUERY SELECT 'fact_event_late_customers', repair_event_customer_keys();
+
+    IF w.prev IS NULL THEN      -- a full pass: everything staged counts
+        SELECT max(b.event_ts) INTO mark FROM ca_batch_events b;
+    ELSE
+        SELECT GREATEST(saved.watermark, max(b.event_ts)) INTO mark FROM ca_batch_events b;
+    END IF;
+    IF mark > now() THEN
+        mark := now();
+    END IF;
+    INSERT INTO event_transform_state (singleton, snapshot, own_xid, system_identifier, watermark, last_run_at)
+    VALUES (true, w.snap, own_xid, sysid, mark, now())
+    ON CONFLICT (singleton) DO UPDATE
+        SET snapshot = excluded.snapshot,
+            own_xid = excluded.own_xid,
+            system_identifier = excluded.system_identifier,
+            watermark = excluded.watermark,
+            last_run_at = excluded.last_run_at;
+
+    DROP TABLE ca_batch_events;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.rfm_segment_rule_guard()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    maps text[];
+    map text;
+    bad text;
+BEGIN
+    IF TG_WHEN = 'BEFORE' THEN
+        -- the built-in map is read-only (an upgrade script may set
+        -- customer_analytics.installing to change it)
+        IF (TG_OP <> 'INSERT' AND OLD.map_name = 'default') OR (TG_OP <> 'DELETE' AND NEW.map_name = 'default') THEN
+            IF current_setting('customer_analytics.installing', true) = 'on' THEN
+                RETURN COALESCE(NEW, OLD);
+            END IF;
+            RAISE EXCEPTION 'the built-in segment map "default" cannot be changed'
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = 'Add your rules under another map_name and SET customer_analytics.rfm_segment_map to it.';
+        END IF;
+        RETURN COALESCE(NEW, OLD);
+    END IF;
+    -- deferred: check every map this transaction touched, once it is complete
+    maps := ARRAY(SELECT DISTINCT x FROM unnest(ARRAY[OLD.map_name, NEW.map_name]) x WHERE x IS NOT NULL);
+    FOREACH map IN ARRAY maps LOOP
+        IF EXISTS (SELECT FROM rfm_segment_rule WHERE map_name = map) THEN
+            SELECT string_agg(cell || ' (' || problem || ')', ', ') INTO bad
+            FROM (SELECT * FROM rfm_check_segment_map(map) LIMIT 10) p;
+            IF bad IS NOT NULL THEN
+                RAISE EXCEPTION 'RFM segment map "%" does not name each of the 125 cells exactly once', map
+                    USING ERRCODE = 'check_violation',
+                          DETAIL = 'Cells: ' || bad || '.',
+                          HINT = format('SELECT * FROM customer_analytics.rfm_check_segment_map(%L) lists them all.', map);
+            END IF;
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.note_dirty_customers()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        INSERT INTO customer_analytics_internal.rfm_dirty_customer VALUES (NULL) ON CONFLICT DO NOTHING;
+    ELSIF TG_TABLE_NAME = 'dim_customer' THEN
+        -- a new, changed or removed version moves the customer's current key
+        -- or which lines are theirs
+        IF TG_OP = 'INSERT' THEN
+            INSERT INTO customer_analytics_internal.rfm_dirty_customer
+            SELECT DISTINCT customer_id FROM new_rows ON CONFLICT DO NOTHING;
+        ELSIF TG_OP = 'DELETE' THEN
+            INSERT INTO customer_analytics_internal.rfm_dirty_customer
+            SELECT DISTINCT customer_id FROM old_rows ON CONFLICT DO NOTHING;
+        ELSE
+            INSERT INTO customer_analytics_internal.rfm_dirty_customer
+            SELECT customer_id FROM old_rows UNION SELECT customer_id FROM new_rows ON CONFLICT DO NOTHING;
+        END IF;
+    ELSIF TG_OP = 'INSERT' THEN
+        -- new lines are usually new orders: queued, added without a recompute
+        INSERT INTO customer_analytics.rfm_new_line (customer_id, order_id, line_number, order_ts, revenue, purchase)
+        SELECT c.customer_id, r.order_id, r.line_number, r.order_ts, r.revenue,
+               r.status = 'completed' AND r.customer_key <> -1 AND (r.quantity > 0 OR r.revenue <> 0)
+        FROM new_rows r JOIN customer_analytics.dim_customer c USING (customer_key);
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO customer_analytics_internal.rfm_dirty_customer
+        SELECT DISTINCT c.customer_id
+        FROM (SELECT DISTINCT customer_key FROM old_rows) r
+        JOIN customer_analytics.dim_customer c USING (customer_key)
+        ON CONFLICT DO NOTHING;
+    ELSE
+        INSERT INTO customer_analytics_internal.rfm_dirty_customer
+        SELECT DISTINCT c.customer_id
+        FROM (SELECT customer_key FROM old_rows UNION SELECT customer_key FROM new_rows) r
+        JOIN customer_analytics.dim_customer c USING (customer_key)
+        ON CONFLICT DO NOTHING;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.refresh_customer_rfm(full_refresh boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    ids text[];
+    everyone boolean;
+    as_of timestamptz := customer_analytics.reference_time();
+    map text := COALESCE(NULLIF(current_setting('customer_analytics.rfm_segment_map', true), ''), 'default');
+    redo bigint;
+    rounds integer := 0;
+    later boolean;
+    changed bigint;
+BEGIN
+    -- one maintainer at a time; readers never wait
+    PERFORM pg_advisory_xact_lock(customer_analytics_internal.lock_key('refresh_customer_rfm()'));
+    IF (SELECT count(*) FROM customer_analytics.rfm_segment_cells(map)) <> 125 THEN
+        RAISE EXCEPTION 'RFM segment map "%" does not name all 125 cells', map
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = format('See SELECT * FROM customer_analytics.rfm_check_segment_map(%L);', map);
+    END IF;
+    LOOP
+        rounds := rounds + 1;
+        -- take the noted customers (those noted by transactions still running stay for next time)
+        WITH taken AS (DELETE FROM customer_analytics_internal.rfm_dirty_customer RETURNING customer_id)
+        SELECT array_agg(customer_id) FILTER (WHERE customer_id IS NOT NULL), bool_or(customer_id IS NULL)
+        INTO ids, everyone FROM taken;
+        IF full_refresh OR everyone
+           OR (NOT EXISTS (SELECT FROM customer_analytics.rfm_rollup_customer)
+               AND EXISTS (SELECT FROM customer_analytics.fact_order_line)) THEN
+            DELETE FROM customer_analytics.rfm_rollup_customer;
+            ids := NULL;
+            everyone := true;
+            full_refresh := false;
+        ELSIF ids IS NOT NULL THEN
+            DELETE FROM customer_analytics.rfm_rollup_customer WHERE customer_id IN (SELECT unnest(ids));
+        END IF;
+        IF everyone OR ids IS NOT NULL THEN
+            -- rfm()'s inputs: completed lines of known customers; the lines
+            -- of an order are one purchase (at its latest line), a return
+            -- (negative revenue) stands alone: grouped by order and, for a
+            -- return, by its line.  A credit line worth nothing (negative
+            -- quantity at price 0) is neither.  The queued lines this statement sees are
+            -- in the facts it reads: they are consumed here, not added again
+            -- below.
+            WITH consumed AS (
+                DELETE FROM customer_analytics.rfm_new_line q
+                WHERE everyone OR q.customer_id IN (SELECT unnest(ids))
+            )
+            INSERT INTO customer_analytics.rfm_rollup_customer (customer_id, customer_key, last_order, frequency, monetary)
+            SELECT o.customer_id, cur.customer_key, (o.s).last_order, (o.s).frequency, (o.s).monetary
+            FROM (SELECT x.customer_id, customer_analytics.rfm_agg(x.ts, x.amount) AS s
+                  FROM (SELECT c.customer_id, max(fl.order_ts) AS ts, sum(fl.revenue) AS amount
+                        FROM customer_analytics.fact_order_line fl
+                        JOIN customer_analytics.dim_customer c ON c.customer_key = fl.customer_key
+                        WHERE fl.status = 'completed' AND c.customer_key <> -1
+                          AND (fl.quantity > 0 OR fl.revenue <> 0)
+                          AND (everyone OR c.customer_id IN (SELECT unnest(ids)))
+                        GROUP BY c.customer_id, fl.order_id, CASE WHEN fl.revenue < 0 THEN fl.line_number END) x
+                  GROUP BY x.customer_id) o
+            LEFT JOIN customer_analytics.dim_customer cur ON cur.customer_id = o.customer_id AND cur.is_current
+                                                         AND cur.customer_key <> -1;
+        END IF;
+
+        -- new orders are added to their customers' rows; an order that had
+        -- lines before (its line count in the facts is larger) is not new:
+        -- its customers are recomputed in the next round
+        WITH taken AS (
+            DELETE FROM customer_analytics.rfm_new_line RETURNING *
+        ), orders AS (
+            SELECT t.order_id,
+                   count(*) = (SELECT count(*) FROM customer_analytics.fact_order_line f
+                               WHERE f.order_id = t.order_id) AS whole
+            FROM taken t GROUP BY t.order_id
+        ), noted AS (
+            INSERT INTO customer_analytics_internal.rfm_dirty_customer
+            SELECT DISTINCT t.customer_id FROM taken t JOIN orders o USING (order_id) WHERE NOT o.whole
+            ON CONFLICT DO NOTHING
+            RETURNING 1
+        ), per_order AS (            -- grouped as above
+            SELECT t.customer_id, max(t.order_ts) AS ts, sum(t.revenue) AS amount
+            FROM taken t JOIN orders o USING (order_id)
+            WHERE o.whole AND t.purchase
+            GROUP BY t.customer_id, t.order_id, CASE WHEN t.revenue < 0 THEN t.line_number END
+        ), added AS (
+            INSERT INTO customer_analytics.rfm_rollup_customer AS u (customer_id, customer_key, last_order, frequency, monetary)
+            SELECT p.customer_id, cur.customer_key, (p.s).last_order, (p.s).frequency, (p.s).monetary
+            FROM (SELECT customer_id, customer_analytics.rfm_agg(ts, amount) AS s FROM per_order GROUP BY customer_id) p
+            LEFT JOIN customer_analytics.dim_customer cur ON cur.customer_id = p.customer_id AND cur.is_current
+                                                         AND cur.customer_key <> -1
+            ON CONFLICT (customer_id) DO UPDATE
+                SET last_order = greatest(u.last_order, excluded.last_order),
+                    frequency = u.frequency + excluded.frequency,
+                    monetary = u.monetary + excluded.monetary
+            RETURNING 1
+        )
+        SELECT count(*) FROM noted INTO redo;   -- (added runs all the same)
+        EXIT WHEN redo = 0 OR rounds >= 10;
+    END LOOP;
+
+    -- lines later than as_of (an as_of in the past) are not in rfm(as_of):
+    -- then the scores come from the facts
+    later := EXISTS (SELECT FROM customer_analytics.fact_order_line WHERE order_ts > as_of);
+    WITH scored AS (
+        SELECT * FROM customer_analytics.rfm(as_of) WHERE later
+        UNION ALL
+        SELECT * FROM customer_analytics.rfm_from_rollup(as_of) WHERE NOT later
+    ), diff AS MATERIALIZED (      -- one pass over both: what to write
+        SELECT s.*, t.customer_id AS old_customer_id
+        FROM scored s FULL JOIN customer_analytics.customer_rfm_score t ON t.customer_id = s.customer_id
+        WHERE s.customer_id IS NULL OR t.customer_id IS NULL
+           OR (t.customer_key, t.recency_days, t.frequency, t.monetary, t.rfm_cell, t.segment)
+              IS DISTINCT FROM (s.customer_key, s.recency_days, s.frequency, s.monetary, s.rfm_cell, s.segment)
+    ), updated AS (
+        UPDATE customer_analytics.customer_rfm_score t
+        SET customer_key = d.customer_key, recency_days = d.recency_days, frequency = d.frequency,
+            monetary = d.monetary, r = d.r, f = d.f, m = d.m, rfm_cell = d.rfm_cell, segment = d.segment
+        FROM diff d
+        WHERE t.customer_id = d.customer_id AND d.old_customer_id IS NOT NULL
+        RETURNING 1
+    ), inserted AS (
+        INSERT INTO customer_analytics.customer_rfm_score
+            (customer_id, customer_key, recency_days, frequency, monetary, r, f, m, rfm_cell, segment)
+        SELECT d.customer_id, d.customer_key, d.recency_days, d.frequency, d.monetary, d.r, d.f, d.m, d.rfm_cell, d.segment
+        FROM diff d WHERE d.old_customer_id IS NULL
+        RETURNING 1
+    ), deleted AS (
+        DELETE FROM customer_analytics.customer_rfm_score t
+        USING diff d
+        WHERE t.customer_id = d.old_customer_id AND d.customer_id IS NULL
+        RETURNING 1
+    )
+    SELECT (SELECT count(*) FROM updated) + (SELECT count(*) FROM inserted) + (SELECT count(*) FROM deleted)
+    INTO changed;
+    INSERT INTO customer_analytics.customer_rfm_refresh (id, as_of, refreshed_at)
+    VALUES (true, as_of, clock_timestamp())
+    ON CONFLICT (id) DO UPDATE SET as_of = EXCLUDED.as_of, refreshed_at = EXCLUDED.refreshed_at;
+    RETURN changed;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.note_dirty_sales_days()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        INSERT INTO customer_analytics_internal.sales_dirty_day VALUES ('-infinity') ON CONFLICT DO NOTHING;
+    ELSIF TG_TABLE_NAME = 'dim_product' THEN
+        -- a product moved to another category: every day it sold on
+        INSERT INTO customer_analytics_internal.sales_dirty_day
+        SELECT DISTINCT d.date
+        FROM old_rows o JOIN new_rows n USING (product_key)
+        JOIN customer_analytics.fact_order_line f ON f.product_key = n.product_key
+        JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
+        WHERE o.category IS DISTINCT FROM n.category
+        ON CONFLICT DO NOTHING;
+    ELSIF TG_OP = 'INSERT' THEN
+        INSERT INTO customer_analytics_internal.sales_dirty_day
+        SELECT DISTINCT d.date FROM new_rows r JOIN customer_analytics.dim_date d USING (date_key)
+        ON CONFLICT DO NOTHING;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO customer_analytics_internal.sales_dirty_day
+        SELECT DISTINCT d.date FROM old_rows r JOIN customer_analytics.dim_date d USING (date_key)
+        ON CONFLICT DO NOTHING;
+    ELSE
+        INSERT INTO customer_analytics_internal.sales_dirty_day
+        SELECT DISTINCT d.date
+        FROM (SELECT date_key FROM old_rows UNION SELECT date_key FROM new_rows) r
+        JOIN customer_analytics.dim_date d USING (date_key)
+        ON CONFLICT DO NOTHING;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.refresh_sales_rollup(full_refresh boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    days date[];
+    keys integer[];
+BEGIN
+    -- one maintainer at a time; readers of the rollups never wait
+    PERFORM pg_advisory_xact_lock(customer_analytics_internal.lock_key('refresh_sales_rollup()'));
+    -- take the noted days (days noted by transactions still running stay for next time)
+    WITH taken AS (DELETE FROM customer_analytics_internal.sales_dirty_day RETURNING day)
+    SELECT array_agg(day) INTO days FROM taken;
+    IF full_refresh OR '-infinity' = ANY (days)
+       OR (NOT EXISTS (SELECT FROM customer_analytics.sales_rollup_day)
+           AND EXISTS (SELECT FROM customer_analytics.fact_order_line)) THEN
+        DELETE FROM customer_analytics.sales_rollup_day;
+        DELETE FROM customer_analytics.sales_rollup_category;
+        keys := NULL;                   -- every day
+    ELSIF days IS NULL THEN
+        RETURN 0;
+    ELSE
+        keys := ARRAY(SELECT customer_analytics.date_key(d) FROM unnest(days) d);
+        DELETE FROM customer_analytics.sales_rollup_day WHERE day = ANY (days);
+        DELETE FROM customer_analytics.sales_rollup_category WHERE day = ANY (days);
+    END IF;
+
+    INSERT INTO customer_analytics.sales_rollup_day (day, revenue, orders, customers)
+    -- credit notes (negative quantity) net against revenue but are no
+    -- orders, and their customers did not buy that day
+    SELECT d.date, sum(f.revenue), count(DISTINCT f.order_id) FILTER (WHERE f.quantity > 0),
+           count(DISTINCT c.customer_id) FILTER (WHERE f.customer_key <> -1 AND f.quantity > 0)
+    FROM customer_analytics.fact_order_line f
+    JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
+    JOIN customer_analytics.dim_customer c ON c.customer_key = f.customer_key
+    WHERE f.status = 'completed' AND (keys IS NULL OR f.date_key = ANY (keys))
+    GROUP BY d.date;
+
+    INSERT INTO customer_analytics.sales_rollup_category (day, category, revenue, orders, units)
+    SELECT d.date, p.category, sum(f.revenue), count(DISTINCT f.order_id) FILTER (WHERE f.quantity > 0), sum(f.quantity)
+    FROM customer_analytics.fact_order_line f
+    JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
+    JOIN customer_analytics.dim_product p ON p.product_key = f.product_key
+    WHERE f.status = 'completed' AND (keys IS NULL OR f.date_key = ANY (keys))
+    GROUP BY d.date, p.category;
+
+    RETURN CASE WHEN keys IS NULL THEN (SELECT count(*) FROM customer_analytics.sales_rollup_day)
+                ELSE cardinality(keys) END;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.note_check_change()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    keyexpr text;
+    n bigint;
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        DELETE FROM customer_analytics_internal.check_change WHERE rel = TG_RELID;
+        INSERT INTO customer_analytics_internal.check_change (rel, op) VALUES (TG_RELID, 'T');
+        RETURN NULL;
+    END IF;
+    -- a table already due for a whole check needs no detail
+    IF EXISTS (SELECT FROM customer_analytics_internal.check_change WHERE rel = TG_RELID AND op = 'T') THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        SELECT count(*) INTO n FROM new_rows;
+        -- a first load or a backfill: checking the whole table once costs
+        -- less than queuing and reading back a million keys
+        IF n > 1000000 THEN
+            DELETE FROM customer_analytics_internal.check_change WHERE rel = TG_RELID;
+            INSERT INTO customer_analytics_internal.check_change (rel, op) VALUES (TG_RELID, 'T');
+            RETURN NULL;
+        END IF;
+        SELECT 'jsonb_build_object(' || string_agg(format('%L, r.%I', c, c), ', ') || ')' INTO keyexpr
+        FROM unnest(customer_analytics_internal.key_columns(TG_RELID)) c;
+        EXECUTE format('INSERT INTO customer_analytics_internal.check_change (rel, op, key) SELECT $1, ''n'', %s FROM new_rows r',
+                       keyexpr) USING TG_RELID;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        INSERT INTO customer_analytics_internal.check_change (rel, op, old_row)
+        SELECT TG_RELID, 'o', to_jsonb(r) FROM old_rows r;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.track_check_changes(rel regclass)
+RETURNS void
+LANGUAGE plpgsql VOLATILE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    t text;
+BEGIN
+    IF customer_analytics_internal.key_columns(rel) IS NULL THEN
+        RAISE EXCEPTION 'table % has no primary key', rel
+            USING ERRCODE = 'invalid_table_definition',
+                  DETAIL = 'Changed rows are queued by their primary key.',
+                  HINT = 'Add a primary key, or leave the table untracked: its checks then run over the whole table.';
+    END IF;
+    t := (SELECT c.relname FROM pg_class c WHERE c.oid = rel);
+    EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_check_change()', t || '_check_change_ins', rel);
+    EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_check_change()', t || '_check_change_upd', rel);
+    EXECUTE format('CREATE TRIGGER %I AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_check_change()', t || '_check_change_del', rel);
+    EXECUTE format('CREATE TRIGGER %I AFTER TRUNCATE ON %s '
+                   'FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_check_change()', t || '_check_change_trunc', rel);
+    -- what happened before the triggers is unknown: the first pass reads it all
+    INSERT INTO customer_analytics_internal.check_change (rel, op) VALUES (rel, 'T');
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.tracked(rel regclass)
+RETURNS boolean
+LANGUAGE sql STABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = rel AND NOT t.tgisinternal AND t.tgenabled <> 'D'
+                     AND t.tgfoid = 'customer_analytics_internal.note_check_change()'::regprocedure AND t.tgtype & 4 <> 0)
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.changed_rows(tbl anyelement)
+RETURNS SETOF anyelement
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    target_rel oid := (SELECT t.typrelid FROM pg_type t WHERE t.oid = pg_typeof(tbl));
+    rel regclass;
+    keys text[];
+BEGIN
+    IF target_rel IS NULL OR target_rel = 0 THEN
+        RAISE EXCEPTION 'changed_rows() takes a row of a table, e.g. NULL::schema.table'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    rel := target_rel;
+    IF to_regclass('pg_temp.ca_check_changes') IS NULL OR NOT customer_analytics_internal.tracked(rel) THEN
+        RETURN QUERY EXECUTE format('SELECT * FROM %s', rel);
+        RETURN;
+    END IF;
+    IF EXISTS (SELECT FROM pg_temp.ca_check_changes c WHERE c.rel = target_rel AND c.op = 'T') THEN
+        RETURN QUERY EXECUTE format('SELECT * FROM %s', rel);
+        RETURN;
+    END IF;
+    keys := customer_analytics_internal.key_columns(rel);
+    RETURN QUERY EXECUTE format(
+        'SELECT t.* FROM (SELECT DISTINCT %s FROM pg_temp.ca_check_changes c, jsonb_populate_record(NULL::%s, c.key) k '
+        'WHERE c.rel = $1 AND c.op = ''n'') k JOIN %s t ON %s',
+        (SELECT string_agg(format('k.%I', x), ', ') FROM unnest(keys) x), rel, rel,
+        (SELECT string_agg(format('t.%I = k.%I', x, x), ' AND ') FROM unnest(keys) x))
+        USING rel;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.quality_check_incremental_sql(c customer_analytics.quality_check)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tbl regclass;
+    cols text[];
+    chg text;
+    to_tbl regclass;
+BEGIN
+    IF c.kind = 'custom' THEN
+        RETURN c.params->>'incremental_sql';
+    END IF;
+    tbl := to_regclass(c.target);
+    -- untracked tables and windowed checks (row_count_change reads a fixed
+    -- number of days by the index on its column) run whole
+    IF tbl IS NULL OR c.kind = 'row_count_change' OR NOT customer_analytics_internal.tracked(tbl) THEN
+        RETURN NULL;
+    END IF;
+    -- a value deleted from an untracked referenced table would go unseen
+    IF c.kind = 'relationship' AND NOT COALESCE(customer_analytics_internal.tracked(to_regclass(c.params->>'to')), false) THEN
+        RETURN NULL;
+    END IF;
+    cols := ARRAY(SELECT quote_ident(btrim(x)) FROM unnest(string_to_array(c.column_name, ',')) x);
+    chg := format('customer_analytics.changed_rows(NULL::%s)', tbl);
+    RETURN CASE c.kind
+        WHEN 'not_null' THEN format('SELECT * FROM %s WHERE %s IS NULL', chg, array_to_string(cols, ', '))
+        -- the groups of the changed values, counted over the whole table
+        -- (by an index on the columns when there is one); a NULL key groups
+        -- with the other NULLs as GROUP BY does
+        WHEN 'unique' THEN format(
+            $q$WITH k AS MATERIALIZED (SELECT DISTINCT %1$s FROM %2$s)
+               SELECT %1$s, count(*) AS occurrences FROM (
+                   SELECT %1$s FROM %3$s t WHERE (%4$s) IN (SELECT %1$s FROM k WHERE %5$s)
+                   UNION ALL
+                   SELECT %1$s FROM %3$s t
+                   WHERE EXISTS (SELECT FROM k WHERE NOT (%5$s)) AND NOT (%6$s)
+                     AND EXISTS (SELECT FROM k WHERE ROW(%1$s) IS NOT DISTINCT FROM ROW(%4$s))
+               ) u GROUP BY %1$s HAVING count(*) > 1$q$,
+            array_to_string(cols, ', '), chg, tbl,
+            (SELECT string_agg('t.' || x, ', ') FROM unnest(cols) x),
+            (SELECT string_agg(x || ' IS NOT NULL', ' AND ') FROM unnest(cols) x),
+            (SELECT string_agg('t.' || x || ' IS NOT NULL', ' AND ') FROM unnest(cols) x))
+        -- changed rows pointing nowhere, and rows pointing at a value that an
+        -- update or delete took away from the referenced table
+        WHEN 'relationship' THEN format(
+            $q$SELECT x.* FROM %1$s x WHERE x.%2$s IS NOT NULL AND NOT EXISTS (SELECT FROM %3$s y WHERE y.%4$I = x.%2$s)
+               UNION ALL
+               SELECT x.* FROM %5$s x
+               WHERE x.%2$s IN (SELECT v FROM (SELECT DISTINCT (jsonb_populate_record(NULL::%3$s, o.old_row)).%4$I AS v
+                                               FROM pg_temp.ca_check_changes o WHERE o.rel = %6$L::regclass AND o.op = 'o') g
+                                WHERE NOT EXISTS (SELECT FROM %3$s y WHERE y.%4$I = g.v))
+                 AND NOT EXISTS (SELECT FROM pg_temp.ca_check_changes n
+                                 WHERE n.rel = %7$L::regclass AND n.op = 'n' AND n.key = %8$s)$q$,
+            chg, cols[1], to_regclass(c.params->>'to'), c.params->>'field', tbl, to_regclass(c.params->>'to')::oid,
+            tbl::oid,
+            (SELECT 'jsonb_build_object(' || string_agg(format('%L, x.%I', k, k), ', ') || ')'
+             FROM unnest(customer_analytics_internal.key_columns(tbl)) k))
+        WHEN 'accepted_values' THEN format(
+            'SELECT %s, count(*) AS occurrences FROM %s x WHERE %s IS NOT NULL AND %s::text <> ALL (%L::text[]) GROUP BY 1',
+            cols[1], chg, cols[1], cols[1], ARRAY(SELECT jsonb_array_elements_text(c.params->'values')))
+        -- the newest value: the previous pass's, or a changed row's
+        WHEN 'freshness' THEN format(
+            'SELECT newest, now() - newest AS age FROM (SELECT GREATEST((SELECT max(%1$s) FROM %2$s), $1::%4$s) AS newest) s '
+            'WHERE newest IS NULL OR newest < now() - %3$L::interval',
+            cols[1], chg, COALESCE(c.params->>'max_age', '1 day'),
+            (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+             WHERE a.attrelid = tbl AND a.attname = btrim(c.column_name)))
+    END;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.newest_moved(rel regclass, col text, newest text)
+RETURNS boolean
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    moved boolean;
+BEGIN
+    IF newest IS NULL THEN
+        RETURN EXISTS (SELECT FROM pg_temp.ca_check_changes x WHERE x.rel = newest_moved.rel AND x.op = 'o');
+    END IF;
+    EXECUTE format('SELECT EXISTS (SELECT FROM pg_temp.ca_check_changes x WHERE x.rel = $1 AND x.op = ''o'' '
+                   'AND NOT (jsonb_populate_record(NULL::%s, x.old_row)).%I < $2::%s)',
+                   rel, col, (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+                              WHERE a.attrelid = rel AND a.attname = col))
+        INTO moved USING rel, newest;
+    RETURN moved;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.run_checks(run_id bigint DEFAULT NULL, only_target text DEFAULT NULL,
+                                              "full" boolean DEFAULT false)
+RETURNS TABLE (check_name text, kind text, target text, severity text, passed boolean,
+               failing_rows bigint, sample jsonb, incremental boolean)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    c customer_analytics.quality_check;
+    q text;
+    prog customer_analytics_internal.quality_check_progress;
+    pass bigint;
+    prev_pass bigint;
+    def text;
+    whole_tables regclass[];
+    newest text;
+    -- (a session that has not loaded the library yet has no such setting:
+    -- its default, or the placeholder a configuration file made)
+    full_every interval := COALESCE(NULLIF(current_setting('customer_analytics.full_checks_interval', true), ''), '1 day')::interval;
+BEGIN
+    IF only_target IS NULL THEN
+        -- one pass at a time: a pass takes the queue only once the previous
+        -- one has recorded what it found
+        PERFORM pg_advisory_xact_lock(customer_analytics_internal.lock_key('run_checks()'));
+        SELECT max(p.pass_no) INTO prev_pass FROM customer_analytics_internal.quality_check_progress p;
+        pass := nextval('customer_analytics_internal.check_pass_seq');
+        CREATE TEMP TABLE IF NOT EXISTS ca_check_changes (LIKE customer_analytics_internal.check_change) ON COMMIT DROP;
+        TRUNCATE ca_check_changes;
+        WITH taken AS (DELETE FROM customer_analytics_internal.check_change RETURNING *)
+        INSERT INTO ca_check_changes SELECT * FROM taken;
+        ANALYZE ca_check_changes;
+        whole_tables := ARRAY(SELECT DISTINCT x.rel FROM ca_check_changes x WHERE x.op = 'T');
+    END IF;
+    FOR c IN SELECT * FROM customer_analytics.quality_check qc
+             WHERE qc.enabled AND (only_target IS NULL OR qc.target = only_target) ORDER BY qc.name LOOP
+        check_name := c.name; kind := c.kind; target := c.target; severity := c.severity;
+        def := md5(concat_ws('|', c.kind, c.target, c.column_name, c.params::text));
+        SELECT * INTO prog FROM customer_analytics_internal.quality_check_progress p WHERE p.check_name = c.name;
+        newest := NULL;
+        BEGIN
+            q := NULL;
+            incremental := false;
+            -- (nested: the queue's temporary table exists only in a pass)
+            IF pass IS NOT NULL AND NOT "full" AND prog.passed AND prog.pass_no = prev_pass AND prog.definition = def
+               AND prog.full_at > now() - full_every THEN
+                IF c.kind = 'custom' OR NOT (to_regclass(c.target) = ANY (whole_tables)
+                                             OR COALESCE(to_regclass(c.params->>'to') = ANY (whole_tables), false)) THEN
+                    -- a row updated or deleted may have been the newest (the
+                    -- clickstream's stitching updates events every run, all
+                    -- older than the newest: those leave it where it was)
+                    IF c.kind <> 'freshness' OR NOT customer_analytics_internal.newest_moved(to_regclass(c.target),
+                                                                                       btrim(c.column_name),
+                                                                                       prog.state->>'newest') THEN
+                        q := customer_analytics.quality_check_incremental_sql(c);
+                        incremental := q IS NOT NULL;
+                    END IF;
+                END IF;
+            END IF;
+            IF NOT incremental THEN
+                q := customer_analytics.quality_check_sql(c);
+            END IF;
+            -- the check's query runs once: its failing rows (usually none) are kept for the sample
+            EXECUTE format('WITH failing AS MATERIALIZED (%s) '
+                           'SELECT (SELECT count(*) FROM failing), '
+                           '(SELECT jsonb_agg(to_jsonb(s)) FROM (SELECT * FROM failing f LIMIT 5) s)', q)
+                INTO failing_rows, sample USING prog.state->>'newest';
+            -- freshness carries the newest value over to the next pass
+            IF c.kind = 'freshness' AND pass IS NOT NULL THEN
+                -- (as JSON: ISO 8601, read back whatever the DateStyle)
+                IF incremental THEN
+                    EXECUTE format('SELECT to_jsonb(GREATEST((SELECT max(%I) FROM customer_analytics.changed_rows(NULL::%s)), $1::%s)) #>> ''{}''',
+                                   btrim(c.column_name), to_regclass(c.target),
+                                   (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+                                    WHERE a.attrelid = to_regclass(c.target) AND a.attname = btrim(c.column_name)))
+                        INTO newest USING prog.state->>'newest';
+                ELSE
+                    EXECUTE format('SELECT to_jsonb(max(%I)) #>> ''{}'' FROM %s', btrim(c.column_name), to_regclass(c.target))
+                        INTO newest;
+                END IF;
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            -- a check that cannot run has failed, with its error as the sample
+            failing_rows := -1;
+            sample := jsonb_build_object('error', SQLERRM, 'sqlstate', SQLSTATE);
+        END;
+        passed := failing_rows = 0;
+        INSERT INTO customer_analytics.quality_result (run_id, check_name, severity, passed, failing_rows, sample, incremental)
+        VALUES (run_checks.run_id, c.name, c.severity, passed, failing_rows, sample, incremental);
+        IF pass IS NOT NULL THEN
+            INSERT INTO customer_analytics_internal.quality_check_progress AS p (check_name, pass_no, definition, passed, full_at, state)
+            VALUES (c.name, pass, def, passed, CASE WHEN incremental THEN prog.full_at ELSE now() END,
+                    CASE WHEN newest IS NOT NULL THEN jsonb_build_object('newest', newest) END)
+            ON CONFLICT ON CONSTRAINT quality_check_progress_pkey DO UPDATE
+                SET pass_no = EXCLUDED.pass_no, definition = EXCLUDED.definition, passed = EXCLUDED.passed,
+                    full_at = EXCLUDED.full_at, state = EXCLUDED.state;
+        END IF;
+        IF NOT passed THEN
+            PERFORM customer_analytics.raise_alert('quality_check', c.name,
+                jsonb_build_object('target', c.target, 'kind', c.kind, 'failing_rows', failing_rows, 'sample', sample,
+                                   'run_id', run_checks.run_id),
+                dedup_key => format('quality_check:%s:%s', c.name, COALESCE(run_checks.run_id::text, clock_timestamp()::text)),
+                severity => CASE c.severity WHEN 'error' THEN 'error' ELSE 'warn' END);
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+    IF pass IS NOT NULL THEN
+        DROP TABLE ca_check_changes;
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.pipeline_lock_key(scope text DEFAULT 'all')
+RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT customer_analytics_internal.lock_key(scope) $$;
+
+CREATE OR REPLACE PROCEDURE customer_analytics.run_pipeline(scope text DEFAULT 'all')
+LANGUAGE plpgsql
+-- No SET clause: a procedure with one cannot commit.  So everything here
+-- is schema-qualified, operators and type names included: a caller's
+-- search_path (e.g. public first) must not choose what runs.
+AS $$
+DECLARE
+    run bigint;
+    s record;
+    status pg_catalog.text;
+    attempt integer;
+    holder integer;
+BEGIN
+    -- a run cancelled in this session may have left its lock behind
+    WHILE EXISTS (SELECT FROM pg_catalog.pg_locks l
+                  WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory'
+                    AND l.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()
+                    AND ((l.classid::bigint OPERATOR(pg_catalog.<<) 32) OPERATOR(pg_catalog.|) l.objid::bigint)
+                        OPERATOR(pg_catalog.=) customer_analytics.pipeline_lock_key(scope)) LOOP
+        PERFORM pg_catalog.pg_advisory_unlock(customer_analytics.pipeline_lock_key(scope));
+    END LOOP;
+    IF NOT pg_catalog.pg_try_advisory_lock(customer_analytics.pipeline_lock_key(scope)) THEN
+        SELECT l.pid INTO holder FROM pg_catalog.pg_locks l
+        WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.granted
+          AND ((l.classid::bigint OPERATOR(pg_catalog.<<) 32) OPERATOR(pg_catalog.|) l.objid::bigint)
+              OPERATOR(pg_catalog.=) customer_analytics.pipeline_lock_key(scope);
+        INSERT INTO customer_analytics.pipeline_run (scope, status, finished_at, error)
+        VALUES (scope, 'skipped', pg_catalog.clock_timestamp(),
+                pg_catalog.concat('another run was in progress', ' (backend ' OPERATOR(pg_catalog.||) holder OPERATOR(pg_catalog.||) ')'));
+        RAISE NOTICE 'pipeline run skipped: another run is in progress';
+        COMMIT;
+        RETURN;
+    END IF;
+    -- holding the lock, no other run is alive: one left running was interrupted
+    UPDATE customer_analytics.pipeline_run r SET status = 'failed', finished_at = pg_catalog.clock_timestamp(),
+        error = 'interrupted (server stopped or run cancelled)'
+    WHERE r.status OPERATOR(pg_catalog.=) 'running';
+    INSERT INTO customer_analytics.pipeline_run (scope) VALUES (scope) RETURNING run_id INTO run;
+    COMMIT;
+
+    FOR s IN SELECT * FROM customer_analytics.pipeline_plan(scope) ORDER BY step_no LOOP
+        attempt := 0;
+        LOOP
+            attempt := pg_catalog.int4pl(attempt, 1);
+            status := customer_analytics_internal.pipeline_execute_step(run, s.step_no, s.step, s.command, s.depends_on, attempt);
+            COMMIT;
+            EXIT WHEN status OPERATOR(pg_catalog.<>) 'retry';
+            PERFORM pg_catalog.pg_sleep(pg_catalog.float8mul(
+                pg_catalog.current_setting('customer_analytics.pipeline_retry_backoff')::pg_catalog.float8,
+                pg_catalog.pow(2::pg_catalog.float8, pg_catalog.int4mi(attempt, 1)::pg_catalog.float8)));
+        END LOOP;
+    END LOOP;
+
+    CALL customer_analytics.pipeline_finish(run);
+    COMMIT;
+    PERFORM pg_catalog.pg_advisory_unlock(customer_analytics.pipeline_lock_key(scope));
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.fact_event_changed()
+    RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        -- no facts, no sessions; and the next event run is a full pass, so
+        -- that the old watermark does not turn everything staged into late
+        TRUNCATE clickstream_change, sessions;
+        DELETE FROM event_transform_state;
+        RETURN NULL;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        INSERT INTO clickstream_change (visitor, since)
+        SELECT visitor(o.customer_id, o.session_id), min(o.event_ts) FROM old_rows o GROUP BY 1;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'INSERT') THEN
+        INSERT INTO clickstream_change (visitor, since)
+        SELECT visitor(n.customer_id, n.session_id), min(n.event_ts) FROM new_rows n GROUP BY 1;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.refresh_sessions(full_rebuild boolean DEFAULT false)
+RETURNS TABLE (step text, rows_affected bigint)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    gap     interval := session_gap();
+    tz      text := business_timezone();
+    st      clickstream_state;
+    n       bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(customer_analytics_internal.lock_key('transform_events()'));
+    SELECT * INTO st FROM clickstream_state;
+    IF st IS NULL OR st.session_gap <> gap OR st.timezone <> tz THEN
+        full_rebuild := true;
+    END IF;
+
+    IF full_rebuild THEN
+        TRUNCATE clickstream_change;
+        DELETE FROM sessions;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        CREATE TEMP TABLE ca_session_events ON COMMIT DROP AS
+        SELECT visitor(f.customer_id, f.session_id) AS visitor, f.event_id, f.event_ts,
+               f.customer_id, f.customer_key, f.event_type, f.channel, f.device
+        FROM fact_event f;
+    ELSE
+        CREATE TEMP TABLE ca_changed ON COMMIT DROP AS
+        WITH taken AS (DELETE FROM clickstream_change RETURNING visitor, since)
+        SELECT visitor, min(since) AS since FROM taken GROUP BY visitor;
+        ANALYZE ca_changed;
+
+        WITH gone AS (
+            DELETE FROM sessions s USING ca_changed c
+            WHERE s.visitor = c.visitor AND s.session_end >= c.since - gap
+            RETURNING s.visitor, s.session_start
+        ), firsts AS (
+            SELECT visitor, min(session_start) AS first_start, count(*) AS removed
+            FROM gone GROUP BY visitor
+        ), moved AS (
+            UPDATE ca_changed c SET since = LEAST(c.since, f.first_start)
+            FROM firsts f WHERE f.visitor = c.visitor
+        )
+        SELECT COALESCE(sum(removed), 0) INTO n FROM firsts;
+
+        CREATE TEMP TABLE ca_session_events ON COMMIT DROP AS
+        SELECT c.visitor, f.event_id, f.event_ts, f.customer_id, f.customer_key,
+               f.event_type, f.channel, f.device
+        FROM ca_changed c
+        JOIN dim_customer d ON d.customer_id = substr(c.visitor, 3)
+        JOIN fact_event f ON f.customer_key = d.customer_key AND f.event_ts >= c.since
+        WHERE c.visitor LIKE 'c:%' AND d.customer_key <> -1
+        UNION ALL
+        SELECT c.visitor, f.event_id, f.event_ts, f.customer_id, f.customer_key,
+               f.event_type, f.channel, f.device
+        FROM ca_changed c
+        JOIN fact_event f ON f.customer_key = -1 AND f.customer_id = substr(c.visitor, 3)
+                         AND f.event_ts >= c.since
+        WHERE c.visitor LIKE 'c:%'
+        UNION ALL
+        SELECT c.visitor, f.event_id, f.event_ts, f.customer_id, f.customer_key,
+               f.event_type, f.channel, f.device
+        FROM ca_changed c
+        JOIN fact_event f ON f.session_id = substr(c.visitor, 3) AND f.event_ts >= c.since
+        WHERE c.visitor LIKE 's:%' AND f.customer_id IS NULL;
+        DROP TABLE ca_changed;
+    END IF;
+    step := 'sessions_removed'; rows_affected := n; RETURN NEXT;
+    ANALYZE ca_session_events;
+
+    INSERT INTO sessions (visitor, session_start, session_end, date_key, customer_id, customer_key,
+                          events, pages, product_views, add_to_carts, checkouts, purchases,
+                          channel, device)
+    SELECT e.visitor, min(e.event_ts), max(e.event_ts),
+           date_key((min(e.event_ts) AT TIME ZONE tz)::date),
+           (array_agg(e.customer_id ORDER BY e.event_ts DESC, e.event_id DESC)
+                FILTER (WHERE e.customer_id IS NOT NULL))[1],
+           (array_agg(e.customer_key ORDER BY e.event_ts DESC, e.event_id DESC)
+                FILTER (WHERE e.customer_key IS NOT NULL))[1],
+           count(*),
+           count(*) FILTER (WHERE e.event_type IN ('page_view', 'product_view')),
+           count(*) FILTER (WHERE e.event_type = 'product_view'),
+           count(*) FILTER (WHERE e.event_type = 'add_to_cart'),
+           count(*) FILTER (WHERE e.event_type = 'checkout'),
+           count(*) FILTER (WHERE e.event_type = 'purchase'),
+           (array_agg(e.channel ORDER BY e.event_ts, e.event_id))[1],
+           (array_agg(e.device ORDER BY e.event_ts, e.event_id))[1]
+    FROM (SELECT x.*,
+                 session_number(x.event_ts, gap) OVER (PARTITION BY x.visitor ORDER BY x.event_ts, x.event_id) AS sn
+          FROM ca_session_events x) e
+    GROUP BY e.visitor, e.sn;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    step := 'sessions_written'; rows_affected := n; RETURN NEXT;
+    DROP TABLE ca_session_events;
+
+    INSERT INTO clickstream_state (singleton, session_gap, timezone, last_run_at)
+    VALUES (true, gap, tz, now())
+    ON CONFLICT (singleton) DO UPDATE
+        SET session_gap = excluded.session_gap, timezone = excluded.timezone,
+            last_run_at = excluded.last_run_at;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.refresh_clickstream(full_refresh boolean DEFAULT false)
+RETURNS TABLE (step text, rows_affected bigint)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+BEGIN
+    RETURN QUERY SELECT * FROM transform_events(full_refresh);
+    RETURN QUERY SELECT * FROM refresh_sessions(full_refresh);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.grant_analyst(grantee regrole, raw_rejects boolean DEFAULT false)
+RETURNS SETOF text
+LANGUAGE plpgsql VOLATILE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    rel regclass;
+    stmt text;
+BEGIN
+    stmt := format('GRANT USAGE ON SCHEMA customer_analytics TO %s', grantee);
+    EXECUTE stmt;
+    RETURN NEXT stmt;
+    -- the functions find their internal helpers there (nothing in it is granted)
+    stmt := format('GRANT USAGE ON SCHEMA customer_analytics_internal TO %s', grantee);
+    EXECUTE stmt;
+    RETURN NEXT stmt;
+    -- every table and view but the staging tables and the raw rejects
+    FOR rel IN SELECT c.oid FROM pg_class c
+               WHERE c.relnamespace = 'customer_analytics'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm')
+                 AND c.relname NOT LIKE 'stg\_%' AND c.relname <> 'ingest_reject'
+               ORDER BY c.relname LOOP
+        stmt := format('GRANT SELECT ON %s TO %s', rel, grantee);
+        EXECUTE stmt;
+        RETURN NEXT stmt;
+    END LOOP;
+    IF raw_rejects THEN
+        stmt := format('GRANT SELECT ON customer_analytics.ingest_reject TO %s', grantee);
+        EXECUTE stmt;
+        RETURN NEXT stmt;
+        INSERT INTO customer_analytics.reject_reader VALUES (grantee) ON CONFLICT DO NOTHING;
+        RETURN NEXT format('INSERT INTO customer_analytics.reject_reader VALUES (%L)', grantee);
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.grant_loader(grantee regrole)
+RETURNS SETOF text
+LANGUAGE plpgsql VOLATILE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    obj text;
+    stmt text;
+BEGIN
+    stmt := format('GRANT USAGE ON SCHEMA customer_analytics TO %s', grantee);
+    EXECUTE stmt;
+    RETURN NEXT stmt;
+    -- the functions find their internal helpers there (nothing in it is granted)
+    stmt := format('GRANT USAGE ON SCHEMA customer_analytics_internal TO %s', grantee);
+    EXECUTE stmt;
+    RETURN NEXT stmt;
+    FOR stmt IN
+        -- the staging tables, and the sequences their defaults draw from
+        SELECT format('GRANT SELECT, INSERT ON %s TO %s', c.oid::regclass, grantee)
+        FROM pg_class c
+        WHERE c.relnamespace = 'customer_analytics'::regnamespace AND c.relkind = 'r' AND c.relname LIKE 'stg\_%'
+        UNION ALL
+        -- a load's own record and rejects (row-level security: its own only)
+        SELECT format('GRANT SELECT, INSERT ON %s TO %s', t::regclass, grantee)
+        FROM unnest(ARRAY['customer_analytics.ingest_load', 'customer_analytics.ingest_reject']) t
+        UNION ALL
+        SELECT format('GRANT SELECT ON %s TO %s', t::regclass, grantee)
+        FROM unnest(ARRAY['customer_analytics.imputation_rule', 'customer_analytics.ingest_summary']) t
+        UNION ALL
+        SELECT DISTINCT format('GRANT USAGE ON SEQUENCE %s TO %s', d.refobjid::regclass, grantee)
+        FROM pg_attrdef a
+        JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = a.oid
+                        AND d.refclassid = 'pg_class'::regclass
+        JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S'
+        WHERE a.adrelid IN (SELECT c.oid FROM pg_class c
+                            WHERE c.relnamespace = 'customer_analytics'::regnamespace
+                              AND (c.relname LIKE 'stg\_%' OR c.relname IN ('ingest_load', 'ingest_reject')))
+        ORDER BY 1
+    LOOP
+        EXECUTE stmt;
+        RETURN NEXT stmt;
+    END LOOP;
+    -- ingest_csv/ingest_csv_text draw load ids outside the defaults
+    stmt := format('GRANT USAGE ON SEQUENCE customer_analytics.load_id_seq TO %s', grantee);
+    EXECUTE stmt;
+    RETURN NEXT stmt;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.revoke_access(grantee regrole)
+RETURNS void
+LANGUAGE plpgsql VOLATILE STRICT
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    stmt text;
+BEGIN
+    DELETE FROM customer_analytics.reject_reader r WHERE r.role = grantee;
+    FOR stmt IN
+        SELECT format('REVOKE ALL ON %s FROM %s', c.oid::regclass, grantee)
+        FROM pg_class c
+        WHERE c.relnamespace = 'customer_analytics'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'S')
+          AND c.relname <> 'reject_reader'
+        ORDER BY c.relname
+    LOOP
+        EXECUTE stmt;
+    END LOOP;
+    EXECUTE format('REVOKE USAGE ON SCHEMA customer_analytics, customer_analytics_internal FROM %s', grantee);
+END
+$$;
+
+COMMENT ON TABLE customer_analytics_internal.event_transform_state IS
+    'Where the event part of transform() (transform_events) stopped: its own snapshot, so that events can be processed every minute apart from the batch tables, and the event-time watermark (latest event time processed, never later than the run) from which the lateness window is counted; own_xid: the run''s own transaction, whose rows the next run sees again';
+COMMENT ON TABLE customer_analytics_internal.transform_state IS
+    'Where transform() stopped: the staged rows of transactions visible in snapshot are done; a different system_identifier (restored cluster) forces a full pass';
+COMMENT ON FUNCTION customer_analytics_internal.lock_key(text) IS
+    'Internal: the bigint advisory lock key of a named operation of the extension (''transform()'', ''refresh_customer_rfm()'', a pipeline scope ...)';
+COMMENT ON FUNCTION customer_analytics_internal.customer_versions(text[]) IS
+    'Internal: the versions of the given customers with the range each is in effect over, the first opened to -infinity (a fact is keyed to the version in effect at its time)';
+COMMENT ON FUNCTION customer_analytics_internal.stage_order_batch(pg_snapshot, pg_snapshot, xid8, xid8, xid8) IS
+    'Internal to transform(): the staged products, customers and order lines of this run (latest version per natural key) in temporary tables';
+COMMENT ON FUNCTION customer_analytics_internal.load_dim_product() IS
+    'Internal to transform(): the batch''s products into dim_product (type 1); returns the rows written';
+COMMENT ON FUNCTION customer_analytics_internal.load_dim_customer() IS
+    'Internal to transform(): the batch''s customer versions into dim_customer (type 2: a changed version closes the current one); returns the versions inserted';
+COMMENT ON FUNCTION customer_analytics_internal.load_fact_order_line() IS
+    'Internal to transform(): the batch''s order lines into fact_order_line (upsert on order and line, the latest staged version wins, unknown members for missing keys); returns the rows written';
+COMMENT ON FUNCTION customer_analytics_internal.repair_order_line_keys() IS
+    'Internal to transform(): order lines keyed to an unknown member whose customer or product has arrived since get its key; returns the lines re-keyed';
+COMMENT ON FUNCTION customer_analytics_internal.stage_event_batch(pg_snapshot, pg_snapshot, xid8, xid8, xid8) IS
+    'Internal to transform_events(): the staged events of this run (latest version per event id) in a temporary table';
+COMMENT ON FUNCTION customer_analytics_internal.hold_back_late_events(timestamptz, xid8) IS
+    'Internal to transform_events(): takes the events older than the cutoff out of the batch (they stay staged) and alerts; returns how many';
+COMMENT ON FUNCTION customer_analytics_internal.load_fact_event() IS
+    'Internal to transform_events(): the batch''s events into fact_event (upsert on event_id, the latest staged version wins; anonymous stays NULL, an unknown customer is -1); returns the rows written';
+COMMENT ON FUNCTION customer_analytics_internal.stitch_sessions() IS
+    'Internal to transform_events(): anonymous events of the batch''s sessions take the customer of the next identified event of their session; returns the events changed';
+COMMENT ON FUNCTION customer_analytics_internal.repair_event_customer_keys() IS
+    'Internal to transform_events(): events keyed to the unknown customer whose customer has arrived since get the version in effect; returns the events re-keyed';
+COMMENT ON TABLE customer_analytics_internal.rfm_dirty_customer IS
+    'Customers whose order lines or versions changed since the last refresh_customer_rfm() (NULL: everyone, after a TRUNCATE)';
+COMMENT ON TABLE customer_analytics_internal.sales_dirty_day IS
+    'Days whose order lines changed since the last refresh_sales_rollup() (-infinity: everything, after a TRUNCATE)';
+COMMENT ON TABLE customer_analytics_internal.check_change IS
+    'Rows written since the checks last ran, queued by statement triggers (track_check_changes): op n is a row inserted or updated (key: its primary key), o a row as it was before an update or delete (old_row), T the whole table (truncated, or a statement too big to queue row by row). Consumed by run_checks(); not dumped: the first run after a restore checks everything';
+COMMENT ON TABLE customer_analytics_internal.quality_check_progress IS
+    'Per check: the pass of run_checks() that last ran it, the definition it ran (md5), whether it passed, when it last ran over whole tables, and what an incremental run carries over (freshness: the newest value). Derived: not dumped';
+COMMENT ON SEQUENCE customer_analytics_internal.check_pass_seq IS
+    'Numbers the passes of run_checks() that consume check_change';
+COMMENT ON TABLE customer_analytics_internal.clickstream_change IS
+    'Internal: visitors whose events changed since the last refresh_clickstream(), from when (filled by a trigger on fact_event)';
+COMMENT ON TABLE customer_analytics_internal.clickstream_state IS
+    'Internal: the settings the sessions table was built with; a different gap or time zone makes refresh_clickstream() rebuild it';
+COMMENT ON FUNCTION customer_analytics.revoke_access(regrole) IS
+    'Takes back what grant_analyst() and grant_loader() gave a role (every privilege on the extension''s tables, views and sequences, and the schemas)';

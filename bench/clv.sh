@@ -93,7 +93,7 @@ log "clv_model on the pipeline benchmark's star schema"
 bench_psql -q <<'SQL'
 SET client_min_messages = warning;
 TRUNCATE customer_analytics.stg_customers, customer_analytics.stg_products, customer_analytics.stg_orders,
-         customer_analytics.fact_order_line, customer_analytics.transform_state;
+         customer_analytics.fact_order_line, customer_analytics_internal.transform_state;
 DELETE FROM customer_analytics.dim_customer WHERE customer_key <> -1;
 DELETE FROM customer_analytics.dim_product WHERE product_key <> -1;
 SELECT customer_analytics.ensure_dim_date('2024-01-01', '2025-12-31');

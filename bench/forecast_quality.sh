@@ -69,7 +69,7 @@ for seed in $SEEDS; do
     bench_psql -q -c "TRUNCATE customer_analytics.stg_customers, customer_analytics.stg_products,
                           customer_analytics.stg_orders, customer_analytics.stg_events,
                           customer_analytics.fact_order_line, customer_analytics.fact_event,
-                          customer_analytics.transform_state, customer_analytics.sample_anomaly" \
+                          customer_analytics_internal.transform_state, customer_analytics.sample_anomaly" \
         -c "SELECT count(*) FROM customer_analytics.generate_sample_data(customers => 10000, days => 365, seed => $seed, events => false)" \
         -c "SELECT count(*) FROM customer_analytics.transform()" -c "SELECT customer_analytics.refresh_sales_rollup()" -c "ANALYZE" >/dev/null
     bench_psql -At -F ' | ' -c "

@@ -34,13 +34,13 @@ trap bench_stop EXIT
 bench_psql -q -c "SET client_min_messages = warning" -c "CREATE EXTENSION customer_analytics"
 
 # empty star schema and change queues; the staged rows stay
-CLEAR_ORDERS="TRUNCATE customer_analytics.fact_order_line, customer_analytics.transform_state,
-    customer_analytics.rfm_new_line, customer_analytics.rfm_dirty_customer, customer_analytics.sales_dirty_day;
+CLEAR_ORDERS="TRUNCATE customer_analytics.fact_order_line, customer_analytics_internal.transform_state,
+    customer_analytics.rfm_new_line, customer_analytics_internal.rfm_dirty_customer, customer_analytics_internal.sales_dirty_day;
 DELETE FROM customer_analytics.dim_customer WHERE customer_key <> -1;
 DELETE FROM customer_analytics.dim_product WHERE product_key <> -1;
-TRUNCATE customer_analytics.rfm_dirty_customer"
+TRUNCATE customer_analytics_internal.rfm_dirty_customer"
 # (truncating fact_event empties the clickstream's change queue too)
-CLEAR_EVENTS="TRUNCATE customer_analytics.fact_event, customer_analytics.event_transform_state"
+CLEAR_EVENTS="TRUNCATE customer_analytics.fact_event, customer_analytics_internal.event_transform_state"
 TRANSFORM="SELECT count(*) FROM customer_analytics.transform()"
 TRANSFORM_EVENTS="SELECT count(*) FROM customer_analytics.transform_events()"
 

@@ -144,7 +144,7 @@ SELECT 'ingest ' || rows_loaded || ' ' || rows_rejected FROM customer_analytics.
     'PKG-1,1,C0000001,P00001,2025-01-10 10:00+00,1,5.00\nPKG-2,1,C0000001,P00001,not a time,1,5.00\n');
 SET customer_analytics.as_of = '2025-01-31';
 SELECT 'rfm ' || (count(*) > 0) FROM customer_analytics.rfm();
-SELECT 'anomalies ' || customer_analytics.mean(customer_analytics.stats_agg(x)) FROM generate_series(1, 9) x;
+SELECT 'anomalies ' || customer_analytics.stats_mean(customer_analytics.stats_agg(x)) FROM generate_series(1, 9) x;
 CALL customer_analytics.run_pipeline();
 SELECT 'pipeline ' || status FROM customer_analytics.pipeline_run ORDER BY run_id DESC LIMIT 1;
 SELECT 'forecast ' || count(*) FROM customer_analytics.forecast(

@@ -3,11 +3,13 @@ SET client_min_messages = warning;
 SET search_path = customer_analytics, public;
 SET datestyle = 'ISO, YMD';
 
--- tables of the star schema, each documented
-SELECT c.relname, c.relkind, obj_description(c.oid, 'pg_class') IS NOT NULL AS commented
+-- tables of the star schema, each documented (the extension's own queues
+-- and states in customer_analytics_internal)
+SELECT c.oid::regclass AS relname, c.relkind, obj_description(c.oid, 'pg_class') IS NOT NULL AS commented
 FROM pg_class c
-WHERE c.relnamespace = 'customer_analytics'::regnamespace AND c.relkind IN ('r', 'v', 'm')
-ORDER BY c.relname;
+WHERE c.relnamespace IN ('customer_analytics'::regnamespace, 'customer_analytics_internal'::regnamespace)
+  AND c.relkind IN ('r', 'v', 'm')
+ORDER BY c.oid::regclass::text;
 
 -- staging tables carry their load bookkeeping columns
 SELECT c.relname, string_agg(a.attname, ', ' ORDER BY a.attnum) AS bookkeeping
@@ -19,12 +21,14 @@ GROUP BY c.relname ORDER BY c.relname;
 -- primary keys, foreign keys and checks
 SELECT conrelid::regclass AS tbl, contype, pg_get_constraintdef(oid) AS definition
 FROM pg_constraint
-WHERE connamespace = 'customer_analytics'::regnamespace AND contype IN ('p', 'f', 'u')
+WHERE connamespace IN ('customer_analytics'::regnamespace, 'customer_analytics_internal'::regnamespace)
+  AND contype IN ('p', 'f', 'u')
 ORDER BY conrelid::regclass::text, contype, conname;
 
 SELECT conrelid::regclass AS tbl, count(*) AS check_constraints
 FROM pg_constraint
-WHERE connamespace = 'customer_analytics'::regnamespace AND contype = 'c'
+WHERE connamespace IN ('customer_analytics'::regnamespace, 'customer_analytics_internal'::regnamespace)
+  AND contype = 'c'
 GROUP BY 1 ORDER BY 1;
 
 -- every user-data table (and sequence) is dumped by pg_dump

@@ -9,7 +9,7 @@ CREATE FUNCTION pg_temp.clear_all() RETURNS void LANGUAGE sql AS $$
     TRUNCATE customer_analytics.stg_customers, customer_analytics.stg_products,
              customer_analytics.stg_orders, customer_analytics.stg_events,
              customer_analytics.fact_order_line, customer_analytics.fact_event,
-             customer_analytics.transform_state;
+             customer_analytics_internal.transform_state;
     DELETE FROM customer_analytics.dim_customer WHERE customer_key <> -1;
     DELETE FROM customer_analytics.dim_product WHERE product_key <> -1;
     DELETE FROM customer_analytics.dim_date;
@@ -97,7 +97,7 @@ SELECT * FROM transform();
 SELECT product_id, name, list_price, updated_at FROM dim_product WHERE product_id IN ('P1', 'P2') ORDER BY 1;
 -- re-processing an earlier staged version (as a full pass does) does not
 -- bring it back
-UPDATE transform_state SET snapshot = '1:1:';
+UPDATE customer_analytics_internal.transform_state SET snapshot = '1:1:';
 SELECT step, rows_affected FROM transform() WHERE step IN ('dim_product', 'fact_order_line');
 SELECT product_id, name FROM dim_product WHERE product_id = 'P1';
 
@@ -121,12 +121,12 @@ COMMIT;
 SELECT order_id FROM fact_order_line WHERE order_id = 'O6';
 
 -- a restored cluster (other system identifier) triggers a full pass
-UPDATE transform_state SET system_identifier = system_identifier + 1;
+UPDATE customer_analytics_internal.transform_state SET system_identifier = system_identifier + 1;
 INSERT INTO stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price)
 VALUES ('O7', 1, 'C2', 'P1', '2025-02-03 10:00+00', 1, 270);
 SELECT * FROM transform();
 SELECT system_identifier = (SELECT system_identifier FROM pg_control_system()) AS identifier_restored
-FROM transform_state;
+FROM customer_analytics_internal.transform_state;
 
 -- a generated shop end to end: every staged line and event lands exactly once
 SELECT pg_temp.clear_all();

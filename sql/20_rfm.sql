@@ -159,7 +159,7 @@ SELECT count(*) FROM rfm('2025-04-01', 'public.my_sales_2025', customer_column =
 ------------------------------------------------------------------------
 -- rfm() on the star schema equals the idiomatic SQL, customer by customer
 ------------------------------------------------------------------------
-TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, transform_state;
+TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, customer_analytics_internal.transform_state;
 DELETE FROM dim_customer WHERE customer_key <> -1;
 DELETE FROM dim_product WHERE product_key <> -1;
 SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 400, days => 120, seed => 7);

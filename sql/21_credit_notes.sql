@@ -8,7 +8,7 @@ SET search_path = customer_analytics, public;
 SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
 BEGIN;
-TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, transform_state,
+TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, customer_analytics_internal.transform_state,
          ingest_load, ingest_reject;
 DELETE FROM dim_customer WHERE customer_key <> -1;
 DELETE FROM dim_product WHERE product_key <> -1;

@@ -8,7 +8,7 @@ SET search_path = customer_analytics, public;
 
 CREATE FUNCTION pg_temp.units(amount numeric, public_api boolean) RETURNS text LANGUAGE plpgsql AS $$
 BEGIN
-    RETURN customer_analytics.money_units(amount, public_api)::text;
+    RETURN customer_analytics_internal.money_units(amount, public_api)::text;
 EXCEPTION WHEN OTHERS THEN
     RETURN SQLSTATE || ' ' || SQLERRM;
 END $$;

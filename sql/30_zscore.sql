@@ -8,24 +8,24 @@ SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
 
 -- 1. hand-computed: 1..5 has mean 3, M2 10, variance 2.5, sd 1.5811388
-SELECT stats_agg(x) AS s, count(stats_agg(x)), mean(stats_agg(x)), variance(stats_agg(x)),
-       round(stddev(stats_agg(x))::numeric, 7) AS sd,
+SELECT stats_agg(x) AS s, stats_count(stats_agg(x)), stats_mean(stats_agg(x)), stats_variance(stats_agg(x)),
+       round(stats_stddev(stats_agg(x))::numeric, 7) AS sd,
        round(zscore(6, stats_agg(x))::numeric, 7) AS z_of_6      -- 3 / 1.5811388 = 1.8973666
 FROM (VALUES (1), (2), (3), (NULL), (4), (5)) v(x);
 -- no values: count 0, the rest unknown; one value: no spread; constant: z NULL, not an error
-SELECT s, count(s), mean(s), variance(s), stddev(s), zscore(1, s)
+SELECT s, stats_count(s), stats_mean(s), stats_variance(s), stats_stddev(s), zscore(1, s)
 FROM (SELECT stats_agg(x) AS s FROM (VALUES (NULL::float8)) v(x)) t;
-SELECT s, mean(s), variance(s), zscore(1, s) FROM (SELECT stats_agg(7) AS s) t;
-SELECT s, variance(s), zscore(8, s) FROM (SELECT stats_agg(5) AS s FROM generate_series(1, 10)) t;
+SELECT s, stats_mean(s), stats_variance(s), zscore(1, s) FROM (SELECT stats_agg(7) AS s) t;
+SELECT s, stats_variance(s), zscore(8, s) FROM (SELECT stats_agg(5) AS s FROM generate_series(1, 10)) t;
 -- text form round trip, and bad input
-SELECT '(4,2.5,5)'::stats, mean('(4,2.5,5)'::stats), variance('(4,2.5,5)'::stats);
+SELECT '(4,2.5,5)'::stats, stats_mean('(4,2.5,5)'::stats), stats_variance('(4,2.5,5)'::stats);
 -- binary form round trip (COPY BINARY, Citus): exact, anchor included
 CREATE TEMP TABLE stats_copy AS SELECT stats_agg(x) AS s FROM (VALUES (1e9 + 0.25), (1e9 + 0.5), (1e9 + 1.25)) v(x);
 SELECT current_setting('data_directory') || '/ca_regress_stats.bin' AS stats_file \gset
 COPY stats_copy TO :'stats_file' (FORMAT binary);
 CREATE TEMP TABLE stats_back (s stats);
 COPY stats_back FROM :'stats_file' (FORMAT binary);
-SELECT b.s AS back, variance(b.s) = variance(c.s) AND mean(b.s) = mean(c.s) AS same
+SELECT b.s AS back, stats_variance(b.s) = stats_variance(c.s) AND stats_mean(b.s) = stats_mean(c.s) AS same
 FROM stats_back b, stats_copy c;
 SELECT '(4,2.5)'::stats;
 SELECT '(-1,0,0)'::stats;
@@ -39,9 +39,9 @@ SELECT g, i,
             WHEN random() < 0.1 THEN NULL                     -- some NULLs
             ELSE round((100 + 20 * g + 15 * (random() - 0.5) * g)::numeric, 2)::float8 END AS x
 FROM generate_series(1, 6) g, generate_series(1, 400) i;
-SELECT g, count(stats_agg(x)) = count(x) AS same_count,
-       abs(mean(stats_agg(x)) - avg(x)) <= 1e-12 * abs(avg(x)) AS same_mean,
-       abs(stddev(stats_agg(x)) - stddev_samp(x)) <= 1e-10 * stddev_samp(x) AS same_sd
+SELECT g, stats_count(stats_agg(x)) = count(x) AS same_count,
+       abs(stats_mean(stats_agg(x)) - avg(x)) <= 1e-12 * abs(avg(x)) AS same_mean,
+       abs(stats_stddev(stats_agg(x)) - stddev_samp(x)) <= 1e-10 * stddev_samp(x) AS same_sd
 FROM series GROUP BY g ORDER BY g;
 
 -- 3. sliding frames = naive recomputation (the built-ins recompute every frame)
@@ -49,8 +49,8 @@ CREATE TEMP TABLE sliding AS
 SELECT g, i, x,
        zscore(x, stats_agg(x) OVER w28) AS z,
        (x - avg(x) OVER w28) / NULLIF(stddev_samp(x) OVER w28, 0) AS z_naive,
-       count(stats_agg(x) OVER w28) AS n, count(x) OVER w28 AS n_naive,
-       stddev(stats_agg(x) OVER w3) AS sd3, stddev_samp(x) OVER w3 AS sd3_naive
+       stats_count(stats_agg(x) OVER w28) AS n, count(x) OVER w28 AS n_naive,
+       stats_stddev(stats_agg(x) OVER w3) AS sd3, stddev_samp(x) OVER w3 AS sd3_naive
 FROM series
 WINDOW w28 AS (PARTITION BY g ORDER BY i ROWS BETWEEN 28 PRECEDING AND 1 PRECEDING),
        w3 AS (PARTITION BY g ORDER BY i ROWS BETWEEN 2 PRECEDING AND CURRENT ROW);
@@ -64,8 +64,8 @@ FROM sliding;
 -- the constant series: every z is NULL (stddev 0), none is an error or infinity
 SELECT count(*) AS rows, count(z) AS scored FROM sliding WHERE g = 3;
 -- a growing frame (its start never moves: the plain transition, in place)
-SELECT count(*) FILTER (WHERE count(s) <> n OR abs(mean(s) - m) > 1e-12 * abs(m)
-                           OR abs(stddev(s) - sd) > 1e-10 * sd) AS growing_differs
+SELECT count(*) FILTER (WHERE stats_count(s) <> n OR abs(stats_mean(s) - m) > 1e-12 * abs(m)
+                           OR abs(stats_stddev(s) - sd) > 1e-10 * sd) AS growing_differs
 FROM (SELECT stats_agg(x) OVER w AS s, count(x) OVER w AS n, avg(x) OVER w AS m, stddev_samp(x) OVER w AS sd
       FROM series WINDOW w AS (PARTITION BY g ORDER BY i)) t;
 
@@ -77,7 +77,7 @@ SELECT i, xn, xn::float8 AS x
 FROM (SELECT i, CASE WHEN i = 700 THEN 1e15 ELSE 1e9 + floor(random() * 1024) / 1024 END AS xn
       FROM generate_series(1, 3000) i) t;
 WITH s AS (
-    SELECT i, stddev(stats_agg(x) OVER w) AS sd, mean(stats_agg(x) OVER w) AS m,
+    SELECT i, stats_stddev(stats_agg(x) OVER w) AS sd, stats_mean(stats_agg(x) OVER w) AS m,
            stddev_samp(xn) OVER w AS sd_exact, avg(xn) OVER w AS m_exact
     FROM big WINDOW w AS (ORDER BY i ROWS BETWEEN 364 PRECEDING AND 1 PRECEDING)
 )
@@ -91,7 +91,7 @@ FROM s;
 CREATE TEMP TABLE trend AS
 SELECT i, (1e9 + i * 1000.0 + floor(random() * 1e6) / 1024)::numeric AS xn FROM generate_series(1, 20000) i;
 WITH s AS (
-    SELECT i, stddev(stats_agg(xn::float8) OVER w) AS sd, stddev_samp(xn::float8) OVER w AS sd_builtin,
+    SELECT i, stats_stddev(stats_agg(xn::float8) OVER w) AS sd, stddev_samp(xn::float8) OVER w AS sd_builtin,
            stddev_samp(xn) OVER w AS sd_exact
     FROM trend WINDOW w AS (ORDER BY i ROWS BETWEEN 364 PRECEDING AND CURRENT ROW)
 )
@@ -115,9 +115,9 @@ SELECT CASE WHEN current_setting('server_version_num')::int >= 160000 THEN 'debu
 SET :parallel_guc = on;
 EXPLAIN (COSTS OFF) SELECT stats_agg(x), median_mad_agg(x) FROM par;
 CREATE TEMP TABLE parallel_result AS SELECT stats_agg(x) AS s, median_mad_agg(x)::text AS m FROM par;
-SELECT count(p.s) = count(s.s::stats) AS same_count,
-       abs(mean(p.s) - mean(s.s::stats)) <= 1e-12 * mean(s.s::stats) AS same_mean,
-       abs(variance(p.s) - variance(s.s::stats)) <= 1e-10 * variance(s.s::stats) AS same_variance,
+SELECT stats_count(p.s) = stats_count(s.s::stats) AS same_count,
+       abs(stats_mean(p.s) - stats_mean(s.s::stats)) <= 1e-12 * stats_mean(s.s::stats) AS same_mean,
+       abs(stats_variance(p.s) - stats_variance(s.s::stats)) <= 1e-10 * stats_variance(s.s::stats) AS same_variance,
        p.m = s.m AS same_median_mad
 FROM parallel_result p, serial_result s;
 RESET :parallel_guc;

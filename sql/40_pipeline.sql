@@ -8,7 +8,7 @@ SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
 SET customer_analytics.pipeline_retry_backoff = 0;
 
-TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, transform_state, alert;
+TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, customer_analytics_internal.transform_state, alert;
 DELETE FROM dim_customer WHERE customer_key <> -1;
 DELETE FROM dim_product WHERE product_key <> -1;
 SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 200, days => 60, seed => 42);

@@ -10,7 +10,7 @@ SET datestyle = 'ISO, YMD';
 -- recency from after every order line: customer_rfm is scored from its rollup
 SET customer_analytics.as_of = '2030-01-01 00:00+00';
 
-TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, transform_state;
+TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, customer_analytics_internal.transform_state;
 DELETE FROM dim_customer WHERE customer_key <> -1;
 DELETE FROM dim_product WHERE product_key <> -1;
 SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 300, days => 90, seed => 11, events => false);
@@ -90,7 +90,7 @@ SELECT 'CN-' || g, l, (SELECT customer_id FROM stg_customers ORDER BY customer_i
 FROM generate_series(1, 8) g, generate_series(1, 2) l;
 SELECT count(*) > 0 AS transformed FROM transform();
 -- new orders are queued, not recomputed
-SELECT count(*) AS customers_noted, (SELECT count(*) FROM rfm_new_line) AS lines_queued FROM rfm_dirty_customer;
+SELECT count(*) AS customers_noted, (SELECT count(*) FROM rfm_new_line) AS lines_queued FROM customer_analytics_internal.rfm_dirty_customer;
 SELECT pg_temp.refresh() BETWEEN 1 AND 7 AS only_recent_days;
 SELECT min(revenue) < 0 AS has_a_return FROM fact_order_line WHERE status = 'completed';
 SELECT count(*) AS credit_lines, sum(revenue) AS credited FROM fact_order_line WHERE quantity < 0;
@@ -144,7 +144,7 @@ INSERT INTO stg_customers (customer_id, name, email, city, state, country, signu
 SELECT customer_id, name, email, 'Elsewhere', state, country, signup_date, :'last_ts'::timestamptz + interval '1 hour'
 FROM dim_customer WHERE is_current AND customer_key <> -1 ORDER BY customer_id LIMIT 5;
 SELECT count(*) > 0 AS transformed FROM transform();
-SELECT count(*) AS customers_noted FROM rfm_dirty_customer;
+SELECT count(*) AS customers_noted FROM customer_analytics_internal.rfm_dirty_customer;
 SELECT pg_temp.refresh() >= 0 AS refreshed;
 SELECT count(*) AS moved_customers_scored FROM customer_rfm r JOIN dim_customer d USING (customer_key)
 WHERE d.city = 'Elsewhere' AND d.is_current;

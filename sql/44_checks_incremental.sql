@@ -9,13 +9,13 @@ SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
 SET customer_analytics.full_checks_interval = '100 years';
 
-TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, transform_state;
+TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, customer_analytics_internal.transform_state;
 DELETE FROM dim_customer WHERE customer_key <> -1;
 DELETE FROM dim_product WHERE product_key <> -1;
 SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 200, days => 60, seed => 5);
 SELECT count(*) > 0 AS transformed FROM transform();
 -- what earlier tests left: forgotten, so that the first pass here is whole
-DELETE FROM quality_check_progress;
+DELETE FROM customer_analytics_internal.quality_check_progress;
 
 -- a user table tracked like the built-in ones, with a check of every kind
 CREATE TABLE public.signup (id integer PRIMARY KEY, email text, plan text, customer_key bigint, at timestamptz);

@@ -9,7 +9,7 @@ SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
 
 TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event,
-         transform_state, event_transform_state, clickstream_state;
+         customer_analytics_internal.transform_state, customer_analytics_internal.event_transform_state, customer_analytics_internal.clickstream_state;
 DELETE FROM dim_customer WHERE customer_key <> -1;
 DELETE FROM dim_product WHERE product_key <> -1;
 
@@ -103,8 +103,8 @@ SELECT (SELECT count(*) FROM (SELECT visitor, session_start, session_end, events
 
 -- from scratch: no facts, no state, one full pass over everything staged
 TRUNCATE fact_event;
-DELETE FROM event_transform_state;
-DELETE FROM clickstream_state;
+DELETE FROM customer_analytics_internal.event_transform_state;
+DELETE FROM customer_analytics_internal.clickstream_state;
 SELECT step, rows_affected > 0 AS wrote FROM refresh_clickstream() ORDER BY step;
 SELECT i.n_events, i.n_sessions,
        i.events = (SELECT md5(string_agg(f::text, ',' ORDER BY event_id)) FROM event_content f) AS events_same,

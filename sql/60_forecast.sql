@@ -156,7 +156,7 @@ SELECT * FROM sales_forecast_backtest(holdout => 0);
 
 -- 5. on the star schema: the sample shop
 -- start from an empty star schema (earlier tests leave theirs)
-TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, transform_state;
+TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, customer_analytics_internal.transform_state;
 DELETE FROM dim_customer WHERE customer_key <> -1;
 DELETE FROM dim_product WHERE product_key <> -1;
 SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 8000, days => 130, seed => 42, events => false);

@@ -168,7 +168,7 @@ SELECT bgnbd_fit(x, t_x, "T") IS NULL AS no_rows FROM histories WHERE false;
 
 -- 5. customer_clv on the sample shop
 -- start from an empty star schema (earlier tests leave theirs)
-TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, transform_state;
+TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, customer_analytics_internal.transform_state;
 DELETE FROM dim_customer WHERE customer_key <> -1;
 DELETE FROM dim_product WHERE product_key <> -1;
 SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 2000, days => 180, seed => 7, events => false);

@@ -13,7 +13,7 @@ SET extra_float_digits = 0;
 -- the refused entries below do not end the transaction
 \set ON_ERROR_ROLLBACK on
 BEGIN;
-TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, transform_state,
+TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, customer_analytics_internal.transform_state,
          closed_day;
 DELETE FROM dim_customer WHERE customer_key <> -1;
 DELETE FROM dim_product WHERE product_key <> -1;

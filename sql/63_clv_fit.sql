@@ -7,7 +7,7 @@ SET search_path = customer_analytics, public;
 SET timezone = 'UTC';
 SET extra_float_digits = 0;
 
-TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, transform_state;
+TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, customer_analytics_internal.transform_state;
 DELETE FROM dim_customer WHERE customer_key <> -1;
 DELETE FROM dim_product WHERE product_key <> -1;
 SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 1500, days => 240, seed => 11, events => false);

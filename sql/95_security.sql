@@ -22,16 +22,19 @@ JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid AND d.de
 JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'customer_analytics'
 WHERE l.lanname IN ('sql', 'plpgsql')
   AND NOT EXISTS (SELECT FROM unnest(p.proconfig) c
-                  WHERE c IN ('search_path=pg_catalog, pg_temp', 'search_path=pg_catalog, customer_analytics, pg_temp'))
+                  WHERE c IN ('search_path=pg_catalog, pg_temp', 'search_path=pg_catalog, customer_analytics, pg_temp',
+                              'search_path=pg_catalog, customer_analytics, customer_analytics_internal, pg_temp'))
 ORDER BY 1::text;
 -- no other setting of search_path anywhere
 SELECT count(*) AS other_search_paths
 FROM pg_proc p, unnest(p.proconfig) c
-WHERE p.pronamespace = 'customer_analytics'::regnamespace AND c LIKE 'search_path=%'
-  AND c NOT IN ('search_path=pg_catalog, pg_temp', 'search_path=pg_catalog, customer_analytics, pg_temp');
+WHERE p.pronamespace IN ('customer_analytics'::regnamespace, 'customer_analytics_internal'::regnamespace)
+  AND c LIKE 'search_path=%'
+  AND c NOT IN ('search_path=pg_catalog, pg_temp', 'search_path=pg_catalog, customer_analytics, pg_temp',
+                'search_path=pg_catalog, customer_analytics, customer_analytics_internal, pg_temp');
 -- no SECURITY DEFINER function
 SELECT count(*) AS security_definer FROM pg_proc
-WHERE pronamespace = 'customer_analytics'::regnamespace AND prosecdef;
+WHERE pronamespace IN ('customer_analytics'::regnamespace, 'customer_analytics_internal'::regnamespace) AND prosecdef;
 
 -- A little shop, transformed, for the roles to read.
 SELECT count(*) FROM customer_analytics.generate_sample_data(customers => 60, days => 20, seed => 3);

@@ -52,15 +52,17 @@ sub checksums
 {
 	my ($db) = @_;
 	my @tables = split /\n/, $node->safe_psql($db, q{
-		SELECT c.relname FROM pg_extension e, unnest(e.extconfig) AS cfg(oid)
+		SELECT c.relname || ' ' || c.relnamespace::regnamespace
+		FROM pg_extension e, unnest(e.extconfig) AS cfg(oid)
 		JOIN pg_class c ON c.oid = cfg.oid AND c.relkind = 'r'
 		WHERE e.extname = 'customer_analytics' ORDER BY 1});
 	my $out = '';
-	foreach my $t (@tables)
+	foreach my $row (@tables)
 	{
+		my ($t, $schema) = split / /, $row;
 		$out .= "$t " . $node->safe_psql($db,
 			"SELECT count(*) || ' ' || md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) "
-			  . "FROM customer_analytics.$t t") . "\n";
+			  . "FROM $schema.$t t") . "\n";
 	}
 	return $out;
 }
@@ -75,7 +77,8 @@ like($before, qr/pipeline_step [1-9]\d* /, 'source has the steps of its run');
 # The tables pg_dump does not keep are derived ones, rebuilt below.
 is($node->safe_psql('warehouse', q{
     SELECT string_agg(c.relname, ' ' ORDER BY c.relname) FROM pg_class c
-    WHERE c.relnamespace = 'customer_analytics'::regnamespace AND c.relkind = 'r'
+    WHERE c.relnamespace IN ('customer_analytics'::regnamespace, 'customer_analytics_internal'::regnamespace)
+      AND c.relkind = 'r'
       AND c.oid NOT IN (SELECT unnest(extconfig) FROM pg_extension WHERE extname = 'customer_analytics')}),
     'check_change clickstream_change clickstream_state quality_check_progress rfm_dirty_customer rfm_new_line rfm_rollup_customer sales_dirty_day sales_rollup_category sales_rollup_day sessions',
     'only derived tables are left out of the dump');

@@ -102,9 +102,12 @@ sub checksums
 		# 0.2 adds quality_result.incremental (NULL for older results)
 		$rows = 'row(t.result_id, t.run_id, t.check_name, t.checked_at, t.severity, t.passed, t.failing_rows, t.sample)::text'
 		  if $t eq 'quality_result';
+		# 0.2 moved the extension's own queues and states to the internal schema
+		my $rel = $node->safe_psql($db,
+			"SELECT coalesce(to_regclass('customer_analytics.$t'), to_regclass('customer_analytics_internal.$t'))");
 		$out .= "$t " . $node->safe_psql($db,
 			"SELECT count(*) || ' ' || md5(coalesce(string_agg($rows, ',' ORDER BY $rows), '')) "
-			  . "FROM customer_analytics.$t t$where") . "\n";
+			  . "FROM $rel t$where") . "\n";
 	}
 	return $out;
 }
@@ -161,9 +164,10 @@ is($node->safe_psql('old', q{
     'the new functions, table and policy exist');
 is($node->safe_psql('old', q{
     SELECT count(*) FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
-    WHERE p.pronamespace = 'customer_analytics'::regnamespace AND l.lanname IN ('sql', 'plpgsql')
-      AND p.proconfig IS NULL
-      AND p.proname NOT IN ('date_key', 'ca_newly_staged', 'top_customers_limit', 'pipeline_lock_key',
+    WHERE p.pronamespace IN ('customer_analytics'::regnamespace, 'customer_analytics_internal'::regnamespace)
+      AND l.lanname IN ('sql', 'plpgsql') AND p.proconfig IS NULL
+      AND p.proname NOT IN ('date_key', 'newly_staged', 'lock_key', 'customer_versions',
+                            'top_customers_limit', 'pipeline_lock_key',
                             'run_pipeline', 'track_event', 'visitor')}),
     '0', 'after the update, every other SQL function sets its search_path');
 

@@ -115,8 +115,8 @@ like($before, qr/^cron\.job 1 /m, 'old cluster has the schedule');
 # what the functions make of the stored states and the model
 my $states_sql = q{
     SELECT md5(string_agg(concat_ws(' ', customer_key, customer_analytics.rfm_state_summary(rfm),
-                                    customer_analytics.count(stats), customer_analytics.mean(stats),
-                                    customer_analytics.stddev(stats)), ',' ORDER BY customer_key))
+                                    customer_analytics.stats_count(stats), customer_analytics.stats_mean(stats),
+                                    customer_analytics.stats_stddev(stats)), ',' ORDER BY customer_key))
     || ' ' || (SELECT md5(string_agg(f::text, ',' ORDER BY f.ts)) FROM public.models m,
                customer_analytics.forecast(m.model, 14) f)
     FROM public.customer_states};

@@ -252,7 +252,7 @@ COMMENT ON COLUMN customer_analytics.fact_event.customer_stitched IS
 
 /* transform() bookkeeping */
 
-CREATE TABLE customer_analytics.event_transform_state (
+CREATE TABLE customer_analytics_internal.event_transform_state (
     singleton         boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     snapshot          pg_snapshot NOT NULL,
     own_xid           xid8,
@@ -260,16 +260,16 @@ CREATE TABLE customer_analytics.event_transform_state (
     watermark         timestamptz,
     last_run_at       timestamptz
 );
-COMMENT ON TABLE customer_analytics.event_transform_state IS
+COMMENT ON TABLE customer_analytics_internal.event_transform_state IS
     'Where the event part of transform() (transform_events) stopped: its own snapshot, so that events can be processed every minute apart from the batch tables, and the event-time watermark (latest event time processed, never later than the run) from which the lateness window is counted; own_xid: the run''s own transaction, whose rows the next run sees again';
 
-CREATE TABLE customer_analytics.transform_state (
+CREATE TABLE customer_analytics_internal.transform_state (
     singleton         boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     snapshot          pg_snapshot NOT NULL,
     system_identifier bigint NOT NULL,
     last_run_at       timestamptz
 );
-COMMENT ON TABLE customer_analytics.transform_state IS
+COMMENT ON TABLE customer_analytics_internal.transform_state IS
     'Where transform() stopped: the staged rows of transactions visible in snapshot are done; a different system_identifier (restored cluster) forces a full pass';
 
 /*
@@ -286,8 +286,8 @@ SELECT pg_catalog.pg_extension_config_dump('customer_analytics.dim_product', 'WH
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics.dim_date', '');
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics.fact_order_line', '');
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics.fact_event', '');
-SELECT pg_catalog.pg_extension_config_dump('customer_analytics.transform_state', '');
-SELECT pg_catalog.pg_extension_config_dump('customer_analytics.event_transform_state', '');
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics_internal.transform_state', '');
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics_internal.event_transform_state', '');
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics.load_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics.stage_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics.customer_key_seq', '');

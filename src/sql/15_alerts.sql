@@ -39,7 +39,7 @@ CREATE FUNCTION customer_analytics.raise_alert(
     severity  text DEFAULT 'warn')
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, customer_analytics, pg_temp
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
 AS $$
 DECLARE
     new_id  bigint;
@@ -77,7 +77,7 @@ COMMENT ON FUNCTION customer_analytics.raise_alert(text, text, jsonb, text, text
 CREATE FUNCTION customer_analytics.acknowledge_alert(alert_id bigint)
 RETURNS boolean
 LANGUAGE sql VOLATILE STRICT
-SET search_path = pg_catalog, customer_analytics, pg_temp
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
 AS $$
     WITH acked AS (
         UPDATE customer_analytics.alert a

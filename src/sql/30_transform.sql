@@ -44,7 +44,7 @@ COMMENT ON FUNCTION customer_analytics.date_key(date) IS
 CREATE FUNCTION customer_analytics.ensure_dim_date(from_day date, to_day date)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, customer_analytics, pg_temp
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
 AS $$
 DECLARE
     lo date;
@@ -85,8 +85,8 @@ COMMENT ON FUNCTION customer_analytics.ensure_dim_date(date, date) IS
  * (NULL: ever) and before snapshot cur, or by the caller itself?  lo and hi
  * bound the transaction ids for the index on staged_xid.  Inlined.
  */
-CREATE FUNCTION customer_analytics.ca_newly_staged(xid xid8, lo xid8, hi xid8,
-                                                   cur pg_snapshot, prev pg_snapshot, own xid8)
+CREATE FUNCTION customer_analytics_internal.newly_staged(xid xid8, lo xid8, hi xid8,
+                                                         cur pg_snapshot, prev pg_snapshot, own xid8)
 RETURNS boolean
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$
@@ -95,7 +95,7 @@ AS $$
             AND (prev IS NULL OR NOT pg_catalog.pg_visible_in_snapshot(xid, prev)))
            OR xid OPERATOR(pg_catalog.=) own
 $$;
-COMMENT ON FUNCTION customer_analytics.ca_newly_staged(xid8, xid8, xid8, pg_snapshot, pg_snapshot, xid8) IS
+COMMENT ON FUNCTION customer_analytics_internal.newly_staged(xid8, xid8, xid8, pg_snapshot, pg_snapshot, xid8) IS
     'Internal to transform(): whether a staged row belongs to the current run';
 
 /*
@@ -105,10 +105,10 @@ COMMENT ON FUNCTION customer_analytics.ca_newly_staged(xid8, xid8, xid8, pg_snap
  * cluster than the last run's (restored, system identifier changed) or
  * when the saved snapshot is ahead of this one.
  */
-CREATE FUNCTION customer_analytics.ca_staged_window(last_snapshot pg_snapshot, last_system bigint,
-                                                    this_system bigint, full_refresh boolean,
-                                                    OUT snap pg_snapshot, OUT prev pg_snapshot,
-                                                    OUT lo xid8, OUT hi xid8)
+CREATE FUNCTION customer_analytics_internal.staged_window(last_snapshot pg_snapshot, last_system bigint,
+                                                          this_system bigint, full_refresh boolean,
+                                                          OUT snap pg_snapshot, OUT prev pg_snapshot,
+                                                          OUT lo xid8, OUT hi xid8)
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
@@ -125,43 +125,65 @@ BEGIN
     hi := pg_snapshot_xmax(snap);
 END
 $$;
-COMMENT ON FUNCTION customer_analytics.ca_staged_window(pg_snapshot, bigint, bigint, boolean) IS
+COMMENT ON FUNCTION customer_analytics_internal.staged_window(pg_snapshot, bigint, bigint, boolean) IS
     'Internal to transform() and transform_events(): this run''s snapshot and the window of staged transactions it takes (prev NULL: every staged row)';
 
-CREATE FUNCTION customer_analytics.transform(full_refresh boolean DEFAULT false)
-RETURNS TABLE (step text, rows_affected bigint)
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, customer_analytics, pg_temp
+/*
+ * The advisory lock key of one of the extension's serialised operations (a
+ * transform, a refresh, a pipeline scope): the extension's class 7411 in
+ * the high half keeps the keys apart from an application's own locks.
+ */
+CREATE FUNCTION customer_analytics_internal.lock_key(name text)
+RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT (7411::bigint OPERATOR(pg_catalog.<<) 32)
+             OPERATOR(pg_catalog.|) (pg_catalog.hashtext(name)::bigint OPERATOR(pg_catalog.&) 4294967295) $$;
+COMMENT ON FUNCTION customer_analytics_internal.lock_key(text) IS
+    'Internal: the bigint advisory lock key of a named operation of the extension (''transform()'', ''refresh_customer_rfm()'', a pipeline scope ...)';
+
+/*
+ * The customer version in effect at a timestamp, for the given customer
+ * ids: a version is in effect over [valid_from, valid_to), and a timestamp
+ * older than a customer's first known version belongs to that first
+ * version (its range is opened to -infinity here).  An id not in the
+ * dimension, or a guest, finds nothing: the caller maps it to the unknown
+ * member.  Inlined into the caller's join.
+ */
+CREATE FUNCTION customer_analytics_internal.customer_versions(customer_ids text[])
+RETURNS TABLE (customer_id text, customer_key bigint, valid_from timestamptz, valid_to timestamptz)
+LANGUAGE sql STABLE PARALLEL SAFE
 AS $$
-DECLARE
-    saved       transform_state;
-    snap        pg_snapshot;
-    prev        pg_snapshot;
-    lo          xid8;
-    hi          xid8;
-    own_xid     xid8;
-    sysid       bigint;
-    tz          text := business_timezone();
-    n           bigint;
-    new_keys    boolean := false;
-    unknown_before boolean;
+    SELECT d.customer_id, d.customer_key,
+           CASE WHEN pg_catalog.row_number() OVER (PARTITION BY d.customer_id ORDER BY d.valid_from)
+                     OPERATOR(pg_catalog.=) 1
+                THEN '-infinity'::timestamptz ELSE d.valid_from END,
+           d.valid_to
+    FROM customer_analytics.dim_customer d
+    WHERE d.customer_key OPERATOR(pg_catalog.<>) -1
+      AND d.customer_id IN (SELECT pg_catalog.unnest(customer_ids))
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.customer_versions(text[]) IS
+    'Internal: the versions of the given customers with the range each is in effect over, the first opened to -infinity (a fact is keyed to the version in effect at its time)';
+
+/*
+ * transform()'s steps.  stage_order_batch() sets the batch aside in
+ * temporary tables (dropped at commit) that the following steps read; each
+ * step returns the rows it wrote.
+ */
+CREATE FUNCTION customer_analytics_internal.stage_order_batch(snap pg_snapshot, prev pg_snapshot,
+                                                              lo xid8, hi xid8, own_xid xid8)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
 BEGIN
-    -- one transform at a time; the second waits, then sees the first's work
-    PERFORM pg_advisory_xact_lock(hashtext('customer_analytics.transform'));
-
-    SELECT system_identifier INTO sysid FROM pg_control_system();
-    SELECT * INTO saved FROM transform_state;
-    SELECT w.snap, w.prev, w.lo, w.hi INTO snap, prev, lo, hi
-    FROM ca_staged_window(saved.snapshot, saved.system_identifier, sysid, full_refresh) w;
-    own_xid := pg_current_xact_id_if_assigned();
-
     /* the staged rows of this run, latest version per natural key */
     CREATE TEMP TABLE ca_batch_products ON COMMIT DROP AS
     SELECT DISTINCT ON (s.product_id)
            s.product_id, s.name, COALESCE(NULLIF(s.category, ''), 'Unknown') AS category,
            s.subcategory, s.unit_cost, s.list_price, s.updated_at, s.stage_id
     FROM stg_products s
-    WHERE ca_newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
+    WHERE newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
     ORDER BY s.product_id, s.stage_id DESC;
 
     CREATE TEMP TABLE ca_batch_customers ON COMMIT DROP AS
@@ -169,18 +191,30 @@ BEGIN
            s.customer_id, s.name, s.email, s.city, s.state, s.country, s.signup_date,
            COALESCE(s.updated_at, s.loaded_at) AS version_ts
     FROM stg_customers s
-    WHERE ca_newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
+    WHERE newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
     ORDER BY s.customer_id, COALESCE(s.updated_at, s.loaded_at), s.stage_id DESC;
 
     CREATE TEMP TABLE ca_batch_orders ON COMMIT DROP AS
     SELECT DISTINCT ON (s.order_id, s.line_number) s.*
     FROM stg_orders s
-    WHERE ca_newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
+    WHERE newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
     ORDER BY s.order_id, s.line_number, s.stage_id DESC;
 
     ANALYZE ca_batch_products, ca_batch_customers, ca_batch_orders;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.stage_order_batch(pg_snapshot, pg_snapshot, xid8, xid8, xid8) IS
+    'Internal to transform(): the staged products, customers and order lines of this run (latest version per natural key) in temporary tables';
 
-    /* products: type 1, the latest staged version overwrites */
+/* products: type 1, the latest staged version overwrites */
+CREATE FUNCTION customer_analytics_internal.load_dim_product()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
     INSERT INTO dim_product AS d (product_id, name, category, subcategory, unit_cost, list_price,
                                   updated_at, stage_id)
     SELECT product_id, name, category, subcategory, unit_cost, list_price, updated_at, stage_id
@@ -194,17 +228,31 @@ BEGIN
               IS DISTINCT FROM
               (excluded.name, excluded.category, excluded.subcategory, excluded.unit_cost, excluded.list_price);
     GET DIAGNOSTICS n = ROW_COUNT;
-    step := 'dim_product'; rows_affected := n; RETURN NEXT;
-    new_keys := new_keys OR n > 0;
+    -- the fact joins that follow are planned on these statistics
+    IF n > 0 THEN
+        ANALYZE dim_product;
+    END IF;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.load_dim_product() IS
+    'Internal to transform(): the batch''s products into dim_product (type 1); returns the rows written';
 
-    /*
-     * customers: type 2.  Chain each customer's current version with the
-     * staged versions newer than it, keep the versions whose attributes
-     * differ from their predecessor, close the current version at the first
-     * of them and insert them, each valid until the next.  Staged versions
-     * not newer than the current one are history already superseded and
-     * are ignored.
-     */
+/*
+ * customers: type 2.  Chain each customer's current version with the
+ * staged versions newer than it, keep the versions whose attributes differ
+ * from their predecessor, close the current version at the first of them
+ * and insert them, each valid until the next.  Staged versions not newer
+ * than the current one are history already superseded and are ignored.
+ */
+CREATE FUNCTION customer_analytics_internal.load_dim_customer()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
     CREATE TEMP TABLE ca_new_versions ON COMMIT DROP AS
     WITH cur AS (
         SELECT d.customer_id, d.name, d.email, d.city, d.state, d.country, d.signup_date,
@@ -247,43 +295,31 @@ BEGIN
     FROM ca_new_versions nv
     WINDOW w AS (PARTITION BY nv.customer_id ORDER BY nv.version_ts);
     GET DIAGNOSTICS n = ROW_COUNT;
-    step := 'dim_customer'; rows_affected := n; RETURN NEXT;
-    new_keys := new_keys OR n > 0;
-    -- the fact joins below are planned on these statistics
-    IF new_keys THEN
-        ANALYZE dim_customer, dim_product;
+    DROP TABLE ca_new_versions;
+    IF n > 0 THEN
+        ANALYZE dim_customer;
     END IF;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.load_dim_customer() IS
+    'Internal to transform(): the batch''s customer versions into dim_customer (type 2: a changed version closes the current one); returns the versions inserted';
 
-    /* calendar */
-    SELECT ensure_dim_date(min(d), max(d)) INTO n
-    FROM (SELECT (order_ts AT TIME ZONE tz)::date AS d FROM ca_batch_orders) days;
-    step := 'dim_date'; rows_affected := n; RETURN NEXT;
-
-    /*
-     * The customer version in effect at a timestamp.  A timestamp older
-     * than a customer's first known version belongs to that first version
-     * (its range is opened to -infinity here); an id not in the dimension,
-     * or a guest, is the unknown member.
-     */
+/* order lines, keyed to the customer version in effect at the order */
+CREATE FUNCTION customer_analytics_internal.load_fact_order_line()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    tz text := business_timezone();
+    n bigint;
+BEGIN
     CREATE TEMP TABLE ca_customer_lookup ON COMMIT DROP AS
-    SELECT d.customer_id, d.customer_key,
-           CASE WHEN row_number() OVER (PARTITION BY d.customer_id ORDER BY d.valid_from) = 1
-                THEN '-infinity'::timestamptz ELSE d.valid_from END AS valid_from,
-           d.valid_to
-    FROM dim_customer d
-    WHERE d.customer_key <> -1
-      AND d.customer_id IN (SELECT o.customer_id FROM ca_batch_orders o);
+    SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT o.customer_id FROM ca_batch_orders o
+                                          WHERE o.customer_id IS NOT NULL));
     ANALYZE ca_customer_lookup;
 
-    /*
-     * Lines already pointing at an unknown member before this run are the
-     * only ones the late-dimension repair below can change: the lines this
-     * run writes are looked up in the dimensions as they now are.
-     */
-    unknown_before := new_keys AND EXISTS (SELECT 1 FROM fact_order_line
-                                           WHERE customer_key = -1 OR product_key = -1);
-
-    /* order lines */
     INSERT INTO fact_order_line AS f
         (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity,
          unit_price, discount, status, channel, updated_at, stage_id, load_id)
@@ -312,56 +348,102 @@ BEGIN
                excluded.unit_price, excluded.discount, excluded.status, excluded.channel,
                excluded.updated_at);
     GET DIAGNOSTICS n = ROW_COUNT;
-    step := 'fact_order_line'; rows_affected := n; RETURN NEXT;
+    DROP TABLE ca_customer_lookup;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.load_fact_order_line() IS
+    'Internal to transform(): the batch''s order lines into fact_order_line (upsert on order and line, the latest staged version wins, unknown members for missing keys); returns the rows written';
+
+/*
+ * Late-arriving dimensions: lines that were mapped to an unknown member
+ * because their customer or product had not arrived yet get the real key
+ * once it has.
+ */
+CREATE FUNCTION customer_analytics_internal.repair_order_line_keys()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    WITH latest AS (
+        SELECT DISTINCT ON (s.order_id, s.line_number)
+               s.order_id, s.line_number, s.customer_id, s.product_id, s.order_ts
+        FROM stg_orders s
+        JOIN fact_order_line f USING (order_id, line_number)
+        WHERE f.customer_key = -1 OR f.product_key = -1
+        ORDER BY s.order_id, s.line_number, s.stage_id DESC
+    ), resolved AS (
+        SELECT l.order_id, l.line_number,
+               COALESCE(v.customer_key, -1) AS customer_key,
+               COALESCE(p.product_key, -1) AS product_key
+        FROM latest l
+        LEFT JOIN customer_versions(ARRAY(SELECT DISTINCT l2.customer_id FROM latest l2)) v
+               ON v.customer_id = l.customer_id AND l.order_ts >= v.valid_from AND l.order_ts < v.valid_to
+        LEFT JOIN dim_product p ON p.product_id = l.product_id
+    )
+    UPDATE fact_order_line f
+    SET customer_key = r.customer_key, product_key = r.product_key
+    FROM resolved r
+    WHERE f.order_id = r.order_id AND f.line_number = r.line_number
+      AND (f.customer_key, f.product_key) IS DISTINCT FROM (r.customer_key, r.product_key);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.repair_order_line_keys() IS
+    'Internal to transform(): order lines keyed to an unknown member whose customer or product has arrived since get its key; returns the lines re-keyed';
+
+CREATE FUNCTION customer_analytics.transform(full_refresh boolean DEFAULT false)
+RETURNS TABLE (step text, rows_affected bigint)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    saved       transform_state;
+    w           record;
+    sysid       bigint;
+    tz          text := business_timezone();
+    products    bigint;
+    customers   bigint;
+    unknown_before boolean;
+BEGIN
+    -- one transform at a time; the second waits, then sees the first's work
+    PERFORM pg_advisory_xact_lock(lock_key('transform()'));
+
+    SELECT system_identifier INTO sysid FROM pg_control_system();
+    SELECT * INTO saved FROM transform_state;
+    SELECT * INTO w FROM staged_window(saved.snapshot, saved.system_identifier, sysid, full_refresh);
+    PERFORM stage_order_batch(w.snap, w.prev, w.lo, w.hi, pg_current_xact_id_if_assigned());
+
+    products := load_dim_product();
+    customers := load_dim_customer();
+    RETURN QUERY VALUES ('dim_product', products), ('dim_customer', customers);
+    RETURN QUERY SELECT 'dim_date', ensure_dim_date(min(d), max(d))
+                 FROM (SELECT (order_ts AT TIME ZONE tz)::date AS d FROM ca_batch_orders) days;
 
     /*
-     * Late-arriving dimensions: lines that were mapped to an unknown member
-     * because their customer or product had not arrived yet get the real
-     * key once it has.  Only needed when this run added dimension rows.
+     * Lines already pointing at an unknown member before this run are the
+     * only ones the repair of late-arriving dimensions can change (the lines
+     * this run writes are looked up in the dimensions as they now are), and
+     * only if this run added dimension rows.
      */
-    n := 0;
-    IF unknown_before THEN
-        WITH latest AS (
-            SELECT DISTINCT ON (s.order_id, s.line_number)
-                   s.order_id, s.line_number, s.customer_id, s.product_id, s.order_ts
-            FROM stg_orders s
-            JOIN fact_order_line f USING (order_id, line_number)
-            WHERE f.customer_key = -1 OR f.product_key = -1
-            ORDER BY s.order_id, s.line_number, s.stage_id DESC
-        ), versions AS (
-            SELECT d.customer_id, d.customer_key,
-                   CASE WHEN row_number() OVER (PARTITION BY d.customer_id ORDER BY d.valid_from) = 1
-                        THEN '-infinity'::timestamptz ELSE d.valid_from END AS valid_from,
-                   d.valid_to
-            FROM dim_customer d
-            WHERE d.customer_key <> -1 AND d.customer_id IN (SELECT l.customer_id FROM latest l)
-        ), resolved AS (
-            SELECT l.order_id, l.line_number,
-                   COALESCE(v.customer_key, -1) AS customer_key,
-                   COALESCE(p.product_key, -1) AS product_key
-            FROM latest l
-            LEFT JOIN versions v
-                   ON v.customer_id = l.customer_id AND l.order_ts >= v.valid_from AND l.order_ts < v.valid_to
-            LEFT JOIN dim_product p ON p.product_id = l.product_id
-        )
-        UPDATE fact_order_line f
-        SET customer_key = r.customer_key, product_key = r.product_key
-        FROM resolved r
-        WHERE f.order_id = r.order_id AND f.line_number = r.line_number
-          AND (f.customer_key, f.product_key) IS DISTINCT FROM (r.customer_key, r.product_key);
-        GET DIAGNOSTICS n = ROW_COUNT;
-    END IF;
-    step := 'late_dimension_fixes'; rows_affected := n; RETURN NEXT;
+    unknown_before := products + customers > 0
+                      AND EXISTS (SELECT FROM fact_order_line WHERE customer_key = -1 OR product_key = -1);
+    RETURN QUERY SELECT 'fact_order_line', load_fact_order_line();
+    RETURN QUERY SELECT 'late_dimension_fixes',
+                        CASE WHEN unknown_before THEN repair_order_line_keys() ELSE 0 END;
 
     INSERT INTO transform_state (singleton, snapshot, system_identifier, last_run_at)
-    VALUES (true, snap, sysid, now())
+    VALUES (true, w.snap, sysid, now())
     ON CONFLICT (singleton) DO UPDATE
         SET snapshot = excluded.snapshot,
             system_identifier = excluded.system_identifier,
             last_run_at = excluded.last_run_at;
 
-    DROP TABLE ca_batch_products, ca_batch_customers, ca_batch_orders,
-               ca_new_versions, ca_customer_lookup;
+    DROP TABLE ca_batch_products, ca_batch_customers, ca_batch_orders;
 
     /* clickstream events: their own snapshot, so refresh_clickstream() can run them alone */
     RETURN QUERY SELECT * FROM transform_events(full_refresh);
@@ -372,103 +454,73 @@ COMMENT ON FUNCTION customer_analytics.transform(boolean) IS
     'Move staged rows into the star schema: products (SCD1), customers (SCD2), calendar, order lines and events (upsert on natural keys, newer versions win, unknown members for missing keys, late-arriving dimensions repaired). Incremental: only rows staged since the last run; full_refresh => true reprocesses all staged rows (safe: idempotent). Events go through transform_events(). Returns the rows written per step';
 
 /*
- * transform_events(): the clickstream part of transform(), callable on its
- * own (refresh_clickstream() runs it every minute, apart from the nightly
- * batch).  It keeps its own snapshot in event_transform_state, so events are
- * exactly-once whichever of the two runs them.
- *
- * - Only events staged since the last run are read; an unchanged event is
- *   not rewritten.
- * - Event time: the watermark is the latest event time processed (never
- *   later than the run itself, so a clock running ahead cannot push it).
- *   An event older than the watermark is late; within the lateness window
- *   (customer_analytics.event_lateness) it is processed like any other,
- *   and the sessions it touches are rebuilt by refresh_clickstream().
- *   Later than that it is left in stg_events, counted (step
- *   fact_event_too_late) and alerted; a full refresh loads it.
- * - Identity stitching: an anonymous event takes the customer of the next
- *   identified event of its session (same session_id, at or after it), so a
- *   visitor who logs in at the cart owns the pages browsed before.
- *   Anonymous events after the last identified event stay anonymous.
- * - Events whose customer id was not yet in dim_customer (key -1) get the
- *   real key once the customer arrives.
+ * transform_events()'s steps, on the batch of events stage_event_batch()
+ * sets aside in a temporary table.
  */
-CREATE FUNCTION customer_analytics.transform_events(full_refresh boolean DEFAULT false)
-RETURNS TABLE (step text, rows_affected bigint)
+CREATE FUNCTION customer_analytics_internal.stage_event_batch(snap pg_snapshot, prev pg_snapshot,
+                                                              lo xid8, hi xid8, own_xid xid8)
+RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, customer_analytics, pg_temp
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
 AS $$
-DECLARE
-    saved       event_transform_state;
-    snap        pg_snapshot;
-    prev        pg_snapshot;
-    lo          xid8;
-    hi          xid8;
-    own_xid     xid8;
-    sysid       bigint;
-    tz          text := business_timezone();
-    lateness    interval := event_lateness();
-    cutoff      timestamptz;
-    mark        timestamptz;
-    n           bigint;
-    late        record;
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtext('customer_analytics.transform_events'));
-
-    SELECT system_identifier INTO sysid FROM pg_control_system();
-    SELECT * INTO saved FROM event_transform_state;
-    SELECT w.snap, w.prev, w.lo, w.hi INTO snap, prev, lo, hi
-    FROM ca_staged_window(saved.snapshot, saved.system_identifier, sysid, full_refresh) w;
-    own_xid := pg_current_xact_id_if_assigned();
-    IF prev IS NOT NULL THEN
-        cutoff := saved.watermark - lateness;   -- NULL: no limit, or nothing processed yet
-    END IF;
-
     CREATE TEMP TABLE ca_batch_events ON COMMIT DROP AS
     SELECT DISTINCT ON (s.event_id) s.*
     FROM stg_events s
-    WHERE ca_newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
+    WHERE newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
     ORDER BY s.event_id, s.stage_id DESC;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.stage_event_batch(pg_snapshot, pg_snapshot, xid8, xid8, xid8) IS
+    'Internal to transform_events(): the staged events of this run (latest version per event id) in a temporary table';
 
-    /* too late for an incremental run: leave them staged, say so */
-    n := 0;
-    IF cutoff IS NOT NULL THEN
-        WITH gone AS (
-            DELETE FROM ca_batch_events b
-            WHERE b.event_ts < cutoff
-              -- rows the previous run took from its own transaction come again: not late
-              AND b.staged_xid IS DISTINCT FROM saved.own_xid
-            RETURNING b.event_ts, b.load_id
-        )
-        SELECT count(*) AS events, min(event_ts) AS oldest, max(event_ts) AS newest,
-               array_agg(DISTINCT load_id) FILTER (WHERE load_id IS NOT NULL) AS loads
-        INTO late FROM gone;
-        n := late.events;
-        IF n > 0 THEN
-            PERFORM raise_alert('late_events', 'stg_events',
-                                jsonb_build_object('events', n, 'oldest', late.oldest,
-                                                   'newest', late.newest, 'cutoff', cutoff,
-                                                   'loads', late.loads),
-                                severity => 'warn');
-        END IF;
+/* too late for an incremental run: leave them staged, say so */
+CREATE FUNCTION customer_analytics_internal.hold_back_late_events(cutoff timestamptz, previous_own_xid xid8)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    late record;
+BEGIN
+    WITH gone AS (
+        DELETE FROM ca_batch_events b
+        WHERE b.event_ts < cutoff
+          -- rows the previous run took from its own transaction come again: not late
+          AND b.staged_xid IS DISTINCT FROM previous_own_xid
+        RETURNING b.event_ts, b.load_id
+    )
+    SELECT count(*) AS events, min(event_ts) AS oldest, max(event_ts) AS newest,
+           array_agg(DISTINCT load_id) FILTER (WHERE load_id IS NOT NULL) AS loads
+    INTO late FROM gone;
+    IF late.events > 0 THEN
+        PERFORM raise_alert('late_events', 'stg_events',
+                            jsonb_build_object('events', late.events, 'oldest', late.oldest,
+                                               'newest', late.newest, 'cutoff', cutoff,
+                                               'loads', late.loads),
+                            severity => 'warn');
     END IF;
-    step := 'fact_event_too_late'; rows_affected := n; RETURN NEXT;
-    ANALYZE ca_batch_events;
+    RETURN late.events;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.hold_back_late_events(timestamptz, xid8) IS
+    'Internal to transform_events(): takes the events older than the cutoff out of the batch (they stay staged) and alerts; returns how many';
 
-    PERFORM ensure_dim_date(min((event_ts AT TIME ZONE tz)::date), max((event_ts AT TIME ZONE tz)::date))
-    FROM ca_batch_events;
-
+/* anonymous stays NULL, an unknown id is -1 */
+CREATE FUNCTION customer_analytics_internal.load_fact_event()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    tz text := business_timezone();
+    n bigint;
+BEGIN
     CREATE TEMP TABLE ca_event_customers ON COMMIT DROP AS
-    SELECT d.customer_id, d.customer_key,
-           CASE WHEN row_number() OVER (PARTITION BY d.customer_id ORDER BY d.valid_from) = 1
-                THEN '-infinity'::timestamptz ELSE d.valid_from END AS valid_from,
-           d.valid_to
-    FROM dim_customer d
-    WHERE d.customer_key <> -1
-      AND d.customer_id IN (SELECT e.customer_id FROM ca_batch_events e);
+    SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT e.customer_id FROM ca_batch_events e
+                                          WHERE e.customer_id IS NOT NULL));
     ANALYZE ca_event_customers;
 
-    /* anonymous stays NULL, an unknown id is -1 */
     INSERT INTO fact_event AS f
         (event_id, event_ts, date_key, customer_key, customer_id, customer_stitched, session_id,
          event_type, product_key, order_id, channel, device, stage_id, load_id)
@@ -498,15 +550,27 @@ BEGIN
                excluded.session_id, excluded.event_type, excluded.product_key,
                excluded.order_id, excluded.channel, excluded.device);
     GET DIAGNOSTICS n = ROW_COUNT;
-    step := 'fact_event'; rows_affected := n; RETURN NEXT;
+    DROP TABLE ca_event_customers;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.load_fact_event() IS
+    'Internal to transform_events(): the batch''s events into fact_event (upsert on event_id, the latest staged version wins; anonymous stays NULL, an unknown customer is -1); returns the rows written';
 
-    /*
-     * Identity stitching, over the whole of every session this run touched
-     * (an identifying event may arrive after the anonymous ones, or before).
-     * Walking a session backwards in time, each identified event opens a
-     * group; the anonymous events in its group precede it and take its
-     * customer.
-     */
+/*
+ * Identity stitching, over the whole of every session the batch touched
+ * (an identifying event may arrive after the anonymous ones, or before).
+ * Walking a session backwards in time, each identified event opens a group;
+ * the anonymous events in its group precede it and take its customer.
+ */
+CREATE FUNCTION customer_analytics_internal.stitch_sessions()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
     -- only sessions where something can change: an anonymous event and an
     -- identified one, or events stitched before
     CREATE TEMP TABLE ca_stitch_sessions ON COMMIT DROP AS
@@ -542,27 +606,92 @@ BEGIN
       AND (l.customer_key, l.customer_id, l.customer_stitched)
           IS DISTINCT FROM (l.new_key, l.new_id, l.new_id IS NOT NULL);
     GET DIAGNOSTICS n = ROW_COUNT;
-    step := 'fact_event_stitched'; rows_affected := n; RETURN NEXT;
+    DROP TABLE ca_stitch_sessions;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.stitch_sessions() IS
+    'Internal to transform_events(): anonymous events of the batch''s sessions take the customer of the next identified event of their session; returns the events changed';
 
-    /* late-arriving customers: -1 becomes the version in effect */
-    WITH versions AS (
-        SELECT d.customer_id, d.customer_key,
-               CASE WHEN row_number() OVER (PARTITION BY d.customer_id ORDER BY d.valid_from) = 1
-                    THEN '-infinity'::timestamptz ELSE d.valid_from END AS valid_from,
-               d.valid_to
-        FROM dim_customer d
-        WHERE d.customer_key <> -1
-          AND d.customer_id IN (SELECT e.customer_id FROM fact_event e WHERE e.customer_key = -1)
-    )
+/* late-arriving customers: -1 becomes the version in effect */
+CREATE FUNCTION customer_analytics_internal.repair_event_customer_keys()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
     UPDATE fact_event f
     SET customer_key = v.customer_key
-    FROM versions v
+    FROM customer_versions(ARRAY(SELECT DISTINCT e.customer_id FROM fact_event e
+                                 WHERE e.customer_key = -1)) v
     WHERE f.customer_key = -1 AND v.customer_id = f.customer_id
       AND f.event_ts >= v.valid_from AND f.event_ts < v.valid_to;
     GET DIAGNOSTICS n = ROW_COUNT;
-    step := 'fact_event_late_customers'; rows_affected := n; RETURN NEXT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.repair_event_customer_keys() IS
+    'Internal to transform_events(): events keyed to the unknown customer whose customer has arrived since get the version in effect; returns the events re-keyed';
 
-    IF prev IS NULL THEN        -- a full pass: everything staged counts
+/*
+ * transform_events(): the clickstream part of transform(), callable on its
+ * own (refresh_clickstream() runs it every minute, apart from the nightly
+ * batch).  It keeps its own snapshot in event_transform_state, so events are
+ * exactly-once whichever of the two runs them.
+ *
+ * - Only events staged since the last run are read; an unchanged event is
+ *   not rewritten.
+ * - Event time: the watermark is the latest event time processed (never
+ *   later than the run itself, so a clock running ahead cannot push it).
+ *   An event older than the watermark is late; within the lateness window
+ *   (customer_analytics.event_lateness) it is processed like any other,
+ *   and the sessions it touches are rebuilt by refresh_clickstream().
+ *   Later than that it is left in stg_events, counted (step
+ *   fact_event_too_late) and alerted; a full refresh loads it.
+ * - Identity stitching: an anonymous event takes the customer of the next
+ *   identified event of its session (same session_id, at or after it), so a
+ *   visitor who logs in at the cart owns the pages browsed before.
+ *   Anonymous events after the last identified event stay anonymous.
+ * - Events whose customer id was not yet in dim_customer (key -1) get the
+ *   real key once the customer arrives.
+ */
+CREATE FUNCTION customer_analytics.transform_events(full_refresh boolean DEFAULT false)
+RETURNS TABLE (step text, rows_affected bigint)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    saved       event_transform_state;
+    w           record;
+    own_xid     xid8 := pg_current_xact_id_if_assigned();
+    sysid       bigint;
+    tz          text := business_timezone();
+    cutoff      timestamptz;
+    mark        timestamptz;
+BEGIN
+    PERFORM pg_advisory_xact_lock(lock_key('transform_events()'));
+
+    SELECT system_identifier INTO sysid FROM pg_control_system();
+    SELECT * INTO saved FROM event_transform_state;
+    SELECT * INTO w FROM staged_window(saved.snapshot, saved.system_identifier, sysid, full_refresh);
+    IF w.prev IS NOT NULL THEN
+        cutoff := saved.watermark - event_lateness();   -- NULL: no limit, or nothing processed yet
+    END IF;
+    PERFORM stage_event_batch(w.snap, w.prev, w.lo, w.hi, own_xid);
+
+    RETURN QUERY SELECT 'fact_event_too_late',
+                        CASE WHEN cutoff IS NULL THEN 0 ELSE hold_back_late_events(cutoff, saved.own_xid) END;
+    ANALYZE ca_batch_events;
+    PERFORM ensure_dim_date(min((event_ts AT TIME ZONE tz)::date), max((event_ts AT TIME ZONE tz)::date))
+    FROM ca_batch_events;
+
+    RETURN QUERY SELECT 'fact_event', load_fact_event();
+    RETURN QUERY SELECT 'fact_event_stitched', stitch_sessions();
+    RETURN QUERY SELECT 'fact_event_late_customers', repair_event_customer_keys();
+
+    IF w.prev IS NULL THEN      -- a full pass: everything staged counts
         SELECT max(b.event_ts) INTO mark FROM ca_batch_events b;
     ELSE
         SELECT GREATEST(saved.watermark, max(b.event_ts)) INTO mark FROM ca_batch_events b;
@@ -571,7 +700,7 @@ BEGIN
         mark := now();
     END IF;
     INSERT INTO event_transform_state (singleton, snapshot, own_xid, system_identifier, watermark, last_run_at)
-    VALUES (true, snap, own_xid, sysid, mark, now())
+    VALUES (true, w.snap, own_xid, sysid, mark, now())
     ON CONFLICT (singleton) DO UPDATE
         SET snapshot = excluded.snapshot,
             own_xid = excluded.own_xid,
@@ -579,7 +708,7 @@ BEGIN
             watermark = excluded.watermark,
             last_run_at = excluded.last_run_at;
 
-    DROP TABLE ca_batch_events, ca_event_customers, ca_stitch_sessions;
+    DROP TABLE ca_batch_events;
 END
 $$;
 

@@ -56,10 +56,10 @@ CREATE FUNCTION customer_analytics.rfm_state_summary(customer_analytics.rfm_stat
 COMMENT ON FUNCTION customer_analytics.rfm_state_summary(customer_analytics.rfm_state) IS
     'The rfm_summary of an rfm_state value';
 
-CREATE FUNCTION customer_analytics.money_units(amount numeric, public_api boolean)
+CREATE FUNCTION customer_analytics_internal.money_units(amount numeric, public_api boolean)
     RETURNS bigint
     AS 'MODULE_PATHNAME', 'ca_money_units' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
-COMMENT ON FUNCTION customer_analytics.money_units(numeric, boolean) IS
+COMMENT ON FUNCTION customer_analytics_internal.money_units(numeric, boolean) IS
     'Internal, for tests: an amount in the units of 0.0001 that rfm sums, read from numeric''s stored digits (public_api false, where 128-bit integers exist) or through numeric''s public functions; an error for a NaN, an infinity, more than 4 decimals or too large a value';
 
 /* quintile_breaks' state: every value seen (exact quantiles need them all) */
@@ -222,10 +222,10 @@ $$;
 COMMENT ON FUNCTION customer_analytics.rfm_segment(integer, integer, integer, text) IS
     'The segment of an RFM cell in a map (default: customer_analytics.rfm_segment_map, or ''default''): by default the widely used R x F map (Champions, Loyal Customers, Potential Loyalists, New Customers, Promising, Need Attention, About to Sleep, At Risk, Can''t Lose Them, Hibernating)';
 
-CREATE FUNCTION customer_analytics.rfm_segment_rule_guard()
+CREATE FUNCTION customer_analytics_internal.rfm_segment_rule_guard()
 RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = pg_catalog, customer_analytics, pg_temp
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
 AS $$
 DECLARE
     maps text[];
@@ -262,16 +262,16 @@ BEGIN
     RETURN NULL;
 END
 $$;
-COMMENT ON FUNCTION customer_analytics.rfm_segment_rule_guard() IS
+COMMENT ON FUNCTION customer_analytics_internal.rfm_segment_rule_guard() IS
     'Keeps the built-in segment map read-only and every map complete and unambiguous';
 
 CREATE TRIGGER rfm_segment_rule_readonly_default
     BEFORE INSERT OR UPDATE OR DELETE ON customer_analytics.rfm_segment_rule
-    FOR EACH ROW EXECUTE FUNCTION customer_analytics.rfm_segment_rule_guard();
+    FOR EACH ROW EXECUTE FUNCTION customer_analytics_internal.rfm_segment_rule_guard();
 CREATE CONSTRAINT TRIGGER rfm_segment_rule_complete
     AFTER INSERT OR UPDATE OR DELETE ON customer_analytics.rfm_segment_rule
     DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW EXECUTE FUNCTION customer_analytics.rfm_segment_rule_guard();
+    FOR EACH ROW EXECUTE FUNCTION customer_analytics_internal.rfm_segment_rule_guard();
 
 CREATE FUNCTION customer_analytics.rfm(
     as_of           timestamptz DEFAULT customer_analytics.reference_time(),
@@ -310,10 +310,10 @@ CREATE TABLE customer_analytics.rfm_rollup_customer (
 COMMENT ON TABLE customer_analytics.rfm_rollup_customer IS
     'Per customer with a completed line: the current version''s key, last purchase, purchases and monetary value (rfm_agg over one row per order, returns apart), kept incrementally by refresh_customer_rfm(); derived data, rebuilt with refresh_customer_rfm(true)';
 
-CREATE TABLE customer_analytics.rfm_dirty_customer (
+CREATE TABLE customer_analytics_internal.rfm_dirty_customer (
     customer_id text UNIQUE NULLS NOT DISTINCT
 );
-COMMENT ON TABLE customer_analytics.rfm_dirty_customer IS
+COMMENT ON TABLE customer_analytics_internal.rfm_dirty_customer IS
     'Customers whose order lines or versions changed since the last refresh_customer_rfm() (NULL: everyone, after a TRUNCATE)';
 
 CREATE TABLE customer_analytics.rfm_new_line (
@@ -357,25 +357,25 @@ COMMENT ON TABLE customer_analytics.customer_rfm_refresh IS
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics.customer_rfm_score', '');
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics.customer_rfm_refresh', '');
 
-CREATE FUNCTION customer_analytics.note_dirty_customers()
+CREATE FUNCTION customer_analytics_internal.note_dirty_customers()
 RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
-        INSERT INTO customer_analytics.rfm_dirty_customer VALUES (NULL) ON CONFLICT DO NOTHING;
+        INSERT INTO customer_analytics_internal.rfm_dirty_customer VALUES (NULL) ON CONFLICT DO NOTHING;
     ELSIF TG_TABLE_NAME = 'dim_customer' THEN
         -- a new, changed or removed version moves the customer's current key
         -- or which lines are theirs
         IF TG_OP = 'INSERT' THEN
-            INSERT INTO customer_analytics.rfm_dirty_customer
+            INSERT INTO customer_analytics_internal.rfm_dirty_customer
             SELECT DISTINCT customer_id FROM new_rows ON CONFLICT DO NOTHING;
         ELSIF TG_OP = 'DELETE' THEN
-            INSERT INTO customer_analytics.rfm_dirty_customer
+            INSERT INTO customer_analytics_internal.rfm_dirty_customer
             SELECT DISTINCT customer_id FROM old_rows ON CONFLICT DO NOTHING;
         ELSE
-            INSERT INTO customer_analytics.rfm_dirty_customer
+            INSERT INTO customer_analytics_internal.rfm_dirty_customer
             SELECT customer_id FROM old_rows UNION SELECT customer_id FROM new_rows ON CONFLICT DO NOTHING;
         END IF;
     ELSIF TG_OP = 'INSERT' THEN
@@ -385,13 +385,13 @@ BEGIN
                r.status = 'completed' AND r.customer_key <> -1 AND (r.quantity > 0 OR r.revenue <> 0)
         FROM new_rows r JOIN customer_analytics.dim_customer c USING (customer_key);
     ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO customer_analytics.rfm_dirty_customer
+        INSERT INTO customer_analytics_internal.rfm_dirty_customer
         SELECT DISTINCT c.customer_id
         FROM (SELECT DISTINCT customer_key FROM old_rows) r
         JOIN customer_analytics.dim_customer c USING (customer_key)
         ON CONFLICT DO NOTHING;
     ELSE
-        INSERT INTO customer_analytics.rfm_dirty_customer
+        INSERT INTO customer_analytics_internal.rfm_dirty_customer
         SELECT DISTINCT c.customer_id
         FROM (SELECT customer_key FROM old_rows UNION SELECT customer_key FROM new_rows) r
         JOIN customer_analytics.dim_customer c USING (customer_key)
@@ -400,25 +400,25 @@ BEGIN
     RETURN NULL;
 END
 $$;
-COMMENT ON FUNCTION customer_analytics.note_dirty_customers() IS
+COMMENT ON FUNCTION customer_analytics_internal.note_dirty_customers() IS
     'Statement trigger: queues new order lines in rfm_new_line, and notes in rfm_dirty_customer the customers whose order lines or versions changed otherwise';
 
 CREATE TRIGGER fact_order_line_dirty_customers_ins AFTER INSERT ON customer_analytics.fact_order_line
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_customers();
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_dirty_customers();
 CREATE TRIGGER fact_order_line_dirty_customers_upd AFTER UPDATE ON customer_analytics.fact_order_line
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_customers();
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_dirty_customers();
 CREATE TRIGGER fact_order_line_dirty_customers_del AFTER DELETE ON customer_analytics.fact_order_line
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_customers();
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_dirty_customers();
 CREATE TRIGGER fact_order_line_dirty_customers_trunc AFTER TRUNCATE ON customer_analytics.fact_order_line
-    FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_customers();
+    FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_dirty_customers();
 CREATE TRIGGER dim_customer_dirty_customers_ins AFTER INSERT ON customer_analytics.dim_customer
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_customers();
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_dirty_customers();
 CREATE TRIGGER dim_customer_dirty_customers_upd AFTER UPDATE ON customer_analytics.dim_customer
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_customers();
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_dirty_customers();
 CREATE TRIGGER dim_customer_dirty_customers_del AFTER DELETE ON customer_analytics.dim_customer
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_customers();
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_dirty_customers();
 CREATE TRIGGER dim_customer_dirty_customers_trunc AFTER TRUNCATE ON customer_analytics.dim_customer
-    FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_customers();
+    FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_dirty_customers();
 
 /*
  * What rfm() returns on the star schema, scored from rfm_rollup_customer
@@ -450,7 +450,7 @@ DECLARE
     changed bigint;
 BEGIN
     -- one maintainer at a time; readers never wait
-    PERFORM pg_advisory_xact_lock(hashtext('customer_analytics.refresh_customer_rfm'));
+    PERFORM pg_advisory_xact_lock(customer_analytics_internal.lock_key('refresh_customer_rfm()'));
     IF (SELECT count(*) FROM customer_analytics.rfm_segment_cells(map)) <> 125 THEN
         RAISE EXCEPTION 'RFM segment map "%" does not name all 125 cells', map
             USING ERRCODE = 'invalid_parameter_value',
@@ -459,7 +459,7 @@ BEGIN
     LOOP
         rounds := rounds + 1;
         -- take the noted customers (those noted by transactions still running stay for next time)
-        WITH taken AS (DELETE FROM customer_analytics.rfm_dirty_customer RETURNING customer_id)
+        WITH taken AS (DELETE FROM customer_analytics_internal.rfm_dirty_customer RETURNING customer_id)
         SELECT array_agg(customer_id) FILTER (WHERE customer_id IS NOT NULL), bool_or(customer_id IS NULL)
         INTO ids, everyone FROM taken;
         IF full_refresh OR everyone
@@ -510,7 +510,7 @@ BEGIN
                                WHERE f.order_id = t.order_id) AS whole
             FROM taken t GROUP BY t.order_id
         ), noted AS (
-            INSERT INTO customer_analytics.rfm_dirty_customer
+            INSERT INTO customer_analytics_internal.rfm_dirty_customer
             SELECT DISTINCT t.customer_id FROM taken t JOIN orders o USING (order_id) WHERE NOT o.whole
             ON CONFLICT DO NOTHING
             RETURNING 1

@@ -62,21 +62,21 @@ CREATE AGGREGATE customer_analytics.stats_agg(float8) (
 COMMENT ON AGGREGATE customer_analytics.stats_agg(float8) IS
     'Count, mean and spread of the non-NULL values (Welford), as one stats value; count 0 over no values. Parallel safe, state type concrete (Citus can push it down). Over a sliding window frame it costs O(1) per row whatever the frame length, within 1e-10 (relative) of a two-pass computation';
 
-CREATE FUNCTION customer_analytics.count(customer_analytics.stats) RETURNS bigint
+CREATE FUNCTION customer_analytics.stats_count(customer_analytics.stats) RETURNS bigint
     AS 'MODULE_PATHNAME', 'ca_stats_count' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
-COMMENT ON FUNCTION customer_analytics.count(customer_analytics.stats) IS
+COMMENT ON FUNCTION customer_analytics.stats_count(customer_analytics.stats) IS
     'Number of values summarised';
-CREATE FUNCTION customer_analytics.mean(customer_analytics.stats) RETURNS float8
+CREATE FUNCTION customer_analytics.stats_mean(customer_analytics.stats) RETURNS float8
     AS 'MODULE_PATHNAME', 'ca_stats_mean' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
-COMMENT ON FUNCTION customer_analytics.mean(customer_analytics.stats) IS
+COMMENT ON FUNCTION customer_analytics.stats_mean(customer_analytics.stats) IS
     'Mean of the values; NULL for none';
-CREATE FUNCTION customer_analytics.variance(customer_analytics.stats) RETURNS float8
+CREATE FUNCTION customer_analytics.stats_variance(customer_analytics.stats) RETURNS float8
     AS 'MODULE_PATHNAME', 'ca_stats_variance' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
-COMMENT ON FUNCTION customer_analytics.variance(customer_analytics.stats) IS
+COMMENT ON FUNCTION customer_analytics.stats_variance(customer_analytics.stats) IS
     'Sample variance of the values (as var_samp); NULL for fewer than two';
-CREATE FUNCTION customer_analytics.stddev(customer_analytics.stats) RETURNS float8
+CREATE FUNCTION customer_analytics.stats_stddev(customer_analytics.stats) RETURNS float8
     AS 'MODULE_PATHNAME', 'ca_stats_stddev' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
-COMMENT ON FUNCTION customer_analytics.stddev(customer_analytics.stats) IS
+COMMENT ON FUNCTION customer_analytics.stats_stddev(customer_analytics.stats) IS
     'Sample standard deviation of the values (as stddev_samp); NULL for fewer than two';
 CREATE FUNCTION customer_analytics.zscore(x float8, s customer_analytics.stats) RETURNS float8
     AS 'MODULE_PATHNAME', 'ca_zscore' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
@@ -204,23 +204,23 @@ CREATE TABLE customer_analytics.sales_rollup_category (
 COMMENT ON TABLE customer_analytics.sales_rollup_category IS
     'Completed sales per day and product category (revenue, orders with a line in the category, units), kept incrementally by refresh_sales_rollup()';
 
-CREATE TABLE customer_analytics.sales_dirty_day (
+CREATE TABLE customer_analytics_internal.sales_dirty_day (
     day date PRIMARY KEY
 );
-COMMENT ON TABLE customer_analytics.sales_dirty_day IS
+COMMENT ON TABLE customer_analytics_internal.sales_dirty_day IS
     'Days whose order lines changed since the last refresh_sales_rollup() (-infinity: everything, after a TRUNCATE)';
 
-CREATE FUNCTION customer_analytics.note_dirty_sales_days()
+CREATE FUNCTION customer_analytics_internal.note_dirty_sales_days()
 RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
-        INSERT INTO customer_analytics.sales_dirty_day VALUES ('-infinity') ON CONFLICT DO NOTHING;
+        INSERT INTO customer_analytics_internal.sales_dirty_day VALUES ('-infinity') ON CONFLICT DO NOTHING;
     ELSIF TG_TABLE_NAME = 'dim_product' THEN
         -- a product moved to another category: every day it sold on
-        INSERT INTO customer_analytics.sales_dirty_day
+        INSERT INTO customer_analytics_internal.sales_dirty_day
         SELECT DISTINCT d.date
         FROM old_rows o JOIN new_rows n USING (product_key)
         JOIN customer_analytics.fact_order_line f ON f.product_key = n.product_key
@@ -228,15 +228,15 @@ BEGIN
         WHERE o.category IS DISTINCT FROM n.category
         ON CONFLICT DO NOTHING;
     ELSIF TG_OP = 'INSERT' THEN
-        INSERT INTO customer_analytics.sales_dirty_day
+        INSERT INTO customer_analytics_internal.sales_dirty_day
         SELECT DISTINCT d.date FROM new_rows r JOIN customer_analytics.dim_date d USING (date_key)
         ON CONFLICT DO NOTHING;
     ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO customer_analytics.sales_dirty_day
+        INSERT INTO customer_analytics_internal.sales_dirty_day
         SELECT DISTINCT d.date FROM old_rows r JOIN customer_analytics.dim_date d USING (date_key)
         ON CONFLICT DO NOTHING;
     ELSE
-        INSERT INTO customer_analytics.sales_dirty_day
+        INSERT INTO customer_analytics_internal.sales_dirty_day
         SELECT DISTINCT d.date
         FROM (SELECT date_key FROM old_rows UNION SELECT date_key FROM new_rows) r
         JOIN customer_analytics.dim_date d USING (date_key)
@@ -245,19 +245,19 @@ BEGIN
     RETURN NULL;
 END
 $$;
-COMMENT ON FUNCTION customer_analytics.note_dirty_sales_days() IS
+COMMENT ON FUNCTION customer_analytics_internal.note_dirty_sales_days() IS
     'Statement trigger: notes in sales_dirty_day the days whose sales changed';
 
 CREATE TRIGGER fact_order_line_dirty_days_ins AFTER INSERT ON customer_analytics.fact_order_line
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_sales_days();
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_dirty_sales_days();
 CREATE TRIGGER fact_order_line_dirty_days_upd AFTER UPDATE ON customer_analytics.fact_order_line
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_sales_days();
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_dirty_sales_days();
 CREATE TRIGGER fact_order_line_dirty_days_del AFTER DELETE ON customer_analytics.fact_order_line
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_sales_days();
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_dirty_sales_days();
 CREATE TRIGGER fact_order_line_dirty_days_trunc AFTER TRUNCATE ON customer_analytics.fact_order_line
-    FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_sales_days();
+    FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_dirty_sales_days();
 CREATE TRIGGER dim_product_dirty_days AFTER UPDATE ON customer_analytics.dim_product
-    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.note_dirty_sales_days();
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_dirty_sales_days();
 
 CREATE FUNCTION customer_analytics.refresh_sales_rollup(full_refresh boolean DEFAULT false)
 RETURNS bigint
@@ -269,9 +269,9 @@ DECLARE
     keys integer[];
 BEGIN
     -- one maintainer at a time; readers of the rollups never wait
-    PERFORM pg_advisory_xact_lock(hashtext('customer_analytics.refresh_sales_rollup'));
+    PERFORM pg_advisory_xact_lock(customer_analytics_internal.lock_key('refresh_sales_rollup()'));
     -- take the noted days (days noted by transactions still running stay for next time)
-    WITH taken AS (DELETE FROM customer_analytics.sales_dirty_day RETURNING day)
+    WITH taken AS (DELETE FROM customer_analytics_internal.sales_dirty_day RETURNING day)
     SELECT array_agg(day) INTO days FROM taken;
     IF full_refresh OR '-infinity' = ANY (days)
        OR (NOT EXISTS (SELECT FROM customer_analytics.sales_rollup_day)

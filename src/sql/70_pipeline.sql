@@ -270,17 +270,17 @@ COMMENT ON FUNCTION customer_analytics.quality_check_sql(customer_analytics.qual
  * whole tables (and a check that failed stays full until it passes, so a
  * run reports the same failing rows either way).
  */
-CREATE TABLE customer_analytics.check_change (
+CREATE TABLE customer_analytics_internal.check_change (
     rel     regclass NOT NULL,
     op      "char" NOT NULL CHECK (op IN ('n', 'o', 'T')),
     key     jsonb,
     old_row jsonb
 );
-CREATE INDEX check_change_rel_idx ON customer_analytics.check_change (rel, op);
-COMMENT ON TABLE customer_analytics.check_change IS
+CREATE INDEX check_change_rel_idx ON customer_analytics_internal.check_change (rel, op);
+COMMENT ON TABLE customer_analytics_internal.check_change IS
     'Rows written since the checks last ran, queued by statement triggers (track_check_changes): op n is a row inserted or updated (key: its primary key), o a row as it was before an update or delete (old_row), T the whole table (truncated, or a statement too big to queue row by row). Consumed by run_checks(); not dumped: the first run after a restore checks everything';
 
-CREATE TABLE customer_analytics.quality_check_progress (
+CREATE TABLE customer_analytics_internal.quality_check_progress (
     check_name text PRIMARY KEY REFERENCES customer_analytics.quality_check ON DELETE CASCADE ON UPDATE CASCADE,
     pass_no    bigint NOT NULL,
     definition text NOT NULL,
@@ -288,15 +288,15 @@ CREATE TABLE customer_analytics.quality_check_progress (
     full_at    timestamptz NOT NULL,
     state      jsonb
 );
-COMMENT ON TABLE customer_analytics.quality_check_progress IS
+COMMENT ON TABLE customer_analytics_internal.quality_check_progress IS
     'Per check: the pass of run_checks() that last ran it, the definition it ran (md5), whether it passed, when it last ran over whole tables, and what an incremental run carries over (freshness: the newest value). Derived: not dumped';
 
-CREATE SEQUENCE customer_analytics.check_pass_seq;
-COMMENT ON SEQUENCE customer_analytics.check_pass_seq IS
+CREATE SEQUENCE customer_analytics_internal.check_pass_seq;
+COMMENT ON SEQUENCE customer_analytics_internal.check_pass_seq IS
     'Numbers the passes of run_checks() that consume check_change';
 
 /* The primary key columns of a table, in key order */
-CREATE FUNCTION customer_analytics.ca_key_columns(rel regclass)
+CREATE FUNCTION customer_analytics_internal.key_columns(rel regclass)
 RETURNS text[]
 LANGUAGE sql STABLE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
@@ -307,10 +307,10 @@ AS $$
     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
     WHERE i.indrelid = rel AND i.indisprimary
 $$;
-COMMENT ON FUNCTION customer_analytics.ca_key_columns(regclass) IS
+COMMENT ON FUNCTION customer_analytics_internal.key_columns(regclass) IS
     'Internal: the primary key columns of a table (how check_change names a row)';
 
-CREATE FUNCTION customer_analytics.ca_note_check_change()
+CREATE FUNCTION customer_analytics_internal.note_check_change()
 RETURNS trigger
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -320,12 +320,12 @@ DECLARE
     n bigint;
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
-        DELETE FROM customer_analytics.check_change WHERE rel = TG_RELID;
-        INSERT INTO customer_analytics.check_change (rel, op) VALUES (TG_RELID, 'T');
+        DELETE FROM customer_analytics_internal.check_change WHERE rel = TG_RELID;
+        INSERT INTO customer_analytics_internal.check_change (rel, op) VALUES (TG_RELID, 'T');
         RETURN NULL;
     END IF;
     -- a table already due for a whole check needs no detail
-    IF EXISTS (SELECT FROM customer_analytics.check_change WHERE rel = TG_RELID AND op = 'T') THEN
+    IF EXISTS (SELECT FROM customer_analytics_internal.check_change WHERE rel = TG_RELID AND op = 'T') THEN
         RETURN NULL;
     END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
@@ -333,23 +333,23 @@ BEGIN
         -- a first load or a backfill: checking the whole table once costs
         -- less than queuing and reading back a million keys
         IF n > 1000000 THEN
-            DELETE FROM customer_analytics.check_change WHERE rel = TG_RELID;
-            INSERT INTO customer_analytics.check_change (rel, op) VALUES (TG_RELID, 'T');
+            DELETE FROM customer_analytics_internal.check_change WHERE rel = TG_RELID;
+            INSERT INTO customer_analytics_internal.check_change (rel, op) VALUES (TG_RELID, 'T');
             RETURN NULL;
         END IF;
         SELECT 'jsonb_build_object(' || string_agg(format('%L, r.%I', c, c), ', ') || ')' INTO keyexpr
-        FROM unnest(customer_analytics.ca_key_columns(TG_RELID)) c;
-        EXECUTE format('INSERT INTO customer_analytics.check_change (rel, op, key) SELECT $1, ''n'', %s FROM new_rows r',
+        FROM unnest(customer_analytics_internal.key_columns(TG_RELID)) c;
+        EXECUTE format('INSERT INTO customer_analytics_internal.check_change (rel, op, key) SELECT $1, ''n'', %s FROM new_rows r',
                        keyexpr) USING TG_RELID;
     END IF;
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        INSERT INTO customer_analytics.check_change (rel, op, old_row)
+        INSERT INTO customer_analytics_internal.check_change (rel, op, old_row)
         SELECT TG_RELID, 'o', to_jsonb(r) FROM old_rows r;
     END IF;
     RETURN NULL;
 END
 $$;
-COMMENT ON FUNCTION customer_analytics.ca_note_check_change() IS
+COMMENT ON FUNCTION customer_analytics_internal.note_check_change() IS
     'Internal: statement trigger queuing in check_change the rows a statement wrote, for the checks over what changed';
 
 CREATE FUNCTION customer_analytics.track_check_changes(rel regclass)
@@ -360,7 +360,7 @@ AS $$
 DECLARE
     t text;
 BEGIN
-    IF customer_analytics.ca_key_columns(rel) IS NULL THEN
+    IF customer_analytics_internal.key_columns(rel) IS NULL THEN
         RAISE EXCEPTION 'table % has no primary key', rel
             USING ERRCODE = 'invalid_table_definition',
                   DETAIL = 'Changed rows are queued by their primary key.',
@@ -368,15 +368,15 @@ BEGIN
     END IF;
     t := (SELECT c.relname FROM pg_class c WHERE c.oid = rel);
     EXECUTE format('CREATE TRIGGER %I AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.ca_note_check_change()', t || '_check_change_ins', rel);
+                   'FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_check_change()', t || '_check_change_ins', rel);
     EXECUTE format('CREATE TRIGGER %I AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.ca_note_check_change()', t || '_check_change_upd', rel);
+                   'FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_check_change()', t || '_check_change_upd', rel);
     EXECUTE format('CREATE TRIGGER %I AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.ca_note_check_change()', t || '_check_change_del', rel);
+                   'FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_check_change()', t || '_check_change_del', rel);
     EXECUTE format('CREATE TRIGGER %I AFTER TRUNCATE ON %s '
-                   'FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.ca_note_check_change()', t || '_check_change_trunc', rel);
+                   'FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.note_check_change()', t || '_check_change_trunc', rel);
     -- what happened before the triggers is unknown: the first pass reads it all
-    INSERT INTO customer_analytics.check_change (rel, op) VALUES (rel, 'T');
+    INSERT INTO customer_analytics_internal.check_change (rel, op) VALUES (rel, 'T');
 END
 $$;
 COMMENT ON FUNCTION customer_analytics.track_check_changes(regclass) IS
@@ -386,17 +386,17 @@ SELECT customer_analytics.track_check_changes(t)
 FROM unnest(ARRAY['customer_analytics.fact_order_line', 'customer_analytics.fact_event',
                   'customer_analytics.dim_customer', 'customer_analytics.dim_product']::regclass[]) t;
 -- a fresh install has nothing to check yet
-DELETE FROM customer_analytics.check_change;
+DELETE FROM customer_analytics_internal.check_change;
 
-CREATE FUNCTION customer_analytics.ca_tracked(rel regclass)
+CREATE FUNCTION customer_analytics_internal.tracked(rel regclass)
 RETURNS boolean
 LANGUAGE sql STABLE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = rel AND NOT t.tgisinternal AND t.tgenabled <> 'D'
-                     AND t.tgfoid = 'customer_analytics.ca_note_check_change()'::regprocedure AND t.tgtype & 4 <> 0)
+                     AND t.tgfoid = 'customer_analytics_internal.note_check_change()'::regprocedure AND t.tgtype & 4 <> 0)
 $$;
-COMMENT ON FUNCTION customer_analytics.ca_tracked(regclass) IS
+COMMENT ON FUNCTION customer_analytics_internal.tracked(regclass) IS
     'Internal: whether the inserts into a table are queued in check_change';
 
 /*
@@ -421,7 +421,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     rel := target_rel;
-    IF to_regclass('pg_temp.ca_check_changes') IS NULL OR NOT customer_analytics.ca_tracked(rel) THEN
+    IF to_regclass('pg_temp.ca_check_changes') IS NULL OR NOT customer_analytics_internal.tracked(rel) THEN
         RETURN QUERY EXECUTE format('SELECT * FROM %s', rel);
         RETURN;
     END IF;
@@ -429,7 +429,7 @@ BEGIN
         RETURN QUERY EXECUTE format('SELECT * FROM %s', rel);
         RETURN;
     END IF;
-    keys := customer_analytics.ca_key_columns(rel);
+    keys := customer_analytics_internal.key_columns(rel);
     RETURN QUERY EXECUTE format(
         'SELECT t.* FROM (SELECT DISTINCT %s FROM pg_temp.ca_check_changes c, jsonb_populate_record(NULL::%s, c.key) k '
         'WHERE c.rel = $1 AND c.op = ''n'') k JOIN %s t ON %s',
@@ -459,11 +459,11 @@ BEGIN
     tbl := to_regclass(c.target);
     -- untracked tables and windowed checks (row_count_change reads a fixed
     -- number of days by the index on its column) run whole
-    IF tbl IS NULL OR c.kind = 'row_count_change' OR NOT customer_analytics.ca_tracked(tbl) THEN
+    IF tbl IS NULL OR c.kind = 'row_count_change' OR NOT customer_analytics_internal.tracked(tbl) THEN
         RETURN NULL;
     END IF;
     -- a value deleted from an untracked referenced table would go unseen
-    IF c.kind = 'relationship' AND NOT COALESCE(customer_analytics.ca_tracked(to_regclass(c.params->>'to')), false) THEN
+    IF c.kind = 'relationship' AND NOT COALESCE(customer_analytics_internal.tracked(to_regclass(c.params->>'to')), false) THEN
         RETURN NULL;
     END IF;
     cols := ARRAY(SELECT quote_ident(btrim(x)) FROM unnest(string_to_array(c.column_name, ',')) x);
@@ -500,7 +500,7 @@ BEGIN
             chg, cols[1], to_regclass(c.params->>'to'), c.params->>'field', tbl, to_regclass(c.params->>'to')::oid,
             tbl::oid,
             (SELECT 'jsonb_build_object(' || string_agg(format('%L, x.%I', k, k), ', ') || ')'
-             FROM unnest(customer_analytics.ca_key_columns(tbl)) k))
+             FROM unnest(customer_analytics_internal.key_columns(tbl)) k))
         WHEN 'accepted_values' THEN format(
             'SELECT %s, count(*) AS occurrences FROM %s x WHERE %s IS NOT NULL AND %s::text <> ALL (%L::text[]) GROUP BY 1',
             cols[1], chg, cols[1], cols[1], ARRAY(SELECT jsonb_array_elements_text(c.params->'values')))
@@ -518,7 +518,7 @@ COMMENT ON FUNCTION customer_analytics.quality_check_incremental_sql(customer_an
     'The SQL that returns the failing rows of a quality check among the rows changed since the previous pass (and the rows a change elsewhere can invalidate); NULL when the check always runs over whole tables';
 
 /* Whether an update or delete since the previous pass may have moved the newest value of a column */
-CREATE FUNCTION customer_analytics.ca_newest_moved(rel regclass, col text, newest text)
+CREATE FUNCTION customer_analytics_internal.newest_moved(rel regclass, col text, newest text)
 RETURNS boolean
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -527,7 +527,7 @@ DECLARE
     moved boolean;
 BEGIN
     IF newest IS NULL THEN
-        RETURN EXISTS (SELECT FROM pg_temp.ca_check_changes x WHERE x.rel = ca_newest_moved.rel AND x.op = 'o');
+        RETURN EXISTS (SELECT FROM pg_temp.ca_check_changes x WHERE x.rel = newest_moved.rel AND x.op = 'o');
     END IF;
     EXECUTE format('SELECT EXISTS (SELECT FROM pg_temp.ca_check_changes x WHERE x.rel = $1 AND x.op = ''o'' '
                    'AND NOT (jsonb_populate_record(NULL::%s, x.old_row)).%I < $2::%s)',
@@ -537,7 +537,7 @@ BEGIN
     RETURN moved;
 END
 $$;
-COMMENT ON FUNCTION customer_analytics.ca_newest_moved(regclass, text, text) IS
+COMMENT ON FUNCTION customer_analytics_internal.newest_moved(regclass, text, text) IS
     'Internal to run_checks(): whether a row updated or deleted since the previous pass held a value of the column at least as new as that pass''s newest (else the newest stands and a freshness check needs only the changed rows)';
 
 CREATE FUNCTION customer_analytics.run_checks(run_id bigint DEFAULT NULL, only_target text DEFAULT NULL,
@@ -550,7 +550,7 @@ AS $$
 DECLARE
     c customer_analytics.quality_check;
     q text;
-    prog customer_analytics.quality_check_progress;
+    prog customer_analytics_internal.quality_check_progress;
     pass bigint;
     prev_pass bigint;
     def text;
@@ -563,12 +563,12 @@ BEGIN
     IF only_target IS NULL THEN
         -- one pass at a time: a pass takes the queue only once the previous
         -- one has recorded what it found
-        PERFORM pg_advisory_xact_lock(hashtext('customer_analytics.run_checks'));
-        SELECT max(p.pass_no) INTO prev_pass FROM customer_analytics.quality_check_progress p;
-        pass := nextval('customer_analytics.check_pass_seq');
-        CREATE TEMP TABLE IF NOT EXISTS ca_check_changes (LIKE customer_analytics.check_change) ON COMMIT DROP;
+        PERFORM pg_advisory_xact_lock(customer_analytics_internal.lock_key('run_checks()'));
+        SELECT max(p.pass_no) INTO prev_pass FROM customer_analytics_internal.quality_check_progress p;
+        pass := nextval('customer_analytics_internal.check_pass_seq');
+        CREATE TEMP TABLE IF NOT EXISTS ca_check_changes (LIKE customer_analytics_internal.check_change) ON COMMIT DROP;
         TRUNCATE ca_check_changes;
-        WITH taken AS (DELETE FROM customer_analytics.check_change RETURNING *)
+        WITH taken AS (DELETE FROM customer_analytics_internal.check_change RETURNING *)
         INSERT INTO ca_check_changes SELECT * FROM taken;
         ANALYZE ca_check_changes;
         whole_tables := ARRAY(SELECT DISTINCT x.rel FROM ca_check_changes x WHERE x.op = 'T');
@@ -577,7 +577,7 @@ BEGIN
              WHERE qc.enabled AND (only_target IS NULL OR qc.target = only_target) ORDER BY qc.name LOOP
         check_name := c.name; kind := c.kind; target := c.target; severity := c.severity;
         def := md5(concat_ws('|', c.kind, c.target, c.column_name, c.params::text));
-        SELECT * INTO prog FROM customer_analytics.quality_check_progress p WHERE p.check_name = c.name;
+        SELECT * INTO prog FROM customer_analytics_internal.quality_check_progress p WHERE p.check_name = c.name;
         newest := NULL;
         BEGIN
             q := NULL;
@@ -590,7 +590,7 @@ BEGIN
                     -- a row updated or deleted may have been the newest (the
                     -- clickstream's stitching updates events every run, all
                     -- older than the newest: those leave it where it was)
-                    IF c.kind <> 'freshness' OR NOT customer_analytics.ca_newest_moved(to_regclass(c.target),
+                    IF c.kind <> 'freshness' OR NOT customer_analytics_internal.newest_moved(to_regclass(c.target),
                                                                                        btrim(c.column_name),
                                                                                        prog.state->>'newest') THEN
                         q := customer_analytics.quality_check_incremental_sql(c);
@@ -629,7 +629,7 @@ BEGIN
         INSERT INTO customer_analytics.quality_result (run_id, check_name, severity, passed, failing_rows, sample, incremental)
         VALUES (run_checks.run_id, c.name, c.severity, passed, failing_rows, sample, incremental);
         IF pass IS NOT NULL THEN
-            INSERT INTO customer_analytics.quality_check_progress AS p (check_name, pass_no, definition, passed, full_at, state)
+            INSERT INTO customer_analytics_internal.quality_check_progress AS p (check_name, pass_no, definition, passed, full_at, state)
             VALUES (c.name, pass, def, passed, CASE WHEN incremental THEN prog.full_at ELSE now() END,
                     CASE WHEN newest IS NOT NULL THEN jsonb_build_object('newest', newest) END)
             ON CONFLICT ON CONSTRAINT quality_check_progress_pkey DO UPDATE
@@ -832,13 +832,12 @@ COMMENT ON FUNCTION customer_analytics.pipeline_purge() IS
 CREATE FUNCTION customer_analytics.pipeline_lock_key(scope text DEFAULT 'all')
 RETURNS bigint
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT (7411::bigint OPERATOR(pg_catalog.<<) 32)
-             OPERATOR(pg_catalog.|) (pg_catalog.hashtext(scope)::bigint OPERATOR(pg_catalog.&) 4294967295) $$;
+AS $$ SELECT customer_analytics_internal.lock_key(scope) $$;
 COMMENT ON FUNCTION customer_analytics.pipeline_lock_key(text) IS
     'The advisory lock (session level, bigint key) a running pipeline of a scope holds: one run per scope at a time';
 
 /* Run one step in a subtransaction and record it; returns its status ('retry' to try again) */
-CREATE FUNCTION customer_analytics.pipeline_execute_step(run bigint, step_no integer, step text, command text,
+CREATE FUNCTION customer_analytics_internal.pipeline_execute_step(run bigint, step_no integer, step text, command text,
                                                          depends_on text[], attempt integer)
 RETURNS text
 LANGUAGE plpgsql VOLATILE
@@ -942,7 +941,7 @@ BEGIN
     RETURN 'succeeded';
 END
 $$;
-COMMENT ON FUNCTION customer_analytics.pipeline_execute_step(bigint, integer, text, text, text[], integer) IS
+COMMENT ON FUNCTION customer_analytics_internal.pipeline_execute_step(bigint, integer, text, text, text[], integer) IS
     'Runs one pipeline step unless a dependency failed, records it in pipeline_step, and says succeeded, failed, blocked or retry';
 
 /* How a run ended: failed if a step failed or was blocked (the errors of the failed ones) */
@@ -1006,7 +1005,7 @@ BEGIN
         attempt := 0;
         LOOP
             attempt := pg_catalog.int4pl(attempt, 1);
-            status := customer_analytics.pipeline_execute_step(run, s.step_no, s.step, s.command, s.depends_on, attempt);
+            status := customer_analytics_internal.pipeline_execute_step(run, s.step_no, s.step, s.command, s.depends_on, attempt);
             COMMIT;
             EXIT WHEN status OPERATOR(pg_catalog.<>) 'retry';
             PERFORM pg_catalog.pg_sleep(pg_catalog.float8mul(

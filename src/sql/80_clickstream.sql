@@ -137,20 +137,20 @@ COMMENT ON COLUMN customer_analytics.sessions.device IS 'Device of the first eve
 COMMENT ON COLUMN customer_analytics.sessions.date_key IS 'Day of the session start in customer_analytics.timezone';
 
 /* fact_event rows changed since the last refresh, per (visitor, earliest time) */
-CREATE TABLE customer_analytics.clickstream_change (
+CREATE TABLE customer_analytics_internal.clickstream_change (
     visitor     text NOT NULL,
     since       timestamptz NOT NULL
 );
-COMMENT ON TABLE customer_analytics.clickstream_change IS
+COMMENT ON TABLE customer_analytics_internal.clickstream_change IS
     'Internal: visitors whose events changed since the last refresh_clickstream(), from when (filled by a trigger on fact_event)';
 
-CREATE TABLE customer_analytics.clickstream_state (
+CREATE TABLE customer_analytics_internal.clickstream_state (
     singleton         boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     session_gap       interval NOT NULL,
     timezone          text NOT NULL,
     last_run_at       timestamptz
 );
-COMMENT ON TABLE customer_analytics.clickstream_state IS
+COMMENT ON TABLE customer_analytics_internal.clickstream_state IS
     'Internal: the settings the sessions table was built with; a different gap or time zone makes refresh_clickstream() rebuild it';
 
 -- the events of one visitor, from a time (incremental refresh): by key,
@@ -161,10 +161,10 @@ CREATE INDEX fact_event_customer_ts_idx ON customer_analytics.fact_event (custom
 CREATE INDEX fact_event_unknown_customer_idx ON customer_analytics.fact_event (customer_id)
     WHERE customer_key = -1;
 
-CREATE FUNCTION customer_analytics.ca_fact_event_changed()
+CREATE FUNCTION customer_analytics_internal.fact_event_changed()
     RETURNS trigger
     LANGUAGE plpgsql
-    SET search_path = pg_catalog, customer_analytics, pg_temp
+    SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
 AS $$
 BEGIN
     IF TG_OP = 'TRUNCATE' THEN
@@ -185,20 +185,20 @@ BEGIN
     RETURN NULL;
 END
 $$;
-COMMENT ON FUNCTION customer_analytics.ca_fact_event_changed() IS
+COMMENT ON FUNCTION customer_analytics_internal.fact_event_changed() IS
     'Internal: queues the visitors of changed fact_event rows for refresh_clickstream()';
 
 CREATE TRIGGER fact_event_changed_ins AFTER INSERT ON customer_analytics.fact_event
     REFERENCING NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.ca_fact_event_changed();
+    FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.fact_event_changed();
 CREATE TRIGGER fact_event_changed_upd AFTER UPDATE ON customer_analytics.fact_event
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.ca_fact_event_changed();
+    FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.fact_event_changed();
 CREATE TRIGGER fact_event_changed_del AFTER DELETE ON customer_analytics.fact_event
     REFERENCING OLD TABLE AS old_rows
-    FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.ca_fact_event_changed();
+    FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.fact_event_changed();
 CREATE TRIGGER fact_event_changed_trunc AFTER TRUNCATE ON customer_analytics.fact_event
-    FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics.ca_fact_event_changed();
+    FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.fact_event_changed();
 
 /*
  * Rebuild the sessions of the visitors queued in clickstream_change (all of
@@ -211,7 +211,7 @@ CREATE TRIGGER fact_event_changed_trunc AFTER TRUNCATE ON customer_analytics.fac
 CREATE FUNCTION customer_analytics.refresh_sessions(full_rebuild boolean DEFAULT false)
 RETURNS TABLE (step text, rows_affected bigint)
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, customer_analytics, pg_temp
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
 AS $$
 DECLARE
     gap     interval := session_gap();
@@ -219,7 +219,7 @@ DECLARE
     st      clickstream_state;
     n       bigint;
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtext('customer_analytics.transform_events'));
+    PERFORM pg_advisory_xact_lock(customer_analytics_internal.lock_key('transform_events()'));
     SELECT * INTO st FROM clickstream_state;
     IF st IS NULL OR st.session_gap <> gap OR st.timezone <> tz THEN
         full_rebuild := true;
@@ -315,7 +315,7 @@ COMMENT ON FUNCTION customer_analytics.refresh_sessions(boolean) IS
 CREATE FUNCTION customer_analytics.refresh_clickstream(full_refresh boolean DEFAULT false)
 RETURNS TABLE (step text, rows_affected bigint)
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, customer_analytics, pg_temp
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
 AS $$
 BEGIN
     RETURN QUERY SELECT * FROM transform_events(full_refresh);

@@ -38,6 +38,10 @@ BEGIN
     stmt := format('GRANT USAGE ON SCHEMA customer_analytics TO %s', grantee);
     EXECUTE stmt;
     RETURN NEXT stmt;
+    -- the functions find their internal helpers there (nothing in it is granted)
+    stmt := format('GRANT USAGE ON SCHEMA customer_analytics_internal TO %s', grantee);
+    EXECUTE stmt;
+    RETURN NEXT stmt;
     -- every table and view but the staging tables and the raw rejects
     FOR rel IN SELECT c.oid FROM pg_class c
                WHERE c.relnamespace = 'customer_analytics'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm')
@@ -70,6 +74,10 @@ DECLARE
     stmt text;
 BEGIN
     stmt := format('GRANT USAGE ON SCHEMA customer_analytics TO %s', grantee);
+    EXECUTE stmt;
+    RETURN NEXT stmt;
+    -- the functions find their internal helpers there (nothing in it is granted)
+    stmt := format('GRANT USAGE ON SCHEMA customer_analytics_internal TO %s', grantee);
     EXECUTE stmt;
     RETURN NEXT stmt;
     FOR stmt IN
@@ -126,9 +134,9 @@ BEGIN
     LOOP
         EXECUTE stmt;
     END LOOP;
-    EXECUTE format('REVOKE USAGE ON SCHEMA customer_analytics FROM %s', grantee);
+    EXECUTE format('REVOKE USAGE ON SCHEMA customer_analytics, customer_analytics_internal FROM %s', grantee);
 END
 $$;
 REVOKE ALL ON FUNCTION customer_analytics.revoke_access(regrole) FROM PUBLIC;
 COMMENT ON FUNCTION customer_analytics.revoke_access(regrole) IS
-    'Takes back what grant_analyst() and grant_loader() gave a role (every privilege on the extension''s tables, views and sequences, and the schema)';
+    'Takes back what grant_analyst() and grant_loader() gave a role (every privilege on the extension''s tables, views and sequences, and the schemas)';
