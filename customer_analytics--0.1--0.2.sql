@@ -2688,6 +2688,7 @@ COMMENT ON FUNCTION customer_analytics.run_checks(bigint, text, boolean) IS
 CREATE SCHEMA customer_analytics_internal;
 COMMENT ON SCHEMA customer_analytics_internal IS
     'customer_analytics: internal queues, states and helper functions of the customer_analytics extension (not an interface)';
+ALTER TABLE customer_analytics.rfm_new_line SET SCHEMA customer_analytics_internal;
 ALTER TABLE customer_analytics.transform_state SET SCHEMA customer_analytics_internal;
 ALTER TABLE customer_analytics.event_transform_state SET SCHEMA customer_analytics_internal;
 ALTER TABLE customer_analytics.rfm_dirty_customer SET SCHEMA customer_analytics_internal;
@@ -3399,7 +3400,7 @@ BEGIN
         END IF;
     ELSIF TG_OP = 'INSERT' THEN
         -- new lines are usually new orders: queued, added without a recompute
-        INSERT INTO customer_analytics.rfm_new_line (customer_id, order_id, line_number, order_ts, revenue, purchase)
+        INSERT INTO customer_analytics_internal.rfm_new_line (customer_id, order_id, line_number, order_ts, revenue, purchase)
         SELECT c.customer_id, r.order_id, r.line_number, r.order_ts, r.revenue,
                r.status = 'completed' AND r.customer_key <> -1 AND (r.quantity > 0 OR r.revenue <> 0)
         FROM new_rows r JOIN customer_analytics.dim_customer c USING (customer_key);
@@ -3467,7 +3468,7 @@ BEGIN
             -- in the facts it reads: they are consumed here, not added again
             -- below.
             WITH consumed AS (
-                DELETE FROM customer_analytics.rfm_new_line q
+                DELETE FROM customer_analytics_internal.rfm_new_line q
                 WHERE everyone OR q.customer_id IN (SELECT unnest(ids))
             )
             INSERT INTO customer_analytics.rfm_rollup_customer (customer_id, customer_key, last_order, frequency, monetary)
@@ -3489,7 +3490,7 @@ BEGIN
         -- lines before (its line count in the facts is larger) is not new:
         -- its customers are recomputed in the next round
         WITH taken AS (
-            DELETE FROM customer_analytics.rfm_new_line RETURNING *
+            DELETE FROM customer_analytics_internal.rfm_new_line RETURNING *
         ), orders AS (
             SELECT t.order_id,
                    count(*) = (SELECT count(*) FROM customer_analytics.fact_order_line f
@@ -4302,6 +4303,8 @@ COMMENT ON FUNCTION customer_analytics_internal.repair_event_customer_keys() IS
     'Internal to transform_events(): events keyed to the unknown customer whose customer has arrived since get the version in effect; returns the events re-keyed';
 COMMENT ON TABLE customer_analytics_internal.rfm_dirty_customer IS
     'Customers whose order lines or versions changed since the last refresh_customer_rfm() (NULL: everyone, after a TRUNCATE)';
+COMMENT ON TABLE customer_analytics_internal.rfm_new_line IS
+    'Order lines inserted since the last refresh_customer_rfm() (purchase: a completed line of a known customer, not a credit line worth nothing); an order whose lines are all here is added to its customer''s rollup without reading their other lines';
 COMMENT ON TABLE customer_analytics_internal.sales_dirty_day IS
     'Days whose order lines changed since the last refresh_sales_rollup() (-infinity: everything, after a TRUNCATE)';
 COMMENT ON TABLE customer_analytics_internal.check_change IS

@@ -35,7 +35,7 @@ bench_psql -q -c "SET client_min_messages = warning" -c "CREATE EXTENSION custom
 
 # empty star schema and change queues; the staged rows stay
 CLEAR_ORDERS="TRUNCATE customer_analytics.fact_order_line, customer_analytics_internal.transform_state,
-    customer_analytics.rfm_new_line, customer_analytics_internal.rfm_dirty_customer, customer_analytics_internal.sales_dirty_day;
+    customer_analytics_internal.rfm_new_line, customer_analytics_internal.rfm_dirty_customer, customer_analytics_internal.sales_dirty_day;
 DELETE FROM customer_analytics.dim_customer WHERE customer_key <> -1;
 DELETE FROM customer_analytics.dim_product WHERE product_key <> -1;
 TRUNCATE customer_analytics_internal.rfm_dirty_customer"

@@ -66,7 +66,7 @@ SELECT pg_temp.rfm_differences() AS differences;
 INSERT INTO stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price)
 VALUES ('C1003', 1, 'A', 'TEA', '2025-03-10 13:00+00', -2, 5.00);
 SELECT count(*) > 0 AS transformed FROM transform();
-SELECT count(*) AS lines_queued FROM rfm_new_line;
+SELECT count(*) AS lines_queued FROM customer_analytics_internal.rfm_new_line;
 SELECT refresh_customer_rfm() > 0 AS rescored;
 SELECT customer_id, frequency, monetary FROM customer_rfm WHERE customer_id = 'A';
 SELECT pg_temp.rfm_differences() AS differences;

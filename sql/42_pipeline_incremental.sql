@@ -90,7 +90,7 @@ SELECT 'CN-' || g, l, (SELECT customer_id FROM stg_customers ORDER BY customer_i
 FROM generate_series(1, 8) g, generate_series(1, 2) l;
 SELECT count(*) > 0 AS transformed FROM transform();
 -- new orders are queued, not recomputed
-SELECT count(*) AS customers_noted, (SELECT count(*) FROM rfm_new_line) AS lines_queued FROM customer_analytics_internal.rfm_dirty_customer;
+SELECT count(*) AS customers_noted, (SELECT count(*) FROM customer_analytics_internal.rfm_new_line) AS lines_queued FROM customer_analytics_internal.rfm_dirty_customer;
 SELECT pg_temp.refresh() BETWEEN 1 AND 7 AS only_recent_days;
 SELECT min(revenue) < 0 AS has_a_return FROM fact_order_line WHERE status = 'completed';
 SELECT count(*) AS credit_lines, sum(revenue) AS credited FROM fact_order_line WHERE quantity < 0;

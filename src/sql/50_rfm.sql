@@ -316,7 +316,7 @@ CREATE TABLE customer_analytics_internal.rfm_dirty_customer (
 COMMENT ON TABLE customer_analytics_internal.rfm_dirty_customer IS
     'Customers whose order lines or versions changed since the last refresh_customer_rfm() (NULL: everyone, after a TRUNCATE)';
 
-CREATE TABLE customer_analytics.rfm_new_line (
+CREATE TABLE customer_analytics_internal.rfm_new_line (
     customer_id text NOT NULL,
     order_id    text NOT NULL,
     line_number integer NOT NULL,
@@ -324,7 +324,7 @@ CREATE TABLE customer_analytics.rfm_new_line (
     revenue     numeric NOT NULL,
     purchase    boolean NOT NULL
 );
-COMMENT ON TABLE customer_analytics.rfm_new_line IS
+COMMENT ON TABLE customer_analytics_internal.rfm_new_line IS
     'Order lines inserted since the last refresh_customer_rfm() (purchase: a completed line of a known customer, not a credit line worth nothing); an order whose lines are all here is added to its customer''s rollup without reading their other lines';
 
 CREATE TABLE customer_analytics.customer_rfm_score (
@@ -380,7 +380,7 @@ BEGIN
         END IF;
     ELSIF TG_OP = 'INSERT' THEN
         -- new lines are usually new orders: queued, added without a recompute
-        INSERT INTO customer_analytics.rfm_new_line (customer_id, order_id, line_number, order_ts, revenue, purchase)
+        INSERT INTO customer_analytics_internal.rfm_new_line (customer_id, order_id, line_number, order_ts, revenue, purchase)
         SELECT c.customer_id, r.order_id, r.line_number, r.order_ts, r.revenue,
                r.status = 'completed' AND r.customer_key <> -1 AND (r.quantity > 0 OR r.revenue <> 0)
         FROM new_rows r JOIN customer_analytics.dim_customer c USING (customer_key);
@@ -481,7 +481,7 @@ BEGIN
             -- in the facts it reads: they are consumed here, not added again
             -- below.
             WITH consumed AS (
-                DELETE FROM customer_analytics.rfm_new_line q
+                DELETE FROM customer_analytics_internal.rfm_new_line q
                 WHERE everyone OR q.customer_id IN (SELECT unnest(ids))
             )
             INSERT INTO customer_analytics.rfm_rollup_customer (customer_id, customer_key, last_order, frequency, monetary)
@@ -503,7 +503,7 @@ BEGIN
         -- lines before (its line count in the facts is larger) is not new:
         -- its customers are recomputed in the next round
         WITH taken AS (
-            DELETE FROM customer_analytics.rfm_new_line RETURNING *
+            DELETE FROM customer_analytics_internal.rfm_new_line RETURNING *
         ), orders AS (
             SELECT t.order_id,
                    count(*) = (SELECT count(*) FROM customer_analytics.fact_order_line f
