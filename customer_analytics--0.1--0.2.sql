@@ -4086,8 +4086,13 @@ BEGIN
         ANALYZE ca_changed;
 
         WITH gone AS (
-            DELETE FROM sessions s USING ca_changed c
-            WHERE s.visitor = c.visitor AND s.session_end >= c.since - gap
+            DELETE FROM sessions s
+            WHERE (s.visitor, s.session_start) IN
+                  (SELECT x.visitor, x.session_start
+                   FROM ca_changed c
+                   CROSS JOIN LATERAL (SELECT o.visitor, o.session_start FROM sessions o
+                                       WHERE o.visitor = c.visitor AND o.session_end >= c.since - gap
+                                       OFFSET 0) x)
             RETURNING s.visitor, s.session_start
         ), firsts AS (
             SELECT visitor, min(session_start) AS first_start, count(*) AS removed
@@ -4098,26 +4103,42 @@ BEGIN
         )
         SELECT COALESCE(sum(removed), 0) INTO n FROM firsts;
 
+        /*
+         * Each changed visitor's events since its time, looked up through
+         * the indexes one visitor at a time (OFFSET 0 keeps each lookup a
+         * parameterised scan): a join the planner may hash would read the
+         * whole dimension and the visitors' whole histories, a cost that
+         * grows with the shop instead of with what changed.
+         */
         CREATE TEMP TABLE ca_session_events ON COMMIT DROP AS
         SELECT c.visitor, f.event_id, f.event_ts, f.customer_id, f.customer_key,
                f.event_type, f.channel, f.device
         FROM ca_changed c
-        JOIN dim_customer d ON d.customer_id = substr(c.visitor, 3)
-        JOIN fact_event f ON f.customer_key = d.customer_key AND f.event_ts >= c.since
-        WHERE c.visitor LIKE 'c:%' AND d.customer_key <> -1
-        UNION ALL
-        SELECT c.visitor, f.event_id, f.event_ts, f.customer_id, f.customer_key,
-               f.event_type, f.channel, f.device
-        FROM ca_changed c
-        JOIN fact_event f ON f.customer_key = -1 AND f.customer_id = substr(c.visitor, 3)
-                         AND f.event_ts >= c.since
+        CROSS JOIN LATERAL (SELECT d.customer_key FROM dim_customer d
+                            WHERE d.customer_id = substr(c.visitor, 3) AND d.customer_key <> -1
+                            OFFSET 0) d
+        CROSS JOIN LATERAL (SELECT * FROM fact_event f
+                            WHERE f.customer_key = d.customer_key AND f.event_ts >= c.since
+                            OFFSET 0) f
         WHERE c.visitor LIKE 'c:%'
         UNION ALL
         SELECT c.visitor, f.event_id, f.event_ts, f.customer_id, f.customer_key,
                f.event_type, f.channel, f.device
         FROM ca_changed c
-        JOIN fact_event f ON f.session_id = substr(c.visitor, 3) AND f.event_ts >= c.since
-        WHERE c.visitor LIKE 's:%' AND f.customer_id IS NULL;
+        CROSS JOIN LATERAL (SELECT * FROM fact_event f
+                            WHERE f.customer_key = -1 AND f.customer_id = substr(c.visitor, 3)
+                              AND f.event_ts >= c.since
+                            OFFSET 0) f
+        WHERE c.visitor LIKE 'c:%'
+        UNION ALL
+        SELECT c.visitor, f.event_id, f.event_ts, f.customer_id, f.customer_key,
+               f.event_type, f.channel, f.device
+        FROM ca_changed c
+        CROSS JOIN LATERAL (SELECT * FROM fact_event f
+                            WHERE f.session_id = substr(c.visitor, 3) AND f.event_ts >= c.since
+                              AND f.customer_id IS NULL
+                            OFFSET 0) f
+        WHERE c.visitor LIKE 's:%';
         DROP TABLE ca_changed;
     END IF;
     step := 'sessions_removed'; rows_affected := n; RETURN NEXT;
