@@ -86,8 +86,9 @@ BEGIN
     PERFORM customer_analytics.refresh_sales_rollup(full_refresh => true);
     TRUNCATE customer_analytics.customer_rfm_score;
     INSERT INTO customer_analytics.customer_rfm_score
-        (customer_id, customer_key, recency_days, frequency, monetary, r, f, m, rfm_cell, segment)
-    SELECT customer_id, customer_key, recency_days, frequency, monetary, r, f, m, rfm_cell, segment
+        (customer_id, customer_key, last_purchase, frequency, monetary, r, f, m, rfm_cell, segment)
+    SELECT customer_id, customer_key, customer_analytics.reference_time() - recency_days * interval '86400 seconds',
+           frequency, monetary, r, f, m, rfm_cell, segment
     FROM customer_analytics.rfm(customer_analytics.reference_time());
     FOR v IN SELECT matview FROM customer_analytics.refresh_plan()
              WHERE customer_analytics.qualified_name(matview) NOT IN (SELECT matview FROM customer_analytics.refresh_policy)
@@ -116,8 +117,9 @@ sales_full_ms=$(time_ms "$APPEND_SQL; $TRANSFORM" "SELECT customer_analytics.ref
 # rewriting every score from rfm() (the queue is drained before each append)
 RFM_FULL="TRUNCATE customer_analytics.customer_rfm_score;
 INSERT INTO customer_analytics.customer_rfm_score
-    (customer_id, customer_key, recency_days, frequency, monetary, r, f, m, rfm_cell, segment)
-SELECT customer_id, customer_key, recency_days, frequency, monetary, r, f, m, rfm_cell, segment
+    (customer_id, customer_key, last_purchase, frequency, monetary, r, f, m, rfm_cell, segment)
+SELECT customer_id, customer_key, customer_analytics.reference_time() - recency_days * interval '86400 seconds',
+       frequency, monetary, r, f, m, rfm_cell, segment
 FROM customer_analytics.rfm(customer_analytics.reference_time())"
 AS_OF="SET customer_analytics.as_of = '2025-12-01'"
 rfm_incremental_ms=$(time_ms "$AS_OF; SELECT customer_analytics.refresh_customer_rfm(); $APPEND_SQL; $TRANSFORM" \

@@ -159,6 +159,23 @@ SELECT * FROM pg_temp.differences();
 SELECT pg_temp.refresh() AS days_recomputed;
 SELECT refresh_customer_rfm() AS rfm_rows_written;
 
+-- only time passes (whole days: no rank can change): recency moves in the
+-- view, not one score row is rewritten, and customer_rfm is still rfm(as_of)
+CREATE TEMP TABLE score_versions AS
+SELECT s.customer_id, s.xmin::text AS version, c.recency_days FROM customer_rfm_score s JOIN customer_rfm c USING (customer_id);
+SET customer_analytics.as_of = '2030-01-02 00:00+00';
+SELECT refresh_customer_rfm() AS rfm_rows_written;
+SELECT * FROM pg_temp.differences() WHERE what = 'customer_rfm';
+SET customer_analytics.as_of = '2030-01-09 00:00+00';
+SELECT refresh_customer_rfm() AS rfm_rows_written;
+SELECT * FROM pg_temp.differences() WHERE what = 'customer_rfm';
+SELECT count(*) AS customers,
+       count(*) FILTER (WHERE s.xmin::text <> v.version) AS rows_rewritten,
+       count(*) FILTER (WHERE c.recency_days = v.recency_days + 8) AS recency_8_days_more
+FROM customer_rfm_score s JOIN score_versions v USING (customer_id) JOIN customer_rfm c USING (customer_id);
+SET customer_analytics.as_of = '2030-01-01 00:00+00';
+SELECT refresh_customer_rfm() AS rfm_rows_written;
+
 -- an as_of before the newest lines: scored from the facts, still rfm(as_of)
 SET customer_analytics.as_of = '2025-01-20 00:00+00';
 SELECT refresh_customer_rfm() > 0 AS rescored;

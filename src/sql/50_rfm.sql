@@ -327,23 +327,31 @@ CREATE TABLE customer_analytics_internal.rfm_new_line (
 COMMENT ON TABLE customer_analytics_internal.rfm_new_line IS
     'Order lines inserted since the last refresh_customer_rfm() (purchase: a completed line of a known customer, not a credit line worth nothing); an order whose lines are all here is added to its customer''s rollup without reading their other lines';
 
+/*
+ * Recency is not stored: it moves every day for everybody, and storing it
+ * would rewrite every row each day.  The last purchase is, and the view
+ * customer_rfm computes recency against the refresh's as_of; a row is
+ * rewritten only when its scores, cell, segment or inputs change.
+ */
 CREATE TABLE customer_analytics.customer_rfm_score (
     customer_id  text PRIMARY KEY,
     customer_key bigint,
-    recency_days integer NOT NULL,
     frequency    bigint NOT NULL,
     monetary     numeric NOT NULL,
     r            integer NOT NULL,
     f            integer NOT NULL,
     m            integer NOT NULL,
     rfm_cell     text NOT NULL,
-    segment      text NOT NULL
+    segment      text NOT NULL,
+    last_purchase timestamptz NOT NULL
 );
 CREATE INDEX customer_rfm_score_segment_idx ON customer_analytics.customer_rfm_score (segment);
 -- top_customers reads the first rows of this order, not all of them
 CREATE INDEX customer_rfm_score_monetary_idx ON customer_analytics.customer_rfm_score (monetary DESC, customer_id);
 COMMENT ON TABLE customer_analytics.customer_rfm_score IS
-    'The scores behind customer_rfm, written by refresh_customer_rfm() (only the rows that changed)';
+    'The scores behind customer_rfm, written by refresh_customer_rfm() (only the rows that changed); recency is computed by the view from last_purchase, so that time passing rewrites nothing';
+COMMENT ON COLUMN customer_analytics.customer_rfm_score.last_purchase IS
+    'Time of the customer''s last purchase (returns do not move it) up to the as_of of the refresh; customer_rfm''s recency_days is counted from it';
 
 CREATE TABLE customer_analytics.customer_rfm_refresh (
     id           boolean PRIMARY KEY DEFAULT true CHECK (id),
@@ -434,6 +442,31 @@ ROWS 10000;
 COMMENT ON FUNCTION customer_analytics.rfm_from_rollup(timestamptz) IS
     'rfm(as_of) of the star schema computed from rfm_rollup_customer (the same rows, much faster); what refresh_customer_rfm() writes while no order line is later than as_of';
 
+/*
+ * rfm()'s inputs on the star schema, one row per purchase or return:
+ * completed lines of known customers up to a time; the lines of an order are
+ * one purchase (at its latest line), a return (negative revenue) stands
+ * alone: grouped by order and, for a return, by its line.  A credit line
+ * worth nothing (negative quantity at price 0) is neither.  NULL ids: every
+ * customer.  Inlined into the caller.
+ */
+CREATE FUNCTION customer_analytics_internal.rfm_orders(customer_ids text[], up_to timestamptz)
+RETURNS TABLE (customer_id text, ts timestamptz, amount numeric)
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$
+    SELECT c.customer_id, pg_catalog.max(fl.order_ts), pg_catalog.sum(fl.revenue)
+    FROM customer_analytics.fact_order_line fl
+    JOIN customer_analytics.dim_customer c ON c.customer_key OPERATOR(pg_catalog.=) fl.customer_key
+    WHERE fl.status OPERATOR(pg_catalog.=) 'completed' AND c.customer_key OPERATOR(pg_catalog.<>) -1
+      AND (fl.quantity OPERATOR(pg_catalog.>) 0 OR fl.revenue OPERATOR(pg_catalog.<>) 0)
+      AND fl.order_ts OPERATOR(pg_catalog.<=) up_to
+      AND (customer_ids IS NULL OR c.customer_id IN (SELECT pg_catalog.unnest(customer_ids)))
+    GROUP BY c.customer_id, fl.order_id,
+             CASE WHEN fl.revenue OPERATOR(pg_catalog.<) 0 THEN fl.line_number END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.rfm_orders(text[], timestamptz) IS
+    'Internal: rfm()''s inputs on the star schema, one row per purchase (an order) or return (a credit line) of the given customers (NULL: all) up to a time';
+
 CREATE FUNCTION customer_analytics.refresh_customer_rfm(full_refresh boolean DEFAULT false)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
@@ -473,13 +506,8 @@ BEGIN
             DELETE FROM customer_analytics.rfm_rollup_customer WHERE customer_id IN (SELECT unnest(ids));
         END IF;
         IF everyone OR ids IS NOT NULL THEN
-            -- rfm()'s inputs: completed lines of known customers; the lines
-            -- of an order are one purchase (at its latest line), a return
-            -- (negative revenue) stands alone: grouped by order and, for a
-            -- return, by its line.  A credit line worth nothing (negative
-            -- quantity at price 0) is neither.  The queued lines this statement sees are
-            -- in the facts it reads: they are consumed here, not added again
-            -- below.
+            -- The queued lines this statement sees are in the facts it
+            -- reads: they are consumed here, not added again below.
             WITH consumed AS (
                 DELETE FROM customer_analytics_internal.rfm_new_line q
                 WHERE everyone OR q.customer_id IN (SELECT unnest(ids))
@@ -487,13 +515,8 @@ BEGIN
             INSERT INTO customer_analytics.rfm_rollup_customer (customer_id, customer_key, last_order, frequency, monetary)
             SELECT o.customer_id, cur.customer_key, (o.s).last_order, (o.s).frequency, (o.s).monetary
             FROM (SELECT x.customer_id, customer_analytics.rfm_agg(x.ts, x.amount) AS s
-                  FROM (SELECT c.customer_id, max(fl.order_ts) AS ts, sum(fl.revenue) AS amount
-                        FROM customer_analytics.fact_order_line fl
-                        JOIN customer_analytics.dim_customer c ON c.customer_key = fl.customer_key
-                        WHERE fl.status = 'completed' AND c.customer_key <> -1
-                          AND (fl.quantity > 0 OR fl.revenue <> 0)
-                          AND (everyone OR c.customer_id IN (SELECT unnest(ids)))
-                        GROUP BY c.customer_id, fl.order_id, CASE WHEN fl.revenue < 0 THEN fl.line_number END) x
+                  FROM customer_analytics_internal.rfm_orders(CASE WHEN NOT everyone THEN ids END,
+                                                              'infinity') x
                   GROUP BY x.customer_id) o
             LEFT JOIN customer_analytics.dim_customer cur ON cur.customer_id = o.customer_id AND cur.is_current
                                                          AND cur.customer_key <> -1;
@@ -537,28 +560,37 @@ BEGIN
 
     -- lines later than as_of (an as_of in the past) are not in rfm(as_of):
     -- then the scores come from the facts
+    -- (the last purchase as of then comes from the same inputs)
     later := EXISTS (SELECT FROM customer_analytics.fact_order_line WHERE order_ts > as_of);
     WITH scored AS (
-        SELECT * FROM customer_analytics.rfm(as_of) WHERE later
+        SELECT s.*, p.last_order AS last_purchase
+        FROM customer_analytics.rfm(as_of) s
+        JOIN (SELECT x.customer_id, (customer_analytics.rfm_agg(x.ts, x.amount)).last_order
+              FROM customer_analytics_internal.rfm_orders(NULL, as_of) x
+              GROUP BY x.customer_id) p ON p.customer_id = s.customer_id
+        WHERE later
         UNION ALL
-        SELECT * FROM customer_analytics.rfm_from_rollup(as_of) WHERE NOT later
+        SELECT s.*, u.last_order
+        FROM customer_analytics.rfm_from_rollup(as_of) s
+        JOIN customer_analytics.rfm_rollup_customer u ON u.customer_id = s.customer_id
+        WHERE NOT later
     ), diff AS MATERIALIZED (      -- one pass over both: what to write
         SELECT s.*, t.customer_id AS old_customer_id
         FROM scored s FULL JOIN customer_analytics.customer_rfm_score t ON t.customer_id = s.customer_id
         WHERE s.customer_id IS NULL OR t.customer_id IS NULL
-           OR (t.customer_key, t.recency_days, t.frequency, t.monetary, t.rfm_cell, t.segment)
-              IS DISTINCT FROM (s.customer_key, s.recency_days, s.frequency, s.monetary, s.rfm_cell, s.segment)
+           OR (t.customer_key, t.last_purchase, t.frequency, t.monetary, t.rfm_cell, t.segment)
+              IS DISTINCT FROM (s.customer_key, s.last_purchase, s.frequency, s.monetary, s.rfm_cell, s.segment)
     ), updated AS (
         UPDATE customer_analytics.customer_rfm_score t
-        SET customer_key = d.customer_key, recency_days = d.recency_days, frequency = d.frequency,
+        SET customer_key = d.customer_key, last_purchase = d.last_purchase, frequency = d.frequency,
             monetary = d.monetary, r = d.r, f = d.f, m = d.m, rfm_cell = d.rfm_cell, segment = d.segment
         FROM diff d
         WHERE t.customer_id = d.customer_id AND d.old_customer_id IS NOT NULL
         RETURNING 1
     ), inserted AS (
         INSERT INTO customer_analytics.customer_rfm_score
-            (customer_id, customer_key, recency_days, frequency, monetary, r, f, m, rfm_cell, segment)
-        SELECT d.customer_id, d.customer_key, d.recency_days, d.frequency, d.monetary, d.r, d.f, d.m, d.rfm_cell, d.segment
+            (customer_id, customer_key, last_purchase, frequency, monetary, r, f, m, rfm_cell, segment)
+        SELECT d.customer_id, d.customer_key, d.last_purchase, d.frequency, d.monetary, d.r, d.f, d.m, d.rfm_cell, d.segment
         FROM diff d WHERE d.old_customer_id IS NULL
         RETURNING 1
     ), deleted AS (
@@ -578,9 +610,11 @@ $$;
 COMMENT ON FUNCTION customer_analytics.refresh_customer_rfm(boolean) IS
     'Brings customer_rfm up to date as of reference_time(): adds new orders to their customers'' RFM inputs, recomputes the inputs of customers whose lines or versions changed otherwise (everyone with full_refresh, after a TRUNCATE, or when the rollup is empty), rescores every customer and writes the rows that changed; returns their number. The pipeline calls it after transform()';
 
+-- recency as rfm() counts it: whole days from the last purchase to as_of
 CREATE VIEW customer_analytics.customer_rfm AS
-SELECT s.customer_id, s.customer_key, s.recency_days, s.frequency, s.monetary,
-       s.r, s.f, s.m, s.rfm_cell, s.segment, a.as_of
+SELECT s.customer_id, s.customer_key,
+       trunc(EXTRACT(epoch FROM a.as_of - s.last_purchase) / 86400)::integer AS recency_days,
+       s.frequency, s.monetary, s.r, s.f, s.m, s.rfm_cell, s.segment, a.as_of
 FROM customer_analytics.customer_rfm_score s
 CROSS JOIN customer_analytics.customer_rfm_refresh a;
 COMMENT ON VIEW customer_analytics.customer_rfm IS
