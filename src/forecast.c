@@ -16,10 +16,10 @@
  *	  data: on the UCI Online Retail year the undamped trend, extrapolated
  *	  over 28 days, did worse than the seasonal-naive forecast.
  *	  Both seasonalities are fitted when the series is positive on every
- *	  open day, and the one with the smaller error kept: on UCI Online
- *	  Retail the factors cut the 28-day WAPE from 19.1 to 18.5 (the
- *	  Sunday trades at half the weekday level, and the weekday swing grew
- *	  with the shop over the year; bench/results/forecast_quality.md).
+ *	  open day, and the one with the smaller error kept: UCI Online Retail
+ *	  gets factors (its Sundays trade at half a weekday, and the weekly
+ *	  swing grew with the shop over the year;
+ *	  bench/results/forecast_quality.md).
  *	  The result is an hw_model: the parameters, the final level, trend
  *	  and seasonal terms, the error, the dates covered and which
  *	  seasonality.
