@@ -2679,6 +2679,21 @@ COMMENT ON FUNCTION customer_analytics.run_checks(bigint, text, boolean) IS
     'Runs every enabled quality check (or those of one target, over whole tables): a row per check with passed, the number of failing rows (-1: the check itself failed), a sample of up to 5, and whether it ran over the rows changed since the previous pass only (incremental) or over whole tables (full => true, a check that failed or changed, or whose last full run is older than customer_analytics.full_checks_interval); logs each in quality_result and raises an alert for each failure';
 
 
+-- issue 16: the forecast's multiplicative seasonality (hw_model.seasonality)
+ALTER TYPE customer_analytics.hw_model ADD ATTRIBUTE seasonality text;
+COMMENT ON TYPE customer_analytics.hw_model IS
+    'A fitted Holt-Winters model of a daily series: period, smoothing parameters alpha (level), beta (trend), gamma (season), trend damping phi (1 = undamped), the final level and trend (per day), seasonals[k] = seasonal term of day last_ts + k (k = 1 .. period), sum of squared one-step errors after the first period (sse), days in the series (n), its first and last day, the residual standard deviation sqrt(sse / the open days after the first period), and seasonality: additive (the seasonal terms are added to the level) or multiplicative (they are factors of it)';
+COMMENT ON AGGREGATE customer_analytics.holt_winters(date, float8) IS
+    'Holt-Winters model (damped additive trend, weekly seasonality) of a daily series, rows in any order: values of the same day are summed, a day without rows counts as 0, a NULL value closes its day (no observation: the state runs over it unchanged), a NULL day is skipped; alpha, beta, gamma in [0, 1] and the damping phi in [0.8, 1] fitted by minimising the one-step squared error (Nelder-Mead); the seasonality additive or, for a series positive on every open day, multiplicative when that fits with the smaller one-step error. NULL when the series spans fewer than two periods, or its first or second period is closed throughout';
+COMMENT ON AGGREGATE customer_analytics.holt_winters(date, float8, integer) IS
+    'Holt-Winters model of a daily series with the given seasonal period in days (2 .. 366; taken from the first row); see holt_winters(date, float8)';
+COMMENT ON AGGREGATE customer_analytics.holt_winters(date, float8, integer, float8, float8, float8) IS
+    'Holt-Winters model with smoothing parameters alpha, beta, gamma in [0, 1] given (taken from the first row); a NULL parameter is fitted, and so is the damping phi. See holt_winters(date, float8)';
+COMMENT ON AGGREGATE customer_analytics.holt_winters(date, float8, integer, float8, float8, float8, float8) IS
+    'Holt-Winters model with smoothing parameters alpha, beta, gamma in [0, 1] and trend damping phi in [0.8, 1] given (taken from the first row; phi = 1 is the classic undamped model); a NULL parameter is fitted. See holt_winters(date, float8)';
+COMMENT ON FUNCTION customer_analytics.forecast(customer_analytics.hw_model, integer, float8) IS
+    'The next horizon days after the model''s last day: point forecast yhat and a prediction interval [lo, hi] at the given level (approximation: normal errors with the in-sample residual standard deviation and the analytic h-step variance of additive damped Holt-Winters, ETS(A,Ad,A), or for a multiplicative model that of ETS(A,Ad,M) with its seasonal factors taken as known, ignoring the uncertainty of the fitted parameters; not clipped at 0)';
+
 -- issue 21: what the extension keeps for itself moves to the schema
 -- customer_analytics_internal (change queues, run states, trigger and
 -- helper functions), so that customer_analytics holds what README.md
@@ -3194,6 +3209,15 @@ AS $$
         RETURNING 1
     )
     SELECT EXISTS (SELECT FROM acked)
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.date_key(day date)
+RETURNS integer
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$
+    SELECT (((pg_catalog.date_part('year', day) OPERATOR(pg_catalog.*) 10000)
+             OPERATOR(pg_catalog.+) (pg_catalog.date_part('month', day) OPERATOR(pg_catalog.*) 100))
+            OPERATOR(pg_catalog.+) pg_catalog.date_part('day', day))::integer
 $$;
 
 CREATE OR REPLACE FUNCTION customer_analytics.ensure_dim_date(from_day date, to_day date)

@@ -4,7 +4,9 @@
 # end; docs/screenshots/ holds one set):
 #
 #   daily_revenue.png    daily revenue, the anomalies flagged on the shop
-#                        total, and the 28-day forecast with its 95% band
+#                        total, and the 28-day forecast with its 95% band;
+#                        the day in progress (day_in_progress()) is not
+#                        drawn as a day: a hollow marker, "so far"
 #   rfm_segments.png     revenue and customers per RFM segment
 #   funnel.png           the clickstream funnel, overall and per channel
 #   pipeline_runs.png    pipeline_run, the steps of the pg_cron run and
@@ -29,7 +31,18 @@ tsv() {   # tsv <file> <query>: unaligned, tab-separated, no header
 FONT="DejaVu Sans,10"
 
 # --- daily revenue, anomalies, forecast ------------------------------------
-tsv daily.tsv "SELECT day, revenue FROM customer_analytics.daily_sales ORDER BY day"
+# The day in progress (today on a live shop, or an export cut during its
+# last day) is not a whole day: a line through it would show a collapse
+# every morning.  It is left out of the line and marked apart, with the
+# time of its last order.  sql/63_calendar.sql runs these two queries.
+tsv daily.tsv "
+    SELECT s.day, s.revenue FROM customer_analytics.daily_sales s
+    WHERE s.day IS DISTINCT FROM customer_analytics.day_in_progress() ORDER BY s.day"
+tsv partial.tsv "
+    SELECT s.day, s.revenue,
+           (SELECT to_char(max(f.order_ts) AT TIME ZONE customer_analytics.business_timezone(), 'HH24:MI')
+            FROM customer_analytics.fact_order_line f WHERE f.status = 'completed')
+    FROM customer_analytics.daily_sales s WHERE s.day = customer_analytics.day_in_progress()"
 tsv anomalies.tsv "
     SELECT a.day, s.revenue, a.direction, a.orders, round(a.expected::numeric, 1)
     FROM customer_analytics.anomalies a JOIN customer_analytics.daily_sales s USING (day)
@@ -40,6 +53,13 @@ tsv category_anomalies.tsv "
 tsv forecast.tsv "
     SELECT day, revenue, revenue_lo, revenue_hi FROM customer_analytics.sales_forecast
     WHERE scope = 'total' ORDER BY day"
+# gnuplot stops on a data file without points: the marker only when there
+# is a day in progress
+PARTIAL_PLOT=
+if [ -s "$DATA/partial.tsv" ]; then
+    IFS=$'\t' read -r pday _ ptime <"$DATA/partial.tsv"
+    PARTIAL_PLOT=", \"$DATA/partial.tsv\" using 1:2 with points pt 6 ps 2.2 lw 2 lc rgb \"#555555\" title \"$pday so far (to $ptime): the day in progress, not a whole day\""
+fi
 
 gnuplot <<GP
 set terminal pngcairo size 1200,520 font "$FONT" noenhanced
@@ -57,7 +77,7 @@ plot "$DATA/forecast.tsv" using 1:3:4 with filledcurves lc rgb "#4a90d9" title "
      "$DATA/forecast.tsv" using 1:2 with lines lw 2 lc rgb "#1f5fa8" title "forecast (Holt-Winters)", \
      "$DATA/anomalies.tsv" using 1:(strcol(3) eq "spike" ? \$2 : 1/0) with points pt 9 ps 1.8 lc rgb "#d62728" title "anomaly: spike (orders)", \
      "$DATA/anomalies.tsv" using 1:(strcol(3) eq "drop" ? \$2 : 1/0) with points pt 11 ps 1.8 lc rgb "#ff7f0e" title "anomaly: drop (orders)", \
-     "$DATA/category_anomalies.tsv" using 1:(\$2 * 1000) with impulses lw 3 lc rgb "#9467bd" title "anomalies in categories that day (height: 1000 per category)"
+     "$DATA/category_anomalies.tsv" using 1:(\$2 * 1000) with impulses lw 3 lc rgb "#9467bd" title "anomalies in categories that day (height: 1000 per category)"$PARTIAL_PLOT
 GP
 
 # --- RFM segments -----------------------------------------------------------

@@ -8,8 +8,9 @@ SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
 SET extra_float_digits = 0;
 
--- reference implementation: the same recursions, written independently
-CREATE FUNCTION pg_temp.hw_ref(y float8[], m int, a float8, b float8, g float8, phi float8,
+-- reference implementation: the same recursions, written independently;
+-- mult: the seasonal terms are factors of the level
+CREATE FUNCTION pg_temp.hw_ref(y float8[], m int, a float8, b float8, g float8, phi float8, mult boolean DEFAULT false,
                                OUT level float8, OUT trend float8, OUT sse float8, OUT seasonals float8[])
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
@@ -20,13 +21,20 @@ DECLARE
     e float8;
     l_new float8;
     k int;
+    term float8;
 BEGIN
     -- a NULL is a closed day: out of the means, no error, the state carried
     SELECT avg(v) INTO mean1 FROM unnest(y[1:m]) v;
     SELECT avg(v) INTO mean2 FROM unnest(y[m + 1:2 * m]) v;
     trend := (mean2 - mean1) / m;
+    -- each day's term: its mean deviation from the line over the two periods
     FOR i IN 1 .. m LOOP
-        s[i] := COALESCE(y[i] - (mean1 + ((i - 1) - (m - 1) / 2.0) * trend), 0);
+        SELECT COALESCE(avg(CASE WHEN mult THEN y[t] / (mean1 + ((t - 1) - (m - 1) / 2.0) * trend)
+                                 ELSE y[t] - (mean1 + ((t - 1) - (m - 1) / 2.0) * trend) END),
+                        CASE WHEN mult THEN 1 ELSE 0 END)
+        INTO term
+        FROM unnest(ARRAY[i, i + m]) t WHERE y[t] IS NOT NULL;
+        s[i] := term;
     END LOOP;
     level := mean1 + trend * (m - 1) / 2.0;
     sse := 0;
@@ -37,11 +45,18 @@ BEGIN
             trend := phi * trend;
             CONTINUE;
         END IF;
-        e := y[t] - (level + phi * trend + s[k]);
+        IF mult THEN
+            e := y[t] - (level + phi * trend) * s[k];
+            l_new := a * (y[t] / s[k]) + (1 - a) * (level + phi * trend);
+            trend := b * (l_new - level) + (1 - b) * phi * trend;
+            s[k] := g * (y[t] / l_new) + (1 - g) * s[k];
+        ELSE
+            e := y[t] - (level + phi * trend + s[k]);
+            l_new := a * (y[t] - s[k]) + (1 - a) * (level + phi * trend);
+            trend := b * (l_new - level) + (1 - b) * phi * trend;
+            s[k] := g * (y[t] - l_new) + (1 - g) * s[k];
+        END IF;
         sse := sse + e * e;
-        l_new := a * (y[t] - s[k]) + (1 - a) * (level + phi * trend);
-        trend := b * (l_new - level) + (1 - b) * phi * trend;
-        s[k] := g * (y[t] - l_new) + (1 - g) * s[k];
         level := l_new;
     END LOOP;
     -- seasonals of days n+1 .. n+m
@@ -92,7 +107,7 @@ SELECT array_agg(CASE WHEN day IN ('2025-04-01', '2025-05-14', '2025-05-17') THE
 FROM noisy;
 CREATE TEMP TABLE given AS
 SELECT holt_winters(day, value, 7, 0.3, 0.1, 0.2, 0.9 ORDER BY random()) AS m FROM noisy_rows;
-SELECT (g.m).alpha, (g.m).beta, (g.m).gamma, (g.m).phi, (g.m).n,
+SELECT (g.m).alpha, (g.m).beta, (g.m).gamma, (g.m).phi, (g.m).n, (g.m).seasonality,
        abs((g.m).level - r.level) < 1e-7 AS level_same,
        abs((g.m).trend - r.trend) < 1e-9 AS trend_same,
        abs((g.m).sse - r.sse) < 1e-6 * r.sse AS sse_same,
@@ -134,6 +149,55 @@ FROM (SELECT holt_winters(day, value, 7, 0.5, NULL, 0.25, 1) AS m FROM noisy_row
 SELECT (m).period, array_length((m).seasonals, 1) AS terms
 FROM (SELECT holt_winters(day, value, 3) AS m FROM noisy_rows) x;
 
+-- 3b. multiplicative seasonality: a shop growing from 200 to 680 a day
+-- whose weekly swing grows with it (Sunday at 0.6 of the level, Saturday
+-- at 1.4), with noise, Fridays closed: with given parameters the
+-- multiplicative recursions exactly; fitted, the factors are chosen (the
+-- smaller one-step error) and forecast (level + damped trend) x factor,
+-- with the ETS(A,Ad,M) intervals computed here from their definition
+SELECT setseed(0.17);
+CREATE TEMP TABLE growing AS
+SELECT '2025-01-06'::date + t AS day,
+       CASE WHEN t % 7 = 4 THEN NULL
+            ELSE (200 + 4 * t) * (ARRAY[1.2, 0.9, 1.0, 1.1, 1, 1.4, 0.6])[(t % 7) + 1] * (1 + 0.1 * (random() - 0.5)) END AS value
+FROM generate_series(0, 119) t;
+CREATE TEMP TABLE growing_y AS SELECT array_agg(value ORDER BY day) AS y FROM growing;
+SELECT (g.m).seasonality,
+       abs((g.m).level - r.level) < 1e-7 * r.level AS level_same,
+       abs((g.m).trend - r.trend) < 1e-7 AS trend_same,
+       abs((g.m).sse - r.sse) < 1e-6 * r.sse AS sse_same,
+       (SELECT max(abs(a - b)) FROM unnest((g.m).seasonals, r.seasonals) AS u(a, b)) < 1e-9 AS seasonals_same
+FROM (SELECT holt_winters(day, value, 7, 0.2, 0.05, 0.1, 0.95) AS m FROM growing) g, growing_y d,
+     LATERAL pg_temp.hw_ref(d.y, 7, 0.2, 0.05, 0.1, 0.95, true) r;
+CREATE TEMP TABLE growing_fit AS SELECT holt_winters(day, value) AS m FROM growing;
+SELECT (f.m).seasonality,
+       -- the additive model of the same series, at its own best, errs more
+       (f.m).sse < (SELECT min(r.sse)
+                    FROM generate_series(0.05, 0.95, 0.15) a, generate_series(0.0, 0.3, 0.1) b,
+                         generate_series(0.0, 0.9, 0.15) g, unnest(ARRAY[0.9, 0.999]) phi, growing_y d,
+                         LATERAL pg_temp.hw_ref(d.y, 7, a, b, g, phi) r) AS beats_additive_grid,
+       (SELECT string_agg(round(x::numeric, 1)::text, ' ' ORDER BY o)
+        FROM unnest((f.m).seasonals) WITH ORDINALITY u(x, o)) AS factors_from_tuesday
+FROM growing_fit f;
+SELECT count(*) AS days,
+       max(abs(f.yhat - ((g.m).level + (g.m).phi * (1 - (g.m).phi ^ h) / (1 - (g.m).phi) * (g.m).trend)
+                        * (g.m).seasonals[((h - 1) % 7) + 1])) < 1e-6 AS points_ok,
+       max(abs((f.hi - f.lo) / 2 - 1.959963984540054 * (g.m).residual_sd *
+               sqrt(1 + (SELECT COALESCE(sum(power(((g.m).alpha + (g.m).alpha * (g.m).beta * (g.m).phi * (1 - (g.m).phi ^ j) / (1 - (g.m).phi))
+                                                   * (g.m).seasonals[((h - 1) % 7) + 1] / (g.m).seasonals[((h - j - 1) % 7) + 1]
+                                                   + CASE WHEN j % 7 = 0 THEN (1 - (g.m).alpha) * (g.m).gamma ELSE 0 END, 2)), 0)
+                         FROM generate_series(1, h - 1) j)))) < 1e-6 AS intervals_ok
+FROM growing_fit g, LATERAL forecast(g.m, 28) f, LATERAL (SELECT f.ts - (g.m).last_ts AS h) hh
+WHERE (g.m).phi < 1;
+-- Saturday's interval is wider than Sunday's: the errors scale with the factor
+SELECT f6.hi - f6.lo > f7.hi - f7.lo AS saturday_wider
+FROM growing_fit g, LATERAL forecast(g.m, 21) f6, LATERAL forecast(g.m, 21) f7
+WHERE f6.ts = '2025-05-10' AND f7.ts = '2025-05-11';
+-- factors only describe a series positive on every open day: one open day
+-- at 0 keeps the model additive
+SELECT (holt_winters(day, CASE WHEN day = '2025-03-05' THEN 0 ELSE value END)).seasonality AS with_a_zero_day
+FROM growing;
+
 -- 4. edges: too short (fewer than two periods) or empty gives NULL
 SELECT holt_winters(day, value) IS NULL AS short_is_null FROM clean WHERE day < '2025-01-19';
 SELECT holt_winters(day, value) IS NULL AS empty_is_null FROM clean WHERE false;
@@ -149,7 +213,11 @@ SELECT holt_winters(day, 'infinity'::float8) FROM clean;
 SELECT holt_winters('infinity'::date, 1) FROM clean;
 SELECT * FROM forecast((SELECT holt_winters(day, value) FROM clean), -1);
 SELECT * FROM forecast((SELECT holt_winters(day, value) FROM clean), 5, 1.0);
-SELECT * FROM forecast(ROW(7, 0.1, 0.1, 0.1, 1, 1, 0, '{1,2,3}', 0, 10, '2025-01-01', '2025-01-10', 1)::hw_model, 5);
+SELECT * FROM forecast(ROW(7, 0.1, 0.1, 0.1, 1, 1, 0, '{1,2,3}', 0, 10, '2025-01-01', '2025-01-10', 1, 'additive')::hw_model, 5);
+SELECT * FROM forecast(ROW(3, 0.1, 0.1, 0.1, 1, 1, 0, '{1,2,3}', 0, 10, '2025-01-01', '2025-01-10', 1, 'cubic')::hw_model, 5);
+SELECT * FROM forecast(ROW(3, 0.1, 0.1, 0.1, 1, 1, 0, '{1,0,3}', 0, 10, '2025-01-01', '2025-01-10', 1, 'multiplicative')::hw_model, 5);
+-- a model without a seasonality is additive
+SELECT round(yhat::numeric, 6) AS yhat FROM forecast(ROW(3, 0.1, 0.1, 0.1, 1, 1, 0, '{1,0,3}', 0, 10, '2025-01-01', '2025-01-10', 1, NULL)::hw_model, 3);
 SELECT normal_quantile(1);
 SELECT * FROM sales_forecast_backtest(holdout => 0);
 \set VERBOSITY default

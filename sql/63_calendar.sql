@@ -98,6 +98,14 @@ SELECT refresh_sales_views(false);
 SELECT day_in_progress() AS in_progress, sales_training_end() AS last_complete_day;
 SELECT count(*) AS scored FROM order_count_series WHERE ts = '2025-03-31 00:00+00';
 SELECT day, orders, direction FROM anomalies WHERE series = 'total' AND day >= '2025-03-25' ORDER BY day;
+-- scripts/charts.sh's daily revenue: the day in progress is not on the
+-- line of whole days, but marked apart with its time so far (its queries)
+SELECT max(s.day) AS last_day_on_the_line FROM daily_sales s
+WHERE s.day IS DISTINCT FROM day_in_progress();
+SELECT s.day, s.revenue,
+       (SELECT to_char(max(f.order_ts) AT TIME ZONE business_timezone(), 'HH24:MI')
+        FROM fact_order_line f WHERE f.status = 'completed') AS so_far_to
+FROM daily_sales s WHERE s.day = day_in_progress();
 -- a live shop: a line today makes today the day in progress, whatever the hour
 INSERT INTO stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price)
 VALUES ('today-1', 1, 'c1', 'P1', now(), 1, 10);

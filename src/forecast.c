@@ -1,9 +1,9 @@
 /*
  * forecast.c
  *	  Holt-Winters forecasting of daily series: additive level, damped
- *	  additive trend and seasonality (period 7 by default, the week),
- *	  fitted in one aggregate, forecast with prediction intervals by a
- *	  set-returning function.
+ *	  additive trend and seasonality (period 7 by default, the week) added
+ *	  to the level or multiplying it, fitted in one aggregate, forecast
+ *	  with prediction intervals by a set-returning function.
  *
  *	- holt_winters(day date, value float8 [, period int [, alpha, beta,
  *	  gamma float8 [, phi float8]]]): collects the rows (in any order),
@@ -15,8 +15,14 @@
  *	  McKenzie; phi = 1 is the classic model).  Damping matters on real
  *	  data: on the UCI Online Retail year the undamped trend, extrapolated
  *	  over 28 days, did worse than the seasonal-naive forecast.
+ *	  Both seasonalities are fitted when the series is positive on every
+ *	  open day, and the one with the smaller error kept: UCI Online Retail
+ *	  gets factors (its Sundays trade at half a weekday, and the weekly
+ *	  swing grew with the shop over the year;
+ *	  bench/results/forecast_quality.md).
  *	  The result is an hw_model: the parameters, the final level, trend
- *	  and seasonal terms, the error and the dates covered.
+ *	  and seasonal terms, the error, the dates covered and which
+ *	  seasonality.
  *	- forecast(model, horizon [, level]): the next horizon days, each with
  *	  its point forecast and prediction interval.
  *
@@ -25,18 +31,22 @@
  * Initialisation (the first period of days is used up by it): the level
  * is the mean of the first period, the trend the difference between the
  * means of the first two periods divided by the period, the seasonal
- * terms the first period's deviations from that line.  The one-step
+ * terms the mean deviations (or ratios) of the first two periods' days
+ * from that line.  The one-step
  * errors, their sum of squares (sse) and their standard deviation are
  * those of the days after the first period.
  *
- * Forecast h days ahead: level + (phi + ... + phi^h) trend + seasonal.
+ * Forecast h days ahead: level + (phi + ... + phi^h) trend + seasonal,
+ * or (level + (phi + ... + phi^h) trend) x seasonal factor.
  * Intervals: the variance of the h-step error of the additive model in
  * its error-correction form (ETS(A,Ad,A), Hyndman et al. 2008, ch. 6),
  * sigma^2 (1 + sum_{j<h} c_j^2) with c_j = alpha + alpha beta phi_j +
  * (1 - alpha) gamma [j mod period = 0], phi_j = phi + ... + phi^j, with
- * sigma the in-sample residual standard deviation and normal errors.  It
- * ignores the uncertainty of the fitted parameters, so the intervals are
- * somewhat too narrow.
+ * sigma the in-sample residual standard deviation and normal errors.  For
+ * factors (ETS(A,Ad,M)) the level part of c_j is scaled by the factor of
+ * day h over that of day h - j, the factors taken as known.  It ignores
+ * the uncertainty of the fitted parameters, so the intervals are somewhat
+ * too narrow.
  */
 #include "postgres.h"
 
@@ -56,6 +66,7 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/tuplestore.h"
+#include "utils/typcache.h"
 
 #include "customer_analytics.h"
 #include "numerics.h"
@@ -73,6 +84,7 @@ PG_FUNCTION_INFO_V1(ca_normal_quantile);
 #define HW_PARAM_MAX 0.9999		/* [min, max] */
 #define HW_PHI_MIN 0.8			/* and the damping factor inside [min, 1] */
 #define HW_PHI_MAX 1.0
+#define HW_MODEL_NATTS 14		/* attributes of hw_model */
 
 /* one row seen by the aggregate */
 typedef struct HwPoint
@@ -106,19 +118,28 @@ typedef struct HwFit
 } HwFit;
 
 /*
- * Run the additive Holt-Winters filter over y[0..n-1] (n >= 2 periods)
- * with parameters a, b, g; returns the sum of squared one-step errors of
- * days period .. n-1 and, if fit is given, the final state.
+ * Run the Holt-Winters filter over y[0..n-1] (n >= 2 periods) with
+ * parameters a, b, g; returns the sum of squared one-step errors of days
+ * period .. n-1 and, if fit is given, the final state.  The seasonal terms
+ * are added to the level, or with mult multiply it (factors): then the
+ * weekly swing grows with the level, as a shop's does when it grows.  A
+ * multiplicative model needs a positive level and factors throughout: NaN
+ * (an infeasible point for the search) when they are not.
  *
  * A NaN is a closed day (no observation): it is in neither the initial
  * means nor the errors, and the state runs over it unchanged, as if the
  * day had come exactly as forecast.  Otherwise a shop's closed days would
  * teach the model a collapse every week and every holiday.  Each of the
  * first two periods must hold an open day (ca_hw_final checks).
+ *
+ * The initial seasonal term of a day of the period is its mean deviation
+ * from the line through the first two periods' means, over both periods:
+ * one week alone is a noisy profile that a small gamma then keeps for
+ * months.
  */
 static double
 hw_filter(const double *y, int n, int m, double a, double b, double g,
-		  double phi, double *season, HwFit *fit)
+		  double phi, bool mult, double *season, HwFit *fit)
 {
 	double		mean1 = 0,
 				mean2 = 0,
@@ -147,7 +168,23 @@ hw_filter(const double *y, int n, int m, double a, double b, double g,
 	trend = (mean2 - mean1) / m;
 	/* mean1 is the level at the middle of the first period */
 	for (int i = 0; i < m; i++)
-		season[i] = isnan(y[i]) ? 0 : y[i] - (mean1 + (i - (m - 1) / 2.0) * trend);
+	{
+		double		dev = 0;
+		int			ndev = 0;
+
+		for (int t = i; t < 2 * m; t += m)
+		{
+			double		line = mean1 + (t - (m - 1) / 2.0) * trend;
+
+			if (isnan(y[t]))
+				continue;
+			if (mult && !(line > 0))
+				return get_float8_nan();
+			dev += mult ? y[t] / line : y[t] - line;
+			ndev++;
+		}
+		season[i] = ndev > 0 ? dev / ndev : (mult ? 1 : 0);
+	}
 	level = mean1 + trend * (m - 1) / 2.0;
 
 	for (int t = m; t < n; t++)
@@ -162,12 +199,26 @@ hw_filter(const double *y, int n, int m, double a, double b, double g,
 			trend *= phi;
 			continue;
 		}
-		e = y[t] - (level + phi * trend + season[k]);
+		if (mult)
+		{
+			if (!(season[k] > 0))
+				return get_float8_nan();
+			e = y[t] - (level + phi * trend) * season[k];
+			new_level = a * (y[t] / season[k]) + (1 - a) * (level + phi * trend);
+			if (!(new_level > 0))
+				return get_float8_nan();
+			trend = b * (new_level - level) + (1 - b) * phi * trend;
+			season[k] = g * (y[t] / new_level) + (1 - g) * season[k];
+		}
+		else
+		{
+			e = y[t] - (level + phi * trend + season[k]);
+			new_level = a * (y[t] - season[k]) + (1 - a) * (level + phi * trend);
+			trend = b * (new_level - level) + (1 - b) * phi * trend;
+			season[k] = g * (y[t] - new_level) + (1 - g) * season[k];
+		}
 		sse += e * e;
 		nerrors++;
-		new_level = a * (y[t] - season[k]) + (1 - a) * (level + phi * trend);
-		trend = b * (new_level - level) + (1 - b) * phi * trend;
-		season[k] = g * (y[t] - new_level) + (1 - g) * season[k];
 		level = new_level;
 	}
 	if (fit)
@@ -186,6 +237,7 @@ typedef struct HwProblem
 	const double *y;
 	int			n;
 	int			period;
+	bool		mult;			/* multiplicative seasonality */
 	double		params[HW_NPARAMS]; /* NaN = free */
 	double	   *season;			/* scratch */
 } HwProblem;
@@ -236,15 +288,17 @@ hw_objective(void *arg, const double *x)
 	double		q[HW_NPARAMS];
 
 	hw_params(p, x, q);
-	return hw_filter(p->y, p->n, p->period, q[0], q[1], q[2], q[3], p->season, NULL);
+	return hw_filter(p->y, p->n, p->period, q[0], q[1], q[2], q[3], p->mult, p->season, NULL);
 }
 
 /*
  * Fit the free parameters.  Several starting points (the search is cheap,
  * the surface has local minima at the edges), each polished by a restart
- * of Nelder-Mead from its end point.
+ * of Nelder-Mead from its end point.  Returns the sse of the fit, infinity
+ * when no point is feasible (a multiplicative model of a series it cannot
+ * follow).
  */
-static void
+static double
 hw_fit_params(HwProblem *p, double *out)
 {
 	static const double starts[][HW_NPARAMS] = {
@@ -280,6 +334,7 @@ hw_fit_params(HwProblem *p, double *out)
 			break;
 	}
 	hw_params(p, bestx, out);
+	return best;
 }
 
 /* ---------------------------------------------------------------------
@@ -397,9 +452,11 @@ ca_hw_final(PG_FUNCTION_ARGS)
 	HwProblem	prob;
 	HwFit		fit;
 	TupleDesc	tupdesc;
-	Datum		values[13];
-	bool		nulls[13] = {0};
+	Datum		values[HW_MODEL_NATTS];
+	bool		nulls[HW_MODEL_NATTS] = {0};
 	Datum	   *sdatums;
+	double		sse_add;
+	bool		try_mult;
 
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
@@ -443,18 +500,40 @@ ca_hw_final(PG_FUNCTION_ARGS)
 			PG_RETURN_NULL();
 	}
 
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "holt_winters final function must return a composite type");
+	tupdesc = BlessTupleDesc(tupdesc);
+
+	/*
+	 * Additive or multiplicative seasonality: both models have the same
+	 * parameters and additive one-step errors, so the one with the smaller
+	 * sse is also the one with the smaller AIC (Hyndman et al. 2008, ch. 7).
+	 * Factors only describe a series that is positive on every open day (a
+	 * zero day would pin its weekday's factor at 0); a type from before the
+	 * seasonality attribute gets the additive model it can describe.
+	 */
 	season = palloc(m * sizeof(double));
 	prob.y = y;
 	prob.n = n;
 	prob.period = m;
+	prob.mult = false;
 	memcpy(prob.params, s->params, sizeof(prob.params));
 	prob.season = season;
-	hw_fit_params(&prob, params);
-	hw_filter(y, n, m, params[0], params[1], params[2], params[3], season, &fit);
+	sse_add = hw_fit_params(&prob, params);
+	try_mult = tupdesc->natts >= HW_MODEL_NATTS;
+	for (int i = 0; i < n && try_mult; i++)
+		try_mult = isnan(y[i]) || y[i] > 0;
+	if (try_mult)
+	{
+		double		params_mult[HW_NPARAMS];
 
-	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "holt_winters final function must return a composite type");
-	tupdesc = BlessTupleDesc(tupdesc);
+		prob.mult = true;
+		if (hw_fit_params(&prob, params_mult) < sse_add)
+			memcpy(params, params_mult, sizeof(params));
+		else
+			prob.mult = false;
+	}
+	hw_filter(y, n, m, params[0], params[1], params[2], params[3], prob.mult, season, &fit);
 
 	/* seasonals[k] belongs to day last + k */
 	sdatums = palloc(m * sizeof(Datum));
@@ -475,6 +554,7 @@ ca_hw_final(PG_FUNCTION_ARGS)
 	values[10] = DateADTGetDatum(first);
 	values[11] = DateADTGetDatum(last);
 	values[12] = Float8GetDatum(fit.nerrors > 0 ? sqrt(fit.sse / fit.nerrors) : 0.0);
+	values[13] = CStringGetTextDatum(prob.mult ? "multiplicative" : "additive");
 
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
@@ -546,6 +626,42 @@ model_float(HeapTupleHeader t, const char *name)
 	return DatumGetFloat8(d);
 }
 
+/*
+ * Whether a model's seasonal terms are factors: its seasonality attribute
+ * (a model of a type without one is additive).
+ */
+static bool
+model_multiplicative(HeapTupleHeader t)
+{
+	TupleDesc	desc = lookup_rowtype_tupdesc(HeapTupleHeaderGetTypeId(t),
+											  HeapTupleHeaderGetTypMod(t));
+	bool		has = false;
+	bool		isnull;
+	char	   *kind;
+
+	for (int i = 0; i < desc->natts && !has; i++)
+		has = !TupleDescAttr(desc, i)->attisdropped &&
+			strcmp(NameStr(TupleDescAttr(desc, i)->attname), "seasonality") == 0;
+	ReleaseTupleDesc(desc);
+	if (!has)
+		return false;
+	{
+		Datum		d = GetAttributeByName(t, "seasonality", &isnull);
+
+		if (isnull)
+			return false;
+		kind = TextDatumGetCString(d);
+	}
+	if (strcmp(kind, "additive") == 0)
+		return false;
+	if (strcmp(kind, "multiplicative") == 0)
+		return true;
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("hw_model seasonality must be additive or multiplicative, not \"%s\"", kind)));
+	return false;				/* keep the compiler quiet */
+}
+
 /* forecast(model hw_model, horizon int, level float8 DEFAULT 0.95) */
 Datum
 ca_hw_forecast(PG_FUNCTION_ARGS)
@@ -573,6 +689,9 @@ ca_hw_forecast(PG_FUNCTION_ARGS)
 	double		damp = 0;		/* phi + phi^2 + ... + phi^h */
 	double		damp_prev = 0;	/* the same up to h - 1 */
 	double		phi_h = 1;
+	bool		mult;
+	double	   *sf;				/* seasonal terms */
+	double	   *dampj;			/* dampj[j] = phi + ... + phi^j */
 
 	if (horizon < 0 || horizon > HW_MAX_HORIZON)
 		ereport(ERROR,
@@ -628,6 +747,19 @@ ca_hw_forecast(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
 				 errmsg("forecast horizon runs past the last representable date")));
 
+	mult = model_multiplicative(model);
+	sf = palloc(m * sizeof(double));
+	for (int k = 0; k < m; k++)
+	{
+		sf[k] = DatumGetFloat8(sdatums[k]);
+		if (mult && !(sf[k] > 0))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("hw_model seasonal factor %d is %g, not positive", k + 1, sf[k]),
+					 errdetail("A multiplicative model's seasonal terms are factors of the level.")));
+	}
+	dampj = mult ? palloc((Size) (horizon + 1) * sizeof(double)) : NULL;
+
 	z = normal_quantile(0.5 + level / 2);
 	InitMaterializedSRF(fcinfo, 0);
 
@@ -637,17 +769,43 @@ ca_hw_forecast(PG_FUNCTION_ARGS)
 		bool		nulls[4] = {0};
 		double		yhat;
 		double		half;
+		double		st = sf[(h - 1) % m];
 
 		damp_prev = damp;
 		phi_h *= phi;
 		damp += phi_h;
-		yhat = lvl + damp * trend + DatumGetFloat8(sdatums[(h - 1) % m]);
-		if (h > 1)
+		if (!mult)
 		{
-			int			j = h - 1;
-			double		c = alpha + alpha * beta * damp_prev + ((j % m) == 0 ? (1 - alpha) * gamma : 0);
+			yhat = lvl + damp * trend + st;
+			if (h > 1)
+			{
+				int			j = h - 1;
+				double		c = alpha + alpha * beta * damp_prev + ((j % m) == 0 ? (1 - alpha) * gamma : 0);
 
-			cum += c * c;
+				cum += c * c;
+			}
+		}
+		else
+		{
+			/*
+			 * ETS(A,Ad,M): an error on day h - j moves the level by alpha e /
+			 * (its factor), which reaches day h times day h's factor; the
+			 * factors taken as known (Hyndman et al. 2008, ch. 6 approximate
+			 * the same way).  The ratios change with h, so the sum is
+			 * recomputed: O(horizon^2), small for any useful horizon.
+			 */
+			yhat = (lvl + damp * trend) * st;
+			dampj[h] = damp;
+			cum = 0;
+			for (int j = 1; j < h; j++)
+			{
+				double		c = (alpha + alpha * beta * dampj[j]) * st / sf[(h - j - 1) % m] +
+				((j % m) == 0 ? (1 - alpha) * gamma : 0);
+
+				cum += c * c;
+			}
+			if ((h & 1023) == 0)
+				CHECK_FOR_INTERRUPTS();
 		}
 		half = z * sigma * sqrt(1 + cum);
 		values[0] = DateADTGetDatum(last + h);

@@ -1,7 +1,8 @@
 /*
  * Forecasting and customer lifetime value (src/forecast.c, src/clv.c).
  *
- * Sales: Holt-Winters (damped additive trend, weekly seasonality) fitted per
+ * Sales: Holt-Winters (damped additive trend, weekly seasonality added to or
+ * multiplying the level) fitted per
  * series by the holt_winters() aggregate; sales_forecast holds the next
  * 28 days of completed revenue overall and per category, and
  * sales_forecast_accuracy the backtest of the same models on the last 28
@@ -30,10 +31,11 @@ CREATE TYPE customer_analytics.hw_model AS (
     n           integer,
     first_ts    date,
     last_ts     date,
-    residual_sd float8
+    residual_sd float8,
+    seasonality text
 );
 COMMENT ON TYPE customer_analytics.hw_model IS
-    'A fitted additive Holt-Winters model of a daily series: period, smoothing parameters alpha (level), beta (trend), gamma (season), trend damping phi (1 = undamped), the final level and trend (per day), seasonals[k] = seasonal term of day last_ts + k (k = 1 .. period), sum of squared one-step errors after the first period (sse), days in the series (n), its first and last day, and the residual standard deviation sqrt(sse / the open days after the first period)';
+    'A fitted Holt-Winters model of a daily series: period, smoothing parameters alpha (level), beta (trend), gamma (season), trend damping phi (1 = undamped), the final level and trend (per day), seasonals[k] = seasonal term of day last_ts + k (k = 1 .. period), sum of squared one-step errors after the first period (sse), days in the series (n), its first and last day, the residual standard deviation sqrt(sse / the open days after the first period), and seasonality: additive (the seasonal terms are added to the level) or multiplicative (they are factors of it)';
 
 CREATE FUNCTION customer_analytics.holt_winters_sfunc(internal, date, float8)
     RETURNS internal AS 'MODULE_PATHNAME', 'ca_hw_sfunc' LANGUAGE C IMMUTABLE PARALLEL SAFE;
@@ -77,13 +79,13 @@ CREATE AGGREGATE customer_analytics.holt_winters(day date, value float8, period 
     PARALLEL = SAFE
 );
 COMMENT ON AGGREGATE customer_analytics.holt_winters(date, float8) IS
-    'Additive Holt-Winters model (damped additive trend, weekly seasonality) of a daily series, rows in any order: values of the same day are summed, a day without rows counts as 0, a NULL value closes its day (no observation: the state runs over it unchanged), a NULL day is skipped; alpha, beta, gamma in [0, 1] and the damping phi in [0.8, 1] fitted by minimising the one-step squared error (Nelder-Mead). NULL when the series spans fewer than two periods, or its first or second period is closed throughout';
+    'Holt-Winters model (damped additive trend, weekly seasonality) of a daily series, rows in any order: values of the same day are summed, a day without rows counts as 0, a NULL value closes its day (no observation: the state runs over it unchanged), a NULL day is skipped; alpha, beta, gamma in [0, 1] and the damping phi in [0.8, 1] fitted by minimising the one-step squared error (Nelder-Mead); the seasonality additive or, for a series positive on every open day, multiplicative when that fits with the smaller one-step error. NULL when the series spans fewer than two periods, or its first or second period is closed throughout';
 COMMENT ON AGGREGATE customer_analytics.holt_winters(date, float8, integer) IS
-    'Additive Holt-Winters model of a daily series with the given seasonal period in days (2 .. 366; taken from the first row); see holt_winters(date, float8)';
+    'Holt-Winters model of a daily series with the given seasonal period in days (2 .. 366; taken from the first row); see holt_winters(date, float8)';
 COMMENT ON AGGREGATE customer_analytics.holt_winters(date, float8, integer, float8, float8, float8) IS
-    'Additive Holt-Winters model with smoothing parameters alpha, beta, gamma in [0, 1] given (taken from the first row); a NULL parameter is fitted, and so is the damping phi. See holt_winters(date, float8)';
+    'Holt-Winters model with smoothing parameters alpha, beta, gamma in [0, 1] given (taken from the first row); a NULL parameter is fitted, and so is the damping phi. See holt_winters(date, float8)';
 COMMENT ON AGGREGATE customer_analytics.holt_winters(date, float8, integer, float8, float8, float8, float8) IS
-    'Additive Holt-Winters model with smoothing parameters alpha, beta, gamma in [0, 1] and trend damping phi in [0.8, 1] given (taken from the first row; phi = 1 is the classic undamped model); a NULL parameter is fitted. See holt_winters(date, float8)';
+    'Holt-Winters model with smoothing parameters alpha, beta, gamma in [0, 1] and trend damping phi in [0.8, 1] given (taken from the first row; phi = 1 is the classic undamped model); a NULL parameter is fitted. See holt_winters(date, float8)';
 
 CREATE FUNCTION customer_analytics.forecast(model customer_analytics.hw_model, horizon integer,
                                             level float8 DEFAULT 0.95)
@@ -91,7 +93,7 @@ CREATE FUNCTION customer_analytics.forecast(model customer_analytics.hw_model, h
     AS 'MODULE_PATHNAME', 'ca_hw_forecast'
     LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE ROWS 28;
 COMMENT ON FUNCTION customer_analytics.forecast(customer_analytics.hw_model, integer, float8) IS
-    'The next horizon days after the model''s last day: point forecast yhat and a prediction interval [lo, hi] at the given level (approximation: normal errors with the in-sample residual standard deviation and the analytic h-step variance of additive damped Holt-Winters, ETS(A,Ad,A), ignoring the uncertainty of the fitted parameters; not clipped at 0)';
+    'The next horizon days after the model''s last day: point forecast yhat and a prediction interval [lo, hi] at the given level (approximation: normal errors with the in-sample residual standard deviation and the analytic h-step variance of additive damped Holt-Winters, ETS(A,Ad,A), or for a multiplicative model that of ETS(A,Ad,M) with its seasonal factors taken as known, ignoring the uncertainty of the fitted parameters; not clipped at 0)';
 
 CREATE FUNCTION customer_analytics.normal_quantile(p float8)
     RETURNS float8 AS 'MODULE_PATHNAME', 'ca_normal_quantile'
