@@ -900,7 +900,7 @@ typedef struct DetectOptions
 	double		threshold;
 	bool		threshold_given;
 	double		false_alarms;	/* per year, when no threshold is given */
-	double		same_day_fdr;	/* count method: see same_day_fdr() */
+	double		same_day_fdr;	/* count method: see flag_same_day() */
 	int			min_history;
 	Direction	direction;
 	double		min_relative_change;
@@ -1777,10 +1777,13 @@ compare_candidates(const void *a, const void *b)
  * p-value is among the k smallest with p_(k) <= k q / m, among those that
  * moved in a direction already flagged at that time.  The per-point rule
  * keeps the false alarms of ordinary days at its rate; this one adds, on
- * the few days it opens, at most a fraction q of false ones (Benjamini and
- * Hochberg 1995; a family selected by a screening test, as in Benjamini
- * and Bogomolov 2014, without their selection adjustment: the screen is
- * already a stringent per-point test).
+ * the few days it opens, false ones that are in expectation at most a
+ * fraction q of its flags (Benjamini and Hochberg 1995; a family selected
+ * by a screening test, as in Benjamini and Bogomolov 2014, without their
+ * selection adjustment: the screen is already a stringent per-point test).
+ * The series were scored one by one before: a point flagged here stays in
+ * its series' later baselines as it was, not clipped as a point flagged
+ * on its own is (its p-value was no news alone).
  */
 static void
 flag_same_day(const Point *p, int64 n, PointResult *res, double q)
