@@ -2694,6 +2694,23 @@ COMMENT ON AGGREGATE customer_analytics.holt_winters(date, float8, integer, floa
 COMMENT ON FUNCTION customer_analytics.forecast(customer_analytics.hw_model, integer, float8) IS
     'The next horizon days after the model''s last day: point forecast yhat and a prediction interval [lo, hi] at the given level (approximation: normal errors with the in-sample residual standard deviation and the analytic h-step variance of additive damped Holt-Winters, ETS(A,Ad,A), or for a multiplicative model that of ETS(A,Ad,M) with its seasonal factors taken as known, ignoring the uncertainty of the fitted parameters; not clipped at 0)';
 
+-- issue 20: anomalies a small shop can trust (second part): the count
+-- method carries the level forward by the series' growth and tests the
+-- other series of a flagged day together (customer_analytics.anomaly_same_day_fdr);
+-- the anomalies view flags changes of at least 50% only
+COMMENT ON FUNCTION customer_analytics.detect_anomalies(text, text, integer, float8, integer, text, float8, integer, text) IS
+    'Score every point of the series a query returns (columns: series key, timestamp, value, and optionally the exposure: the fraction of the period observed, 0 = not scored) against a baseline that never includes the point: method trailing (mean and z over the window_size previous points), robust (median and robust z over them), seasonal (the median of the same weekday in the previous seasons weeks, then the z and robust z of the residual over the window; both must pass; on the chosen scale: linear, sqrt or log) or count (whole counts: expected = level of the previous seasons weeks, carried forward by the growth of the window, x weekday profile of the window_size previous periods, two-sided negative binomial tail probability p_value, its variance the baseline''s own uncertainty plus the overdispersion of the window when Pearson''s statistic shows it, Poisson otherwise; z is its normal score). Flags points whose |z| passes threshold (default customer_analytics.zscore_threshold; for the count method p_value <= customer_analytics.anomaly_false_alarms_per_year / points a year, then, at a time where a point is flagged, the other series'' points that moved the same way by Benjamini-Hochberg at customer_analytics.anomaly_same_day_fdr) in the wanted direction (both, spike, drop), after min_history earlier points, when they differ from the expected value by at least min_relative_change of it';
+DROP MATERIALIZED VIEW customer_analytics.anomalies;
+CREATE MATERIALIZED VIEW customer_analytics.anomalies AS
+SELECT a.series, (a.ts AT TIME ZONE 'UTC')::date AS day, a.value::bigint AS orders,
+       round(a.expected::numeric, 1) AS expected, a.z, a.p_value, a.direction
+FROM customer_analytics.detect_anomalies('customer_analytics.order_count_series'::regclass, 'series', 'ts', 'orders',
+        method => 'count', window_size => 112, seasons => 8, min_relative_change => 0.5) a
+WHERE a.is_anomaly;
+CREATE UNIQUE INDEX anomalies_series_day_idx ON customer_analytics.anomalies (series, day);
+COMMENT ON MATERIALIZED VIEW customer_analytics.anomalies IS
+    'Days with an anomalous number of orders, per product category and for the shop as a whole (series ''total''): detect_anomalies() with the count method (expected orders from the level of the 8 previous weeks, carried forward by the growth of the 112 previous days, and the weekday profile of those days; p_value: two-sided negative binomial tail probability; z: its normal score), flagged when p_value <= customer_analytics.anomaly_false_alarms_per_year / 365.25, or, on a day with such a flag, by Benjamini-Hochberg at customer_analytics.anomaly_same_day_fdr among the day''s other series that moved the same way; changes of at least 50% of the expected orders only. Built on daily_sales and product_category_sales: refresh those first (refresh_sales_views() does all three)';
+
 -- issue 21: what the extension keeps for itself moves to the schema
 -- customer_analytics_internal (change queues, run states, trigger and
 -- helper functions), so that customer_analytics holds what README.md

@@ -46,13 +46,16 @@ JOIN (SELECT category, date_trunc('month', period_start)::date AS period_start, 
 WHERE m.grain = 'month';
 
 -- anomalies: what detect_anomalies flags with the documented settings,
--- and every row passes them (p at most 0.3 false alarms a year / 365.25 days)
+-- and every row passes them (a change of at least 50%, and p at most 0.5
+-- false alarms a year / 365.25 days, or a day with such a row)
 SELECT count(*) = (SELECT count(*) FROM detect_anomalies(
            $q$SELECT category, period_start::timestamp AT TIME ZONE 'UTC', orders FROM product_category_sales WHERE grain = 'day'
               UNION ALL SELECT 'total', day::timestamp AT TIME ZONE 'UTC', orders FROM daily_sales$q$,
-           method => 'count', window_size => 112, seasons => 8) WHERE is_anomaly) AS same_as_detect,
-       bool_and(p_value <= 0.3 / 365.25 AND sign(z) = CASE direction WHEN 'spike' THEN 1 ELSE -1 END) AS all_pass
-FROM anomalies;
+           method => 'count', window_size => 112, seasons => 8, min_relative_change => 0.5) WHERE is_anomaly) AS same_as_detect,
+       bool_and((p_value <= 0.5 / 365.25 OR EXISTS (SELECT FROM anomalies b WHERE b.day = a.day AND b.p_value <= 0.5 / 365.25))
+                AND abs(orders - expected) >= 0.5 * expected - 0.05
+                AND sign(z) = CASE direction WHEN 'spike' THEN 1 ELSE -1 END) AS all_pass
+FROM anomalies a;
 -- (how many planted anomalies the view finds depends on the shop's size:
 -- bench/anomaly_quality.sh measures it; this shop is too small to tell)
 

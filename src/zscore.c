@@ -28,7 +28,8 @@
  *	- detect_anomalies(): reads (series, ts, value) rows from a query or a
  *	  table, and scores every point against a baseline that never includes
  *	  it (see score_series() for the methods, score_series_count() for
- *	  counts).
+ *	  counts, flag_same_day() for the points of several series at one
+ *	  time).
  */
 #include "postgres.h"
 
@@ -89,7 +90,8 @@ PG_FUNCTION_INFO_V1(ca_detect_anomalies_table_v2);
 #define MOVING_TOLERANCE 1e-10
 
 static double zscore_threshold = 3.0;
-static double false_alarms_per_year = 0.3;
+static double false_alarms_per_year = 0.5;
+static double same_day_fdr = 0.05;
 
 void
 ca_zscore_init(void)
@@ -105,7 +107,14 @@ ca_zscore_init(void)
 							 "Expected false alarms per series and year of the count method of detect_anomalies().",
 							 "A point is flagged when its two-sided tail probability is at most this number divided by the points a year of its series; ignored when a threshold is given.",
 							 &false_alarms_per_year,
-							 0.3, 0.0, 1000.0,
+							 0.5, 0.0, 1000.0,
+							 PGC_USERSET, 0,
+							 NULL, NULL, NULL);
+	DefineCustomRealVariable(CA_GUC_PREFIX ".anomaly_same_day_fdr",
+							 "False discovery rate among the other points of a time at which the count method of detect_anomalies() flagged a point.",
+							 "On a day with a flagged point, the other series' points that moved the same way are flagged by Benjamini-Hochberg at this level over the day's unflagged points; 0 turns it off.",
+							 &same_day_fdr,
+							 0.05, 0.0, 1.0,
 							 PGC_USERSET, 0,
 							 NULL, NULL, NULL);
 }
@@ -891,6 +900,7 @@ typedef struct DetectOptions
 	double		threshold;
 	bool		threshold_given;
 	double		false_alarms;	/* per year, when no threshold is given */
+	double		same_day_fdr;	/* count method: see flag_same_day() */
 	int			min_history;
 	Direction	direction;
 	double		min_relative_change;
@@ -921,6 +931,9 @@ typedef struct PointResult
 	bool		has_p;
 	double		p_value;
 	bool		is_anomaly;
+	bool		eligible;		/* count method: scored after min_history */
+	bool		testable;		/* ... and in the wanted direction, by at
+								 * least min_relative_change */
 } PointResult;
 
 static int
@@ -1425,13 +1438,103 @@ typedef struct CountHistory
 	bool		has_mu;
 } CountHistory;
 
+/* history points a trend is fitted on, at least */
+#define TREND_MIN_POINTS 28
+/*
+ * Growth of 100% a year moves an 8-week level by 7.8%; a fit that asks for
+ * more has seen something else (a closure the calendar does not know of,
+ * a step), which the level window follows better alone.
+ */
+#define TREND_MAX_CORRECTION 0.1
+
+/*
+ * The level of the `seasons` previous weeks is their mean, which lags a
+ * growing shop by half the window: 35% growth a year is 2.7% at 8 weeks,
+ * a fifth of a standard deviation at 60 orders a day and half of one at
+ * 400, enough to double the tail probabilities of one side and to pass for
+ * overdispersion.  The growth is fitted over the profile window (longer,
+ * so steadier): c = season (a + b x), x the time from the point in
+ * periods, by least squares weighted as Poisson counts are (1 / season: a
+ * position of the week that sells little says little, one that never
+ * sells nothing); b / a is the growth per period.  The level is carried
+ * forward by it from the middle of the level window to the point.
+ * *factor is that correction (1 when it would pass TREND_MAX_CORRECTION),
+ * *rv the relative variance it adds: the slope's, from the residuals of
+ * the fit, times the lag squared.
+ */
+static void
+level_trend(const CountHistory *h, int64 prof_start, int64 level_start, int64 nh,
+			const double *season, TimestampTz now, int64 spacing,
+			double *factor, double *rv)
+{
+	double		n = 0,
+				s0 = 0,
+				s1 = 0,
+				s2 = 0,
+				c0 = 0,
+				c1 = 0,
+				rss = 0,
+				nl = 0,
+				sxl = 0,
+				det,
+				a,
+				b,
+				lag;
+
+	*factor = 1;
+	*rv = 0;
+	for (int64 j = prof_start; j < nh; j++)
+	{
+		double		x = (double) (h[j].ts - now) / (double) spacing,
+					w = season[h[j].bucket];
+
+		if (w <= 0)
+			continue;
+		n += 1;
+		s0 += w;
+		s1 += w * x;
+		s2 += w * x * x;
+		c0 += h[j].c;
+		c1 += h[j].c * x;
+		if (j >= level_start)
+		{
+			nl += 1;
+			sxl += x;
+		}
+	}
+	det = s0 * s2 - s1 * s1;
+	if (n < TREND_MIN_POINTS || nl == 0 || det <= 0)
+		return;
+	a = (s2 * c0 - s1 * c1) / det;
+	b = (s0 * c1 - s1 * c0) / det;
+	if (a <= 0)
+		return;
+	for (int64 j = prof_start; j < nh; j++)
+	{
+		double		x = (double) (h[j].ts - now) / (double) spacing,
+					w = season[h[j].bucket],
+					d;
+
+		if (w <= 0)
+			continue;
+		d = h[j].c - w * (a + b * x);
+		rss += d * d / w;
+	}
+	lag = -sxl / nl;
+	if (fabs(b / a * lag) > TREND_MAX_CORRECTION)
+		return;
+	*factor = 1 + b / a * lag;
+	*rv = lag * lag * (rss / (n - 2)) * (s0 / det) / (a * a);
+}
+
 /*
  * The count method.  The expected count of a point is level x season:
  *	season:	the mean count of its position in the week (its weekday, for
  *			daily points) over the window_size previous periods, relative
  *			to the mean of all positions;
  *	level:	the counts of the `seasons` previous weeks divided by their
- *			season factors.
+ *			season factors, carried forward by the series' growth
+ *			(level_trend()).
  * Means over long windows, not the median of four weeks: at 10 orders a day
  * the baseline's own noise decides how small a change can be told from
  * chance (the median of 4 Poisson counts has ~40% of a count's variance;
@@ -1439,7 +1542,8 @@ typedef struct CountHistory
  * The count is then a negative binomial with that mean and variance
  * mu + alpha mu^2, where alpha is
  *	- the baseline's relative variance, 1 / (counts in the level window) +
- *	  1 / (counts of the weekday in the profile window): what the mean of a
+ *	  1 / (counts of the weekday in the profile window) + the growth's
+ *	  (level_trend()): what the mean of a
  *	  Gamma-distributed (uncertain) Poisson rate gives, so the tail is that
  *	  of the prediction, not of a known rate; plus
  *	- the overdispersion of the series, by the method of moments over the
@@ -1458,6 +1562,8 @@ typedef struct CountHistory
  * period (exposure < 1, the day in progress) is scored against that part
  * of the expected count and stays out of the history; exposure 0 or a NULL
  * value is not scored at all.
+ * Points of several series at the same time are then tested together by
+ * flag_same_day().
  */
 static void
 score_series_count(const Point *p, int64 n, const DetectOptions *o, PointResult *res)
@@ -1502,7 +1608,9 @@ score_series_count(const Point *p, int64 n, const DetectOptions *o, PointResult 
 					alpha = 0,
 					ll = 0,
 					lu = 0,
-					rv = 0;
+					rv = 0,
+					trend = 1,
+					trend_rv = 0;
 		int			nseason = 0;
 		bool		scorable;
 
@@ -1553,11 +1661,12 @@ score_series_count(const Point *p, int64 n, const DetectOptions *o, PointResult 
 			for (int k = 0; k < nbuckets; k++)
 				if (prof_n[k] > 0)
 					season_weight += season[k] * level_n[k];
+			level_trend(h, prof_start, level_start, nh, season, p[i].ts, spacing, &trend, &trend_rv);
 			/* half an order over the level window when none was seen */
-			mu_full = (season_weight > 0) ? level_sum / season_weight * season[b] : 0;
+			mu_full = (season_weight > 0) ? level_sum / season_weight * season[b] * trend : 0;
 			mu_full = Max(mu_full, 0.5 / Max(season_weight, 1.0));
 			/* the baseline's own relative variance, as Poisson counts give it */
-			rv = 1.0 / Max(level_sum, 0.5) + 1.0 / Max(prof_sum[b], 0.5);
+			rv = 1.0 / Max(level_sum, 0.5) + 1.0 / Max(prof_sum[b], 0.5) + trend_rv;
 			alpha = rv;
 			if (npearson >= 10 && excess_den > 0 &&
 				(pearson - npearson) / sqrt(2.0 * npearson) > OVERDISPERSION_SIGNIFICANT)
@@ -1570,14 +1679,16 @@ score_series_count(const Point *p, int64 n, const DetectOptions *o, PointResult 
 			r->p_value = exp(Min(0.0, log(2.0) + Min(ll, lu)));
 			r->has_z = true;
 			r->z = (ll < lu) ? -normal_score(ll) : (lu < ll) ? normal_score(lu) : 0;
-			if (nvalues >= o->min_history && log(2.0) + Min(ll, lu) <= log_alpha_point)
+			if (nvalues >= o->min_history)
 			{
 				double		change = y - r->expected;
 
-				r->is_anomaly =
+				r->eligible = true;
+				r->testable =
 					!(o->direction == DIR_SPIKE && change <= 0) &&
 					!(o->direction == DIR_DROP && change >= 0) &&
 					fabs(change) >= o->min_relative_change * fabs(r->expected);
+				r->is_anomaly = r->testable && log(2.0) + Min(ll, lu) <= log_alpha_point;
 			}
 		}
 		nvalues++;
@@ -1593,6 +1704,7 @@ score_series_count(const Point *p, int64 n, const DetectOptions *o, PointResult 
 			e->has_mu = scorable;
 			e->mu = mu_full;
 			e->rv = rv;
+
 			/*
 			 * Only once points can be flagged: before, the dispersion is
 			 * still being learnt, and clipping to a range it has not learnt
@@ -1625,6 +1737,110 @@ score_series_count(const Point *p, int64 n, const DetectOptions *o, PointResult 
 	pfree(prof_n);
 	pfree(level_n);
 	pfree(season);
+}
+
+static int
+compare_by_time(const void *a, const void *b, void *arg)
+{
+	const Point *p = arg;
+	int64		ia = *(const int64 *) a,
+				ib = *(const int64 *) b;
+
+	if (p[ia].ts != p[ib].ts)
+		return p[ia].ts < p[ib].ts ? -1 : 1;
+	return ia < ib ? -1 : ia > ib ? 1 : 0;
+}
+
+typedef struct DayCandidate
+{
+	int64		i;
+	double		p_value;
+} DayCandidate;
+
+static int
+compare_candidates(const void *a, const void *b)
+{
+	const DayCandidate *ca = a;
+	const DayCandidate *cb = b;
+
+	if (ca->p_value != cb->p_value)
+		return ca->p_value < cb->p_value ? -1 : 1;
+	return ca->i < cb->i ? -1 : ca->i > cb->i ? 1 : 0;
+}
+
+/*
+ * The series of one source are not independent on a given day: an outage,
+ * a holiday or a broken tracker moves all of them together.  A time at
+ * which some point passed the per-point rule is no longer an ordinary one,
+ * so its other points are tested as a family: Benjamini-Hochberg at level
+ * q over the time's unflagged points (m of them), each flagged when its
+ * p-value is among the k smallest with p_(k) <= k q / m, among those that
+ * moved in a direction already flagged at that time.  The per-point rule
+ * keeps the false alarms of ordinary days at its rate; this one adds, on
+ * the few days it opens, false ones that are in expectation at most a
+ * fraction q of its flags (Benjamini and Hochberg 1995; a family selected
+ * by a screening test, as in Benjamini and Bogomolov 2014, without their
+ * selection adjustment: the screen is already a stringent per-point test).
+ * The series were scored one by one before: a point flagged here stays in
+ * its series' later baselines as it was, not clipped as a point flagged
+ * on its own is (its p-value was no news alone).
+ */
+static void
+flag_same_day(const Point *p, int64 n, PointResult *res, double q)
+{
+	int64	   *order = palloc(sizeof(int64) * n);
+	DayCandidate *cand = palloc(sizeof(DayCandidate) * n);
+
+	for (int64 i = 0; i < n; i++)
+		order[i] = i;
+	qsort_arg(order, n, sizeof(int64), compare_by_time, (void *) p);
+	for (int64 start = 0, end; start < n; start = end)
+	{
+		bool		spike = false,
+					drop = false;
+		int64		m = 0,
+					nc = 0,
+					nflag = 0;
+
+		for (end = start; end < n && p[order[end]].ts == p[order[start]].ts; end++)
+		{
+			const PointResult *r = &res[order[end]];
+
+			if (!r->eligible)
+				continue;
+			if (r->is_anomaly)
+			{
+				if (p[order[end]].value > r->expected)
+					spike = true;
+				else
+					drop = true;
+			}
+			else
+				m++;
+		}
+		if (!(spike || drop) || m == 0)
+			continue;
+		for (int64 k = start; k < end; k++)
+		{
+			const PointResult *r = &res[order[k]];
+			bool		up = p[order[k]].value > r->expected;
+
+			if (r->testable && !r->is_anomaly && ((up && spike) || (!up && drop)))
+			{
+				cand[nc].i = order[k];
+				cand[nc].p_value = r->p_value;
+				nc++;
+			}
+		}
+		qsort(cand, nc, sizeof(DayCandidate), compare_candidates);
+		for (int64 k = 0; k < nc; k++)
+			if (cand[k].p_value <= (k + 1) * q / m)
+				nflag = k + 1;
+		for (int64 k = 0; k < nflag; k++)
+			res[cand[k].i].is_anomaly = true;
+	}
+	pfree(order);
+	pfree(cand);
 }
 
 static double
@@ -1901,6 +2117,7 @@ detect_anomalies(FunctionCallInfo fcinfo, bool from_table, bool v2)
 	o.threshold_given = !PG_ARGISNULL(a + 2);
 	o.threshold = o.threshold_given ? PG_GETARG_FLOAT8(a + 2) : zscore_threshold;
 	o.false_alarms = false_alarms_per_year;
+	o.same_day_fdr = same_day_fdr;
 	o.min_history = PG_GETARG_INT32(a + 3);
 	o.direction = parse_direction(text_to_cstring(PG_GETARG_TEXT_PP(a + 4)));
 	o.min_relative_change = PG_GETARG_FLOAT8(a + 5);
@@ -1999,6 +2216,14 @@ detect_anomalies(FunctionCallInfo fcinfo, bool from_table, bool v2)
 		MemoryContextSwitchTo(old);
 		start = end;
 		CHECK_FOR_INTERRUPTS();
+	}
+	/* a threshold given is a rule per point, as for the other methods */
+	if (o.method == METHOD_COUNT && o.same_day_fdr > 0 && !o.threshold_given)
+	{
+		MemoryContext old = MemoryContextSwitchTo(cxt);
+
+		flag_same_day(points, n, res, o.same_day_fdr);
+		MemoryContextSwitchTo(old);
 	}
 	for (int64 i = 0; i < n; i++)
 	{
