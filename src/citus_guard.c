@@ -21,7 +21,7 @@
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 
-#include "customer_analytics.h"
+#include "citus_guard.h"
 
 /*
  * How Citus manages relid, from its metadata (pg_dist_partition, which the

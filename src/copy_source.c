@@ -29,7 +29,8 @@
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 
-#include "customer_analytics.h"
+#include "citus_guard.h"
+#include "copy_source.h"
 
 typedef struct ProducerSource
 {

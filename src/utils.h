@@ -1,0 +1,19 @@
+/*
+ * utils.h
+ *	  Small helpers several modules share (utils.c): the aggregate
+ *	  memory-context guard, datum conversions, file types for messages.
+ */
+#ifndef CA_UTILS_H
+#define CA_UTILS_H
+
+#include <sys/types.h>
+
+#include "datatype/timestamp.h"
+#include "fmgr.h"
+
+extern MemoryContext ca_aggregate_context(FunctionCallInfo fcinfo,
+										  const char *funcname);
+extern TimestampTz ca_datum_to_timestamptz(Datum d, Oid type);
+extern const char *ca_file_type_name(mode_t mode);
+
+#endif							/* CA_UTILS_H */
