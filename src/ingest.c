@@ -181,19 +181,8 @@ run_batch(IngestState *st)
 			st->prev_lineno = st->cstate->cur_lineno;
 		}
 		if (sticky)
-		{
-			bool		truncated = false;
-			char	   *raw = NULL;
-
-			if (st->cur_offset >= 0)
-				raw = ingest_raw_line_at(st, st->cur_offset, ingest_next_line_offset(st, st->cur_offset), &truncated);
-			ingest_add_reject(st, edata->sqlerrcode, NULL, edata->message,
-							  st->cur_offset >= 0
-							  ? "Invalid bytes are shown as \\xNN; the rest of the file was loaded from the next line."
-							  : "The file is being converted from another encoding, so the rest of it could not be read.",
-							  raw, truncated);
-			ingest_restart_after_line(st);
-		}
+			ingest_reject_line_and_skip(st, edata->sqlerrcode, edata->message,
+										"Invalid bytes are shown as \\xNN; the rest of the file was loaded from the next line.");
 		else if (st->phase == PHASE_READ && edata->sqlerrcode == ERRCODE_BAD_COPY_FILE_FORMAT &&
 				 stopped_in_open_quote(st->cstate))
 		{
@@ -213,17 +202,8 @@ run_batch(IngestState *st)
 			 * first line's): reading again would fail the same way, so go on
 			 * from the next line with a new parser.
 			 */
-			bool		truncated = false;
-			char	   *raw = NULL;
-
-			if (st->cur_offset >= 0)
-				raw = ingest_raw_line_at(st, st->cur_offset, ingest_next_line_offset(st, st->cur_offset), &truncated);
-			ingest_add_reject(st, edata->sqlerrcode, NULL, edata->message,
-							  st->cur_offset >= 0
-							  ? "The rest of the file was loaded from the next line."
-							  : "The file is being converted from another encoding, so the rest of it could not be read.",
-							  raw, truncated);
-			ingest_restart_after_line(st);
+			ingest_reject_line_and_skip(st, edata->sqlerrcode, edata->message,
+										"The rest of the file was loaded from the next line.");
 		}
 		else
 			ingest_add_reject(st, edata->sqlerrcode,

@@ -224,9 +224,8 @@ extern void ingest_teardown_executor(IngestState *st);
 extern void ingest_report_progress(IngestState *st, bool restart);
 extern void ingest_start_parser(IngestState *st, int64 offset, int64 line_base);
 extern void ingest_stop_parser(IngestState *st, bool abandon);
-extern int64 ingest_next_line_offset(IngestState *st, int64 offset);
-extern char *ingest_raw_line_at(IngestState *st, int64 offset, int64 end, bool *truncated);
-extern void ingest_restart_after_line(IngestState *st);
+extern void ingest_reject_line_and_skip(IngestState *st, int sqlerrcode,
+										const char *message, const char *detail);
 extern bool ingest_read_record(IngestState *st, char ***fields, int *nfields);
 extern void ingest_process_record(IngestState *st, char **fields, int nfields);
 

@@ -24,7 +24,10 @@
 #include "pg_compat.h"
 #include "utils.h"
 
-/* customer_analytics.ingest_allowed_directories */
+/*
+ * customer_analytics.ingest_allowed_directories.  Ingestion's one setting
+ * says which files it may read, so it is defined here, beside its checks.
+ */
 static char *allowed_directories = NULL;
 
 void
@@ -81,7 +84,7 @@ path_is_allowed(const char *canon)
 }
 
 /* An absolute, canonical path inside the allowed directories, if any. */
-char	   *
+char *
 ingest_check_server_path(const char *path, const char *what)
 {
 	char	   *canon = pstrdup(path);

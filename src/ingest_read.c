@@ -73,8 +73,8 @@ ingest_stop_parser(IngestState *st, bool abandon)
 }
 
 /* Offset just after the end of the physical line starting at offset. */
-int64
-ingest_next_line_offset(IngestState *st, int64 offset)
+static int64
+next_line_offset(IngestState *st, int64 offset)
 {
 	char		buf[4096];
 	int64		pos = offset;
@@ -105,8 +105,8 @@ ingest_next_line_offset(IngestState *st, int64 offset)
 }
 
 /* The raw bytes of the physical line at offset, escaped, for a reject. */
-char	   *
-ingest_raw_line_at(IngestState *st, int64 offset, int64 end, bool *truncated)
+static char *
+raw_line_at(IngestState *st, int64 offset, int64 end, bool *truncated)
 {
 	int64		len = Min(end - offset, (int64) MAX_RAW_LINE + 1);
 	char	   *bytes = palloc(len + 1);
@@ -121,8 +121,8 @@ ingest_raw_line_at(IngestState *st, int64 offset, int64 end, bool *truncated)
  * Skip the line at st->cur_offset (its reject already recorded) and start a
  * new parser at the next line, or end the file if the offsets are unknown.
  */
-void
-ingest_restart_after_line(IngestState *st)
+static void
+restart_after_current_line(IngestState *st)
 {
 	int64		next;
 
@@ -132,13 +132,37 @@ ingest_restart_after_line(IngestState *st)
 		st->eof = true;
 		return;
 	}
-	next = ingest_next_line_offset(st, st->cur_offset);
+	next = next_line_offset(st, st->cur_offset);
 	if (next >= st->src->size)
 	{
 		st->eof = true;
 		return;
 	}
 	ingest_start_parser(st, next, st->cur_line);
+}
+
+/*
+ * The current line cannot be got past by this parser (an encoding error is
+ * sticky in COPY's state; a parser that stopped without moving would stop
+ * there again): reject it with its raw bytes and go on from the next line
+ * with a new parser.  The offsets of a transcoded file are unknown, so there
+ * the file ends instead, and the reject says so in place of "detail".
+ */
+void
+ingest_reject_line_and_skip(IngestState *st, int sqlerrcode,
+							const char *message, const char *detail)
+{
+	bool		truncated = false;
+	char	   *raw = NULL;
+
+	if (st->cur_offset >= 0)
+		raw = raw_line_at(st, st->cur_offset, next_line_offset(st, st->cur_offset), &truncated);
+	ingest_add_reject(st, sqlerrcode, NULL, message,
+					  st->cur_offset >= 0
+					  ? detail
+					  : "The file is being converted from another encoding, so the rest of it could not be read.",
+					  raw, truncated);
+	restart_after_current_line(st);
 }
 
 /*
@@ -173,7 +197,7 @@ ingest_read_record(IngestState *st, char ***fields, int *nfields)
 		{
 			bool		truncated;
 			int64		end = consumed_offset(st);
-			char	   *raw = ingest_raw_line_at(st, start, end, &truncated);
+			char	   *raw = raw_line_at(st, start, end, &truncated);
 
 			st->rows_read++;	/* a line that is not a row still counts */
 			ingest_add_reject(st, ERRCODE_BAD_COPY_FILE_FORMAT, NULL,

@@ -15,7 +15,7 @@
 #include "ingest.h"
 
 /* Copy raw bytes into valid database-encoding text, invalid bytes as \xNN. */
-char	   *
+char *
 ingest_escape_raw(IngestState *st, const char *bytes, int len, bool *truncated)
 {
 	StringInfoData buf;

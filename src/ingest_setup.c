@@ -26,7 +26,7 @@
  * Target checks, as COPY FROM makes them
  * ---------------------------------------------------------------------
  */
-char	   *
+char *
 ingest_relation_name(Relation rel)
 {
 	return quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
@@ -428,7 +428,7 @@ ingest_teardown_executor(IngestState *st)
 	FreeExecutorState(st->estate);
 }
 
-List	   *
+List *
 ingest_copy_options(IngestOptions *opts)
 {
 	List	   *options = NIL;

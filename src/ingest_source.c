@@ -103,7 +103,7 @@ ingest_source_produce(void *arg, StringInfo out)
 	return src->pos < src->size;
 }
 
-char	   *
+char *
 ingest_source_checksum(ByteSource *src)
 {
 	uint8		digest[PG_SHA256_DIGEST_LENGTH];
