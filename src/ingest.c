@@ -75,6 +75,7 @@
 #include "utils/timestamp.h"
 
 #include "ingest.h"
+#include "utils.h"
 
 PG_FUNCTION_INFO_V1(ca_ingest_csv);
 PG_FUNCTION_INFO_V1(ca_ingest_csv_text);
@@ -478,7 +479,7 @@ ingest_one(Relation rel, IngestOptions *opts, int fd, const char *label,
 	st->rel = rel;
 	st->tupdesc = RelationGetDescr(rel);
 	st->opts = opts;
-	st->target_name = ingest_relation_name(rel);
+	st->target_name = ca_relation_name(RelationGetRelid(rel));
 	st->file_label = pstrdup(label);
 	st->db_encoding = GetDatabaseEncoding();
 	st->copy_options = ingest_copy_options(opts);
@@ -860,7 +861,7 @@ ca_ingest_directory(PG_FUNCTION_ARGS)
 	pattern = text_arg_or(fcinfo, 2, "*.csv");
 	opts = parse_options(fcinfo, 3, true, false);
 	rel = open_target(fcinfo);
-	target_name = ingest_relation_name(rel);
+	target_name = ca_relation_name(RelationGetRelid(rel));
 	InitMaterializedSRF(fcinfo, 0);
 
 	dir = AllocateDir(dirpath);

@@ -211,7 +211,6 @@ extern void ingest_check_opened_path(int fd, const char *path, const char *what)
 extern void ingest_open_server_file(const char *path, ServerFile *f);
 
 /* ingest_setup.c */
-extern char *ingest_relation_name(Relation rel);
 extern void ingest_check_target(Relation rel);
 extern List *ingest_copy_options(IngestOptions *opts);
 extern void ingest_map_columns(IngestState *st, char **header, int nheader);

@@ -21,22 +21,16 @@
 
 #include "citus_guard.h"
 #include "ingest.h"
+#include "utils.h"
 
 /* ---------------------------------------------------------------------
  * Target checks, as COPY FROM makes them
  * ---------------------------------------------------------------------
  */
-char *
-ingest_relation_name(Relation rel)
-{
-	return quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
-									  RelationGetRelationName(rel));
-}
-
 void
 ingest_check_target(Relation rel)
 {
-	char	   *name = ingest_relation_name(rel);
+	char	   *name = ca_relation_name(RelationGetRelid(rel));
 	AclResult	acl;
 	CaCitusKind citus;
 

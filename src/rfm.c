@@ -1214,8 +1214,7 @@ scan_query(RfmScan *sc, Relation rel, const char *cust, const char *order,
 	char	   *sql = psprintf("SELECT %s, %s, %s, %s FROM %s",
 							   quote_identifier(cust), order ? quote_identifier(order) : "NULL",
 							   quote_identifier(ts), quote_identifier(amount),
-							   quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
-														  RelationGetRelationName(rel)));
+							   ca_relation_name(RelationGetRelid(rel)));
 	Portal		portal;
 	MemoryContext rowcxt = AllocSetContextCreate(CurrentMemoryContext, "rfm row", ALLOCSET_SMALL_SIZES);
 

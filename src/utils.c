@@ -2,7 +2,8 @@
  * utils.c
  *	  Small helpers several modules share: the aggregate memory-context
  *	  guard of the transition functions, the conversion of a user's
- *	  timestamp-like column to timestamptz, and what kind of file a mode is.
+ *	  timestamp-like column to timestamptz, what kind of file a mode is, and
+ *	  the qualified name of a table.
  */
 #include "postgres.h"
 
@@ -11,6 +12,7 @@
 #include "catalog/pg_type.h"
 #include "fmgr.h"
 #include "utils/builtins.h"
+#include "utils/lsyscache.h"
 #include "utils/timestamp.h"
 
 #include "utils.h"
@@ -78,4 +80,15 @@ ca_file_type_name(mode_t mode)
 		if ((mode & S_IFMT) == types[i].type)
 			return types[i].name;
 	return "a special file";
+}
+
+/*
+ * The schema-qualified, quoted name of a table: for messages, and safe to
+ * put into generated SQL.
+ */
+char *
+ca_relation_name(Oid relid)
+{
+	return quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
+									  get_rel_name(relid));
 }

@@ -1,7 +1,8 @@
 /*
  * utils.h
  *	  Small helpers several modules share (utils.c): the aggregate
- *	  memory-context guard, datum conversions, file types for messages.
+ *	  memory-context guard, datum conversions, names of files and tables
+ *	  for messages.
  */
 #ifndef CA_UTILS_H
 #define CA_UTILS_H
@@ -15,5 +16,6 @@ extern MemoryContext ca_aggregate_context(FunctionCallInfo fcinfo,
 										  const char *funcname);
 extern TimestampTz ca_datum_to_timestamptz(Datum d, Oid type);
 extern const char *ca_file_type_name(mode_t mode);
+extern char *ca_relation_name(Oid relid);
 
 #endif							/* CA_UTILS_H */
