@@ -19,7 +19,7 @@
 PG_MODULE_MAGIC;
 
 /* Time zone in which timestamps are assigned to calendar days. */
-char	   *ca_business_timezone = NULL;
+static char *ca_business_timezone = NULL;
 
 void		_PG_init(void);
 

@@ -1,8 +1,7 @@
 /*
  * customer_analytics.h
  *	  The module entry points: each capability's one-time set-up (its
- *	  settings), called from _PG_init in customer_analytics.c, and the
- *	  settings of that file.
+ *	  settings), called from _PG_init in customer_analytics.c.
  *
  * Each capability lives in its own src/<module>.c; what modules share is
  * declared in a header of its own (utils.h, numerics.h, copy_source.h,
@@ -13,9 +12,6 @@
 
 /* GUC prefix; every setting of ours is customer_analytics.<name> */
 #define CA_GUC_PREFIX "customer_analytics"
-
-/* customer_analytics.c: customer_analytics.timezone */
-extern char *ca_business_timezone;
 
 /* per-module settings, defined from _PG_init */
 extern void ca_ingest_init(void);
