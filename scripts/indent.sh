@@ -36,6 +36,10 @@ fi
 for f in "${files[@]}"; do
     pg_bsd_indent -bad -bap -bbb -bc -bl -cli1 -cp33 -cdb -nce -d0 -di12 -nfc1 -i4 -l79 \
         -lp -lpl -nip -npro -sac -tpg -ts4 -U"$typedefs" "$f" "$typedefs.out"
+    # pgindent's post_indent: a function's return type alone on its line
+    # keeps a single space before the '*' (indent lays "char *" out as a
+    # declaration when no "static" precedes it)
+    sed -i -E 's/^([A-Za-z_][^ \t]*)[ \t]+\*$/\1 */' "$typedefs.out"
     if ! cmp -s "$f" "$typedefs.out"; then
         cp "$typedefs.out" "$f"
         echo "indented $(basename "$f")"

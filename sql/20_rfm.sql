@@ -321,3 +321,13 @@ SET customer_analytics.as_of = 'infinity';
 SELECT current_setting('customer_analytics.as_of') = '' AS still_unset;
 DROP VIEW public.my_sales_2025;
 DROP TABLE public.my_sales, public.big_orders;
+-- the aggregates' support functions keep their state in the aggregate's
+-- memory: called directly they are refused with a SQLSTATE, not an
+-- internal error
+DO $$
+BEGIN
+    PERFORM customer_analytics.rfm_agg_sfunc(NULL, '2025-01-01', 1);
+EXCEPTION WHEN feature_not_supported THEN
+    RAISE WARNING 'rfm_agg_sfunc: % (%)', SQLERRM, SQLSTATE;
+END $$;
+SELECT customer_analytics.quintile_breaks_sfunc(NULL, 1.0);

@@ -21,7 +21,8 @@
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 
-#include "customer_analytics.h"
+#include "citus_guard.h"
+#include "utils.h"
 
 /*
  * How Citus manages relid, from its metadata (pg_dist_partition, which the
@@ -66,8 +67,7 @@ ca_citus_kind(Oid relid)
 int
 ca_citus_errdetail(Oid relid, CaCitusKind kind)
 {
-	char	   *name = quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
-												  get_rel_name(relid));
+	char	   *name = ca_relation_name(relid);
 
 	if (kind == CA_CITUS_DISTRIBUTED)
 		return errdetail("%s is a Citus distributed table: its rows live in shards on the workers, and the table on this node is an empty shell that only Citus's query planner reaches.", name);

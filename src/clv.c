@@ -37,6 +37,7 @@
 
 #include "customer_analytics.h"
 #include "numerics.h"
+#include "utils.h"
 
 PG_FUNCTION_INFO_V1(ca_bgnbd_sfunc);
 PG_FUNCTION_INFO_V1(ca_bgnbd_final);
@@ -300,8 +301,7 @@ clv_state(FunctionCallInfo fcinfo, const char *name)
 	MemoryContext aggcxt;
 	ClvState   *s;
 
-	if (!AggCheckCallContext(fcinfo, &aggcxt))
-		elog(ERROR, "%s called in non-aggregate context", name);
+	aggcxt = ca_aggregate_context(fcinfo, name);
 	if (!PG_ARGISNULL(0))
 		return (ClvState *) PG_GETARG_POINTER(0);
 	s = MemoryContextAllocZero(aggcxt, sizeof(ClvState));

@@ -29,7 +29,9 @@
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 
-#include "customer_analytics.h"
+#include "citus_guard.h"
+#include "copy_source.h"
+#include "utils.h"
 
 typedef struct ProducerSource
 {
@@ -131,8 +133,7 @@ copy_through_sql(Relation rel, List *attnames, List *copy_options,
 				 CaChunkProducer produce, void *arg)
 {
 	TupleDesc	desc = RelationGetDescr(rel);
-	char	   *target = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
-													RelationGetRelationName(rel));
+	char	   *target = ca_relation_name(RelationGetRelid(rel));
 	char	   *stage = psprintf("ca_citus_stage_%u", RelationGetRelid(rel));
 	StringInfoData defs;
 	StringInfoData cols;

@@ -10,18 +10,16 @@
 
 #include "fmgr.h"
 #include "pgtime.h"
-#include "catalog/pg_type.h"
 #include "utils/builtins.h"
-#include "utils/date.h"
-#include "utils/timestamp.h"
 #include "utils/guc.h"
 
 #include "customer_analytics.h"
+#include "pg_compat.h"
 
 PG_MODULE_MAGIC;
 
 /* Time zone in which timestamps are assigned to calendar days. */
-char	   *ca_business_timezone = NULL;
+static char *ca_business_timezone = NULL;
 
 void		_PG_init(void);
 
@@ -83,25 +81,4 @@ Datum
 ca_business_timezone_name(PG_FUNCTION_ARGS)
 {
 	PG_RETURN_TEXT_P(cstring_to_text(ca_business_timezone));
-}
-
-/*
- * Source columns named by users (rfm(), detect_anomalies()) may hold
- * timestamptz, timestamp or date; the callers check the type first.
- */
-TimestampTz
-ca_datum_to_timestamptz(Datum d, Oid type)
-{
-	switch (type)
-	{
-		case TIMESTAMPTZOID:
-			return DatumGetTimestampTz(d);
-		case TIMESTAMPOID:
-			return DatumGetTimestampTz(DirectFunctionCall1(timestamp_timestamptz, d));
-		case DATEOID:
-			return DatumGetTimestampTz(DirectFunctionCall1(date_timestamptz, d));
-		default:
-			elog(ERROR, "unsupported timestamp type %u", type);
-	}
-	return 0;
 }

@@ -68,8 +68,8 @@
 #include "utils/tuplestore.h"
 #include "utils/typcache.h"
 
-#include "customer_analytics.h"
 #include "numerics.h"
+#include "utils.h"
 
 PG_FUNCTION_INFO_V1(ca_hw_sfunc);
 PG_FUNCTION_INFO_V1(ca_hw_final);
@@ -359,8 +359,7 @@ ca_hw_sfunc(PG_FUNCTION_ARGS)
 	MemoryContext aggcxt;
 	HwState    *s;
 
-	if (!AggCheckCallContext(fcinfo, &aggcxt))
-		elog(ERROR, "holt_winters transition called in non-aggregate context");
+	aggcxt = ca_aggregate_context(fcinfo, "holt_winters transition");
 
 	if (PG_ARGISNULL(0))
 	{

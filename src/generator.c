@@ -48,7 +48,9 @@
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 
-#include "customer_analytics.h"
+#include "copy_source.h"
+#include "pg_compat.h"
+#include "utils.h"
 
 PG_FUNCTION_INFO_V1(ca_generate_sample_data);
 

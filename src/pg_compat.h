@@ -4,8 +4,9 @@
  *	  on (15 to 18), in one place.
  *
  * Each difference is a PG_VERSION_NUM guard that keeps the call sites
- * written against one spelling.  Included by customer_analytics.h, after
- * postgres.h.
+ * written against one spelling.  Included, after postgres.h, by the files
+ * that use one of them, and by customer_analytics.c so that a build for an
+ * unsupported major stops here.
  */
 #ifndef CA_PG_COMPAT_H
 #define CA_PG_COMPAT_H

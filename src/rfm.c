@@ -62,7 +62,10 @@
 #include "utils/timestamp.h"
 #include "utils/typcache.h"
 
+#include "citus_guard.h"
 #include "customer_analytics.h"
+#include "pg_compat.h"
+#include "utils.h"
 
 PG_FUNCTION_INFO_V1(ca_rfm_state_in);
 PG_FUNCTION_INFO_V1(ca_rfm_state_out);
@@ -470,20 +473,13 @@ ca_rfm_state_out(PG_FUNCTION_ARGS)
  * differs from the old state the executor copies the new one into the
  * aggregate context and frees the old one itself.
  */
-static void
-check_aggregate_context(FunctionCallInfo fcinfo, const char *name)
-{
-	if (!AggCheckCallContext(fcinfo, NULL))
-		elog(ERROR, "%s called in non-aggregate context", name);
-}
-
 /* rfm_agg(order_ts timestamptz, amount numeric) transition */
 Datum
 ca_rfm_agg_sfunc(PG_FUNCTION_ARGS)
 {
 	RfmState   *s;
 
-	check_aggregate_context(fcinfo, "rfm_agg");
+	(void) ca_aggregate_context(fcinfo, "rfm_agg");
 	if (PG_ARGISNULL(0))
 		s = palloc0(sizeof(RfmState));
 	else
@@ -504,7 +500,7 @@ ca_rfm_agg_combine(PG_FUNCTION_ARGS)
 {
 	RfmState   *a;
 
-	check_aggregate_context(fcinfo, "rfm_agg");
+	(void) ca_aggregate_context(fcinfo, "rfm_agg");
 	if (PG_ARGISNULL(1))
 	{
 		if (PG_ARGISNULL(0))
@@ -677,10 +673,10 @@ ca_quintile_breaks_sfunc(PG_FUNCTION_ARGS)
 	}
 
 	/*
-	 * growing makes a new state (see check_aggregate_context); repalloc would
+	 * growing makes a new state (see above ca_rfm_agg_sfunc); repalloc would
 	 * free the old one twice
 	 */
-	check_aggregate_context(fcinfo, "quintile_breaks");
+	(void) ca_aggregate_context(fcinfo, "quintile_breaks");
 	if (qs == NULL)
 		qs = qs_make(CurrentMemoryContext, 64);
 	else if (qs->count == (int64) QS_CAPACITY(qs))
@@ -706,7 +702,7 @@ ca_quintile_breaks_combine(PG_FUNCTION_ARGS)
 	QuantileState *b = PG_ARGISNULL(1) ? NULL : (QuantileState *) PG_DETOAST_DATUM(PG_GETARG_DATUM(1));
 	QuantileState *r;
 
-	check_aggregate_context(fcinfo, "quintile_breaks");
+	(void) ca_aggregate_context(fcinfo, "quintile_breaks");
 	if (b == NULL || b->count == 0)
 	{
 		if (a == NULL)
@@ -1218,8 +1214,7 @@ scan_query(RfmScan *sc, Relation rel, const char *cust, const char *order,
 	char	   *sql = psprintf("SELECT %s, %s, %s, %s FROM %s",
 							   quote_identifier(cust), order ? quote_identifier(order) : "NULL",
 							   quote_identifier(ts), quote_identifier(amount),
-							   quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
-														  RelationGetRelationName(rel)));
+							   ca_relation_name(RelationGetRelid(rel)));
 	Portal		portal;
 	MemoryContext rowcxt = AllocSetContextCreate(CurrentMemoryContext, "rfm row", ALLOCSET_SMALL_SIZES);
 
@@ -1425,6 +1420,7 @@ ca_rfm(PG_FUNCTION_ARGS)
 		fmgr_info(lookup_type_cache(TEXTOID, TYPECACHE_HASH_EXTENDED_PROC)->hash_extended_proc,
 				  &sc.order_hash);
 		load_customer_versions(&sc);
+
 		/*
 		 * A star schema distributed by Citus has no layout of its own yet
 		 * (the credit-note and SCD2 rules below read the local heap), so

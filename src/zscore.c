@@ -54,6 +54,7 @@
 #include "utils/timestamp.h"
 
 #include "customer_analytics.h"
+#include "utils.h"
 
 PG_FUNCTION_INFO_V1(ca_stats_in);
 PG_FUNCTION_INFO_V1(ca_stats_out);
@@ -385,23 +386,11 @@ ca_stats_combine(PG_FUNCTION_ARGS)
 	PG_RETURN_POINTER(a);
 }
 
-static MemoryContext
-aggregate_context(FunctionCallInfo fcinfo, const char *name)
-{
-	MemoryContext aggcxt;
-
-	if (!AggCheckCallContext(fcinfo, &aggcxt))
-		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("%s called outside an aggregate", name)));
-	return aggcxt;
-}
-
 /* moving-aggregate transition: (internal, float8) -> internal; NULLs skipped */
 Datum
 ca_stats_msfunc(PG_FUNCTION_ARGS)
 {
-	MemoryContext aggcxt = aggregate_context(fcinfo, "stats_agg moving transition");
+	MemoryContext aggcxt = ca_aggregate_context(fcinfo, "stats_agg moving transition");
 	MovingStats *m;
 
 	if (PG_ARGISNULL(0))
@@ -419,7 +408,7 @@ ca_stats_minvfunc(PG_FUNCTION_ARGS)
 {
 	MovingStats *m;
 
-	aggregate_context(fcinfo, "stats_agg inverse transition");
+	(void) ca_aggregate_context(fcinfo, "stats_agg inverse transition");
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
 	m = (MovingStats *) PG_GETARG_POINTER(0);
@@ -699,12 +688,10 @@ robust_z_of(double x, const RobustSummary *r, double *z)
 Datum
 ca_mm_sfunc(PG_FUNCTION_ARGS)
 {
-	MemoryContext aggcxt;
-	int			kind = AggCheckCallContext(fcinfo, &aggcxt);
+	MemoryContext aggcxt = ca_aggregate_context(fcinfo, "median_mad_agg");
+	int			kind = AggCheckCallContext(fcinfo, NULL);
 	ValueBag   *b;
 
-	if (kind == 0)
-		aggregate_context(fcinfo, "median_mad_agg");	/* reports it */
 	b = PG_ARGISNULL(0) ? bag_create(aggcxt, 64) : (ValueBag *) PG_GETARG_POINTER(0);
 	if (!PG_ARGISNULL(1))
 	{
@@ -723,7 +710,7 @@ ca_mm_sfunc(PG_FUNCTION_ARGS)
 Datum
 ca_mm_msfunc(PG_FUNCTION_ARGS)
 {
-	MemoryContext aggcxt = aggregate_context(fcinfo, "median_mad_agg");
+	MemoryContext aggcxt = ca_aggregate_context(fcinfo, "median_mad_agg");
 	ValueBag   *b = PG_ARGISNULL(0) ? bag_create(aggcxt, 64) : (ValueBag *) PG_GETARG_POINTER(0);
 
 	if (!PG_ARGISNULL(1))
@@ -741,7 +728,7 @@ ca_mm_minvfunc(PG_FUNCTION_ARGS)
 {
 	ValueBag   *b;
 
-	aggregate_context(fcinfo, "median_mad_agg");
+	(void) ca_aggregate_context(fcinfo, "median_mad_agg");
 	if (PG_ARGISNULL(0))
 		PG_RETURN_NULL();
 	b = (ValueBag *) PG_GETARG_POINTER(0);
@@ -753,7 +740,7 @@ ca_mm_minvfunc(PG_FUNCTION_ARGS)
 Datum
 ca_mm_combine(PG_FUNCTION_ARGS)
 {
-	MemoryContext aggcxt = aggregate_context(fcinfo, "median_mad_agg");
+	MemoryContext aggcxt = ca_aggregate_context(fcinfo, "median_mad_agg");
 	ValueBag   *a = PG_ARGISNULL(0) ? NULL : (ValueBag *) PG_GETARG_POINTER(0);
 	ValueBag   *b = PG_ARGISNULL(1) ? NULL : (ValueBag *) PG_GETARG_POINTER(1);
 	MemoryContext old;
@@ -782,7 +769,7 @@ ca_mm_serialize(PG_FUNCTION_ARGS)
 	ValueBag   *b;
 	StringInfoData buf;
 
-	aggregate_context(fcinfo, "median_mad_agg");
+	(void) ca_aggregate_context(fcinfo, "median_mad_agg");
 	b = (ValueBag *) PG_GETARG_POINTER(0);
 	pq_begintypsend(&buf);
 	pq_sendint64(&buf, b->n);
@@ -794,7 +781,7 @@ ca_mm_serialize(PG_FUNCTION_ARGS)
 Datum
 ca_mm_deserialize(PG_FUNCTION_ARGS)
 {
-	MemoryContext aggcxt = aggregate_context(fcinfo, "median_mad_agg");
+	MemoryContext aggcxt = ca_aggregate_context(fcinfo, "median_mad_agg");
 	bytea	   *raw = PG_GETARG_BYTEA_PP(0);
 	StringInfoData buf;
 	ValueBag   *b;
@@ -1330,9 +1317,9 @@ count_tails(double y, double mu, double alpha, double *log_lower, double *log_up
 	if (mu > LARGE_COUNT)
 	{
 		/*
-		 * The continued fractions take O(sqrt(count)) steps; this far up
-		 * both distributions are normal to well within what a tail
-		 * probability is used for.  Continuity-corrected.
+		 * The continued fractions take O(sqrt(count)) steps; this far up both
+		 * distributions are normal to well within what a tail probability is
+		 * used for.  Continuity-corrected.
 		 */
 		double		sd = sqrt(mu + alpha * mu * mu);
 
