@@ -2,10 +2,8 @@
 -- exact recovery of a noiseless series, the fit against a grid, the
 -- intervals' formula, the sales series, backtest, forecast view and
 -- forecast-miss alerts on generated data.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 SET extra_float_digits = 0;
 
 -- reference implementation: the same recursions, written independently
