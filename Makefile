@@ -58,9 +58,9 @@ $(EXTENSION)--$(EXTVERSION).sql: $(SQL_PIECES) $(EXTENSION).control
 	cat $(SQL_PIECES) > $@
 
 # pg_regress tells the SQL tests where the checkout is (PG_ABS_SRCDIR, read
-# by sql/include/settings.sql); the TAP tests are told here.  The shared
-# real data sets (outside the repo) reach both through the environment.
-export CA_SOURCE_DIR = $(abspath $(srcdir))
+# by sql/include/settings.sql); the TAP tests find it from their own path
+# (t/lib/CustomerAnalytics.pm).  The shared real data sets, outside the
+# repository, reach both through the environment.
 CA_SHARED_DATA ?= $(abspath $(srcdir)/../shared/data)
 export CA_SHARED_DATA
 
