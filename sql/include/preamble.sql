@@ -1,9 +1,9 @@
 \set ca_echo_outer :ECHO
 \set ECHO none
--- The start of every test (\i :abs_srcdir/sql/include/preamble.sql): the common settings,
--- the extension (created when the test runs alone, without 00_extension:
--- pg_cron first, as 00_extension leaves it, where pg_cron may live), the
--- star schema on the search_path, pg_temp.reset_warehouse() and
+-- The start of every test: the common settings (settings.sql), the
+-- extension, created when the test runs alone (pg_cron first, where it
+-- may live, as 00_extension leaves them), the star schema on the
+-- search_path, and two helpers: pg_temp.reset_warehouse() and
 -- pg_temp.masked_error().
 \ir settings.sql
 SELECT current_database() = current_setting('cron.database_name', true) AS ca_cron_here \gset

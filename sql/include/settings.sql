@@ -1,13 +1,12 @@
 \set ca_echo :ECHO
 \set ECHO none
--- The session every test starts from (\i .../sql/include/settings.sql), also
--- after \c into a database of its own: quiet notices, UTC, ISO dates, and
--- the test's paths as psql variables.  pg_regress no longer rewrites
--- input/ and output/ *.source files (PostgreSQL 15 dropped that); it
--- exports PG_ABS_SRCDIR instead, which 15 to 18 all set.  A message that
--- names such a path cannot be in an expected file: tests keep paths out of
--- what they print.  What is not echoed here is not part of any test's
--- assertions.
+-- The session every test starts from, also after \c into a database of
+-- its own: quiet notices, UTC, ISO dates, and the test's paths as psql
+-- variables.  pg_regress no longer rewrites input/ and output/ *.source
+-- files (PostgreSQL 15 dropped that); it exports PG_ABS_SRCDIR instead,
+-- which 15 to 18 all set.  Not echoed: the expected files show only the
+-- two lines before this comment, so that a change here is not a change
+-- of every expected file.
 SET client_min_messages = warning;
 SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
