@@ -57,11 +57,10 @@ include $(PGXS)
 $(EXTENSION)--$(EXTVERSION).sql: $(SQL_PIECES) $(EXTENSION).control
 	cat $(SQL_PIECES) > $@
 
-# Test fixtures (sql/data) and the shared real data sets (outside the repo),
-# located for the tests through the environment (psql \getenv).
-export CA_TEST_DATA = $(abspath $(srcdir)/sql/data)
-# the checkout itself: the docs tests read README.md and docs/ through it
-export CA_SOURCE_DIR = $(abspath $(srcdir))
+# pg_regress tells the SQL tests where the checkout is (PG_ABS_SRCDIR, read
+# by sql/include/settings.sql); the TAP tests find it from their own path
+# (t/lib/CustomerAnalytics.pm).  The shared real data sets, outside the
+# repository, reach both through the environment.
 CA_SHARED_DATA ?= $(abspath $(srcdir)/../shared/data)
 export CA_SHARED_DATA
 

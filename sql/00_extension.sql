@@ -1,6 +1,7 @@
 -- Extension lifecycle: CREATE without pg_cron, DROP leaves nothing, re-create
--- with pg_cron installed.
-SET client_min_messages = warning;
+-- with pg_cron installed.  The settings only: this test makes the extension.
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/settings.sql
 
 -- pg_cron is preloaded in this instance but not installed in the database:
 -- customer_analytics must not need it.

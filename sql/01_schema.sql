@@ -1,7 +1,6 @@
 -- Star schema objects, their documentation and their constraints.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-SET datestyle = 'ISO, YMD';
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 
 -- tables of the star schema, each documented (the extension's own queues
 -- and states in customer_analytics_internal)

@@ -1,9 +1,7 @@
 -- Sample-data generator: determinism, file mode = table mode, planted
 -- defects and anomalies, argument checks, realism.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 
 -- checksum of the data columns of every staging table (bookkeeping excluded)
 CREATE TEMP VIEW staged_checksums AS

@@ -1,20 +1,9 @@
 -- transform(): SCD2 versions, de-duplication, unknown members, late
 -- dimensions, incremental no-op, full refresh, and a generated data set.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 
-CREATE FUNCTION pg_temp.clear_all() RETURNS void LANGUAGE sql AS $$
-    TRUNCATE customer_analytics.stg_customers, customer_analytics.stg_products,
-             customer_analytics.stg_orders, customer_analytics.stg_events,
-             customer_analytics.fact_order_line, customer_analytics.fact_event,
-             customer_analytics_internal.transform_state;
-    DELETE FROM customer_analytics.dim_customer WHERE customer_key <> -1;
-    DELETE FROM customer_analytics.dim_product WHERE product_key <> -1;
-    DELETE FROM customer_analytics.dim_date;
-$$;
-SELECT pg_temp.clear_all();
+CALL pg_temp.reset_warehouse(dates => true);
 
 -- a nothing-to-do run on empty staging
 SELECT * FROM transform();
@@ -129,7 +118,7 @@ SELECT system_identifier = (SELECT system_identifier FROM pg_control_system()) A
 FROM customer_analytics_internal.transform_state;
 
 -- a generated shop end to end: every staged line and event lands exactly once
-SELECT pg_temp.clear_all();
+CALL pg_temp.reset_warehouse(dates => true);
 SELECT count(*) FROM generate_sample_data(customers => 500, days => 90, seed => 11);
 SELECT step, rows_affected > 0 AS wrote FROM transform();
 SELECT (SELECT count(DISTINCT (order_id, line_number)) FROM stg_orders) = (SELECT count(*) FROM fact_order_line) AS all_lines,
@@ -155,4 +144,4 @@ WHERE c.customer_id IN (SELECT customer_id FROM dim_customer WHERE NOT is_curren
 -- the calendar is contiguous
 SELECT max(date) - min(date) + 1 = count(*) AS contiguous FROM dim_date;
 SELECT * FROM transform();
-SELECT pg_temp.clear_all();
+CALL pg_temp.reset_warehouse(dates => true);

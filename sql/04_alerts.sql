@@ -1,6 +1,6 @@
 -- Alerts: recorded once per condition, acknowledged by a user.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 
 SELECT raise_alert('anomaly', 'Clothing', '{"day": "2025-02-12", "z": -4.2}', 'anomaly:Clothing:2025-02-12', 'warn') AS first;
 -- the same condition again: nothing new

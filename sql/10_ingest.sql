@@ -1,31 +1,10 @@
 -- ingest_csv: header mapping, column_map, rejects with line and reason,
 -- accounting, imputation, exactly-once, directories, limits, dry runs,
 -- keys, client text, privileges.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
-\getenv data CA_TEST_DATA
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 SELECT current_setting('data_directory') || '/ca_ingest_test.csv' AS work \gset
 
-SELECT set_config('ca.pgdata', current_setting('data_directory'), false) IS NOT NULL AS ok;
--- run a statement; its error (SQLSTATE, message, detail, hint), with the
--- test's varying paths masked, or 'ok'
-CREATE FUNCTION pg_temp.try(sql text) RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-    st text; msg text; det text; hin text;
-BEGIN
-    EXECUTE sql;
-    RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-    GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, msg = MESSAGE_TEXT,
-                            det = PG_EXCEPTION_DETAIL, hin = PG_EXCEPTION_HINT;
-    RETURN regexp_replace(regexp_replace(
-        concat_ws(E'\n', st || ': ' || msg, 'DETAIL: ' || NULLIF(det, ''), 'HINT: ' || NULLIF(hin, '')),
-        current_setting('ca.pgdata'), '$PGDATA', 'g'),
-        '/[^ "]*/sql/data', '$DATA', 'g');
-END
-$$;
 
 CREATE TABLE public.people (
     id          integer PRIMARY KEY,
@@ -39,7 +18,7 @@ CREATE TABLE public.people (
 -- a header in another order, with a byte-order-free mix of quoting, a
 -- field holding the delimiter, doubled quotes, an embedded newline and
 -- UTF-8 beyond Latin-1; "Unused" is not a column of the table
-SELECT pg_temp.try(format('SELECT * FROM customer_analytics.ingest_csv(''public.people'', %L, '
+SELECT pg_temp.masked_error(format('SELECT * FROM customer_analytics.ingest_csv(''public.people'', %L, '
                           'column_map => ''{"Signup Date": "signup_date"}'')',
                           :'data' || '/people_reordered.csv'));
 SELECT status, rows_read, rows_loaded, rows_rejected
@@ -66,13 +45,13 @@ SELECT count(*) AS rejects_recorded FROM ingest_reject
 WHERE load_id = (SELECT max(load_id) FROM ingest_load);
 
 -- abort mode: the first bad row refuses the whole file
-SELECT pg_temp.try(format('SELECT * FROM customer_analytics.ingest_csv(''public.things'', %L, force => true, on_error => ''abort'')',
+SELECT pg_temp.masked_error(format('SELECT * FROM customer_analytics.ingest_csv(''public.things'', %L, force => true, on_error => ''abort'')',
                           :'data' || '/row_errors.csv'));
 SELECT count(*) AS rows_written FROM public.things;
 -- reject limits
-SELECT pg_temp.try(format('SELECT * FROM customer_analytics.ingest_csv(''public.things'', %L, force => true, max_rejects => 3)',
+SELECT pg_temp.masked_error(format('SELECT * FROM customer_analytics.ingest_csv(''public.things'', %L, force => true, max_rejects => 3)',
                           :'data' || '/row_errors.csv'));
-SELECT pg_temp.try(format('SELECT * FROM customer_analytics.ingest_csv(''public.things'', %L, force => true, max_reject_ratio => 0.5)',
+SELECT pg_temp.masked_error(format('SELECT * FROM customer_analytics.ingest_csv(''public.things'', %L, force => true, max_reject_ratio => 0.5)',
                           :'data' || '/row_errors.csv'));
 SELECT count(*) AS rows_written FROM public.things;
 SELECT status, rows_loaded FROM ingest_csv('public.things', :'data' || '/row_errors.csv',
@@ -130,10 +109,12 @@ FROM ingest_csv_text('public.lines', E'order_id,product_id,channel,quantity,regi
                                      'P1,P1,app,2,north,7\nP2,P2,web,1,,7\nP3,P3,web,1,south,7\nP4,P4,web,1,,7\n');
 SELECT order_id, region FROM public.lines ORDER BY order_id;
 -- a required column the file lacks, with no rule: refused before reading
-SELECT pg_temp.try($$SELECT * FROM customer_analytics.ingest_csv_text('public.things', E'id,amount\n1,2\n')$$);
+SELECT * FROM customer_analytics.ingest_csv_text('public.things', E'id,amount\n1,2\n');
+\echo :LAST_ERROR_SQLSTATE
 -- rules that cannot apply are refused, naming the column
 INSERT INTO imputation_rule (target, column_name, rule, value) VALUES ('public.things', 'nope', 'constant', 'x');
-SELECT pg_temp.try($$SELECT * FROM customer_analytics.ingest_csv_text('public.things', E'id,name,amount\n1,a,2\n')$$);
+SELECT * FROM customer_analytics.ingest_csv_text('public.things', E'id,name,amount\n1,a,2\n');
+\echo :LAST_ERROR_SQLSTATE
 DELETE FROM imputation_rule WHERE target = 'public.things'::regclass;
 
 -- exactly once: the same file again is skipped, the same content under
@@ -166,8 +147,8 @@ SELECT * FROM public.child ORDER BY id;
 -- abort mode on key violations, found when the rows are written (a
 -- duplicate key, then an orphan): the file is refused whole, naming the
 -- first of them (this used to crash the backend)
-SELECT pg_temp.try('SELECT * FROM customer_analytics.ingest_csv_text(''public.child'', '
-                   'E''id,parent_id\n6,1\n1,2\n7,9\n'', on_error => ''abort'')');
+SELECT * FROM customer_analytics.ingest_csv_text('public.child', E'id,parent_id\n6,1\n1,2\n7,9\n', on_error => 'abort');
+\echo :LAST_ERROR_SQLSTATE
 SELECT count(*) AS rows_written FROM public.child WHERE id >= 6;
 
 -- a landing directory: files in name order, only new ones, a bad file
@@ -212,8 +193,9 @@ GRANT SELECT, INSERT ON customer_analytics.ingest_load, customer_analytics.inges
 GRANT USAGE ON SEQUENCE customer_analytics.load_id_seq, customer_analytics.reject_id_seq TO ca_ingest_user;
 GRANT SELECT ON customer_analytics.imputation_rule TO ca_ingest_user;
 SET ROLE ca_ingest_user;
-SELECT pg_temp.try(format('SELECT * FROM customer_analytics.ingest_csv(''public.words'', %L)', :'data' || '/latin1.csv'));
-SELECT pg_temp.try($$SELECT * FROM customer_analytics.ingest_csv_text('public.words', E'id\n1\n')$$);
+SELECT pg_temp.masked_error(format('SELECT * FROM customer_analytics.ingest_csv(''public.words'', %L)', :'data' || '/latin1.csv'));
+SELECT * FROM customer_analytics.ingest_csv_text('public.words', E'id\n1\n');
+\echo :LAST_ERROR_SQLSTATE
 RESET ROLE;
 GRANT INSERT ON public.words TO ca_ingest_user;
 SET ROLE ca_ingest_user;
@@ -225,25 +207,35 @@ SELECT count(*) AS rejects_visible, min(raw_line) FROM customer_analytics.ingest
 RESET ROLE;
 ALTER TABLE public.words ENABLE ROW LEVEL SECURITY;
 SET ROLE ca_ingest_user;
-SELECT pg_temp.try($$SELECT * FROM customer_analytics.ingest_csv_text('public.words', E'id\n1\n')$$);
+SELECT * FROM customer_analytics.ingest_csv_text('public.words', E'id\n1\n');
+\echo :LAST_ERROR_SQLSTATE
 RESET ROLE;
 ALTER TABLE public.words DISABLE ROW LEVEL SECURITY;
-SELECT pg_temp.try($$SELECT * FROM customer_analytics.ingest_csv('public.words', 'relative/path.csv')$$);
-SELECT pg_temp.try($$SELECT * FROM customer_analytics.ingest_csv('public.words', '/nonexistent/file.csv')$$);
-SELECT pg_temp.try(format('SELECT * FROM customer_analytics.ingest_csv(''public.words'', %L, on_error => ''skip'')',
-                          :'data' || '/latin1.csv'));
+SELECT * FROM customer_analytics.ingest_csv('public.words', 'relative/path.csv');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM customer_analytics.ingest_csv('public.words', '/nonexistent/file.csv');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM customer_analytics.ingest_csv('public.words', :'data' || '/latin1.csv', on_error => 'skip');
+\echo :LAST_ERROR_SQLSTATE
 CREATE FUNCTION public.noop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
 CREATE TRIGGER words_noop BEFORE INSERT ON public.words FOR EACH ROW EXECUTE FUNCTION public.noop();
-SELECT pg_temp.try($$SELECT * FROM customer_analytics.ingest_csv_text('public.words', E'id\n1\n')$$);
+SELECT * FROM customer_analytics.ingest_csv_text('public.words', E'id\n1\n');
+\echo :LAST_ERROR_SQLSTATE
 DROP TRIGGER words_noop ON public.words;
-SELECT pg_temp.try($$SELECT * FROM customer_analytics.ingest_csv_text('public.words', E'id,what,Why\n1,x,y\n')$$);
-SELECT pg_temp.try($$SELECT * FROM customer_analytics.ingest_csv_text('public.words', E'id,ID\n1,2\n')$$);
-SELECT pg_temp.try($$SELECT * FROM customer_analytics.ingest_csv_text('public.words', E'id,\n1,2\n')$$);
-SELECT pg_temp.try($$SELECT * FROM customer_analytics.ingest_csv_text('public.people', E'id,name\n1,a\n', column_map => '["id"]')$$);
-SELECT pg_temp.try($$SELECT * FROM customer_analytics.ingest_csv_text('customer_analytics.ingest_summary', E'a\n1\n')$$);
+SELECT * FROM customer_analytics.ingest_csv_text('public.words', E'id,what,Why\n1,x,y\n');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM customer_analytics.ingest_csv_text('public.words', E'id,ID\n1,2\n');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM customer_analytics.ingest_csv_text('public.words', E'id,\n1,2\n');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM customer_analytics.ingest_csv_text('public.people', E'id,name\n1,a\n', column_map => '["id"]');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM customer_analytics.ingest_csv_text('customer_analytics.ingest_summary', E'a\n1\n');
+\echo :LAST_ERROR_SQLSTATE
 SET customer_analytics.ingest_allowed_directories = '/srv/landing';
-SELECT pg_temp.try(format('SELECT * FROM customer_analytics.ingest_csv(''public.words'', %L)', :'data' || '/latin1.csv'));
-SELECT pg_temp.try($$SELECT * FROM customer_analytics.ingest_csv('public.words', '/srv/landing/../../etc/passwd')$$);
+SELECT pg_temp.masked_error(format('SELECT * FROM customer_analytics.ingest_csv(''public.words'', %L)', :'data' || '/latin1.csv'));
+SELECT * FROM customer_analytics.ingest_csv('public.words', '/srv/landing/../../etc/passwd');
+\echo :LAST_ERROR_SQLSTATE
 RESET customer_analytics.ingest_allowed_directories;
 
 DROP OWNED BY ca_ingest_user;

@@ -1,9 +1,8 @@
 -- Input that breaks CSV files the way real exports do: each such file
 -- loads its good rows, says exactly what it could not load, and accounts
 -- for every row.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-\getenv data CA_TEST_DATA
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 
 CREATE TABLE public.h (id integer PRIMARY KEY, name varchar(20) NOT NULL, amount numeric);
 

@@ -6,8 +6,8 @@
 -- with its reason.  generate_sample_data() writes through no link and into
 -- no FIFO.  (FIFOs with a writer, sockets and cancels are in
 -- t/019_hostile_files.pl.)
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 
 -- the files are made by the server's user, in a directory of the test
 -- instance, with COPY TO PROGRAM (this runs as a superuser)
@@ -19,22 +19,8 @@ BEGIN
                    format('set -e; mkdir -p %s; cd %s; %s', current_setting('ca.dir'), current_setting('ca.dir'), cmd));
 END
 $$;
--- an error as SQLSTATE, message, detail and hint, the test directory masked
-CREATE FUNCTION pg_temp.try(sql text) RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-    st text; msg text; det text; hin text;
-BEGIN
-    EXECUTE sql;
-    RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-    GET STACKED DIAGNOSTICS st = RETURNED_SQLSTATE, msg = MESSAGE_TEXT,
-                            det = PG_EXCEPTION_DETAIL, hin = PG_EXCEPTION_HINT;
-    RETURN replace(concat_ws(E'\n', st || ': ' || msg, 'DETAIL: ' || NULLIF(det, ''), 'HINT: ' || NULLIF(hin, '')),
-                   current_setting('ca.dir'), '$DIR');
-END
-$$;
 CREATE FUNCTION pg_temp.load(file text) RETURNS text LANGUAGE sql AS $$
-    SELECT pg_temp.try(format('SELECT * FROM customer_analytics.ingest_csv(%L, %L, force => true)',
+    SELECT pg_temp.masked_error(format('SELECT * FROM customer_analytics.ingest_csv(%L, %L, force => true)',
                               'public.hf', current_setting('ca.dir') || '/' || file))
 $$;
 
@@ -74,7 +60,7 @@ SELECT pg_temp.load('landing/swap.csv');
 SELECT pg_temp.sh('ln -s /etc etc_link');
 SELECT set_config('customer_analytics.ingest_allowed_directories',
                   :'dir', false) IS NOT NULL AS whole_dir_allowed;
-SELECT pg_temp.try(format('SELECT * FROM customer_analytics.ingest_directory(%L, %L)', 'public.hf', :'dir' || '/etc_link'));
+SELECT pg_temp.masked_error(format('SELECT * FROM customer_analytics.ingest_directory(%L, %L)', 'public.hf', :'dir' || '/etc_link'));
 SELECT set_config('customer_analytics.ingest_allowed_directories',
                   :'dir' || '/landing, ' || :'dir' || '/store', false) IS NOT NULL AS confined;
 SELECT id, name FROM public.hf ORDER BY id;
@@ -87,7 +73,7 @@ SET client_min_messages = error;
 SELECT regexp_replace(file, '.*/', '') AS file, status, rows_loaded
 FROM ingest_directory('public.hf', :'dir' || '/landing') ORDER BY file;
 SET client_min_messages = warning;
-SELECT regexp_replace(file, '.*/', '') AS file, status, replace(message, current_setting('ca.dir'), '$DIR') AS message
+SELECT regexp_replace(file, '.*/', '') AS file, status, replace(message, current_setting('data_directory'), '@data_directory@') AS message
 FROM ingest_load WHERE status = 'failed' ORDER BY file;
 SELECT id, name FROM public.hf ORDER BY id;
 -- the next run loads nothing again (the hostile entries are reported again)
@@ -104,12 +90,12 @@ SELECT files FROM generate_sample_data(customers => 20, days => 3, events => fal
 SELECT pg_ls_dir(:'dir' || '/gen/customers') AS first_file ORDER BY 1 LIMIT 1 \gset
 SELECT pg_temp.sh('echo precious > elsewhere/victim.txt; mkdir gen2; ln -s ../elsewhere gen2/customers; '
                   'rm gen/customers/' || :'first_file' || '; ln -s ../../elsewhere/victim.txt gen/customers/' || :'first_file');
-SELECT pg_temp.try(format('SELECT * FROM customer_analytics.generate_sample_data(customers => 20, days => 3, events => false, directory => %L)',
+SELECT pg_temp.masked_error(format('SELECT * FROM customer_analytics.generate_sample_data(customers => 20, days => 3, events => false, directory => %L)',
                           :'dir' || '/gen2'));
-SELECT pg_temp.try(format('SELECT * FROM customer_analytics.generate_sample_data(customers => 20, days => 3, events => false, directory => %L)',
+SELECT pg_temp.masked_error(format('SELECT * FROM customer_analytics.generate_sample_data(customers => 20, days => 3, events => false, directory => %L)',
                           :'dir' || '/gen'));
 SELECT pg_temp.sh('rm gen/customers/' || :'first_file' || '; mkfifo gen/customers/' || :'first_file');
-SELECT pg_temp.try(format('SELECT * FROM customer_analytics.generate_sample_data(customers => 20, days => 3, events => false, directory => %L)',
+SELECT pg_temp.masked_error(format('SELECT * FROM customer_analytics.generate_sample_data(customers => 20, days => 3, events => false, directory => %L)',
                           :'dir' || '/gen'));
 SELECT pg_read_file(:'dir' || '/elsewhere/victim.txt') AS victim,
        (SELECT count(*) FROM pg_ls_dir(:'dir' || '/elsewhere')) AS files_in_elsewhere;

@@ -1,11 +1,8 @@
 -- Real public e-commerce exports (../shared/data, outside the repository)
 -- through ingest_csv: every row accounted for, and the figures their
 -- SOURCE.md documents reproduced.  Skipped where the folder is absent.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
-\getenv shared CA_SHARED_DATA
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 SELECT (pg_stat_file(:'shared' || '/olist/SOURCE.md', true)).size IS NOT NULL AS have_shared_data \gset
 \if :have_shared_data
 

@@ -4,9 +4,8 @@
 -- Needs the OS locale de_DE.UTF-8 (scripts/common.sh generates it) and
 -- PostgreSQL's German message catalog; without them the test says it was
 -- skipped (expected/13_ingest_translated_1.out).
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-\getenv data CA_TEST_DATA
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 
 CREATE FUNCTION pg_temp.speak_german() RETURNS boolean LANGUAGE plpgsql AS $$
 BEGIN

@@ -4,9 +4,8 @@
 -- independently from the raw files (a plain COPY and plain SQL): row
 -- counts, revenue and orders per month, customers, returns.  Skipped where
 -- the data is absent.
-SET client_min_messages = warning;
-\getenv shared CA_SHARED_DATA
-\getenv src CA_SOURCE_DIR
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/settings.sql
 SELECT (pg_stat_file(:'shared' || '/online_retail/online_retail_2010_2011.csv', true)).size IS NOT NULL
    AND (pg_stat_file(:'shared' || '/olist/subset_2017_10k/orders.csv', true)).size IS NOT NULL
    AND (pg_stat_file(:'shared' || '/rees46_clickstream/rees46_2019-Oct_head.csv', true)).size IS NOT NULL
@@ -19,12 +18,10 @@ SELECT current_database() AS regress_db \gset
 ------------------------------------------------------------------------
 CREATE DATABASE ca_recipe_retail;
 \c ca_recipe_retail
-SET client_min_messages = warning;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\i :abs_srcdir/sql/include/settings.sql
 CREATE EXTENSION customer_analytics;
 SELECT :'shared' || '/online_retail/online_retail_2010_2011.csv' AS retail_csv \gset
-\i :src/docs/recipes/online_retail.sql
+\i :abs_srcdir/docs/recipes/online_retail.sql
 SET search_path = customer_analytics, public;
 -- the raw file again, read independently of the recipe (plain COPY)
 CREATE TEMP TABLE raw (invoice_no text, stock_code text, description text, quantity integer,
@@ -83,7 +80,7 @@ FROM customer_rfm c WHERE customer_id IN ('12347', '12348', '12349', '12350') OR
 SELECT idle_weekdays();
 SELECT refresh_sales_views(false);
 CREATE TEMP TABLE flagged_before AS SELECT * FROM anomalies;
-\i :src/docs/recipes/online_retail_calendar.sql
+\i :abs_srcdir/docs/recipes/online_retail_calendar.sql
 SELECT a.day, to_char(a.day, 'Dy') AS weekday, a.orders, a.expected, a.direction, c.name AS closed
 FROM flagged_before a LEFT JOIN closed_days('2010-12-01', '2011-12-09') c USING (day)
 WHERE a.series = 'total' ORDER BY a.day;
@@ -109,12 +106,10 @@ DROP DATABASE ca_recipe_retail;
 ------------------------------------------------------------------------
 CREATE DATABASE ca_recipe_olist;
 \c ca_recipe_olist
-SET client_min_messages = warning;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\i :abs_srcdir/sql/include/settings.sql
 CREATE EXTENSION customer_analytics;
 SELECT :'shared' || '/olist/subset_2017_10k' AS olist_dir \gset
-\i :src/docs/recipes/olist.sql
+\i :abs_srcdir/docs/recipes/olist.sql
 SET search_path = customer_analytics, public;
 SELECT :'olist_dir' || '/orders.csv' AS olist_orders, :'olist_dir' || '/customers.csv' AS olist_customers,
        :'olist_dir' || '/order_items.csv' AS olist_items \gset
@@ -172,12 +167,10 @@ DROP DATABASE ca_recipe_olist;
 ------------------------------------------------------------------------
 CREATE DATABASE ca_recipe_rees46;
 \c ca_recipe_rees46
-SET client_min_messages = warning;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\i :abs_srcdir/sql/include/settings.sql
 CREATE EXTENSION customer_analytics;
 SELECT :'shared' || '/rees46_clickstream/rees46_2019-Oct_head.csv' AS rees46_csv \gset
-\i :src/docs/recipes/rees46.sql
+\i :abs_srcdir/docs/recipes/rees46.sql
 SET search_path = customer_analytics, public;
 CREATE TEMP TABLE raw (event_time text, event_type text, product_id text, category_id text,
                        category_code text, brand text, price numeric, user_id text, user_session text);

@@ -1,9 +1,7 @@
 -- RFM: rfm_agg, quintile_breaks/quintile_score, segment maps, rfm() on the
 -- star schema and on a user's table, the views, parallel plans.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 
 ------------------------------------------------------------------------
 -- rfm_agg: hand-computed cases
@@ -159,9 +157,7 @@ SELECT count(*) FROM rfm('2025-04-01', 'public.my_sales_2025', customer_column =
 ------------------------------------------------------------------------
 -- rfm() on the star schema equals the idiomatic SQL, customer by customer
 ------------------------------------------------------------------------
-TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, customer_analytics_internal.transform_state;
-DELETE FROM dim_customer WHERE customer_key <> -1;
-DELETE FROM dim_product WHERE product_key <> -1;
+CALL pg_temp.reset_warehouse();
 SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 400, days => 120, seed => 7);
 SELECT count(*) > 0 AS transformed FROM transform();
 -- a second version of some customers (SCD2): they stay one customer

@@ -3,15 +3,10 @@
 -- against monetary, is no purchase or order, and moves neither first nor
 -- last purchase; a zero quantity is refused at ingestion with its line.
 -- A hand-made shop whose every figure is worked out in the comments.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 BEGIN;
-TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, customer_analytics_internal.transform_state,
-         ingest_load, ingest_reject;
-DELETE FROM dim_customer WHERE customer_key <> -1;
-DELETE FROM dim_product WHERE product_key <> -1;
+CALL pg_temp.reset_warehouse(also => '{ingest_load, ingest_reject}');
 SELECT refresh_customer_rfm(full_refresh => true) >= 0 AS rfm_cleared;
 INSERT INTO stg_customers (customer_id, name, updated_at)
 SELECT c, 'Customer ' || c, '2025-01-01' FROM unnest('{A,B,C,D,E}'::text[]) c;

@@ -3,8 +3,8 @@
 -- units, or the same error, on every form of numeric (short and long
 -- headers, NaN and the infinities, scale 0 and high scales, huge and tiny
 -- weights, values stored packed, compressed and out of line).
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 
 CREATE FUNCTION pg_temp.units(amount numeric, public_api boolean) RETURNS text LANGUAGE plpgsql AS $$
 BEGIN

@@ -2,7 +2,8 @@
 -- states of quintile_breaks between nodes as text (worker_partial_agg /
 -- coord_combine_agg), so breaks combined from states that went through
 -- text must equal the breaks computed directly, bit for bit.
-SET search_path = customer_analytics, public;
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 -- the text form must not depend on it: states are written in full anyway
 SET extra_float_digits = -15;
 -- the two halves of quintile_breaks as they run on a worker and on the

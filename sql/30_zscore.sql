@@ -1,11 +1,9 @@
 -- Anomaly detection: stats_agg, median_mad_agg, zscore, robust_zscore,
 -- detect_anomalies.  Every figure is checked against an independent SQL
 -- computation or a hand-computed value.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 SET extra_float_digits = 0;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
 
 -- 1. hand-computed: 1..5 has mean 3, M2 10, variance 2.5, sd 1.5811388
 SELECT stats_agg(x) AS s, stats_count(stats_agg(x)), stats_mean(stats_agg(x)), stats_variance(stats_agg(x)),

@@ -1,15 +1,12 @@
 -- The sales views, the anomalies view and its alerts, on a small sample
 -- shop; every figure against an independent computation on the facts.
 -- In a database of its own: what earlier tests left behind stays out.
-SET client_min_messages = warning;
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 SELECT current_database() AS regress_db \gset
 CREATE DATABASE ca_zscore_views;
 \c ca_zscore_views
-SET client_min_messages = warning;
-CREATE EXTENSION customer_analytics;
-SET search_path = customer_analytics, public;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\i :abs_srcdir/sql/include/preamble.sql
 
 SELECT count(*) FROM generate_sample_data(customers => 4000, days => 240, seed => 42, events => false);
 SELECT count(*) FROM transform();

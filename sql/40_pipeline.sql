@@ -2,15 +2,11 @@
 -- its log, a failing error-severity check that stops only what depends on
 -- it, retries of transient failures, a failed step blocking its
 -- dependents, history purge, cron schedules.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 SET customer_analytics.pipeline_retry_backoff = 0;
 
-TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, customer_analytics_internal.transform_state, alert;
-DELETE FROM dim_customer WHERE customer_key <> -1;
-DELETE FROM dim_product WHERE product_key <> -1;
+CALL pg_temp.reset_warehouse(also => '{alert}');
 SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 200, days => 60, seed => 42);
 
 ------------------------------------------------------------------------

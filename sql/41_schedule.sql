@@ -3,9 +3,8 @@
 --  2. the warehouse is another database: jobs are made over a loopback
 --     connection to the cron database
 -- This test waits for pg_cron's next minute (up to ~70 s).
-SET client_min_messages = warning;
-SET timezone = 'UTC';
-CREATE EXTENSION IF NOT EXISTS pg_cron;
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 SELECT customer_analytics.pg_cron_location();
 -- make the scheduled runs quick: nothing to load, a tiny schema
 TRUNCATE customer_analytics.pipeline_run CASCADE;
@@ -27,8 +26,7 @@ SELECT customer_analytics.schedule_pipeline('* * * * *', 'no such scope');
 ------------------------------------------------------------------------
 CREATE DATABASE ca_elsewhere;
 \c ca_elsewhere
-SET client_min_messages = warning;
-SET timezone = 'UTC';
+\i :abs_srcdir/sql/include/settings.sql
 CREATE EXTENSION customer_analytics;
 SELECT customer_analytics.pg_cron_location();
 SELECT to_regclass('cron.job') AS cron_job_here;
@@ -70,7 +68,7 @@ SELECT count(*) AS jobs_left FROM customer_analytics.pipeline_jobs();
 SELECT scope, last_status, schedule FROM customer_analytics.pipeline_status;
 
 \c contrib_regression
-SET client_min_messages = warning;
+\i :abs_srcdir/sql/include/preamble.sql
 -- the cron job of this database ran in the same minute
 DO $$
 BEGIN

@@ -3,16 +3,12 @@
 -- a product changing category, customers' new versions and deleted lines,
 -- what is built from the incrementally kept rollups equals a computation
 -- from the facts (rfm(as_of) for customer_rfm).
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 -- recency from after every order line: customer_rfm is scored from its rollup
 SET customer_analytics.as_of = '2030-01-01 00:00+00';
 
-TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, customer_analytics_internal.transform_state;
-DELETE FROM dim_customer WHERE customer_key <> -1;
-DELETE FROM dim_product WHERE product_key <> -1;
+CALL pg_temp.reset_warehouse();
 SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 300, days => 90, seed => 11, events => false);
 SELECT count(*) > 0 AS transformed FROM transform();
 SELECT refresh_sales_rollup() > 0 AS first_build;

@@ -1,11 +1,8 @@
 -- cron_next_run() accepts what pg_cron accepts, asked of pg_cron itself for
 -- each schedule of a table (cron.schedule in a subtransaction rolled back),
 -- and schedule_pipeline() leaves the verdict to pg_cron.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
-CREATE EXTENSION IF NOT EXISTS pg_cron;
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 
 CREATE FUNCTION pg_temp.pg_cron_accepts(s text) RETURNS boolean LANGUAGE plpgsql AS $$
 BEGIN

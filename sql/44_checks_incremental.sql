@@ -3,15 +3,11 @@
 -- exactly what run_checks(full => true) finds on the same database (same
 -- verdict, same number of failing rows), and most checks did run over the
 -- changes only.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 SET customer_analytics.full_checks_interval = '100 years';
 
-TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, customer_analytics_internal.transform_state;
-DELETE FROM dim_customer WHERE customer_key <> -1;
-DELETE FROM dim_product WHERE product_key <> -1;
+CALL pg_temp.reset_warehouse();
 SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 200, days => 60, seed => 5);
 SELECT count(*) > 0 AS transformed FROM transform();
 -- what earlier tests left: forgotten, so that the first pass here is whole

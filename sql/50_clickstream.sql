@@ -1,10 +1,8 @@
 -- Clickstream: session_number() on hand-made sequences, the settings,
 -- track_event(), stitching, late events, sessions and the funnel views on a
 -- hand-checked event set.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 
 -- session_number(): a pause exactly equal to the gap continues the session,
 -- one microsecond more starts the next; rows arrive out of order (the

@@ -3,15 +3,10 @@
 -- corrected, with refresh_clickstream() after each batch; the result must
 -- equal a computation from scratch, and the sessions an independent
 -- lag() + sum() sessionization.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 
-TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event,
-         customer_analytics_internal.transform_state, customer_analytics_internal.event_transform_state, customer_analytics_internal.clickstream_state;
-DELETE FROM dim_customer WHERE customer_key <> -1;
-DELETE FROM dim_product WHERE product_key <> -1;
+CALL pg_temp.reset_warehouse(also => '{event_transform_state, clickstream_state}');
 
 SELECT count(*) FROM generate_sample_data(customers => 1500, days => 21, seed => 5);
 CREATE TEMP TABLE pool AS

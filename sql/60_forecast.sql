@@ -2,10 +2,8 @@
 -- exact recovery of a noiseless series, the fit against a grid, the
 -- intervals' formula, the sales series, backtest, forecast view and
 -- forecast-miss alerts on generated data.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 SET extra_float_digits = 0;
 
 -- reference implementation: the same recursions, written independently;
@@ -224,9 +222,7 @@ SELECT * FROM sales_forecast_backtest(holdout => 0);
 
 -- 5. on the star schema: the sample shop
 -- start from an empty star schema (earlier tests leave theirs)
-TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, customer_analytics_internal.transform_state;
-DELETE FROM dim_customer WHERE customer_key <> -1;
-DELETE FROM dim_product WHERE product_key <> -1;
+CALL pg_temp.reset_warehouse();
 SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 8000, days => 130, seed => 42, events => false);
 SELECT count(*) > 0 AS transformed FROM transform();
 -- the daily series come from the sales rollup

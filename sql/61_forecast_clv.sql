@@ -2,10 +2,8 @@
 -- parameters (Fader, Hardie and Lee 2005) against the published figure and
 -- independent SQL computations, recovery of known parameters from data
 -- simulated with them, and customer_clv on the sample shop.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 SET extra_float_digits = 0;
 
 CREATE TEMP TABLE cdnow AS
@@ -168,9 +166,7 @@ SELECT bgnbd_fit(x, t_x, "T") IS NULL AS no_rows FROM histories WHERE false;
 
 -- 5. customer_clv on the sample shop
 -- start from an empty star schema (earlier tests leave theirs)
-TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, customer_analytics_internal.transform_state;
-DELETE FROM dim_customer WHERE customer_key <> -1;
-DELETE FROM dim_product WHERE product_key <> -1;
+CALL pg_temp.reset_warehouse();
 SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 2000, days => 180, seed => 7, events => false);
 SELECT count(*) > 0 AS transformed FROM transform();
 SET customer_analytics.as_of = '2025-06-30';

@@ -2,11 +2,8 @@
 -- from ../shared/data): Holt-Winters beats the seasonal-naive forecast over
 -- the last 28 days, and BG/NBD predicts the next 90 days' purchases out of
 -- sample.  Skipped where the folder is absent.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
-\getenv shared CA_SHARED_DATA
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 SELECT (pg_stat_file(:'shared' || '/online_retail/online_retail_2010_2011.csv', true)).size IS NOT NULL AS have_retail \gset
 \if :have_retail
 

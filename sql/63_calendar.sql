@@ -5,18 +5,13 @@
 -- days only; never a forecast miss.  A duplicate entry is refused naming
 -- the day; an entry outside the data is harmless.  The day in progress is
 -- never scored as a whole day.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 SET extra_float_digits = 0;
 -- the refused entries below do not end the transaction
 \set ON_ERROR_ROLLBACK on
 BEGIN;
-TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, customer_analytics_internal.transform_state,
-         closed_day;
-DELETE FROM dim_customer WHERE customer_key <> -1;
-DELETE FROM dim_product WHERE product_key <> -1;
+CALL pg_temp.reset_warehouse(also => '{closed_day}');
 SELECT refresh_sales_rollup(full_refresh => true) >= 0 AS rollup_cleared;
 
 -- orders per weekday Mon..Sun: 20, 18, 19, 21, 25, 0, 10, give or take 2;

@@ -2,14 +2,11 @@
 -- reaches the likelihood of version 0.1's Nelder-Mead search, grouped and
 -- ungrouped, on a generated shop; data without a repeat purchase gives no
 -- parameters; data in which nobody drops out ends at the no-dropout limit.
-SET client_min_messages = warning;
-SET search_path = customer_analytics, public;
-SET timezone = 'UTC';
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 SET extra_float_digits = 0;
 
-TRUNCATE stg_customers, stg_products, stg_orders, stg_events, fact_order_line, fact_event, customer_analytics_internal.transform_state;
-DELETE FROM dim_customer WHERE customer_key <> -1;
-DELETE FROM dim_product WHERE product_key <> -1;
+CALL pg_temp.reset_warehouse();
 SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 1500, days => 240, seed => 11, events => false);
 SELECT count(*) > 0 AS transformed FROM transform();
 CREATE TEMP TABLE summary AS SELECT * FROM clv_summary('2025-09-01');

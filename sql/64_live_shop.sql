@@ -4,14 +4,12 @@
 -- (no order after it) is alerted by the 11:00 run, once.  The generated
 -- shop (50,000 customers, 8 weeks and 3 days, no planted anomaly) ends on
 -- Wednesday 2025-03-05, the "today" of the runs.  In a database of its own.
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 SELECT current_database() AS regress_db \gset
 CREATE DATABASE ca_live_shop;
 \c ca_live_shop
-SET client_min_messages = warning;
-CREATE EXTENSION customer_analytics;
-SET search_path = customer_analytics, public;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
+\i :abs_srcdir/sql/include/preamble.sql
 SELECT count(*) > 0 AS generated
 FROM generate_sample_data(customers => 50000, days => 59, seed => 5, start_date => '2025-01-06', events => false,
                           defects => false);

@@ -2,11 +2,10 @@
 -- docs/erd.sql): the committed file must be what docs/erd.sql gives on the
 -- extension as installed now.  On a failure the lines that differ are
 -- listed; run ./scripts/erd.sh and commit docs/erd.dot and its renderings.
-SET client_min_messages = warning;
-CREATE EXTENSION IF NOT EXISTS customer_analytics;
-\getenv src CA_SOURCE_DIR
-\set erd_sql :src '/docs/erd.sql'
-\set erd_dot :src '/docs/erd.dot'
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
+\set erd_sql :abs_srcdir '/docs/erd.sql'
+\set erd_dot :abs_srcdir '/docs/erd.dot'
 -- the statement of docs/erd.sql, run as it is (without its final semicolon)
 CREATE FUNCTION pg_temp.run_text_query(q text) RETURNS text LANGUAGE plpgsql AS $$
 DECLARE r text;

@@ -9,10 +9,11 @@
 -- the support functions of the extension's aggregates (state, final,
 -- combine, serialize, moving-aggregate functions), the I/O functions of its
 -- types, and trigger functions.  Nothing else is exempt.
-SET client_min_messages = warning;
-CREATE EXTENSION IF NOT EXISTS customer_analytics;
-\getenv src CA_SOURCE_DIR
-\set readme :src '/README.md'
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
+-- names read as the catalog prints them, schema-qualified
+RESET search_path;
+\set readme :abs_srcdir '/README.md'
 CREATE TEMP TABLE readme AS SELECT pg_read_file(:'readme') AS text;
 CREATE TEMP VIEW ext_object AS
 WITH member AS (

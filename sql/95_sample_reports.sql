@@ -5,14 +5,15 @@
 -- trained as of two weeks before it so that "forecast against actual" has
 -- days to compare.  Then a few figures of the reports are recomputed
 -- independently.  In a database of its own, so that what earlier tests
--- left in the star schema does not count.
+-- left in the star schema does not count.  (The cookbook runs with the
+-- default search_path, as an analyst's session has it.)
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
 SELECT current_database() AS regress_db \gset
 CREATE DATABASE ca_sample_reports;
 \c ca_sample_reports
-SET client_min_messages = warning;
+\i :abs_srcdir/sql/include/settings.sql
 CREATE EXTENSION customer_analytics;
-SET timezone = 'UTC';
-SET datestyle = 'ISO, YMD';
 SET extra_float_digits = 0;
 SELECT count(*) > 0 AS generated
 FROM customer_analytics.generate_sample_data(customers => 1200, days => 150, seed => 1, start_date => '2025-01-06');
@@ -27,8 +28,7 @@ SELECT set_config('customer_analytics.as_of', (:'last_day'::date - 13)::text, fa
 REFRESH MATERIALIZED VIEW customer_analytics.sales_forecast;
 SELECT min(day), max(day) FROM customer_analytics.sales_forecast;
 
-\getenv src CA_SOURCE_DIR
-\set cookbook :src '/docs/sample_reports.sql'
+\set cookbook :abs_srcdir '/docs/sample_reports.sql'
 -- the results only (the file's own text is not echoed: its \echo lines
 -- name each report)
 \set ECHO none

@@ -3,11 +3,12 @@
 -- lines unless granted, cannot hijack the extension's functions with
 -- look-alike objects in public; grant_analyst() and grant_loader() give
 -- what they say and no more.
-SET client_min_messages = warning;
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/settings.sql
 CREATE DATABASE regress_security;
 \c regress_security
-SET client_min_messages = warning;
-\getenv data CA_TEST_DATA
+-- the settings only: the default search_path is what the hijack tries
+\i :abs_srcdir/sql/include/settings.sql
 CREATE EXTENSION customer_analytics;
 CREATE TABLE public.people (id integer PRIMARY KEY, name varchar(40) NOT NULL, amount numeric, signup_date date);
 

@@ -8,17 +8,11 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use FindBin;
+use lib "$FindBin::RealBin/lib";
+use CustomerAnalytics qw(new_node checksums);
 
-my $node = PostgreSQL::Test::Cluster->new('dump');
-$node->init;
-$node->append_conf('postgresql.conf', q{
-shared_preload_libraries = 'pg_cron'
-cron.database_name = 'postgres'
-cron.use_background_workers = on
-max_worker_processes = 20
-});
-$node->start;
-$node->safe_psql('postgres', 'CREATE EXTENSION pg_cron');
+my $node = new_node('dump', cron_database => 'postgres');
 
 $node->safe_psql('postgres', 'CREATE DATABASE warehouse');
 $node->safe_psql('warehouse', q{
@@ -48,27 +42,18 @@ $node->safe_psql('warehouse', q{
 });
 
 # row count and checksum of every table pg_dump is told to keep
-sub checksums
+sub kept_checksums
 {
 	my ($db) = @_;
 	my @tables = split /\n/, $node->safe_psql($db, q{
-		SELECT c.relname || ' ' || c.relnamespace::regnamespace
-		FROM pg_extension e, unnest(e.extconfig) AS cfg(oid)
+		SELECT c.relname FROM pg_extension e, unnest(e.extconfig) AS cfg(oid)
 		JOIN pg_class c ON c.oid = cfg.oid AND c.relkind = 'r'
 		WHERE e.extname = 'customer_analytics' ORDER BY 1});
-	my $out = '';
-	foreach my $row (@tables)
-	{
-		my ($t, $schema) = split / /, $row;
-		$out .= "$t " . $node->safe_psql($db,
-			"SELECT count(*) || ' ' || md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), '')) "
-			  . "FROM $schema.$t t") . "\n";
-	}
-	return $out;
+	return checksums($node, $db, \@tables);
 }
 is($node->safe_psql('warehouse', q{SELECT status FROM customer_analytics.pipeline_run ORDER BY run_id DESC LIMIT 1}),
     'succeeded', 'the source ran its pipeline');
-my $before = checksums('warehouse');
+my $before = kept_checksums('warehouse');
 like($before, qr/fact_order_line [1-9]\d* /, 'source has order lines');
 like($before, qr/stg_events [1-9]\d* /, 'source has staged events');
 like($before, qr/reject_reader 1 /, 'source has a reader of all rejects');
@@ -91,7 +76,7 @@ $node->safe_psql('postgres', 'CREATE DATABASE restored');
 $node->command_ok([ 'pg_restore', '--exit-on-error', '-d', $node->connstr('restored'), $dump ],
     'pg_restore into a fresh database');
 
-my $after = checksums('restored');
+my $after = kept_checksums('restored');
 is($after, $before, 'every user-data table has the same rows after restore');
 
 # the sessions are derived, not dumped: the first refresh rebuilds them

@@ -34,13 +34,13 @@ use IPC::Run;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use FindBin;
+use lib "$FindBin::RealBin/lib";
+use CustomerAnalytics qw(new_node);
 
-my $node = PostgreSQL::Test::Cluster->new('crash');
-$node->init;
 # the default of the test clusters; the faults are process deaths, which
 # lose nothing the kernel has been given
-$node->append_conf('postgresql.conf', "log_min_messages = warning\n");
-$node->start;
+my $node = new_node('crash', conf => "log_min_messages = warning\n");
 
 my $customers = 1500;
 my $days      = 365;

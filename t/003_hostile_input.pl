@@ -50,10 +50,11 @@ use Socket qw(SOCK_STREAM);
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use FindBin;
+use lib "$FindBin::RealBin/lib";
+use CustomerAnalytics qw(new_node);
 
-my $node = PostgreSQL::Test::Cluster->new('hostile');
-$node->init;
-$node->start;
+my $node = new_node('hostile');
 $node->safe_psql('postgres', 'CREATE DATABASE fuzz');
 $node->safe_psql('fuzz', q{
     CREATE EXTENSION customer_analytics;

@@ -18,25 +18,17 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use FindBin;
+use lib "$FindBin::RealBin/lib";
+use CustomerAnalytics qw(new_node);
 
 my $seconds = $ENV{CA_SOAK_SECONDS} || 60;
 my $clients = 4;
 
-my $node = PostgreSQL::Test::Cluster->new('soak');
-$node->init;
-$node->start;
-$node->safe_psql('postgres', 'CREATE DATABASE warehouse');
-# pg_cron serves the warehouse: it must exist before the launcher starts
-$node->append_conf('postgresql.conf', q{
-shared_preload_libraries = 'pg_cron'
-cron.database_name = 'warehouse'
-cron.use_background_workers = on
-max_worker_processes = 20
-});
-$node->restart;
+# pg_cron serves the warehouse
+my $node = new_node('soak', cron_database => 'warehouse');
 
 $node->safe_psql('warehouse', q{
-    CREATE EXTENSION pg_cron;
     CREATE EXTENSION customer_analytics;
     SELECT count(*) FROM customer_analytics.generate_sample_data(customers => 500, days => 90, seed => 3);
     CALL customer_analytics.run_pipeline();

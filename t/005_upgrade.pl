@@ -6,10 +6,11 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use FindBin;
+use lib "$FindBin::RealBin/lib";
+use CustomerAnalytics qw(new_node checksums);
 
-my $node = PostgreSQL::Test::Cluster->new('upgrade');
-$node->init;
-$node->start;
+my $node = new_node('upgrade');
 
 # Every member of the extension, described with what defines it: function
 # definitions and settings, columns, defaults, constraints, indexes, view
@@ -76,42 +77,28 @@ is($node->safe_psql('old', q{SELECT status FROM customer_analytics.pipeline_run 
 # schema in 0.1 (after the update: the same relations by name, whatever
 # they became: customer_rfm is a view in 0.2)
 my @rels_01;
-sub checksums
+sub checksums_01
 {
 	my ($db) = @_;
 	@rels_01 = split /\n/, $node->safe_psql($db, q{
 		SELECT c.relname FROM pg_class c
 		WHERE c.relnamespace = 'customer_analytics'::regnamespace AND c.relkind IN ('r', 'm')
 		  AND c.relname NOT IN ('reject_reader', 'refresh_policy') ORDER BY 1}) unless @rels_01;
-	my $out = '';
-	foreach my $t (@rels_01)
-	{
-		# derived rows whose method 0.2 changes (the count method):
-		# checked below against a refresh instead
-		next if $t eq 'anomalies';
-		# the built-in tasks and checks are the extension's own: an update
-		# may change them; users' rows keep their 0.1 columns
-		my $rows = 't::text';
-		my $where = '';
-		if ($t eq 'pipeline_task')
-		{
-			$rows = 'row(t.task, t.scope, t.command, t.depends_on, t.feeds, t.ordinal, t.builtin, t.enabled)::text';
-			$where = ' WHERE NOT t.builtin';
-		}
-		$where = ' WHERE NOT t.builtin' if $t eq 'quality_check';
-		# 0.2 adds quality_result.incremental (NULL for older results)
-		$rows = 'row(t.result_id, t.run_id, t.check_name, t.checked_at, t.severity, t.passed, t.failing_rows, t.sample)::text'
-		  if $t eq 'quality_result';
-		# 0.2 moved the extension's own queues and states to the internal schema
-		my $rel = $node->safe_psql($db,
-			"SELECT coalesce(to_regclass('customer_analytics.$t'), to_regclass('customer_analytics_internal.$t'))");
-		$out .= "$t " . $node->safe_psql($db,
-			"SELECT count(*) || ' ' || md5(coalesce(string_agg($rows, ',' ORDER BY $rows), '')) "
-			  . "FROM $rel t$where") . "\n";
-	}
-	return $out;
+	# derived rows whose method 0.2 changes (the count method): checked
+	# below against a refresh instead
+	return checksums($node, $db, [ grep { $_ ne 'anomalies' } @rels_01 ],
+		rows => {
+			# the built-in tasks and checks are the extension's own: an
+			# update may change them; users' rows keep their 0.1 columns
+			pipeline_task =>
+			  'row(t.task, t.scope, t.command, t.depends_on, t.feeds, t.ordinal, t.builtin, t.enabled)::text',
+			# 0.2 adds quality_result.incremental (NULL for older results)
+			quality_result =>
+			  'row(t.result_id, t.run_id, t.check_name, t.checked_at, t.severity, t.passed, t.failing_rows, t.sample)::text',
+		},
+		where => { pipeline_task => 'NOT t.builtin', quality_check => 'NOT t.builtin' });
 }
-my $before = checksums('old');
+my $before = checksums_01('old');
 like($before, qr/^fact_order_line [1-9]\d* /m, 'source has order lines');
 like($before, qr/^ingest_reject 1 /m, 'source has the reject');
 like($before, qr/^customer_rfm [1-9]\d* /m, 'source has RFM scores');
@@ -119,7 +106,7 @@ like($before, qr/^customer_rfm [1-9]\d* /m, 'source has RFM scores');
 $node->safe_psql('old', q{ALTER EXTENSION customer_analytics UPDATE TO '0.2'});
 is($node->safe_psql('old', q{SELECT extversion FROM pg_extension WHERE extname = 'customer_analytics'}),
     '0.2', 'updated to 0.2');
-is(checksums('old'), $before, 'every table and materialized view of 0.1 has the same rows after the update (customer_rfm as a view)');
+is(checksums_01('old'), $before, 'every table and materialized view of 0.1 has the same rows after the update (customer_rfm as a view)');
 my $anomalies_sql = q{SELECT count(*) || ' ' || md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), ''))
                       FROM customer_analytics.anomalies t};
 my $anomalies_updated = $node->safe_psql('old', $anomalies_sql);

@@ -9,10 +9,11 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use FindBin;
+use lib "$FindBin::RealBin/lib";
+use CustomerAnalytics qw(new_node cron_conf);
 
-my $node = PostgreSQL::Test::Cluster->new('no_cron');
-$node->init;
-$node->start;
+my $node = new_node('no_cron');
 $node->safe_psql('postgres', 'CREATE DATABASE warehouse');
 $node->safe_psql('warehouse', q{
     CREATE EXTENSION customer_analytics;
@@ -39,7 +40,7 @@ like($err, qr/shared_preload_libraries = 'pg_cron'.*cron\.database_name/s,
     'the hint names the postgresql.conf lines');
 
 # pg_cron preloaded, serving database "postgres" where its extension was never created
-$node->append_conf('postgresql.conf', "shared_preload_libraries = 'pg_cron'\ncron.database_name = 'postgres'\n");
+$node->append_conf('postgresql.conf', cron_conf('postgres', background_workers => 0));
 $node->restart;
 is($node->safe_psql('warehouse', q{SELECT customer_analytics.pg_cron_location()}), 'database postgres',
     'pg_cron serves another database');

@@ -10,12 +10,11 @@ use IO::Socket::INET;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use FindBin;
+use lib "$FindBin::RealBin/lib";
+use CustomerAnalytics qw(new_node);
 
-my $node = PostgreSQL::Test::Cluster->new('cron_link');
-$node->init;
-$node->append_conf('postgresql.conf', "shared_preload_libraries = 'pg_cron'\ncron.database_name = 'postgres'\n");
-$node->start;
-$node->safe_psql('postgres', 'CREATE EXTENSION pg_cron');
+my $node = new_node('cron_link', cron_database => 'postgres', background_workers => 0);
 $node->safe_psql('postgres', 'CREATE DATABASE warehouse');
 $node->safe_psql('warehouse', 'CREATE EXTENSION customer_analytics');
 

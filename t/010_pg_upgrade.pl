@@ -14,28 +14,19 @@ use File::Basename qw(dirname);
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use FindBin;
+use lib "$FindBin::RealBin/lib";
+use CustomerAnalytics qw(new_node cron_conf checksums);
 
 my ($old_bindir, $new_bindir) = @ENV{qw(CA_UPGRADE_OLD_BINDIR CA_UPGRADE_NEW_BINDIR)};
 plan skip_all => 'needs two installations (CA_UPGRADE_OLD_BINDIR, CA_UPGRADE_NEW_BINDIR: '
   . 'scripts/test.sh sets them when it runs on both 15 and 18)'
   unless $old_bindir && $new_bindir && -x "$old_bindir/pg_upgrade" && -x "$new_bindir/pg_upgrade";
 
-my $old = PostgreSQL::Test::Cluster->new('old', install_path => dirname($old_bindir));
-my $new = PostgreSQL::Test::Cluster->new('new', install_path => dirname($new_bindir));
-
 # pg_cron serves the warehouse database itself, as in most installations.
-my $cron_conf = q{
-shared_preload_libraries = 'pg_cron'
-cron.database_name = 'warehouse'
-cron.use_background_workers = on
-max_worker_processes = 20
-};
-$old->init;
-$old->append_conf('postgresql.conf', $cron_conf);
-$old->start;
-$old->safe_psql('postgres', 'CREATE DATABASE warehouse');
+my $old = new_node('old', install_path => dirname($old_bindir), cron_database => 'warehouse');
+my $new = PostgreSQL::Test::Cluster->new('new', install_path => dirname($new_bindir));
 $old->safe_psql('warehouse', q{
-    CREATE EXTENSION pg_cron;
     CREATE EXTENSION customer_analytics;
     SELECT count(*) FROM customer_analytics.generate_sample_data(customers => 400, days => 60, seed => 5);
     SELECT count(*) FROM customer_analytics.transform();
@@ -81,17 +72,11 @@ my @rels = split /\n/, $old->safe_psql('warehouse', q{
     WHERE n.nspname IN ('customer_analytics', 'public') AND c.relkind IN ('r', 'm')
     UNION ALL SELECT 'cron.job'
     ORDER BY 1});
-sub checksums
+sub warehouse_checksums
 {
 	my ($node) = @_;
-	my $out = '';
-	foreach my $t (@rels)
-	{
-		my $rows = $t eq 'cron.job' ? 'row(t.jobid, t.schedule, t.command, t.database, t.jobname)::text' : 't::text';
-		$out .= "$t " . $node->safe_psql('warehouse',
-			"SELECT count(*) || ' ' || md5(coalesce(string_agg($rows, ',' ORDER BY $rows), '')) FROM $t t") . "\n";
-	}
-	return $out;
+	return checksums($node, 'warehouse', \@rels,
+		rows => { 'cron.job' => 'row(t.jobid, t.schedule, t.command, t.database, t.jobname)::text' });
 }
 
 # The columns of our own base types in stored relations: the test must
@@ -108,7 +93,7 @@ like($own_type_columns, qr/rfm_state.*stats/, "stored relations hold our fixed-s
 # in between (the job stays in cron.job).
 $old->adjust_conf('postgresql.conf', 'shared_preload_libraries', "''");
 $old->restart;
-my $before = checksums($old);
+my $before = warehouse_checksums($old);
 like($before, qr/^customer_analytics\.fact_order_line [1-9]\d* /m, 'old cluster has order lines');
 like($before, qr/^public\.customer_states [1-9]\d* /m, "old cluster has the user's table of rfm_state and stats");
 like($before, qr/^cron\.job 1 /m, 'old cluster has the schedule');
@@ -134,7 +119,7 @@ like($old->safe_psql('warehouse', q{
     SELECT string_agg(DISTINCT split_part(o, '=', 1), ',') FROM pg_attribute a, unnest(a.attoptions) o
     WHERE a.attrelid = 'customer_analytics.fact_order_line'::regclass}), qr/^(pg_attver)?$/,
     'the old cluster has no attoptions but perhaps pg_attver');
-my $strip_attver = PostgreSQL::Test::Utils::slurp_file("$ENV{CA_SOURCE_DIR}/scripts/pg_upgrade_from_15.sql");
+my $strip_attver = PostgreSQL::Test::Utils::slurp_file("$FindBin::RealBin/../scripts/pg_upgrade_from_15.sql");
 foreach my $db (split /\n/, $old->safe_psql('postgres', 'SELECT datname FROM pg_database WHERE datallowconn ORDER BY 1'))
 {
 	$old->safe_psql($db, $strip_attver);
@@ -146,7 +131,7 @@ $old->stop;
 # The new cluster: no data checksums (initdb of 18 enables them by default,
 # 15's did not, and pg_upgrade requires the same), pg_cron preloaded.
 $new->init(extra => [ '--no-data-checksums', '--encoding=' . 'UTF8', '--locale=C' ]);
-$new->append_conf('postgresql.conf', $cron_conf);
+$new->append_conf('postgresql.conf', cron_conf('warehouse'));
 
 my $work = PostgreSQL::Test::Utils::tempdir;
 my @cmd = ("$new_bindir/pg_upgrade", '--no-sync', '--copy',
@@ -166,7 +151,7 @@ my @cmd = ("$new_bindir/pg_upgrade", '--no-sync', '--copy',
 }
 $new->start;
 
-is(checksums($new), $before, 'every table and materialized view has the same rows after pg_upgrade (our types read back the same)');
+is(warehouse_checksums($new), $before, 'every table and materialized view has the same rows after pg_upgrade (our types read back the same)');
 is($new->safe_psql('warehouse', q{SELECT extversion FROM pg_extension WHERE extname = 'customer_analytics'}),
     $ext_before, 'the extension keeps its version');
 

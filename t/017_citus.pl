@@ -24,6 +24,9 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use FindBin;
+use lib "$FindBin::RealBin/lib";
+use CustomerAnalytics qw(cron_conf);
 
 my $sharedir = `pg_config --sharedir`;
 chomp $sharedir;
@@ -35,12 +38,12 @@ if (!-f "$sharedir/extension/citus.control")
 my @nodes;
 for my $name (qw(coordinator worker1 worker2))
 {
+	# Citus connects to the nodes (and to itself) over TCP; pg_cron is
+	# preloaded but created in no database, as before
 	my $node = PostgreSQL::Test::Cluster->new($name);
 	$node->init;
-	# Citus connects to the nodes (and to itself) over TCP
-	$node->append_conf('postgresql.conf', qq{
-shared_preload_libraries = 'citus,pg_cron'
-cron.database_name = 'postgres'
+	$node->append_conf('postgresql.conf',
+		cron_conf('postgres', preload => 'citus,pg_cron', background_workers => 0) . qq{
 listen_addresses = '127.0.0.1'
 max_prepared_transactions = 20
 max_worker_processes = 32

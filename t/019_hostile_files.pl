@@ -24,10 +24,11 @@ use Time::HiRes qw(time usleep);
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use FindBin;
+use lib "$FindBin::RealBin/lib";
+use CustomerAnalytics qw(new_node);
 
-my $node = PostgreSQL::Test::Cluster->new('hostile_files');
-$node->init;
-$node->start;
+my $node = new_node('hostile_files');
 $node->safe_psql('postgres', q{
 	CREATE EXTENSION customer_analytics;
 	CREATE TABLE public.hf (id integer PRIMARY KEY, name text NOT NULL);
