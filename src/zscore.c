@@ -2171,7 +2171,7 @@ detect_anomalies(FunctionCallInfo fcinfo, bool from_table, bool v2)
 						 quote_identifier(cols[1]), quote_identifier(cols[2]),
 						 exposure_column ? ", " : "",
 						 exposure_column ? quote_identifier(exposure_column) : "",
-						 quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)), relname));
+						 ca_relation_name(relid));
 	}
 	else
 		query = text_to_cstring(PG_GETARG_TEXT_PP(0));
