@@ -63,10 +63,10 @@ _PG_init(void)
 	define_core_settings();
 	ca_ingest_init();
 	ca_rfm_init();
-	ca_cron_link_init();
+	ca_schedule_init();
 	ca_pipeline_init();
-	ca_zscore_init();
-	ca_sessionize_init();
+	ca_anomalies_init();
+	ca_clickstream_init();
 	ca_clv_init();
 
 	MarkGUCPrefixReserved(CA_GUC_PREFIX);

@@ -16,9 +16,9 @@
 /* per-module settings, defined from _PG_init */
 extern void ca_ingest_init(void);
 extern void ca_rfm_init(void);
-extern void ca_sessionize_init(void);
-extern void ca_zscore_init(void);
-extern void ca_cron_link_init(void);
+extern void ca_clickstream_init(void);
+extern void ca_anomalies_init(void);
+extern void ca_schedule_init(void);
 extern void ca_pipeline_init(void);
 extern void ca_clv_init(void);
 

@@ -1,5 +1,5 @@
 /*
- * Clickstream (src/sessionize.c): event capture, sessionization, the funnel.
+ * Clickstream (src/clickstream.c): event capture, sessionization, the funnel.
  *
  *   track_event()          one event from an application into stg_events
  *   session_number()       the sessionizing window function (C)

@@ -1,5 +1,5 @@
 /*
- * sessionize.c
+ * clickstream.c
  *	  Clickstream sessionization: the session_number() window function and
  *	  the settings of the clickstream (session gap, event lateness).
  *
@@ -132,7 +132,7 @@ check_event_lateness(char **newval, void **extra, GucSource source)
 }
 
 void
-ca_sessionize_init(void)
+ca_clickstream_init(void)
 {
 	DefineCustomStringVariable(CA_GUC_PREFIX ".session_gap",
 							   "Inactivity after which a visitor's next event starts a new session.",

@@ -1,5 +1,5 @@
 /*
- * cron_link.c
+ * schedule.c
  *	  What the scheduling functions need from C: when a cron schedule fires
  *	  next, and a way to reach pg_cron when it lives in another database.
  *
@@ -40,7 +40,7 @@ PG_FUNCTION_INFO_V1(ca_cron_remote_query);
 static char *cron_conninfo = NULL;
 
 void
-ca_cron_link_init(void)
+ca_schedule_init(void)
 {
 	DefineCustomStringVariable(CA_GUC_PREFIX ".cron_conninfo",
 							   "libpq connection string to the database pg_cron runs in, when it is not this one.",

@@ -102,5 +102,5 @@ O(frame)).
 \`detect_anomalies()\` with the seasonal method over the same $ROWS points
 (reading them through SPI, scoring, returning every point): $detect ms.
 
-Reproduce: \`./bench/zscore.sh\` (as root; RUNS overrides the default).
+Reproduce: \`./bench/anomalies.sh\` (as root; RUNS overrides the default).
 MD

@@ -1,5 +1,5 @@
 /*
- * zscore.c
+ * anomalies.c
  *	  Anomaly detection: streaming statistics aggregates, robust (median /
  *	  MAD) statistics, and detect_anomalies() with trailing, robust and
  *	  seasonal baselines, and a count method (negative binomial tails).
@@ -95,7 +95,7 @@ static double false_alarms_per_year = 0.5;
 static double same_day_fdr = 0.05;
 
 void
-ca_zscore_init(void)
+ca_anomalies_init(void)
 {
 	DefineCustomRealVariable(CA_GUC_PREFIX ".zscore_threshold",
 							 "Default score above which detect_anomalies() flags a point.",
