@@ -3729,6 +3729,70 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION customer_analytics.pipeline_lock_key(scope text DEFAULT 'all')
+RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT customer_analytics_internal.lock_key(scope) $$;
+
+CREATE OR REPLACE PROCEDURE customer_analytics.run_pipeline(scope text DEFAULT 'all')
+LANGUAGE plpgsql
+-- No SET clause: a procedure with one cannot commit.  So everything here
+-- is schema-qualified, operators and type names included: a caller's
+-- search_path (e.g. public first) must not choose what runs.
+AS $$
+DECLARE
+    run bigint;
+    s record;
+    status pg_catalog.text;
+    attempt integer;
+    holder integer;
+BEGIN
+    -- a run cancelled in this session may have left its lock behind
+    WHILE EXISTS (SELECT FROM pg_catalog.pg_locks l
+                  WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory'
+                    AND l.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()
+                    AND ((l.classid::bigint OPERATOR(pg_catalog.<<) 32) OPERATOR(pg_catalog.|) l.objid::bigint)
+                        OPERATOR(pg_catalog.=) customer_analytics.pipeline_lock_key(scope)) LOOP
+        PERFORM pg_catalog.pg_advisory_unlock(customer_analytics.pipeline_lock_key(scope));
+    END LOOP;
+    IF NOT pg_catalog.pg_try_advisory_lock(customer_analytics.pipeline_lock_key(scope)) THEN
+        SELECT l.pid INTO holder FROM pg_catalog.pg_locks l
+        WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.granted
+          AND ((l.classid::bigint OPERATOR(pg_catalog.<<) 32) OPERATOR(pg_catalog.|) l.objid::bigint)
+              OPERATOR(pg_catalog.=) customer_analytics.pipeline_lock_key(scope);
+        INSERT INTO customer_analytics.pipeline_run (scope, status, finished_at, error)
+        VALUES (scope, 'skipped', pg_catalog.clock_timestamp(),
+                pg_catalog.concat('another run was in progress', ' (backend ' OPERATOR(pg_catalog.||) holder OPERATOR(pg_catalog.||) ')'));
+        RAISE NOTICE 'pipeline run skipped: another run is in progress';
+        COMMIT;
+        RETURN;
+    END IF;
+    -- holding the lock, no other run is alive: one left running was interrupted
+    UPDATE customer_analytics.pipeline_run r SET status = 'failed', finished_at = pg_catalog.clock_timestamp(),
+        error = 'interrupted (server stopped or run cancelled)'
+    WHERE r.status OPERATOR(pg_catalog.=) 'running';
+    INSERT INTO customer_analytics.pipeline_run (scope) VALUES (scope) RETURNING run_id INTO run;
+    COMMIT;
+
+    FOR s IN SELECT * FROM customer_analytics.pipeline_plan(scope) ORDER BY step_no LOOP
+        attempt := 0;
+        LOOP
+            attempt := pg_catalog.int4pl(attempt, 1);
+            status := customer_analytics_internal.pipeline_execute_step(run, s.step_no, s.step, s.command, s.depends_on, attempt);
+            COMMIT;
+            EXIT WHEN status OPERATOR(pg_catalog.<>) 'retry';
+            PERFORM pg_catalog.pg_sleep(pg_catalog.float8mul(
+                pg_catalog.current_setting('customer_analytics.pipeline_retry_backoff')::pg_catalog.float8,
+                pg_catalog.pow(2::pg_catalog.float8, pg_catalog.int4mi(attempt, 1)::pg_catalog.float8)));
+        END LOOP;
+    END LOOP;
+
+    CALL customer_analytics.pipeline_finish(run);
+    COMMIT;
+    PERFORM pg_catalog.pg_advisory_unlock(customer_analytics.pipeline_lock_key(scope));
+END
+$$;
+
 CREATE OR REPLACE FUNCTION customer_analytics_internal.note_check_change()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -4043,70 +4107,6 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION customer_analytics.pipeline_lock_key(scope text DEFAULT 'all')
-RETURNS bigint
-LANGUAGE sql IMMUTABLE PARALLEL SAFE
-AS $$ SELECT customer_analytics_internal.lock_key(scope) $$;
-
-CREATE OR REPLACE PROCEDURE customer_analytics.run_pipeline(scope text DEFAULT 'all')
-LANGUAGE plpgsql
--- No SET clause: a procedure with one cannot commit.  So everything here
--- is schema-qualified, operators and type names included: a caller's
--- search_path (e.g. public first) must not choose what runs.
-AS $$
-DECLARE
-    run bigint;
-    s record;
-    status pg_catalog.text;
-    attempt integer;
-    holder integer;
-BEGIN
-    -- a run cancelled in this session may have left its lock behind
-    WHILE EXISTS (SELECT FROM pg_catalog.pg_locks l
-                  WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory'
-                    AND l.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()
-                    AND ((l.classid::bigint OPERATOR(pg_catalog.<<) 32) OPERATOR(pg_catalog.|) l.objid::bigint)
-                        OPERATOR(pg_catalog.=) customer_analytics.pipeline_lock_key(scope)) LOOP
-        PERFORM pg_catalog.pg_advisory_unlock(customer_analytics.pipeline_lock_key(scope));
-    END LOOP;
-    IF NOT pg_catalog.pg_try_advisory_lock(customer_analytics.pipeline_lock_key(scope)) THEN
-        SELECT l.pid INTO holder FROM pg_catalog.pg_locks l
-        WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.granted
-          AND ((l.classid::bigint OPERATOR(pg_catalog.<<) 32) OPERATOR(pg_catalog.|) l.objid::bigint)
-              OPERATOR(pg_catalog.=) customer_analytics.pipeline_lock_key(scope);
-        INSERT INTO customer_analytics.pipeline_run (scope, status, finished_at, error)
-        VALUES (scope, 'skipped', pg_catalog.clock_timestamp(),
-                pg_catalog.concat('another run was in progress', ' (backend ' OPERATOR(pg_catalog.||) holder OPERATOR(pg_catalog.||) ')'));
-        RAISE NOTICE 'pipeline run skipped: another run is in progress';
-        COMMIT;
-        RETURN;
-    END IF;
-    -- holding the lock, no other run is alive: one left running was interrupted
-    UPDATE customer_analytics.pipeline_run r SET status = 'failed', finished_at = pg_catalog.clock_timestamp(),
-        error = 'interrupted (server stopped or run cancelled)'
-    WHERE r.status OPERATOR(pg_catalog.=) 'running';
-    INSERT INTO customer_analytics.pipeline_run (scope) VALUES (scope) RETURNING run_id INTO run;
-    COMMIT;
-
-    FOR s IN SELECT * FROM customer_analytics.pipeline_plan(scope) ORDER BY step_no LOOP
-        attempt := 0;
-        LOOP
-            attempt := pg_catalog.int4pl(attempt, 1);
-            status := customer_analytics_internal.pipeline_execute_step(run, s.step_no, s.step, s.command, s.depends_on, attempt);
-            COMMIT;
-            EXIT WHEN status OPERATOR(pg_catalog.<>) 'retry';
-            PERFORM pg_catalog.pg_sleep(pg_catalog.float8mul(
-                pg_catalog.current_setting('customer_analytics.pipeline_retry_backoff')::pg_catalog.float8,
-                pg_catalog.pow(2::pg_catalog.float8, pg_catalog.int4mi(attempt, 1)::pg_catalog.float8)));
-        END LOOP;
-    END LOOP;
-
-    CALL customer_analytics.pipeline_finish(run);
-    COMMIT;
-    PERFORM pg_catalog.pg_advisory_unlock(customer_analytics.pipeline_lock_key(scope));
-END
-$$;
-
 CREATE OR REPLACE FUNCTION customer_analytics_internal.fact_event_changed()
     RETURNS trigger
     LANGUAGE plpgsql
@@ -4219,7 +4219,7 @@ BEGIN
         WHERE c.visitor LIKE 's:%';
         DROP TABLE ca_changed;
     END IF;
-    step := 'sessions_removed'; rows_affected := n; RETURN NEXT;
+    RETURN QUERY VALUES ('sessions_removed', n);
     ANALYZE ca_session_events;
 
     INSERT INTO sessions (visitor, session_start, session_end, date_key, customer_id, customer_key,
@@ -4244,7 +4244,7 @@ BEGIN
           FROM ca_session_events x) e
     GROUP BY e.visitor, e.sn;
     GET DIAGNOSTICS n = ROW_COUNT;
-    step := 'sessions_written'; rows_affected := n; RETURN NEXT;
+    RETURN QUERY VALUES ('sessions_written', n);
     DROP TABLE ca_session_events;
 
     INSERT INTO clickstream_state (singleton, session_gap, timezone, last_run_at)

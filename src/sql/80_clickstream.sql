@@ -295,7 +295,7 @@ BEGIN
         WHERE c.visitor LIKE 's:%';
         DROP TABLE ca_changed;
     END IF;
-    step := 'sessions_removed'; rows_affected := n; RETURN NEXT;
+    RETURN QUERY VALUES ('sessions_removed', n);
     ANALYZE ca_session_events;
 
     INSERT INTO sessions (visitor, session_start, session_end, date_key, customer_id, customer_key,
@@ -320,7 +320,7 @@ BEGIN
           FROM ca_session_events x) e
     GROUP BY e.visitor, e.sn;
     GET DIAGNOSTICS n = ROW_COUNT;
-    step := 'sessions_written'; rows_affected := n; RETURN NEXT;
+    RETURN QUERY VALUES ('sessions_written', n);
     DROP TABLE ca_session_events;
 
     INSERT INTO clickstream_state (singleton, session_gap, timezone, last_run_at)
