@@ -67,6 +67,26 @@ SELECT customer_id, frequency, monetary FROM customer_rfm WHERE customer_id = 'A
 SELECT pg_temp.rfm_differences() AS differences;
 -- and the full recompute from the facts agrees
 SELECT refresh_customer_rfm(full_refresh => true) AS rows_rewritten;
+-- the full rebuild reads the facts in C (rfm_rollup_rows): the same rows as
+-- rfm_agg over rfm_orders in SQL, C's frequency 0 and no last order included
+CREATE FUNCTION pg_temp.rollup_rows_sql(up_to timestamptz)
+RETURNS TABLE (customer_id text, customer_key bigint, last_order timestamptz, frequency bigint, monetary numeric)
+LANGUAGE sql AS $$
+    SELECT o.customer_id, cur.customer_key, (o.s).last_order, (o.s).frequency, (o.s).monetary
+    FROM (SELECT x.customer_id, customer_analytics.rfm_agg(x.ts, x.amount) AS s
+          FROM customer_analytics_internal.rfm_orders(NULL, up_to) x GROUP BY x.customer_id) o
+    LEFT JOIN customer_analytics.dim_customer cur ON cur.customer_id = o.customer_id AND cur.is_current
+                                                 AND cur.customer_key <> -1
+$$;
+SELECT customer_id, customer_key IS NOT NULL AS current_key, last_order, frequency, monetary
+FROM customer_analytics_internal.rfm_rollup_rows('infinity') ORDER BY customer_id;
+CREATE FUNCTION pg_temp.rollup_rows_differences(up_to timestamptz) RETURNS bigint LANGUAGE sql AS $$
+    SELECT count(*) FROM (
+        (SELECT * FROM customer_analytics_internal.rfm_rollup_rows(up_to) EXCEPT ALL SELECT * FROM pg_temp.rollup_rows_sql(up_to))
+        UNION ALL (SELECT * FROM pg_temp.rollup_rows_sql(up_to) EXCEPT ALL SELECT * FROM customer_analytics_internal.rfm_rollup_rows(up_to))) d
+$$;
+SELECT u AS up_to, pg_temp.rollup_rows_differences(u) AS differences
+FROM unnest('{infinity, 2025-03-02 12:00+00, 2025-03-09 16:00+00}'::timestamptz[]) u ORDER BY u;
 
 -- daily sales net the credit notes; a credit note is no order, and its
 -- customer did not buy that day

@@ -193,6 +193,16 @@ SELECT refresh_sales_rollup(full_refresh => true) > 0 AS rebuilt;
 SELECT refresh_customer_rfm(full_refresh => true) AS rfm_rows_written;
 SELECT count(*) AS rfm_rollup_differences FROM ((TABLE incremental_rfm EXCEPT TABLE rfm_rollup_customer)
                                                 UNION ALL (TABLE rfm_rollup_customer EXCEPT TABLE incremental_rfm)) x;
+-- the rebuild's C scan (rfm_rollup_rows) against rfm_agg over rfm_orders in
+-- SQL, on a shop with guests, versions and deleted lines
+WITH c AS (SELECT * FROM customer_analytics_internal.rfm_rollup_rows('infinity')),
+     sql AS (SELECT o.customer_id, cur.customer_key, (o.s).last_order, (o.s).frequency, (o.s).monetary
+             FROM (SELECT x.customer_id, rfm_agg(x.ts, x.amount) AS s
+                   FROM customer_analytics_internal.rfm_orders(NULL, 'infinity') x GROUP BY x.customer_id) o
+             LEFT JOIN dim_customer cur ON cur.customer_id = o.customer_id AND cur.is_current
+                                       AND cur.customer_key <> -1)
+SELECT (SELECT count(*) FROM c) > 0 AS some_rows,
+       (SELECT count(*) FROM ((TABLE c EXCEPT ALL TABLE sql) UNION ALL (TABLE sql EXCEPT ALL TABLE c)) x) AS rollup_rows_differences;
 SELECT (SELECT count(*) FROM ((TABLE incremental_day EXCEPT TABLE sales_rollup_day)
                               UNION ALL (TABLE sales_rollup_day EXCEPT TABLE incremental_day)) x) AS day_differences,
        (SELECT count(*) FROM ((TABLE incremental_category EXCEPT TABLE sales_rollup_category)

@@ -82,6 +82,7 @@ PG_FUNCTION_INFO_V1(ca_quintile_score);
 PG_FUNCTION_INFO_V1(ca_rfm_from_rollup);
 PG_FUNCTION_INFO_V1(ca_reference_time);
 PG_FUNCTION_INFO_V1(ca_rfm);
+PG_FUNCTION_INFO_V1(ca_rfm_rollup_rows);
 
 #define MONEY_SCALE 4			/* money is summed in units of 0.0001 */
 #define MONEY_UNIT INT64CONST(10000)
@@ -1369,6 +1370,49 @@ emit_scored_rows(ReturnSetInfo *rsinfo, RfmRow *rows, int64 n, MemoryContext cxt
 	}
 }
 
+/* sized from the planner's row estimate, so the tables rarely grow */
+static void
+rfm_scan_tables(RfmScan *sc, Relation rel)
+{
+	double		rows = Max(rel->rd_rel->reltuples, 0);
+
+	sc->customers = custacc_create(sc->cxt, (uint32) Min(Max(rows / 8, 1024), 16 * 1024 * 1024), NULL);
+	sc->seen = seenorder_create(sc->cxt, (uint32) Min(Max(rows / 2, 4096), 64 * 1024 * 1024), NULL);
+}
+
+/*
+ * fact_order_line into the accumulators: completed lines of known
+ * customers, lines of an order one purchase, credit lines apart, versions
+ * collapsed into their durable customer (what rfm_orders() computes in SQL).
+ */
+static void
+scan_star_schema(RfmScan *sc, Relation rel, const char *caller)
+{
+	sc->star_schema = true;
+	sc->ts_type = TIMESTAMPTZOID;
+	sc->amount_type = NUMERICOID;
+	sc->has_order = true;
+	fmgr_info(lookup_type_cache(TEXTOID, TYPECACHE_HASH_EXTENDED_PROC)->hash_extended_proc,
+			  &sc->order_hash);
+	load_customer_versions(sc);
+
+	/*
+	 * A star schema distributed by Citus has no layout of its own yet (the
+	 * credit-note and SCD2 rules below read the local heap), so rather than
+	 * read an empty shell, say so.
+	 */
+	if (ca_citus_kind(RelationGetRelid(rel)) != CA_CITUS_NONE)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("%s cannot read the star schema's \"%s\": it is managed by Citus",
+						caller, RelationGetRelationName(rel)),
+				 ca_citus_errdetail(RelationGetRelid(rel), ca_citus_kind(RelationGetRelid(rel))),
+				 errhint("A distributed star schema is not supported yet; rfm() reads other Citus tables named with their columns through a query.")));
+	scan_table(sc, rel, attnameAttNum(rel, "customer_key", false), attnameAttNum(rel, "order_id", false),
+			   attnameAttNum(rel, "order_ts", false), attnameAttNum(rel, "revenue", false),
+			   attnameAttNum(rel, "status", false), attnameAttNum(rel, "quantity", false));
+}
+
 /*
  * rfm(as_of, source, customer_column, ts_column, amount_column, order_column)
  *	 RETURNS TABLE (customer_key bigint, customer_id text, recency_days int,
@@ -1398,13 +1442,7 @@ ca_rfm(PG_FUNCTION_ARGS)
 	sc.as_of = PG_GETARG_TIMESTAMPTZ(0);
 	sc.cxt = AllocSetContextCreate(CurrentMemoryContext, "rfm", ALLOCSET_DEFAULT_SIZES);
 	rel = relation_open(PG_GETARG_OID(1), AccessShareLock);
-	/* sized from the planner's row estimate, so the tables rarely grow */
-	{
-		double		rows = Max(rel->rd_rel->reltuples, 0);
-
-		sc.customers = custacc_create(sc.cxt, (uint32) Min(Max(rows / 8, 1024), 16 * 1024 * 1024), NULL);
-		sc.seen = seenorder_create(sc.cxt, (uint32) Min(Max(rows / 2, 4096), 64 * 1024 * 1024), NULL);
-	}
+	rfm_scan_tables(&sc, rel);
 	if (pg_class_aclcheck(RelationGetRelid(rel), GetUserId(), ACL_SELECT) != ACLCHECK_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
@@ -1413,30 +1451,7 @@ ca_rfm(PG_FUNCTION_ARGS)
 	sc.star_schema = (RelationGetRelid(rel) == fact_oid);
 
 	if (sc.star_schema)
-	{
-		sc.ts_type = TIMESTAMPTZOID;
-		sc.amount_type = NUMERICOID;
-		sc.has_order = true;
-		fmgr_info(lookup_type_cache(TEXTOID, TYPECACHE_HASH_EXTENDED_PROC)->hash_extended_proc,
-				  &sc.order_hash);
-		load_customer_versions(&sc);
-
-		/*
-		 * A star schema distributed by Citus has no layout of its own yet
-		 * (the credit-note and SCD2 rules below read the local heap), so
-		 * rather than read an empty shell, say so.
-		 */
-		if (ca_citus_kind(RelationGetRelid(rel)) != CA_CITUS_NONE)
-			ereport(ERROR,
-					(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-					 errmsg("rfm() cannot read the star schema's \"%s\": it is managed by Citus",
-							RelationGetRelationName(rel)),
-					 ca_citus_errdetail(RelationGetRelid(rel), ca_citus_kind(RelationGetRelid(rel))),
-					 errhint("A distributed star schema is not supported yet; rfm() reads other Citus tables named with their columns through a query.")));
-		scan_table(&sc, rel, attnameAttNum(rel, "customer_key", false), attnameAttNum(rel, "order_id", false),
-				   attnameAttNum(rel, "order_ts", false), attnameAttNum(rel, "revenue", false),
-				   attnameAttNum(rel, "status", false), attnameAttNum(rel, "quantity", false));
-	}
+		scan_star_schema(&sc, rel, "rfm()");
 	else
 	{
 		char	   *cust_col,
@@ -1620,5 +1635,67 @@ ca_rfm_from_rollup(PG_FUNCTION_ARGS)
 	InitMaterializedSRF(fcinfo, 0);
 	emit_scored_rows(rsinfo, rows, n, cxt);
 	MemoryContextDelete(cxt);
+	return (Datum) 0;
+}
+
+/* ---------------------------------------------------------------------
+ * rfm_rollup_rows(): rfm_rollup_customer's rows from the facts
+ * ---------------------------------------------------------------------
+ */
+
+/*
+ * rfm_rollup_rows(up_to) RETURNS TABLE (customer_id text, customer_key
+ *	 bigint, last_order timestamptz, frequency bigint, monetary numeric)
+ *
+ * The full rebuild of rfm_rollup_customer: rfm()'s one scan of the facts,
+ * per customer with a counted line, unscored.  In SQL (rfm_agg over
+ * rfm_orders()) the same rows cost a join, a sort of every line by order
+ * and a second aggregation; here they cost what rfm() does.  A customer
+ * with returns only has frequency 0 and no last order, as rfm_agg gives.
+ */
+Datum
+ca_rfm_rollup_rows(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	Oid			nsp = get_namespace_oid("customer_analytics", false);
+	Oid			relid = get_relname_relid("fact_order_line", nsp);
+	RfmScan		sc;
+	Relation	rel;
+	custacc_iterator it;
+	CustomerAcc *acc;
+
+	if (!OidIsValid(relid))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("table customer_analytics.fact_order_line does not exist")));
+	memset(&sc, 0, sizeof(sc));
+	sc.as_of = PG_GETARG_TIMESTAMPTZ(0);
+	sc.cxt = AllocSetContextCreate(CurrentMemoryContext, "rfm_rollup_rows", ALLOCSET_DEFAULT_SIZES);
+	rel = table_open(relid, AccessShareLock);
+	if (pg_class_aclcheck(relid, GetUserId(), ACL_SELECT) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied for table fact_order_line")));
+	rfm_scan_tables(&sc, rel);
+	scan_star_schema(&sc, rel, "rfm_rollup_rows()");
+	table_close(rel, AccessShareLock);
+
+	InitMaterializedSRF(fcinfo, 0);
+	custacc_start_iterate(sc.customers, &it);
+	while ((acc = custacc_iterate(sc.customers, &it)) != NULL)
+	{
+		Datum		values[5];
+		bool		nulls[5] = {false};
+
+		values[0] = CStringGetTextDatum(acc->customer_id);
+		values[1] = Int64GetDatum(acc->customer_key);
+		nulls[1] = acc->customer_key < 0;
+		values[2] = TimestampTzGetDatum(acc->rfm.last_order);
+		nulls[2] = acc->rfm.frequency == 0;
+		values[3] = Int64GetDatum(acc->rfm.frequency);
+		values[4] = units_to_numeric(acc->rfm.monetary);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	MemoryContextDelete(sc.cxt);
 	return (Datum) 0;
 }
