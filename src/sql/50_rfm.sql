@@ -656,6 +656,7 @@ BEGIN
                sum(n * EXTRACT(epoch FROM last_purchase))
         FROM (%s) c (n, segment, monetary, frequency, last_purchase)
         GROUP BY segment
+        ORDER BY segment    -- two writers lock the segments in the same order
         ON CONFLICT (segment) DO UPDATE
             SET customers = s.customers + excluded.customers,
                 monetary = s.monetary + excluded.monetary,
