@@ -2,7 +2,9 @@
 -- random appends, re-staged (changed) order lines, late data for old days,
 -- a product changing category, customers' new versions and deleted lines,
 -- what is built from the incrementally kept rollups equals a computation
--- from the facts (rfm(as_of) for customer_rfm).
+-- from the facts (rfm(as_of) for customer_rfm), and segment_summary and
+-- top_customers (segment_summary from per-segment sums kept as scores are
+-- written) equal a computation over customer_rfm.
 \getenv abs_srcdir PG_ABS_SRCDIR
 \i :abs_srcdir/sql/include/preamble.sql
 -- recency from after every order line: customer_rfm is scored from its rollup
@@ -27,7 +29,35 @@ SELECT d.date AS day, p.category, sum(f.revenue) AS revenue, count(DISTINCT f.or
 FROM fact_order_line f JOIN dim_date d USING (date_key) JOIN dim_product p USING (product_key)
 WHERE f.status = 'completed' GROUP BY 1, 2;
 
-CREATE FUNCTION pg_temp.differences() RETURNS TABLE (what text, n bigint) LANGUAGE sql AS $$
+-- segment_summary and top_customers from scratch, over customer_rfm
+-- (avg_recency_days: the average of exact day counts from last_purchase)
+CREATE TEMP VIEW expected_segment_summary AS
+SELECT c.segment, count(*) AS customers, sum(c.monetary) AS revenue,
+       round(sum(c.monetary) / NULLIF(sum(sum(c.monetary)) OVER (), 0), 4) AS revenue_share,
+       round(sum(c.monetary) / NULLIF(sum(c.frequency), 0), 2) AS avg_order_value,
+       round(avg(c.frequency), 2) AS avg_orders,
+       round(sum(EXTRACT(epoch FROM c.as_of - s.last_purchase)) / (count(*) * 86400), 1) AS avg_recency_days
+FROM customer_rfm c JOIN customer_rfm_score s USING (customer_id)
+GROUP BY c.segment;
+CREATE TEMP VIEW expected_top_customers AS
+SELECT t.rank, t.customer_id, t.customer_key, d.name, d.email, d.city, d.country,
+       t.monetary, t.frequency, t.recency_days, t.rfm_cell, t.segment
+FROM (SELECT c.*, row_number() OVER (ORDER BY c.monetary DESC, c.customer_id) AS rank FROM customer_rfm c) t
+LEFT JOIN dim_customer d ON d.customer_key = t.customer_key
+WHERE t.rank <= top_customers_limit();
+
+-- (refreshes the views on customer_rfm first, as the pipeline would)
+CREATE FUNCTION pg_temp.differences() RETURNS TABLE (what text, n bigint) LANGUAGE plpgsql AS $$
+BEGIN
+    REFRESH MATERIALIZED VIEW CONCURRENTLY customer_analytics.segment_summary;
+    REFRESH MATERIALIZED VIEW CONCURRENTLY customer_analytics.top_customers;
+    RETURN QUERY
+    SELECT 'segment_summary', count(*) FROM ((TABLE expected_segment_summary EXCEPT ALL TABLE segment_summary)
+                                             UNION ALL (TABLE segment_summary EXCEPT ALL TABLE expected_segment_summary)) x
+    UNION ALL
+    SELECT 'top_customers', count(*) FROM ((TABLE expected_top_customers EXCEPT ALL TABLE top_customers)
+                                           UNION ALL (TABLE top_customers EXCEPT ALL TABLE expected_top_customers)) x
+    UNION ALL
     SELECT 'rollup day', count(*) FROM ((TABLE expected_day EXCEPT TABLE sales_rollup_day)
                                         UNION ALL (TABLE sales_rollup_day EXCEPT TABLE expected_day)) x
     UNION ALL
@@ -49,8 +79,8 @@ CREATE FUNCTION pg_temp.differences() RETURNS TABLE (what text, n bigint) LANGUA
          FROM customer_rfm EXCEPT ALL SELECT * FROM rfm(reference_time()))
         UNION ALL (SELECT * FROM rfm(reference_time()) EXCEPT ALL
                    SELECT customer_key, customer_id, recency_days, frequency, monetary, r, f, m, rfm_cell, segment
-                   FROM customer_rfm)) x
-$$;
+                   FROM customer_rfm)) x;
+END $$;
 -- one pipeline step's worth: the rollup, then the views
 CREATE FUNCTION pg_temp.refresh() RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
@@ -103,7 +133,7 @@ SELECT count(*) > 0 AS transformed FROM transform();
 SELECT pg_temp.refresh() >= 0 AS refreshed;
 SELECT frequency = :frequency_before AS same_purchases FROM customer_rfm
 WHERE customer_id = (SELECT customer_id FROM stg_orders WHERE order_id = 'NEW-1' LIMIT 1);
-SELECT * FROM pg_temp.differences() WHERE what = 'customer_rfm';
+SELECT * FROM pg_temp.differences() WHERE what IN ('customer_rfm', 'segment_summary', 'top_customers');
 
 -- 2. re-staged lines: some completed lines come again cancelled or with new quantities
 INSERT INTO stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price, discount, status, channel)
@@ -159,27 +189,31 @@ SELECT refresh_customer_rfm() AS rfm_rows_written;
 -- view, not one score row is rewritten, and customer_rfm is still rfm(as_of)
 CREATE TEMP TABLE score_versions AS
 SELECT s.customer_id, s.xmin::text AS version, c.recency_days FROM customer_rfm_score s JOIN customer_rfm c USING (customer_id);
+CREATE TEMP TABLE segment_summary_before AS SELECT segment, avg_recency_days AS before FROM segment_summary;
 SET customer_analytics.as_of = '2030-01-02 00:00+00';
 SELECT refresh_customer_rfm() AS rfm_rows_written;
-SELECT * FROM pg_temp.differences() WHERE what = 'customer_rfm';
+SELECT * FROM pg_temp.differences() WHERE what IN ('customer_rfm', 'segment_summary', 'top_customers');
 SET customer_analytics.as_of = '2030-01-09 00:00+00';
 SELECT refresh_customer_rfm() AS rfm_rows_written;
-SELECT * FROM pg_temp.differences() WHERE what = 'customer_rfm';
+SELECT * FROM pg_temp.differences() WHERE what IN ('customer_rfm', 'segment_summary', 'top_customers');
 SELECT count(*) AS customers,
        count(*) FILTER (WHERE s.xmin::text <> v.version) AS rows_rewritten,
        count(*) FILTER (WHERE c.recency_days = v.recency_days + 8) AS recency_8_days_more
 FROM customer_rfm_score s JOIN score_versions v USING (customer_id) JOIN customer_rfm c USING (customer_id);
+-- segment_summary's recency moved with the time, not with a rewritten row
+SELECT count(*) AS segments, count(*) FILTER (WHERE avg_recency_days = v.before + 8) AS recency_8_days_more
+FROM segment_summary s JOIN segment_summary_before v USING (segment);
 SET customer_analytics.as_of = '2030-01-01 00:00+00';
 SELECT refresh_customer_rfm() AS rfm_rows_written;
 
 -- an as_of before the newest lines: scored from the facts, still rfm(as_of)
 SET customer_analytics.as_of = '2025-01-20 00:00+00';
 SELECT refresh_customer_rfm() > 0 AS rescored;
-SELECT * FROM pg_temp.differences() WHERE what = 'customer_rfm';
+SELECT * FROM pg_temp.differences() WHERE what IN ('customer_rfm', 'segment_summary', 'top_customers');
 SELECT DISTINCT as_of FROM customer_rfm;
 SET customer_analytics.as_of = '2030-01-01 00:00+00';
 SELECT refresh_customer_rfm() > 0 AS rescored;
-SELECT * FROM pg_temp.differences() WHERE what = 'customer_rfm';
+SELECT * FROM pg_temp.differences() WHERE what IN ('customer_rfm', 'segment_summary', 'top_customers');
 
 -- the customer_rfm view keeps rfm()'s columns and types
 SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
@@ -207,6 +241,13 @@ SELECT (SELECT count(*) FROM ((TABLE incremental_day EXCEPT TABLE sales_rollup_d
                               UNION ALL (TABLE sales_rollup_day EXCEPT TABLE incremental_day)) x) AS day_differences,
        (SELECT count(*) FROM ((TABLE incremental_category EXCEPT TABLE sales_rollup_category)
                               UNION ALL (TABLE sales_rollup_category EXCEPT TABLE incremental_category)) x) AS category_differences;
+
+-- the scores truncated: the per-segment sums go with them, and come back
+-- with the rows the next refresh writes
+TRUNCATE customer_rfm_score;
+SELECT count(*) AS segment_sums FROM customer_analytics_internal.rfm_segment_stat;
+SELECT refresh_customer_rfm() > 0 AS rescored;
+SELECT * FROM pg_temp.differences() WHERE what IN ('customer_rfm', 'segment_summary', 'top_customers');
 
 -- TRUNCATE empties the rollups at the next refresh
 TRUNCATE fact_order_line CASCADE;

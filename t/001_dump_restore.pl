@@ -65,7 +65,7 @@ is($node->safe_psql('warehouse', q{
     WHERE c.relnamespace IN ('customer_analytics'::regnamespace, 'customer_analytics_internal'::regnamespace)
       AND c.relkind = 'r'
       AND c.oid NOT IN (SELECT unnest(extconfig) FROM pg_extension WHERE extname = 'customer_analytics')}),
-    'check_change clickstream_change clickstream_state quality_check_progress rfm_dirty_customer rfm_new_line rfm_rollup_customer sales_dirty_day sales_rollup_category sales_rollup_day sessions',
+    'check_change clickstream_change clickstream_state quality_check_progress rfm_dirty_customer rfm_new_line rfm_rollup_customer rfm_segment_stat sales_dirty_day sales_rollup_category sales_rollup_day sessions',
     'only derived tables are left out of the dump');
 
 my $dump = $node->basedir . '/warehouse.dump';
@@ -96,6 +96,15 @@ like($rollup_before, qr/^[1-9]\d* \w+ [1-9]\d* /, 'source has sales rollups');
 $node->safe_psql('restored', 'SELECT customer_analytics.refresh_sales_rollup()');
 is($node->safe_psql('restored', $rollup_sql), $rollup_before,
     'the first rollup refresh after the restore rebuilds the same rollups');
+
+# segment_summary's sums are derived, not dumped: restoring the scores'
+# rows fills them again, the same
+my $segment_sql = q{SELECT count(*) || ' ' || md5(string_agg(s::text, ',' ORDER BY segment))
+                    FROM customer_analytics_internal.rfm_segment_stat s};
+my $segment_before = $node->safe_psql('warehouse', $segment_sql);
+like($segment_before, qr/^[1-9]\d* /, 'source has segment sums');
+is($node->safe_psql('restored', $segment_sql), $segment_before,
+    'restoring the scores fills the same segment sums');
 
 # customer_rfm's scores are dumped; its rollup is derived: the first
 # refresh after the restore rebuilds it, and rewrites no score

@@ -640,27 +640,99 @@ CROSS JOIN customer_analytics.customer_rfm_refresh a;
 COMMENT ON VIEW customer_analytics.customer_rfm IS
     'RFM scores and segment of every customer, as of reference_time() at the last refresh_customer_rfm() (setting customer_analytics.as_of, else the time of the refresh); the same rows as rfm(as_of)';
 
+/*
+ * segment_summary's sums per segment, kept by a statement trigger on
+ * customer_rfm_score from the rows each statement writes: the summary then
+ * costs the number of segments, not of customers.  Derived from
+ * customer_rfm_score, so not dumped: restoring the scores' rows fires the
+ * trigger and fills it again.
+ */
+CREATE TABLE customer_analytics_internal.rfm_segment_stat (
+    segment         text PRIMARY KEY,
+    customers       bigint NOT NULL,
+    monetary        numeric NOT NULL,
+    frequency       bigint NOT NULL,
+    -- recency is counted from last_purchase at as_of: a sum of epochs
+    -- gives the average age at any as_of without visiting a customer
+    purchase_epochs numeric NOT NULL
+);
+COMMENT ON TABLE customer_analytics_internal.rfm_segment_stat IS
+    'Per segment of customer_rfm_score: customers, sums of monetary, frequency and last_purchase (epoch seconds); kept by a trigger on customer_rfm_score, read by segment_summary. Derived: not dumped, refilled when the scores are restored';
+
+CREATE FUNCTION customer_analytics_internal.maintain_rfm_segment_stat()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        DELETE FROM customer_analytics_internal.rfm_segment_stat;
+        RETURN NULL;
+    END IF;
+    -- the transition tables that exist depend on the operation
+    EXECUTE format($q$
+        INSERT INTO customer_analytics_internal.rfm_segment_stat AS s
+        SELECT segment, sum(n)::bigint, sum(n * monetary), sum(n * frequency)::bigint,
+               sum(n * EXTRACT(epoch FROM last_purchase))
+        FROM (%s) c (n, segment, monetary, frequency, last_purchase)
+        GROUP BY segment
+        ORDER BY segment    -- two writers lock the segments in the same order
+        ON CONFLICT (segment) DO UPDATE
+            SET customers = s.customers + excluded.customers,
+                monetary = s.monetary + excluded.monetary,
+                frequency = s.frequency + excluded.frequency,
+                purchase_epochs = s.purchase_epochs + excluded.purchase_epochs$q$,
+        CASE TG_OP
+            WHEN 'INSERT' THEN 'SELECT 1, segment, monetary, frequency, last_purchase FROM new_rows'
+            WHEN 'DELETE' THEN 'SELECT -1, segment, monetary, frequency, last_purchase FROM old_rows'
+            ELSE 'SELECT 1, segment, monetary, frequency, last_purchase FROM new_rows
+                  UNION ALL SELECT -1, segment, monetary, frequency, last_purchase FROM old_rows'
+        END);
+    DELETE FROM customer_analytics_internal.rfm_segment_stat WHERE customers = 0;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.maintain_rfm_segment_stat() IS
+    'Statement trigger on customer_rfm_score: adds the rows a statement wrote to rfm_segment_stat and takes away the rows it replaced or deleted';
+
+CREATE TRIGGER customer_rfm_score_segment_stat_ins AFTER INSERT ON customer_analytics.customer_rfm_score
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.maintain_rfm_segment_stat();
+CREATE TRIGGER customer_rfm_score_segment_stat_upd AFTER UPDATE ON customer_analytics.customer_rfm_score
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.maintain_rfm_segment_stat();
+CREATE TRIGGER customer_rfm_score_segment_stat_del AFTER DELETE ON customer_analytics.customer_rfm_score
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.maintain_rfm_segment_stat();
+CREATE TRIGGER customer_rfm_score_segment_stat_trunc AFTER TRUNCATE ON customer_analytics.customer_rfm_score
+    FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.maintain_rfm_segment_stat();
+
+-- The LIMIT makes the planner read the first rows of
+-- customer_rfm_score_monetary_idx, and the OFFSET 0 fence makes it look up
+-- their details by key: a hash join would read every customer's version.
 CREATE MATERIALIZED VIEW customer_analytics.top_customers AS
 SELECT t.rank, t.customer_id, t.customer_key, d.name, d.email, d.city, d.country,
        t.monetary, t.frequency, t.recency_days, t.rfm_cell, t.segment
 FROM (SELECT c.*, row_number() OVER (ORDER BY c.monetary DESC, c.customer_id) AS rank
-      FROM customer_analytics.customer_rfm c) t
-LEFT JOIN customer_analytics.dim_customer d ON d.customer_key = t.customer_key
-WHERE t.rank <= customer_analytics.top_customers_limit();
+      FROM (SELECT * FROM customer_analytics.customer_rfm
+            ORDER BY monetary DESC, customer_id
+            LIMIT customer_analytics.top_customers_limit()) c) t
+LEFT JOIN LATERAL (SELECT x.name, x.email, x.city, x.country FROM customer_analytics.dim_customer x
+                   WHERE x.customer_key = t.customer_key OFFSET 0) d ON true;
 CREATE UNIQUE INDEX top_customers_rank_idx ON customer_analytics.top_customers (rank);
 COMMENT ON MATERIALIZED VIEW customer_analytics.top_customers IS
     'The customers with the highest monetary value (how many: customer_analytics.top_customers, default 100), with their current details and segment';
 
+-- avg_recency_days: the average of exact (fractional) day counts, which
+-- the sums give; customer_rfm's recency_days are whole days
 CREATE MATERIALIZED VIEW customer_analytics.segment_summary AS
-SELECT c.segment,
-       count(*) AS customers,
-       sum(c.monetary) AS revenue,
-       round(sum(c.monetary) / NULLIF(sum(sum(c.monetary)) OVER (), 0), 4) AS revenue_share,
-       round(sum(c.monetary) / NULLIF(sum(c.frequency), 0), 2) AS avg_order_value,
-       round(avg(c.frequency), 2) AS avg_orders,
-       round(avg(c.recency_days), 1) AS avg_recency_days
-FROM customer_analytics.customer_rfm c
-GROUP BY c.segment;
+SELECT g.segment,
+       g.customers,
+       g.monetary AS revenue,
+       round(g.monetary / NULLIF(sum(g.monetary) OVER (), 0), 4) AS revenue_share,
+       round(g.monetary / NULLIF(g.frequency, 0), 2) AS avg_order_value,
+       round(g.frequency::numeric / g.customers, 2) AS avg_orders,
+       round((g.customers * EXTRACT(epoch FROM a.as_of) - g.purchase_epochs) / (g.customers * 86400), 1)
+           AS avg_recency_days
+FROM customer_analytics_internal.rfm_segment_stat g
+CROSS JOIN customer_analytics.customer_rfm_refresh a;
 CREATE UNIQUE INDEX segment_summary_segment_idx ON customer_analytics.segment_summary (segment);
 COMMENT ON MATERIALIZED VIEW customer_analytics.segment_summary IS
-    'Per RFM segment: customers, revenue and its share of all revenue, average order value, average orders and recency';
+    'Per RFM segment: customers, revenue and its share of all revenue, average order value, average orders and average recency in days (exact, to 0.1 day)';

@@ -59,7 +59,7 @@ INSERT INTO customer_analytics.pipeline_task (task, command, depends_on, feeds, 
      '{customer_analytics.sales_rollup_day,customer_analytics.sales_rollup_category}',
      '{customer_analytics.fact_order_line,customer_analytics.dim_product,customer_analytics.dim_customer}', 40, true),
     ('customer rfm', 'SELECT customer_analytics.refresh_customer_rfm()', '{transform}',
-     '{customer_analytics.customer_rfm_score,customer_analytics.customer_rfm_refresh}',
+     '{customer_analytics.customer_rfm_score,customer_analytics.customer_rfm_refresh,customer_analytics_internal.rfm_segment_stat}',
      '{customer_analytics.fact_order_line,customer_analytics.dim_customer}', 45, true),
     ('anomaly alerts', 'SELECT customer_analytics.alert_new_anomalies()', '{"refresh customer_analytics.anomalies"}', '{}', '{}', 300, true);
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics.pipeline_task', 'WHERE NOT builtin');
