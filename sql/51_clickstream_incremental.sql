@@ -119,3 +119,58 @@ SELECT (SELECT count(*) FROM (SELECT visitor, session_start, session_end, events
                               EXCEPT SELECT * FROM lag_sessions) d) AS only_incremental,
        (SELECT count(*) FROM (SELECT * FROM lag_sessions
                               EXCEPT SELECT visitor, session_start, session_end, events, purchases FROM sessions) d) AS only_lag;
+
+-- bigger gaps: with 6 hours, and then 2 days, a late event joins sessions
+-- hours or days away (and can bridge two of them into one); the deleted
+-- events come back in 6 late batches, retimed by up to the gap, with a
+-- refresh after each; the sessions equal the independent sessionization
+-- with the same gap (the setting's change rebuilds them once)
+CREATE TEMP VIEW lag_sessions_gap AS
+SELECT visitor, min(event_ts) AS session_start, max(event_ts) AS session_end, count(*) AS events,
+       count(*) FILTER (WHERE event_type = 'purchase') AS purchases
+FROM (SELECT visitor, event_ts, event_type,
+             sum(brk) OVER (PARTITION BY visitor ORDER BY event_ts, event_id) AS sn
+      FROM (SELECT visitor(customer_id, session_id) AS visitor, event_ts, event_id, event_type,
+                   CASE WHEN event_ts - lag(event_ts) OVER (PARTITION BY visitor(customer_id, session_id)
+                                                           ORDER BY event_ts, event_id) <= session_gap()
+                        THEN 0 ELSE 1 END AS brk
+            FROM fact_event) x) y
+GROUP BY visitor, sn;
+CREATE TEMP TABLE gone AS
+SELECT p.*, ntile(6) OVER (ORDER BY hashtext(p.event_id || 'b'), p.event_id) AS batch
+FROM pool p WHERE NOT EXISTS (SELECT FROM fact_event f WHERE f.event_id = p.event_id);
+CREATE PROCEDURE pg_temp.redeliver(shift interval) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR k IN 1 .. 3 LOOP
+        -- stage_id grows with each delivery: the retimed version wins
+        INSERT INTO customer_analytics.stg_events
+            (event_id, event_ts, customer_id, session_id, event_type, product_id, order_id, channel, device)
+        SELECT event_id, event_ts + shift * (abs(hashtext(event_id)) % 100) / 100.0, customer_id, session_id,
+               event_type, product_id, order_id, channel, device
+        FROM gone WHERE batch IN (2 * k - 1, 2 * k);
+        COMMIT;
+        PERFORM customer_analytics.refresh_clickstream();
+        COMMIT;
+    END LOOP;
+END
+$$;
+SET customer_analytics.session_gap = '6 hours';
+SET customer_analytics.event_lateness = '30 days';
+SELECT count(*) > 0 AS rebuilt FROM refresh_clickstream() WHERE step = 'sessions_written' AND rows_affected > 0;
+CALL pg_temp.redeliver(interval '6 hours');
+SELECT (SELECT count(*) FROM (SELECT visitor, session_start, session_end, events, purchases FROM sessions
+                              EXCEPT SELECT * FROM lag_sessions_gap) d) AS only_incremental,
+       (SELECT count(*) FROM (SELECT * FROM lag_sessions_gap
+                              EXCEPT SELECT visitor, session_start, session_end, events, purchases FROM sessions) d) AS only_lag,
+       (SELECT count(*) FROM sessions) < (SELECT count(*) FROM lag_sessions) AS fewer_sessions_than_30_minutes,
+       (SELECT count(*) FROM fact_event) = (SELECT count(DISTINCT event_id) FROM pool) AS all_back;
+DELETE FROM fact_event WHERE hashtext(event_id) % 50 = 0;
+SET customer_analytics.session_gap = '2 days';
+CALL pg_temp.redeliver(interval '2 days');
+SELECT (SELECT count(*) FROM (SELECT visitor, session_start, session_end, events, purchases FROM sessions
+                              EXCEPT SELECT * FROM lag_sessions_gap) d) AS only_incremental,
+       (SELECT count(*) FROM (SELECT * FROM lag_sessions_gap
+                              EXCEPT SELECT visitor, session_start, session_end, events, purchases FROM sessions) d) AS only_lag,
+       (SELECT count(*) FROM fact_event) = (SELECT count(DISTINCT event_id) FROM pool) AS all_back;
+RESET customer_analytics.session_gap;
+RESET customer_analytics.event_lateness;
