@@ -4693,3 +4693,181 @@ COMMENT ON MATERIALIZED VIEW customer_analytics.segment_summary IS
 UPDATE customer_analytics.pipeline_task
 SET feeds = '{customer_analytics.customer_rfm_score,customer_analytics.customer_rfm_refresh,customer_analytics_internal.rfm_segment_stat}'
 WHERE task = 'customer rfm' AND builtin;
+
+-- issue 22: the repair of late-arriving dimensions reads a queue of the
+-- lines it can repair (unknown member, known customer or product id), not
+-- the whole staging history; filled here from the facts and staging once
+CREATE TABLE customer_analytics_internal.unknown_member_line (
+    order_id    text NOT NULL,
+    line_number integer NOT NULL,
+    customer_id text,
+    product_id  text,
+    PRIMARY KEY (order_id, line_number)
+);
+COMMENT ON TABLE customer_analytics_internal.unknown_member_line IS
+    'Internal: order lines keyed to an unknown member whose customer or product id is known (a dimension row that has not arrived yet); transform() repairs them when it adds dimension rows';
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics_internal.unknown_member_line', '');
+INSERT INTO customer_analytics_internal.unknown_member_line (order_id, line_number, customer_id, product_id)
+SELECT l.order_id, l.line_number, l.customer_id, l.product_id
+FROM (SELECT DISTINCT ON (s.order_id, s.line_number) s.order_id, s.line_number, s.customer_id, s.product_id,
+             f.customer_key, f.product_key
+      FROM customer_analytics.stg_orders s
+      JOIN customer_analytics.fact_order_line f USING (order_id, line_number)
+      WHERE f.customer_key = -1 OR f.product_key = -1
+      ORDER BY s.order_id, s.line_number, s.stage_id DESC) l
+WHERE (l.customer_key = -1 AND l.customer_id IS NOT NULL) OR (l.product_key = -1 AND l.product_id IS NOT NULL);
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.load_fact_order_line()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    tz text := business_timezone();
+    n bigint;
+BEGIN
+    CREATE TEMP TABLE ca_customer_lookup ON COMMIT DROP AS
+    SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT o.customer_id FROM ca_batch_orders o
+                                          WHERE o.customer_id IS NOT NULL));
+    ANALYZE ca_customer_lookup;
+
+    INSERT INTO fact_order_line AS f
+        (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity,
+         unit_price, discount, status, channel, updated_at, stage_id, load_id)
+    SELECT s.order_id, s.line_number,
+           COALESCE(c.customer_key, -1),
+           COALESCE(p.product_key, -1),
+           date_key((s.order_ts AT TIME ZONE tz)::date),
+           s.order_ts, s.quantity, s.unit_price, s.discount, s.status, s.channel,
+           s.updated_at, s.stage_id, s.load_id
+    FROM ca_batch_orders s
+    LEFT JOIN ca_customer_lookup c
+           ON c.customer_id = s.customer_id AND s.order_ts >= c.valid_from AND s.order_ts < c.valid_to
+    LEFT JOIN dim_product p ON p.product_id = s.product_id
+    ON CONFLICT (order_id, line_number) DO UPDATE
+        SET customer_key = excluded.customer_key, product_key = excluded.product_key,
+            date_key = excluded.date_key, order_ts = excluded.order_ts,
+            quantity = excluded.quantity, unit_price = excluded.unit_price,
+            discount = excluded.discount, status = excluded.status,
+            channel = excluded.channel, updated_at = excluded.updated_at,
+            stage_id = excluded.stage_id, load_id = excluded.load_id
+        WHERE excluded.stage_id > f.stage_id
+          AND (f.customer_key, f.product_key, f.order_ts, f.quantity, f.unit_price,
+               f.discount, f.status, f.channel, f.updated_at)
+              IS DISTINCT FROM
+              (excluded.customer_key, excluded.product_key, excluded.order_ts, excluded.quantity,
+               excluded.unit_price, excluded.discount, excluded.status, excluded.channel,
+               excluded.updated_at);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    -- the lines of this batch a later dimension row may repair (a batch
+    -- line that did resolve leaves the queue)
+    MERGE INTO unknown_member_line q
+    USING (SELECT s.order_id, s.line_number, s.customer_id, s.product_id,
+                  (s.customer_id IS NOT NULL AND c.customer_key IS NULL)
+                  OR (s.product_id IS NOT NULL AND p.product_key IS NULL) AS unresolved
+           FROM ca_batch_orders s
+           LEFT JOIN ca_customer_lookup c
+                  ON c.customer_id = s.customer_id AND s.order_ts >= c.valid_from AND s.order_ts < c.valid_to
+           LEFT JOIN dim_product p ON p.product_id = s.product_id) b
+    ON q.order_id = b.order_id AND q.line_number = b.line_number
+    WHEN MATCHED AND NOT b.unresolved THEN DELETE
+    WHEN MATCHED THEN UPDATE SET customer_id = b.customer_id, product_id = b.product_id
+    WHEN NOT MATCHED AND b.unresolved THEN
+        INSERT (order_id, line_number, customer_id, product_id)
+        VALUES (b.order_id, b.line_number, b.customer_id, b.product_id);
+    DROP TABLE ca_customer_lookup;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.repair_order_line_keys()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    CREATE TEMP TABLE ca_repairs ON COMMIT DROP AS
+    SELECT q.order_id, q.line_number, q.customer_id, q.product_id, f.order_id IS NULL AS gone,
+           COALESCE(v.customer_key, -1) AS customer_key,
+           COALESCE(p.product_key, -1) AS product_key
+    FROM unknown_member_line q
+    LEFT JOIN fact_order_line f ON f.order_id = q.order_id AND f.line_number = q.line_number
+    LEFT JOIN customer_versions(ARRAY(SELECT DISTINCT u.customer_id FROM unknown_member_line u
+                                      WHERE u.customer_id IS NOT NULL)) v
+           ON v.customer_id = q.customer_id AND f.order_ts >= v.valid_from AND f.order_ts < v.valid_to
+    LEFT JOIN dim_product p ON p.product_id = q.product_id;
+
+    UPDATE fact_order_line f
+    SET customer_key = r.customer_key, product_key = r.product_key
+    FROM ca_repairs r
+    WHERE NOT r.gone AND f.order_id = r.order_id AND f.line_number = r.line_number
+      AND (f.customer_key, f.product_key) IS DISTINCT FROM (r.customer_key, r.product_key);
+    GET DIAGNOSTICS n = ROW_COUNT;
+
+    -- resolved (or no longer in the facts): out of the queue
+    DELETE FROM unknown_member_line q
+    USING ca_repairs r
+    WHERE q.order_id = r.order_id AND q.line_number = r.line_number
+      AND (r.gone OR ((r.customer_key <> -1 OR r.customer_id IS NULL)
+                      AND (r.product_key <> -1 OR r.product_id IS NULL)));
+    DROP TABLE ca_repairs;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.transform(full_refresh boolean DEFAULT false)
+RETURNS TABLE (step text, rows_affected bigint)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    saved       transform_state;
+    w           record;
+    sysid       bigint;
+    tz          text := business_timezone();
+    products    bigint;
+    customers   bigint;
+    unknown_before boolean;
+BEGIN
+    -- one transform at a time; the second waits, then sees the first's work
+    PERFORM pg_advisory_xact_lock(lock_key('transform()'));
+
+    SELECT system_identifier INTO sysid FROM pg_control_system();
+    SELECT * INTO saved FROM transform_state;
+    SELECT * INTO w FROM staged_window(saved.snapshot, saved.system_identifier, sysid, full_refresh);
+    PERFORM stage_order_batch(w.snap, w.prev, w.lo, w.hi, pg_current_xact_id_if_assigned());
+
+    products := load_dim_product();
+    customers := load_dim_customer();
+    RETURN QUERY VALUES ('dim_product', products), ('dim_customer', customers);
+    RETURN QUERY SELECT 'dim_date', ensure_dim_date(min(d), max(d))
+                 FROM (SELECT (order_ts AT TIME ZONE tz)::date AS d FROM ca_batch_orders) days;
+
+    /*
+     * Lines already pointing at an unknown member before this run are the
+     * only ones the repair of late-arriving dimensions can change (the lines
+     * this run writes are looked up in the dimensions as they now are), and
+     * only if this run added dimension rows.
+     */
+    unknown_before := products + customers > 0 AND EXISTS (SELECT FROM unknown_member_line);
+    RETURN QUERY SELECT 'fact_order_line', load_fact_order_line();
+    RETURN QUERY SELECT 'late_dimension_fixes',
+                        CASE WHEN unknown_before THEN repair_order_line_keys() ELSE 0 END;
+
+    INSERT INTO transform_state (singleton, snapshot, system_identifier, last_run_at)
+    VALUES (true, w.snap, sysid, now())
+    ON CONFLICT (singleton) DO UPDATE
+        SET snapshot = excluded.snapshot,
+            system_identifier = excluded.system_identifier,
+            last_run_at = excluded.last_run_at;
+
+    DROP TABLE ca_batch_products, ca_batch_customers, ca_batch_orders;
+
+    /* clickstream events: their own snapshot, so refresh_clickstream() can run them alone */
+    RETURN QUERY SELECT * FROM transform_events(full_refresh);
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.repair_order_line_keys() IS
+    'Internal to transform(): order lines keyed to an unknown member whose customer or product has arrived since get its key (read from the queue unknown_member_line, not from the staging history); returns the lines re-keyed';

@@ -66,7 +66,10 @@ FROM fact_order_line f JOIN dim_customer c USING (customer_key)
 WHERE c.customer_id IN ('C1', 'C2') ORDER BY f.order_id, f.line_number;
 SELECT count(*) AS fact_lines, count(DISTINCT (order_id, line_number)) AS distinct_lines FROM fact_order_line;
 
--- late-arriving dimensions: P9 and C9 arrive after their order was mapped to unknown
+-- late-arriving dimensions: P9 and C9 arrive after their order was mapped
+-- to unknown; the lines waiting for a named customer or product are queued
+SELECT order_id, line_number, customer_id, product_id
+FROM customer_analytics_internal.unknown_member_line ORDER BY 1, 2;
 INSERT INTO stg_products (product_id, name, category, subcategory, unit_cost, list_price, updated_at)
 VALUES ('P9', 'Late Gadget', 'Electronics', 'Audio', 40, 99, '2025-01-01');
 INSERT INTO stg_customers (customer_id, name, city, country, signup_date, updated_at)
@@ -75,6 +78,7 @@ SELECT * FROM transform();
 SELECT f.order_id, c.customer_id, p.product_id, p.category
 FROM fact_order_line f JOIN dim_customer c USING (customer_key) JOIN dim_product p USING (product_key)
 WHERE f.order_id = 'O4';
+SELECT count(*) AS still_waiting FROM customer_analytics_internal.unknown_member_line;
 
 -- a product version change overwrites (type 1): of two versions staged in
 -- one run the later one wins, and an unchanged re-send rewrites nothing

@@ -305,6 +305,24 @@ $$;
 COMMENT ON FUNCTION customer_analytics_internal.load_dim_customer() IS
     'Internal to transform(): the batch''s customer versions into dim_customer (type 2: a changed version closes the current one); returns the versions inserted';
 
+/*
+ * Order lines keyed to an unknown member although their source named a
+ * customer or product (it had not arrived yet): the only lines a
+ * late-arriving dimension can repair.  Kept apart so that the repair reads
+ * them, not the whole staging history (guests, also keyed to the unknown
+ * member, can never be repaired and are not here).
+ */
+CREATE TABLE customer_analytics_internal.unknown_member_line (
+    order_id    text NOT NULL,
+    line_number integer NOT NULL,
+    customer_id text,
+    product_id  text,
+    PRIMARY KEY (order_id, line_number)
+);
+COMMENT ON TABLE customer_analytics_internal.unknown_member_line IS
+    'Internal: order lines keyed to an unknown member whose customer or product id is known (a dimension row that has not arrived yet); transform() repairs them when it adds dimension rows';
+SELECT pg_catalog.pg_extension_config_dump('customer_analytics_internal.unknown_member_line', '');
+
 /* order lines, keyed to the customer version in effect at the order */
 CREATE FUNCTION customer_analytics_internal.load_fact_order_line()
 RETURNS bigint
@@ -348,6 +366,22 @@ BEGIN
                excluded.unit_price, excluded.discount, excluded.status, excluded.channel,
                excluded.updated_at);
     GET DIAGNOSTICS n = ROW_COUNT;
+    -- the lines of this batch a later dimension row may repair (a batch
+    -- line that did resolve leaves the queue)
+    MERGE INTO unknown_member_line q
+    USING (SELECT s.order_id, s.line_number, s.customer_id, s.product_id,
+                  (s.customer_id IS NOT NULL AND c.customer_key IS NULL)
+                  OR (s.product_id IS NOT NULL AND p.product_key IS NULL) AS unresolved
+           FROM ca_batch_orders s
+           LEFT JOIN ca_customer_lookup c
+                  ON c.customer_id = s.customer_id AND s.order_ts >= c.valid_from AND s.order_ts < c.valid_to
+           LEFT JOIN dim_product p ON p.product_id = s.product_id) b
+    ON q.order_id = b.order_id AND q.line_number = b.line_number
+    WHEN MATCHED AND NOT b.unresolved THEN DELETE
+    WHEN MATCHED THEN UPDATE SET customer_id = b.customer_id, product_id = b.product_id
+    WHEN NOT MATCHED AND b.unresolved THEN
+        INSERT (order_id, line_number, customer_id, product_id)
+        VALUES (b.order_id, b.line_number, b.customer_id, b.product_id);
     DROP TABLE ca_customer_lookup;
     RETURN n;
 END
@@ -358,7 +392,7 @@ COMMENT ON FUNCTION customer_analytics_internal.load_fact_order_line() IS
 /*
  * Late-arriving dimensions: lines that were mapped to an unknown member
  * because their customer or product had not arrived yet get the real key
- * once it has.
+ * once it has; the queue keeps those still waiting.
  */
 CREATE FUNCTION customer_analytics_internal.repair_order_line_keys()
 RETURNS bigint
@@ -368,33 +402,36 @@ AS $$
 DECLARE
     n bigint;
 BEGIN
-    WITH latest AS (
-        SELECT DISTINCT ON (s.order_id, s.line_number)
-               s.order_id, s.line_number, s.customer_id, s.product_id, s.order_ts
-        FROM stg_orders s
-        JOIN fact_order_line f USING (order_id, line_number)
-        WHERE f.customer_key = -1 OR f.product_key = -1
-        ORDER BY s.order_id, s.line_number, s.stage_id DESC
-    ), resolved AS (
-        SELECT l.order_id, l.line_number,
-               COALESCE(v.customer_key, -1) AS customer_key,
-               COALESCE(p.product_key, -1) AS product_key
-        FROM latest l
-        LEFT JOIN customer_versions(ARRAY(SELECT DISTINCT l2.customer_id FROM latest l2)) v
-               ON v.customer_id = l.customer_id AND l.order_ts >= v.valid_from AND l.order_ts < v.valid_to
-        LEFT JOIN dim_product p ON p.product_id = l.product_id
-    )
+    CREATE TEMP TABLE ca_repairs ON COMMIT DROP AS
+    SELECT q.order_id, q.line_number, q.customer_id, q.product_id, f.order_id IS NULL AS gone,
+           COALESCE(v.customer_key, -1) AS customer_key,
+           COALESCE(p.product_key, -1) AS product_key
+    FROM unknown_member_line q
+    LEFT JOIN fact_order_line f ON f.order_id = q.order_id AND f.line_number = q.line_number
+    LEFT JOIN customer_versions(ARRAY(SELECT DISTINCT u.customer_id FROM unknown_member_line u
+                                      WHERE u.customer_id IS NOT NULL)) v
+           ON v.customer_id = q.customer_id AND f.order_ts >= v.valid_from AND f.order_ts < v.valid_to
+    LEFT JOIN dim_product p ON p.product_id = q.product_id;
+
     UPDATE fact_order_line f
     SET customer_key = r.customer_key, product_key = r.product_key
-    FROM resolved r
-    WHERE f.order_id = r.order_id AND f.line_number = r.line_number
+    FROM ca_repairs r
+    WHERE NOT r.gone AND f.order_id = r.order_id AND f.line_number = r.line_number
       AND (f.customer_key, f.product_key) IS DISTINCT FROM (r.customer_key, r.product_key);
     GET DIAGNOSTICS n = ROW_COUNT;
+
+    -- resolved (or no longer in the facts): out of the queue
+    DELETE FROM unknown_member_line q
+    USING ca_repairs r
+    WHERE q.order_id = r.order_id AND q.line_number = r.line_number
+      AND (r.gone OR ((r.customer_key <> -1 OR r.customer_id IS NULL)
+                      AND (r.product_key <> -1 OR r.product_id IS NULL)));
+    DROP TABLE ca_repairs;
     RETURN n;
 END
 $$;
 COMMENT ON FUNCTION customer_analytics_internal.repair_order_line_keys() IS
-    'Internal to transform(): order lines keyed to an unknown member whose customer or product has arrived since get its key; returns the lines re-keyed';
+    'Internal to transform(): order lines keyed to an unknown member whose customer or product has arrived since get its key (read from the queue unknown_member_line, not from the staging history); returns the lines re-keyed';
 
 CREATE FUNCTION customer_analytics.transform(full_refresh boolean DEFAULT false)
 RETURNS TABLE (step text, rows_affected bigint)
@@ -430,8 +467,7 @@ BEGIN
      * this run writes are looked up in the dimensions as they now are), and
      * only if this run added dimension rows.
      */
-    unknown_before := products + customers > 0
-                      AND EXISTS (SELECT FROM fact_order_line WHERE customer_key = -1 OR product_key = -1);
+    unknown_before := products + customers > 0 AND EXISTS (SELECT FROM unknown_member_line);
     RETURN QUERY SELECT 'fact_order_line', load_fact_order_line();
     RETURN QUERY SELECT 'late_dimension_fixes',
                         CASE WHEN unknown_before THEN repair_order_line_keys() ELSE 0 END;
