@@ -163,17 +163,30 @@ like($stderr, qr/version "\Q$ext_before\E" of extension "customer_analytics" is 
 $new->safe_psql('warehouse', 'ALTER EXTENSION pg_cron UPDATE');
 
 # The upgraded database keeps working: a load, the pipeline over it.
+# (the pre-upgrade schedule may start a run at the same minute: ours is then
+# skipped, one run per scope, and is called again)
 $new->safe_psql('warehouse', q{
     SELECT count(*) FROM customer_analytics.generate_sample_data(customers => 400, days => 65, seed => 5);
-    CALL customer_analytics.run_pipeline();
 });
-is($new->safe_psql('warehouse', q{
+my ($run_status, $our_run);
+for my $attempt (1 .. 10)
+{
+	($run_status, $our_run) = split /\|/, $new->safe_psql('warehouse', q{
+    CALL customer_analytics.run_pipeline();
     SELECT r.status || ' ' || (SELECT count(*) FROM customer_analytics.pipeline_step s
-                              WHERE s.run_id = r.run_id AND s.status NOT IN ('succeeded', 'skipped'))
-    FROM customer_analytics.pipeline_run r ORDER BY r.run_id DESC LIMIT 1}), 'succeeded 0',
-    'run_pipeline() succeeds after pg_upgrade, every step');
-is($new->safe_psql('warehouse', q{SELECT count(*) FROM customer_analytics.pipeline_step
-                                 WHERE step = 'count lines' AND status = 'succeeded'}), '2',
+                              WHERE s.run_id = r.run_id AND s.status NOT IN ('succeeded', 'skipped')),
+           r.run_id
+    FROM customer_analytics.pipeline_run r WHERE r.backend_pid = pg_backend_pid()
+    ORDER BY r.run_id DESC LIMIT 1});
+	last unless $run_status =~ /^skipped /;
+	sleep 2;
+}
+is($run_status, 'succeeded 0', 'run_pipeline() succeeds after pg_upgrade, every step');
+# (a scheduled run may have run it too)
+is($new->safe_psql('warehouse', qq{
+    SELECT bool_or(r.started_at < pg_postmaster_start_time()) AND bool_or(r.run_id = $our_run)
+    FROM customer_analytics.pipeline_step s JOIN customer_analytics.pipeline_run r USING (run_id)
+    WHERE s.step = 'count lines' AND s.status = 'succeeded'}), 't',
     "the user's task ran before and after");
 is($new->safe_psql('warehouse', q{
     SELECT (SELECT count(*) FROM customer_analytics.fact_order_line)
