@@ -580,14 +580,12 @@ BEGIN
 
     -- lines later than as_of (an as_of in the past) are not in rfm(as_of):
     -- then the scores come from the facts
-    -- (the last purchase as of then comes from the same inputs)
+    -- (the last purchase as of then from the same C scan of the inputs)
     later := EXISTS (SELECT FROM customer_analytics.fact_order_line WHERE order_ts > as_of);
     WITH scored AS (
         SELECT s.*, p.last_order AS last_purchase
         FROM customer_analytics.rfm(as_of) s
-        JOIN (SELECT x.customer_id, (customer_analytics.rfm_agg(x.ts, x.amount)).last_order
-              FROM customer_analytics_internal.rfm_orders(NULL, as_of) x
-              GROUP BY x.customer_id) p ON p.customer_id = s.customer_id
+        JOIN customer_analytics_internal.rfm_rollup_rows(as_of) p ON p.customer_id = s.customer_id
         WHERE later
         UNION ALL
         SELECT s.*, u.last_order
