@@ -343,6 +343,21 @@ my $rollup = q{SELECT customer_analytics.refresh_sales_rollup();
 my $rollup_single = $coord->safe_psql('shop_single', $rollup);
 is($coord->safe_psql('shop', $rollup), $rollup_single, 'refresh_sales_rollup(), daily_sales and product_category_sales: the same on the cluster');
 
+# sessions (written on the coordinator from the distributed events) and
+# the funnel over them; anomaly detection over a query on the facts
+my $sessions = q{SELECT count(*) FROM customer_analytics.refresh_sessions(true);
+	SELECT md5(string_agg(s::text, ',' ORDER BY s::text)) FROM customer_analytics.sessions s;
+	SELECT md5(string_agg(f::text, ',' ORDER BY f::text)) FROM customer_analytics.funnel_daily f};
+my $sessions_single = $coord->safe_psql('shop_single', $sessions);
+like($sessions_single, qr/^[1-9]/, 'the single node has sessions');
+is($coord->safe_psql('shop', $sessions), $sessions_single, 'refresh_sessions(), sessions and funnel_daily: the same on the cluster');
+my $anomalies = q{SELECT md5(string_agg(a::text, ',' ORDER BY a::text)) FROM customer_analytics.detect_anomalies(
+	$$SELECT 'revenue', order_ts::date::timestamptz, sum(revenue)::float8 FROM customer_analytics.fact_order_line
+	  WHERE status = 'completed' GROUP BY 2$$, window_size => 14, min_history => 14) a};
+my $anomalies_single = $coord->safe_psql('shop_single', $anomalies);
+isnt($anomalies_single, '', 'the single node scores the days');
+is($coord->safe_psql('shop', $anomalies), $anomalies_single, 'detect_anomalies() over a query on the facts: the same on the cluster');
+
 # what does not work on a cluster yet (docs/scaling.md): its outcome noted
 for my $case (
 	[ 'rfm() on the star schema', q{SELECT count(*) FROM customer_analytics.rfm('2025-04-01')} ],
