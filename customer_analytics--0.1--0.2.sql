@@ -5123,6 +5123,8 @@ CREATE TABLE customer_analytics_internal.cluster_layout (
     dropped_triggers text[] NOT NULL,
     full_refresh_needed boolean NOT NULL DEFAULT true
 );
+-- not dumped: it describes this database's catalog, and a restored
+-- database has the single-node layout (distribute() must run again)
 COMMENT ON TABLE customer_analytics_internal.cluster_layout IS
     'Internal: set by distribute() on a Citus coordinator: when, with how many shards, the change-queue triggers it dropped (their definitions), and that the incremental refreshes need full refreshes until the writers record their own changes';
 
@@ -5170,8 +5172,8 @@ DECLARE
     first_distributed regclass;
     on_coordinator boolean;
     workers bigint;
-    -- the triggers and foreign keys to take off, as one statement per
-    -- table, run here and on every worker
+    -- the statements that take the triggers and foreign keys off, run
+    -- here and on every worker
     drop_sql text;
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') THEN
@@ -5189,6 +5191,8 @@ BEGIN
                   HINT = 'Connect to the coordinator and call customer_analytics.distribute() there.';
     END IF;
 
+    -- a concurrent call waits, then finds the layout done
+    LOCK TABLE cluster_layout IN EXCLUSIVE MODE;
     IF EXISTS (SELECT FROM cluster_layout) THEN
         RAISE NOTICE 'the star schema is distributed already (since %)',
                      (SELECT distributed_at FROM cluster_layout)
@@ -5220,7 +5224,7 @@ BEGIN
 
         -- the facts' foreign keys, to put back after the conversion
         FOR fk IN
-            SELECT (SELECT format('%I.%I', n.nspname, r.relname) FROM pg_class r JOIN pg_namespace n ON n.oid = r.relnamespace WHERE r.oid = c.conrelid) AS rel, c.conname, pg_get_constraintdef(c.oid) AS def
+            SELECT qualified_name(c.conrelid::regclass) AS rel, c.conname, pg_get_constraintdef(c.oid) AS def
             FROM pg_constraint c
             WHERE c.contype = 'f'
               AND c.conrelid IN (SELECT p.table_name FROM cluster_layout_plan() p)
@@ -5231,7 +5235,7 @@ BEGIN
 
         drop_sql := '';
         FOR trg IN
-            SELECT (SELECT format('%I.%I', n.nspname, r.relname) FROM pg_class r JOIN pg_namespace n ON n.oid = r.relnamespace WHERE r.oid = t.tgrelid) AS rel, t.tgname, pg_get_triggerdef(t.oid) AS def
+            SELECT qualified_name(t.tgrelid::regclass) AS rel, t.tgname, pg_get_triggerdef(t.oid) AS def
             FROM pg_trigger t
             WHERE NOT t.tgisinternal
               AND t.tgrelid IN (SELECT p.table_name FROM cluster_layout_plan() p)
@@ -5241,7 +5245,7 @@ BEGIN
             drop_sql := drop_sql || format('DROP TRIGGER IF EXISTS %I ON %s;', trg.tgname, trg.rel);
         END LOOP;
         FOR fk IN
-            SELECT (SELECT format('%I.%I', n.nspname, r.relname) FROM pg_class r JOIN pg_namespace n ON n.oid = r.relnamespace WHERE r.oid = c.conrelid) AS rel, c.conname
+            SELECT qualified_name(c.conrelid::regclass) AS rel, c.conname
             FROM pg_constraint c
             WHERE c.contype = 'f'
               AND c.conrelid IN (SELECT p.table_name FROM cluster_layout_plan() p)
