@@ -5208,7 +5208,7 @@ BEGIN
         IF EXISTS (SELECT FROM cluster_layout_plan() p
                    JOIN pg_dist_partition d ON d.logicalrelid = p.table_name) THEN
             RAISE EXCEPTION 'distribute() found tables of the star schema already converted by hand: %',
-                            (SELECT string_agg(p.table_name::text, ', ' ORDER BY p.ordinal)
+                            (SELECT string_agg(qualified_name(p.table_name), ', ' ORDER BY p.ordinal)
                              FROM cluster_layout_plan() p
                              JOIN pg_dist_partition d ON d.logicalrelid = p.table_name)
                 USING ERRCODE = 'object_not_in_prerequisite_state',

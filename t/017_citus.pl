@@ -242,6 +242,16 @@ my ($rc, $out, $err) = $workers[0]->psql('shop', "\\set VERBOSITY verbose\nSELEC
 isnt($rc, 0, 'distribute() on a worker is refused');
 like($err, qr/55000.*must run on the Citus coordinator/s, 'distribute() on a worker: object_not_in_prerequisite_state, it says where to run it');
 
+# refused with a bad shard count, and where tables of the layout were
+# converted by hand (the staging tables of the database above)
+($rc, $out, $err) = $coord->psql('shop', "\\set VERBOSITY verbose\nSELECT * FROM customer_analytics.distribute(shard_count => 0)");
+like($err, qr/22023.*the shard count must be at least 1/s, 'distribute(shard_count => 0) is refused: invalid_parameter_value');
+($rc, $out, $err) = $coord->psql('postgres', "\\set VERBOSITY verbose\nSELECT * FROM customer_analytics.distribute()");
+like($err, qr/55000.*converted by hand: customer_analytics\.stg_products, customer_analytics\.stg_orders, customer_analytics\.stg_events, customer_analytics\.stg_customers/s,
+	'distribute() over tables converted by hand is refused, naming them');
+like($err, qr/HINT:.*undistribute_table/, 'with the way back');
+is($coord->safe_psql('shop', q{SELECT count(*) FROM pg_dist_partition}), '0', 'the refusals converted nothing');
+
 my $layout = q{SELECT string_agg(format('%s %s %s %s', table_name, citus_kind, distribution_column, shards), '; ')
 	FROM customer_analytics.distribute(shard_count => 4)};
 my $expected_layout = join('; ', map { "customer_analytics.$_" }
