@@ -13,6 +13,12 @@
 # - quintile_breaks, rfm_agg and stats_agg are split between the workers
 #   and the coordinator (worker_partial_agg / coord_combine_agg in EXPLAIN),
 #   with the single node's results.
+# - distribute() converts a loaded and transformed sample shop to the
+#   cluster layout (refused on a worker; a second call changes nothing);
+#   then every table holds the single node's rows, value for value, the
+#   facts' foreign keys hold, and the queries, views and refreshes that
+#   work on a cluster give the single node's answers (what does not work
+#   yet is noted in the test's output and listed in docs/scaling.md).
 #
 # The single node is a second database on the coordinator where the citus
 # extension is not created: plain PostgreSQL, same build.
@@ -204,6 +210,178 @@ for my $t (qw(stg_customers stg_products stg_orders stg_events))
 my $content = q{SELECT md5(string_agg(format('%s|%s|%s|%s|%s|%s|%s', order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price), ',' ORDER BY order_id, line_number))
 	FROM customer_analytics.stg_orders};
 is($coord->safe_psql('postgres', $content), $coord->safe_psql('single', $content), 'the order lines are the same, value for value');
+
+# ---------------------------------------------------------------------
+# distribute(): the sample shop, loaded and transformed as on a single
+# node, converted to the cluster layout; then every table and what works
+# on it answers as the single node does (docs/scaling.md lists what does
+# not work on a cluster yet; those are only noted here)
+# ---------------------------------------------------------------------
+# a database of its own, so that the tables distributed by hand above do
+# not stand in the way (Citus keeps its metadata per database)
+for my $node (@nodes)
+{
+	$node->safe_psql('postgres', 'CREATE DATABASE shop');
+	$node->safe_psql('shop', 'CREATE EXTENSION citus');
+}
+$coord->safe_psql('shop', sprintf(q{SELECT citus_set_coordinator_host('127.0.0.1', %d)}, $coord->port));
+$coord->safe_psql('shop', sprintf(q{SELECT citus_add_node('127.0.0.1', %d)}, $_->port)) for @workers;
+$coord->safe_psql('shop', 'CREATE EXTENSION customer_analytics');
+$coord->safe_psql('postgres', 'CREATE DATABASE shop_single');
+$coord->safe_psql('shop_single', 'CREATE EXTENSION customer_analytics');
+
+# the same shop in both, loaded and transformed before the conversion
+my $load = q{SELECT count(*) FROM customer_analytics.generate_sample_data(customers => 300, days => 90, seed => 17, start_date => '2025-01-01');
+	SELECT string_agg(step || '=' || rows_affected, ' ' ORDER BY step) FROM customer_analytics.transform()};
+my $steps = $coord->safe_psql('shop', $load);
+is($steps, $coord->safe_psql('shop_single', $load), 'the shop is loaded and transformed alike before the conversion');
+like($steps, qr/fact_order_line=[1-9]/, 'with order lines');
+
+# refused on a worker
+my ($rc, $out, $err) = $workers[0]->psql('shop', "\\set VERBOSITY verbose\nSELECT * FROM customer_analytics.distribute()");
+isnt($rc, 0, 'distribute() on a worker is refused');
+like($err, qr/55000.*must run on the Citus coordinator/s, 'distribute() on a worker: object_not_in_prerequisite_state, it says where to run it');
+
+# refused with a bad shard count, and where tables of the layout were
+# converted by hand (the staging tables of the database above)
+($rc, $out, $err) = $coord->psql('shop', "\\set VERBOSITY verbose\nSELECT * FROM customer_analytics.distribute(shard_count => 0)");
+like($err, qr/22023.*the shard count must be at least 1/s, 'distribute(shard_count => 0) is refused: invalid_parameter_value');
+($rc, $out, $err) = $coord->psql('postgres', "\\set VERBOSITY verbose\nSELECT * FROM customer_analytics.distribute()");
+like($err, qr/55000.*converted by hand: customer_analytics\.stg_products, customer_analytics\.stg_orders, customer_analytics\.stg_events, customer_analytics\.stg_customers/s,
+	'distribute() over tables converted by hand is refused, naming them');
+like($err, qr/HINT:.*undistribute_table/, 'with the way back');
+is($coord->safe_psql('shop', q{SELECT count(*) FROM pg_dist_partition}), '0', 'the refusals converted nothing');
+
+my $layout = q{SELECT string_agg(format('%s %s %s %s', table_name, citus_kind, distribution_column, shards), '; ')
+	FROM customer_analytics.distribute(shard_count => 4)};
+my $expected_layout = join('; ', map { "customer_analytics.$_" }
+	'dim_date reference  1', 'dim_product reference  1', 'dim_customer reference  1',
+	'stg_products reference  1', 'fact_order_line distributed order_id 4', 'stg_orders distributed order_id 4',
+	'_internal.unknown_member_line distributed order_id 4', 'fact_event distributed event_id 4',
+	'stg_events distributed event_id 4', 'stg_customers distributed customer_id 4');
+$expected_layout =~ s/customer_analytics\._internal/customer_analytics_internal/;
+my $t0 = time;
+is($coord->safe_psql('shop', $layout), $expected_layout, 'distribute() converts the loaded schema and returns the layout');
+note sprintf('distribute() took %d s', time - $t0);
+($rc, $out, $err) = $coord->psql('shop', $layout);
+is($rc, 0, 'a second distribute() succeeds');
+is($out, $expected_layout, 'and returns the same layout');
+like($err, qr/the star schema is distributed already/, 'saying that it is distributed already');
+is($coord->safe_psql('shop', q{SELECT count(*) FROM pg_dist_partition}), '10', 'ten Citus tables');
+is($coord->safe_psql('shop', q{SELECT count(*) FROM pg_dist_partition p
+	WHERE pg_relation_size(p.logicalrelid) > 0}), '0', "no rows left in the coordinator's shells");
+is($coord->safe_psql('shop', q{SELECT shard_count, cardinality(dropped_triggers) > 0 FROM customer_analytics_internal.cluster_layout}),
+	'4|t', 'the change-queue triggers it dropped are recorded');
+is($coord->safe_psql('shop', q{SELECT count(*) FROM pg_trigger t JOIN pg_dist_partition p ON p.logicalrelid = t.tgrelid WHERE NOT t.tgisinternal}),
+	'0', 'no trigger is left on a Citus table');
+for my $w (@workers)
+{
+	is($w->safe_psql('shop', q{SELECT count(*) FROM pg_trigger t
+		WHERE t.tgrelid = 'customer_analytics.fact_order_line'::regclass AND NOT t.tgisinternal}),
+		'0', 'nor on the worker ' . $w->name . "'s copy");
+}
+is($workers[1]->safe_psql('shop', q{SELECT count(*) FROM customer_analytics.fact_order_line}),
+	$coord->safe_psql('shop_single', q{SELECT count(*) FROM customer_analytics.fact_order_line}),
+	'a worker sees every order line');
+# the facts' foreign keys to the dimensions are back, and enforced
+($rc, $out, $err) = $coord->psql('shop', q{INSERT INTO customer_analytics.fact_order_line
+	(order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, status, stage_id)
+	VALUES ('no-such-product', 1, -1, 987654321, 20250101, '2025-01-01', 1, 1, 'completed', 1)});
+like($err, qr/violates foreign key constraint "fact_order_line_product_key_fkey(_\d+)?"/, "the facts' foreign keys hold on the cluster");
+
+# every table and materialized view holds what the single node holds
+# (but the layout's bookkeeping, and the two queues in which distribute()
+# asked for a full refresh, checked just below)
+my $counts = q{SELECT string_agg(format('%s=%s', c.oid::regclass,
+		(xpath('/row/n/text()', query_to_xml(format('SELECT count(*) AS n FROM %s', c.oid::regclass), false, true, '')))[1]), ' '
+		ORDER BY c.oid::regclass::text)
+	FROM pg_class c JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e'
+	WHERE d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'customer_analytics')
+	  AND c.relkind IN ('r', 'm')
+	  AND c.oid NOT IN ('customer_analytics_internal.cluster_layout'::regclass,
+	                    'customer_analytics_internal.rfm_dirty_customer'::regclass,
+	                    'customer_analytics_internal.sales_dirty_day'::regclass)};
+my $counts_cluster = $coord->safe_psql('shop', $counts);
+is($counts_cluster, $coord->safe_psql('shop_single', $counts), 'every table: the same row count as on the single node');
+like($counts_cluster, qr/fact_event=[1-9]/, 'events included');
+is($coord->safe_psql('shop', q{SELECT (SELECT count(*) FROM customer_analytics_internal.rfm_dirty_customer WHERE customer_id IS NULL),
+	(SELECT count(*) FROM customer_analytics_internal.sales_dirty_day WHERE day = '-infinity')}),
+	'1|1', 'the RFM and sales queues ask for a full refresh');
+# and, value for value, every table of the layout (the staging times and
+# transactions are the load's own)
+for my $t (split /\n/, $coord->safe_psql('shop', q{SELECT table_name FROM customer_analytics_internal.cluster_layout_plan() ORDER BY ordinal}))
+{
+	my $sum = qq{SELECT md5(string_agg(r, ',' ORDER BY r)) FROM (
+		SELECT (to_jsonb(t) - 'loaded_at' - 'staged_xid')::text AS r FROM $t t) s};
+	is($coord->safe_psql('shop', $sum), $coord->safe_psql('shop_single', $sum), "$t: the same rows");
+}
+
+# queries over the layout: the single node's answers
+my $completed_line = q{CREATE VIEW public.completed_line AS
+	SELECT c.customer_id, f.order_id, f.order_ts, f.revenue
+	FROM customer_analytics.fact_order_line f JOIN customer_analytics.dim_customer c USING (customer_key)
+	WHERE f.status = 'completed' AND f.customer_key <> -1};
+$coord->safe_psql($_, $completed_line) for qw(shop shop_single);
+for my $case (
+	[ 'revenue and orders per customer (facts joined to a reference table)',
+	  q{SELECT md5(string_agg(format('%s %s %s', customer_id, revenue, orders), ',' ORDER BY customer_id)) FROM (
+	    SELECT c.customer_id, sum(f.revenue) AS revenue, count(DISTINCT f.order_id) AS orders
+	    FROM customer_analytics.fact_order_line f JOIN customer_analytics.dim_customer c USING (customer_key)
+	    WHERE f.status = 'completed' GROUP BY 1) s} ],
+	[ 'rfm() of the customers, through a view over the facts',
+	  q{SELECT md5(string_agg(format('%s %s %s %s %s', customer_id, recency_days, frequency, monetary, rfm_cell), ',' ORDER BY customer_id))
+	    FROM customer_analytics.rfm('2025-04-01', 'public.completed_line', customer_column => 'customer_id',
+	                                ts_column => 'order_ts', amount_column => 'revenue', order_column => 'order_id')} ],
+	[ 'rfm_agg over the facts',
+	  q{SELECT customer_analytics.rfm_agg(order_ts, revenue)::text FROM customer_analytics.fact_order_line WHERE status = 'completed'} ],
+	[ 'product_interest', q{SELECT md5(string_agg(p::text, ',' ORDER BY p::text)) FROM customer_analytics.product_interest p} ],
+	[ 'purchase_order', q{SELECT md5(string_agg(p::text, ',' ORDER BY p::text)) FROM customer_analytics.purchase_order p} ])
+{
+	my ($what, $sql) = @$case;
+	my $single = $coord->safe_psql('shop_single', $sql);
+	isnt($single, '', "$what: the single node has a result");
+	is($coord->safe_psql('shop', $sql), $single, "$what: the same answer on the cluster");
+}
+
+# the sales rollup (a full rebuild on the cluster: distribute() queued
+# every day, as the dropped triggers would have), then its views
+my $rollup = q{SELECT customer_analytics.refresh_sales_rollup();
+	REFRESH MATERIALIZED VIEW customer_analytics.daily_sales;
+	REFRESH MATERIALIZED VIEW customer_analytics.product_category_sales;
+	SELECT md5(string_agg(d::text, ',' ORDER BY d::text)) FROM customer_analytics.daily_sales d;
+	SELECT md5(string_agg(p::text, ',' ORDER BY p::text)) FROM customer_analytics.product_category_sales p};
+my $rollup_single = $coord->safe_psql('shop_single', $rollup);
+is($coord->safe_psql('shop', $rollup), $rollup_single, 'refresh_sales_rollup(), daily_sales and product_category_sales: the same on the cluster');
+
+# sessions (written on the coordinator from the distributed events) and
+# the funnel over them; anomaly detection over a query on the facts
+my $sessions = q{SELECT count(*) FROM customer_analytics.refresh_sessions(true);
+	SELECT md5(string_agg(s::text, ',' ORDER BY s::text)) FROM customer_analytics.sessions s;
+	SELECT md5(string_agg(f::text, ',' ORDER BY f::text)) FROM customer_analytics.funnel_daily f};
+my $sessions_single = $coord->safe_psql('shop_single', $sessions);
+like($sessions_single, qr/^[1-9]/, 'the single node has sessions');
+is($coord->safe_psql('shop', $sessions), $sessions_single, 'refresh_sessions(), sessions and funnel_daily: the same on the cluster');
+my $anomalies = q{SELECT md5(string_agg(a::text, ',' ORDER BY a::text)) FROM customer_analytics.detect_anomalies(
+	$$SELECT 'revenue', order_ts::date::timestamptz, sum(revenue)::float8 FROM customer_analytics.fact_order_line
+	  WHERE status = 'completed' GROUP BY 2$$, window_size => 14, min_history => 14) a};
+my $anomalies_single = $coord->safe_psql('shop_single', $anomalies);
+isnt($anomalies_single, '', 'the single node scores the days');
+is($coord->safe_psql('shop', $anomalies), $anomalies_single, 'detect_anomalies() over a query on the facts: the same on the cluster');
+
+# what does not work on a cluster yet (docs/scaling.md): its outcome noted
+for my $case (
+	[ 'rfm() on the star schema', q{SELECT count(*) FROM customer_analytics.rfm('2025-04-01')} ],
+	[ 'refresh_customer_rfm()', q{SELECT customer_analytics.refresh_customer_rfm()} ],
+	[ 'order_count_series', q{SELECT count(*) FROM customer_analytics.order_count_series} ],
+	[ 'transform() of new rows', q{SELECT count(*) FROM customer_analytics.generate_sample_data(customers => 10, days => 3, seed => 18, start_date => '2025-04-01', events => false);
+		SELECT count(*) FROM customer_analytics.transform()} ],
+	[ 'run_pipeline()', q{CALL customer_analytics.run_pipeline(); SELECT status FROM customer_analytics.pipeline_run ORDER BY run_id DESC LIMIT 1} ])
+{
+	my ($what, $sql) = @$case;
+	my ($rc, $out, $err) = $coord->psql('shop', $sql);
+	$err =~ s/\n.*//s;
+	note "on the cluster, $what: " . ($rc == 0 ? "runs ($out)" : "fails: $err");
+}
 
 $_->stop for reverse @nodes;
 done_testing();

@@ -1,0 +1,39 @@
+-- distribute() on a single node (no Citus here; t/017_citus.pl runs it on
+-- a cluster): refused with a reason and the way to a cluster, nothing
+-- changed.  And the layout it would apply holds on the single-node schema:
+-- what Citus demands of it is checked here, so that a key change that
+-- breaks the layout fails on every machine, not only where Citus is.
+\getenv abs_srcdir PG_ABS_SRCDIR
+\i :abs_srcdir/sql/include/preamble.sql
+\set VERBOSITY default
+SELECT * FROM customer_analytics.distribute();
+SELECT * FROM customer_analytics.distribute(shard_count => 8);
+SELECT count(*) AS layout_recorded FROM customer_analytics_internal.cluster_layout;
+
+-- the layout: every table once, the reference tables first
+SELECT ordinal, table_name, citus_kind, distribution_column
+FROM customer_analytics_internal.cluster_layout_plan() ORDER BY ordinal;
+
+-- a distribution column is never NULL, and every primary key or unique
+-- index of a distributed table includes it (Citus refuses others)
+SELECT p.table_name, a.attnotnull AS not_null
+FROM customer_analytics_internal.cluster_layout_plan() p
+JOIN pg_attribute a ON a.attrelid = p.table_name AND a.attname = p.distribution_column
+ORDER BY p.ordinal;
+SELECT p.table_name, i.indexrelid::regclass AS "unique index without the distribution column"
+FROM customer_analytics_internal.cluster_layout_plan() p
+JOIN pg_index i ON i.indrelid = p.table_name AND i.indisunique
+WHERE p.citus_kind = 'distributed'
+  AND NOT EXISTS (SELECT FROM pg_attribute a
+                  WHERE a.attrelid = p.table_name AND a.attname = p.distribution_column
+                    AND a.attnum = ANY (i.indkey))
+ORDER BY 1, 2;
+-- no table left local references one of the layout (Citus would then
+-- convert the whole foreign-key graph, views and all), and a distributed
+-- table references reference tables only
+SELECT c.conrelid::regclass AS referencing, c.confrelid::regclass AS referenced
+FROM pg_constraint c
+JOIN customer_analytics_internal.cluster_layout_plan() target ON target.table_name = c.confrelid
+LEFT JOIN customer_analytics_internal.cluster_layout_plan() source ON source.table_name = c.conrelid
+WHERE c.contype = 'f' AND (source.table_name IS NULL OR target.citus_kind <> 'reference')
+ORDER BY 1, 2;
