@@ -111,7 +111,7 @@ FROM customer_analytics.detect_anomalies('customer_analytics.order_count_series'
         method => 'count', window_size => 112, seasons => 8, min_relative_change => 0.5) a
 LEFT JOIN truth t ON t.series = a.series AND t.day = (a.ts AT TIME ZONE 'UTC')::date
 WHERE a.ts >= (SELECT min(ts) FROM customer_analytics.order_count_series) + interval '28 days';
-SELECT format('INSERT INTO bench.calibration VALUES ($size, $seed, %s, %s, %s, %s, %s, %s, %s, %L);',
+SELECT format('INSERT INTO bench.calibration VALUES ($size, $seed, %s, %s, %s, %s, %s, %s, %L);',
               count(*) FILTER (WHERE NOT moved AND p_value IS NOT NULL),
               avg((value - expected) ^ 2 / expected) FILTER (WHERE NOT moved AND p_value IS NOT NULL),
               count(*) FILTER (WHERE NOT moved AND p_value < 1e-3),
@@ -120,7 +120,7 @@ SELECT format('INSERT INTO bench.calibration VALUES ($size, $seed, %s, %s, %s, %
               sum(value) FILTER (WHERE NOT moved AND NOT other_sale AND series <> 'total')
                 / sum(expected) FILTER (WHERE NOT moved AND NOT other_sale AND series <> 'total'),
               COALESCE(string_agg(format('%s %s: %s for %s, p %s%s', series, day, value, round(expected::numeric, 1),
-                                         to_char(p_value, '9.9EEEE'), CASE WHEN other_sale THEN ', a flash sale in another category' ELSE '' END),
+                                         trim(to_char(p_value, '9.9EEEE')), CASE WHEN other_sale THEN ', a flash sale in another category' ELSE '' END),
                                   '; ' ORDER BY day, series) FILTER (WHERE is_anomaly AND NOT moved), ''))
 FROM scored;
 SQL
