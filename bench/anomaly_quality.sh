@@ -37,7 +37,7 @@ METHODS="('count (the view''s: false alarms 0.5 per series and year, same-day FD
          ('count, false alarms 0.5, same-day rule off, changes to x0.5 or x2', 'count', 112, 8, 0.5, 0.0, 0.5, 'linear'),
          ('count, false alarms 0.5, same-day FDR 0.05, every change', 'count', 112, 8, 0.5, 0.05, 0.0, 'linear'),
          ('count, false alarms 0.3, same-day rule off, every change (the settings of the count method first merged)', 'count', 112, 8, 0.3, 0.0, 0.0, 'linear'),
-         ('seasonal, sqrt, window 56, changes to x0.5 or x2 (the default before the count method)', 'seasonal', 56, 4, 0.3, 0.0, 0.5, 'sqrt')"
+         ('seasonal, sqrt, window 56, changes >= 50% (the default before the count method)', 'seasonal', 56, 4, 0.3, 0.0, 0.5, 'sqrt')"
 flag_sql() {   # $1: query of the series; $2: table to fill (label, series, day)
     cat <<SQL
 CREATE TEMP TABLE $2 AS
@@ -140,23 +140,27 @@ if [ -f "$SHARED/online_retail/online_retail_2010_2011.csv" ]; then
     db_psql retail -c "CREATE EXTENSION customer_analytics" -v retail_csv="$SHARED/online_retail/online_retail_2010_2011.csv" \
         -f "$REPO/docs/recipes/online_retail.sql" >/dev/null
     REAL_ROWS=$(db_psql retail -At -v calendar="$REPO/docs/recipes/online_retail_calendar.sql" <<'SQL'
-CREATE TEMP TABLE result (label text, total_flags bigint, closed_total bigint, all_flags bigint, closed_all bigint);
+CREATE TEMP TABLE result (label text, total_flags bigint, closed_total bigint, all_flags bigint, closed_all bigint, open_total text);
 SELECT customer_analytics.refresh_sales_views(false);
 CREATE TEMP TABLE flagged_before AS SELECT * FROM customer_analytics.anomalies;
 \i :calendar
 INSERT INTO result
 SELECT 'without the calendar', count(*) FILTER (WHERE a.series = 'total'),
        count(*) FILTER (WHERE a.series = 'total' AND c.day IS NOT NULL),
-       count(*), count(*) FILTER (WHERE c.day IS NOT NULL)
+       count(*), count(*) FILTER (WHERE c.day IS NOT NULL),
+       string_agg(format('%s %s (%s for %s)', a.day, to_char(a.day, 'Dy'), a.orders, a.expected), ', ' ORDER BY a.day)
+           FILTER (WHERE a.series = 'total' AND c.day IS NULL)
 FROM flagged_before a LEFT JOIN customer_analytics.closed_days('2010-12-01', '2011-12-31') c USING (day);
 SELECT customer_analytics.refresh_sales_views(false);
 INSERT INTO result
 SELECT 'with the calendar', count(*) FILTER (WHERE a.series = 'total'),
        count(*) FILTER (WHERE a.series = 'total' AND c.day IS NOT NULL),
-       count(*), count(*) FILTER (WHERE c.day IS NOT NULL)
+       count(*), count(*) FILTER (WHERE c.day IS NOT NULL),
+       string_agg(format('%s %s (%s for %s)', a.day, to_char(a.day, 'Dy'), a.orders, a.expected), ', ' ORDER BY a.day)
+           FILTER (WHERE a.series = 'total' AND c.day IS NULL)
 FROM customer_analytics.anomalies a LEFT JOIN customer_analytics.closed_days('2010-12-01', '2011-12-31') c USING (day);
-SELECT string_agg(format('| UCI Online Retail 2010-2011, %s | %s | %s | %s | %s |',
-                         label, total_flags, closed_total, all_flags, closed_all), E'\n' ORDER BY label DESC)
+SELECT string_agg(format('| UCI Online Retail 2010-2011, %s | %s | %s | %s | %s | %s |',
+                         label, total_flags, closed_total, all_flags, closed_all, open_total), E'\n' ORDER BY label DESC)
 FROM result;
 SQL
 )
@@ -367,9 +371,9 @@ UK bank holidays of 2010-2011, Easter Sunday and the Christmas closure
 \`idle_weekdays()\`). No planted truth: a flag on a closed day is a false
 alarm by definition.
 
-| data | flags on the shop total | of them closed days | flags (all series) | of them closed days |
-|---|---:|---:|---:|---:|
-${REAL_ROWS:-| (the data set is not present on this machine) | | | | |}
+| data | flags on the shop total | of them closed days | flags (all series) | of them closed days | open days flagged on the total (invoices for expected) |
+|---|---:|---:|---:|---:|---|
+${REAL_ROWS:-| (the data set is not present on this machine) | | | | | |}
 
 Reproduce: \`./bench/anomaly_quality.sh\` (as root; SEEDS and SIZES override the defaults).
 MD
