@@ -1521,9 +1521,10 @@ level_trend(const CountHistory *h, int64 prof_start, int64 level_start, int64 nh
  * (1 - m) or above; at m = 0.5, half or twice the expected orders.  Read
  * as |y - mu| >= m mu instead, a rise of 50% would count as much as a
  * fall of 50% although log 1.5 is 0.41 and log 0.5 is -0.69: at 60 orders
- * a day a rise to 90 is a 1-in-2,000 chance that a shop sees a few times
+ * a day a rise to 90 is a 1-in-3,000 chance that a shop sees a few times
  * a year over its categories (each a false alarm by construction of the
- * per-point rule), and a flash sale doubles a category's orders or more.
+ * per-point rule; a fall to 30 is 1 in 37,000), and a flash sale doubles
+ * a category's orders or more.
  * From m = 1 on no rise is that far, and the rule is the linear one.
  */
 static bool
