@@ -31,10 +31,10 @@ db_psql() {
 # The methods compared, each over the series of the query %s (series, ts, orders)
 # (label, method, window_size, seasons, false alarms per series and year,
 # same-day FDR, min_relative_change, scale)
-METHODS="('count (the view''s: false alarms 0.5 per series and year, same-day FDR 0.05, changes >= 50%)', 'count', 112, 8, 0.5, 0.05, 0.5, 'linear'),
-         ('count, false alarms 0.3, same-day FDR 0.05, changes >= 50%', 'count', 112, 8, 0.3, 0.05, 0.5, 'linear'),
-         ('count, false alarms 1, same-day FDR 0.05, changes >= 50%', 'count', 112, 8, 1.0, 0.05, 0.5, 'linear'),
-         ('count, false alarms 0.5, same-day rule off, changes >= 50%', 'count', 112, 8, 0.5, 0.0, 0.5, 'linear'),
+METHODS="('count (the view''s: false alarms 0.5 per series and year, same-day FDR 0.05, changes to x0.5 or x2)', 'count', 112, 8, 0.5, 0.05, 0.5, 'linear'),
+         ('count, false alarms 0.3, same-day FDR 0.05, changes to x0.5 or x2', 'count', 112, 8, 0.3, 0.05, 0.5, 'linear'),
+         ('count, false alarms 1, same-day FDR 0.05, changes to x0.5 or x2', 'count', 112, 8, 1.0, 0.05, 0.5, 'linear'),
+         ('count, false alarms 0.5, same-day rule off, changes to x0.5 or x2', 'count', 112, 8, 0.5, 0.0, 0.5, 'linear'),
          ('count, false alarms 0.5, same-day FDR 0.05, every change', 'count', 112, 8, 0.5, 0.05, 0.0, 'linear'),
          ('count, false alarms 0.3, same-day rule off, every change (the settings of the count method first merged)', 'count', 112, 8, 0.3, 0.0, 0.0, 'linear'),
          ('seasonal, sqrt, window 56, changes >= 50% (the default before the count method)', 'seasonal', 56, 4, 0.3, 0.0, 0.5, 'sqrt')"
@@ -53,6 +53,8 @@ SQL
 }
 
 bench_psql -q -c "CREATE TABLE bench.quality (customers int, seed int, label text, kind text, planted int, found int, flagged int, true_flags int)"
+bench_psql -q -c "CREATE TABLE bench.calibration (customers int, seed int, points int, sq_ratio float8,
+                                                  below_1e3 int, below_1e4 int, sale_days_ratio float8, other_days_ratio float8, false_flags text)"
 for size in $SIZES; do
     for seed in $SEEDS; do
         db=q_${size}_${seed}
@@ -82,6 +84,46 @@ FROM (SELECT DISTINCT label FROM flagged) l, (VALUES ('spike'), ('category drop'
 SQL
             bench_psql -q -c "INSERT INTO bench.quality VALUES ($size, $seed, '${label//\'/\'\'}', '$kind', $planted, $found, $flagged, $tf)"
         done
+        # Is the view's model right where nothing was planted?  Over the
+        # points no planted anomaly moves (after the first 28 days): the
+        # squared residual over the expected count (the model's own is 1 +
+        # the baseline's relative variance x expected: ~1/56 + 1/16 + the
+        # growth's share at any size), how many tail probabilities fall below 1e-3 and 1e-4
+        # (a calibrated model: the points x 1e-3, x 1e-4); the other
+        # categories on a flash-sale day against the expected (the
+        # generator's orders have lines in several categories, so a sale
+        # lifts them all a little, and that is in no ground truth); and the
+        # view's false flags, each with its count, expected count and p.
+        db_psql "$db" -At <<SQL | bench_psql -q
+CREATE TEMP TABLE truth AS
+SELECT series, day FROM customer_analytics.sample_anomaly
+UNION SELECT 'total', day FROM customer_analytics.sample_anomaly
+UNION SELECT c.category, s.day FROM customer_analytics.sample_anomaly s
+      CROSS JOIN (SELECT DISTINCT category FROM customer_analytics.product_category_sales) c
+      WHERE s.series = 'total';
+CREATE TEMP TABLE scored AS
+SELECT a.series, (a.ts AT TIME ZONE 'UTC')::date AS day, a.value, a.expected, a.p_value, a.is_anomaly,
+       t.day IS NOT NULL AS moved,
+       EXISTS (SELECT FROM customer_analytics.sample_anomaly s
+               WHERE s.kind = 'spike' AND s.series <> a.series AND a.series <> 'total'
+                 AND s.day = (a.ts AT TIME ZONE 'UTC')::date) AS other_sale
+FROM customer_analytics.detect_anomalies('customer_analytics.order_count_series'::regclass, 'series', 'ts', 'orders',
+        method => 'count', window_size => 112, seasons => 8, min_relative_change => 0.5) a
+LEFT JOIN truth t ON t.series = a.series AND t.day = (a.ts AT TIME ZONE 'UTC')::date
+WHERE a.ts >= (SELECT min(ts) FROM customer_analytics.order_count_series) + interval '28 days';
+SELECT format('INSERT INTO bench.calibration VALUES ($size, $seed, %s, %s, %s, %s, %s, %s, %L);',
+              count(*) FILTER (WHERE NOT moved AND p_value IS NOT NULL),
+              avg((value - expected) ^ 2 / expected) FILTER (WHERE NOT moved AND p_value IS NOT NULL),
+              count(*) FILTER (WHERE NOT moved AND p_value < 1e-3),
+              count(*) FILTER (WHERE NOT moved AND p_value < 1e-4),
+              sum(value) FILTER (WHERE NOT moved AND other_sale) / sum(expected) FILTER (WHERE NOT moved AND other_sale),
+              sum(value) FILTER (WHERE NOT moved AND NOT other_sale AND series <> 'total')
+                / sum(expected) FILTER (WHERE NOT moved AND NOT other_sale AND series <> 'total'),
+              COALESCE(string_agg(format('%s %s: %s for %s, p %s%s', series, day, value, round(expected::numeric, 1),
+                                         trim(to_char(p_value, '9.9EEEE')), CASE WHEN other_sale THEN ', a flash sale in another category' ELSE '' END),
+                                  '; ' ORDER BY day, series) FILTER (WHERE is_anomaly AND NOT moved), ''))
+FROM scored;
+SQL
         bench_psql -q -c "DROP DATABASE $db"
     done
 done
@@ -98,23 +140,27 @@ if [ -f "$SHARED/online_retail/online_retail_2010_2011.csv" ]; then
     db_psql retail -c "CREATE EXTENSION customer_analytics" -v retail_csv="$SHARED/online_retail/online_retail_2010_2011.csv" \
         -f "$REPO/docs/recipes/online_retail.sql" >/dev/null
     REAL_ROWS=$(db_psql retail -At -v calendar="$REPO/docs/recipes/online_retail_calendar.sql" <<'SQL'
-CREATE TEMP TABLE result (label text, total_flags bigint, closed_total bigint, all_flags bigint, closed_all bigint);
+CREATE TEMP TABLE result (label text, total_flags bigint, closed_total bigint, all_flags bigint, closed_all bigint, open_total text);
 SELECT customer_analytics.refresh_sales_views(false);
 CREATE TEMP TABLE flagged_before AS SELECT * FROM customer_analytics.anomalies;
 \i :calendar
 INSERT INTO result
 SELECT 'without the calendar', count(*) FILTER (WHERE a.series = 'total'),
        count(*) FILTER (WHERE a.series = 'total' AND c.day IS NOT NULL),
-       count(*), count(*) FILTER (WHERE c.day IS NOT NULL)
+       count(*), count(*) FILTER (WHERE c.day IS NOT NULL),
+       string_agg(format('%s %s (%s for %s)', a.day, to_char(a.day, 'Dy'), a.orders, a.expected), ', ' ORDER BY a.day)
+           FILTER (WHERE a.series = 'total' AND c.day IS NULL)
 FROM flagged_before a LEFT JOIN customer_analytics.closed_days('2010-12-01', '2011-12-31') c USING (day);
 SELECT customer_analytics.refresh_sales_views(false);
 INSERT INTO result
 SELECT 'with the calendar', count(*) FILTER (WHERE a.series = 'total'),
        count(*) FILTER (WHERE a.series = 'total' AND c.day IS NOT NULL),
-       count(*), count(*) FILTER (WHERE c.day IS NOT NULL)
+       count(*), count(*) FILTER (WHERE c.day IS NOT NULL),
+       string_agg(format('%s %s (%s for %s)', a.day, to_char(a.day, 'Dy'), a.orders, a.expected), ', ' ORDER BY a.day)
+           FILTER (WHERE a.series = 'total' AND c.day IS NULL)
 FROM customer_analytics.anomalies a LEFT JOIN customer_analytics.closed_days('2010-12-01', '2011-12-31') c USING (day);
-SELECT string_agg(format('| UCI Online Retail 2010-2011, %s | %s | %s | %s | %s |',
-                         label, total_flags, closed_total, all_flags, closed_all), E'\n' ORDER BY label DESC)
+SELECT string_agg(format('| UCI Online Retail 2010-2011, %s | %s | %s | %s | %s | %s |',
+                         label, total_flags, closed_total, all_flags, closed_all, open_total), E'\n' ORDER BY label DESC)
 FROM result;
 SQL
 )
@@ -142,6 +188,22 @@ table() {
                                  t.per_seed),
                           E'\n' ORDER BY t.customers, t.label <> 'view anomalies', t.label)
         FROM t"
+}
+
+calibration_table() {
+    bench_value "
+        SELECT string_agg(format('| %s | %s | %s | %s (%s) | %s (%s) | %s | %s |', customers, points, round(sq::numeric, 3),
+                                 b3, round(points * 1e-3, 1), b4, round(points * 1e-4, 1),
+                                 round(sale::numeric, 3), round(other::numeric, 3)), E'\n' ORDER BY customers)
+        FROM (SELECT customers, sum(points) AS points, sum(sq_ratio * points) / sum(points) AS sq,
+                     sum(below_1e3) AS b3, sum(below_1e4) AS b4, avg(sale_days_ratio) AS sale, avg(other_days_ratio) AS other
+              FROM bench.calibration GROUP BY 1) c"
+}
+
+false_flags() {
+    bench_value "
+        SELECT string_agg(format('| %s | %s | %s |', customers, seed, COALESCE(NULLIF(false_flags, ''), 'none')), E'\n' ORDER BY customers, seed)
+        FROM bench.calibration"
 }
 
 # Real exports, read in place: Online Retail (invoices a day, the shop as a
@@ -236,11 +298,12 @@ tail probability is at most
 day with such a flag, the other series that moved the same way are tested
 together by Benjamini-Hochberg at
 \`customer_analytics.anomaly_same_day_fdr\` (0.05) over the day's
-unflagged points (an outage moves every category); and only changes of at
-least 50% of the expected orders are flagged. Those three settings were
-chosen on seeds 1, 2, 3 (the most planted anomalies found at 10,000
-customers with precision >= 90% there and >= 94.1% at 50,000), then
-measured here. The default before the count method flags a point when the
+unflagged points (an outage moves every category); and only changes to
+half the expected orders or less, or to twice or more, are flagged
+(\`min_relative_change\` is a factor either way for counts). Those three
+settings were chosen on seeds 1, 2, 3 (the most planted anomalies found
+at 10,000 customers with precision >= 90% there and >= 94.1% at 50,000;
+a same-day FDR of 0.1 tied on recall there), then measured here. The default before the count method flags a point when the
 z and the robust z of its residual (against the median of the same
 weekday of the 4 previous weeks, sqrt scale) both pass 3 and it moves by
 at least 50%.
@@ -253,6 +316,47 @@ probabilities of 1e-3 to 1e-1 under the method's own model, where chance
 puts ~3,300 points a year. The same-day rule does not find those (they
 are alone on their day); it finds the categories of an outage day, which
 one by one have tail probabilities of 1e-3 to 0.1.
+
+What a large shop's false flags were: with changes of at least 50% read
+linearly (|count - expected| >= 0.5 expected), the view flagged 7 false
+points at 50,000 customers on these seeds (92.1% precision), every one a
+single category 51-64% above its expected 42-62 orders with p between
+9e-5 and 1.3e-3, in windows whose Pearson statistic showed no
+overdispersion. The model is calibrated there (next section): such days
+are the chance the per-point rule allows, 0.5 a series and year. Read
+linearly the rule asks less of a rise than of a fall (x1.5 against x0.5;
+log 1.5 = 0.41, log 0.5 = -0.69), and at 60 orders a day chance reaches
+90 or more on 3.4e-4 of the days, 30 or fewer on 2.7e-5, 120 or more on
+7e-11 (the model's own negative binomial). Read as a factor either way,
+the rule asks a rise of what it asks a fall, and they are gone. Planted flash
+sales give x2.2 or more at 50,000 customers (54 of them over seeds 1-7,
+42, 99); the few below x2 at 10,000 and 5,000 (4 and 6 of 54) had tail
+probabilities no rule flags, and no planted anomaly found with the linear
+reading is lost on any of those nine seeds.
+
+## Is the model right where nothing was planted?
+
+The view's method (the first row of each size above) over the points that
+no planted anomaly moves, after the first 28 days, all three seeds: the
+mean squared residual over the expected count (Poisson alone gives 1; the
+model adds the baseline's own uncertainty, 1/(orders of the 8-week
+level) + 1/(orders of the weekday in the 16-week profile) relative, so
+its own ratio is ~1 + 1/56 + 1/16, ~1.1 at every size); how many tail
+probabilities fall below 1e-3 and 1e-4 (in parentheses what a
+calibrated continuous model gives: the points x 1e-3, x 1e-4; discrete
+counts give fewer); and the orders of the other categories on a day with
+a flash sale, over their expected orders, beside the same ratio on other
+days.
+
+| customers | points | squared residual / expected | p < 1e-3 (nominal) | p < 1e-4 (nominal) | other categories on flash-sale days | on other days |
+|---:|---:|---:|---:|---:|---:|---:|
+$(calibration_table)
+
+The view's false flags (count for expected, p):
+
+| customers | seed | false flags |
+|---:|---:|---|
+$(false_flags)
 
 ## Real exports: days flagged
 
@@ -269,9 +373,9 @@ UK bank holidays of 2010-2011, Easter Sunday and the Christmas closure
 \`idle_weekdays()\`). No planted truth: a flag on a closed day is a false
 alarm by definition.
 
-| data | flags on the shop total | of them closed days | flags (all series) | of them closed days |
-|---|---:|---:|---:|---:|
-${REAL_ROWS:-| (the data set is not present on this machine) | | | | |}
+| data | flags on the shop total | of them closed days | flags (all series) | of them closed days | open days flagged on the total (invoices for expected) |
+|---|---:|---:|---:|---:|---|
+${REAL_ROWS:-| (the data set is not present on this machine) | | | | | |}
 
 Reproduce: \`./bench/anomaly_quality.sh\` (as root; SEEDS and SIZES override the defaults).
 MD

@@ -461,6 +461,25 @@ FROM detect_anomalies('SELECT c, day, n FROM shop', method => 'count', window_si
                       min_relative_change => 0.6)
 WHERE ts::date = '2025-04-22' AND is_anomaly ORDER BY 1;
 
+-- min_relative_change is a factor both ways for counts: at 0.5, half the
+-- expected orders or fewer, twice or more.  Around 200 a day every last day
+-- below is far outside chance (p < 1e-9); +50% and +90% are not changes
+-- of that size, nor is -45%; -55% and x2.1 are; at 0 all of them are flagged
+SET customer_analytics.anomaly_same_day_fdr = 0;
+CREATE TEMP TABLE ratio_days (label text, last_day int);
+INSERT INTO ratio_days VALUES ('-45%', 110), ('-55%', 90), ('+50%', 300), ('+90%', 380), ('x2.1', 420);
+SELECT a.series, a.value, round(a.expected::numeric, 1) AS expected, a.p_value < 1e-9 AS p_below_1e9,
+       bool_or(a.is_anomaly) FILTER (WHERE m.mr = 0.5) AS flagged_at_half,
+       bool_or(a.is_anomaly) FILTER (WHERE m.mr = 0) AS flagged_at_0
+FROM (VALUES (0.5), (0.0)) m(mr),
+     LATERAL detect_anomalies($$SELECT label, '2025-01-01'::date + i,
+                                       CASE WHEN i = 111 THEN last_day ELSE 200 + (i * 7) % 29 - 14 END
+                                FROM ratio_days, generate_series(0, 111) i$$,
+                              method => 'count', window_size => 112, seasons => 8, min_relative_change => m.mr) a
+WHERE a.ts::date = '2025-04-22'
+GROUP BY 1, 2, 3, 4 ORDER BY a.value;
+RESET customer_analytics.anomaly_same_day_fdr;
+
 -- growth: a shop growing 50% a year (a Poisson-like count around
 -- 40 x (1 + 0.5 t / 365)) is scored against its level carried forward: at
 -- the end of the year the expected orders are within 2% of the true rate,

@@ -1515,6 +1515,27 @@ level_trend(const CountHistory *h, int64 prof_start, int64 level_start, int64 nh
 }
 
 /*
+ * Whether a count moved by at least min_relative_change m of its expected
+ * count.  Counts change by factors (a rate doubles, halves), so the rule is
+ * symmetric on that scale: a drop to (1 - m) mu or below, a rise to mu /
+ * (1 - m) or above; at m = 0.5, half or twice the expected orders.  Read
+ * as |y - mu| >= m mu instead, a rise of 50% would count as much as a
+ * fall of 50% although log 1.5 is 0.41 and log 0.5 is -0.69: at 60 orders
+ * a day a rise to 90 is a 1-in-3,000 chance that a shop sees a few times
+ * a year over its categories (each a false alarm by construction of the
+ * per-point rule; a fall to 30 is 1 in 37,000), and a flash sale doubles
+ * a category's orders or more.
+ * From m = 1 on no rise is that far, and the rule is the linear one.
+ */
+static bool
+count_change_large_enough(double y, double mu, double m)
+{
+	if (y >= mu && m < 1)
+		return y * (1 - m) >= mu;
+	return fabs(y - mu) >= m * fabs(mu);
+}
+
+/*
  * The count method.  The expected count of a point is level x season:
  *	season:	the mean count of its position in the week (its weekday, for
  *			daily points) over the window_size previous periods, relative
@@ -1674,7 +1695,7 @@ score_series_count(const Point *p, int64 n, const DetectOptions *o, PointResult 
 				r->testable =
 					!(o->direction == DIR_SPIKE && change <= 0) &&
 					!(o->direction == DIR_DROP && change >= 0) &&
-					fabs(change) >= o->min_relative_change * fabs(r->expected);
+					count_change_large_enough(y, r->expected, o->min_relative_change);
 				r->is_anomaly = r->testable && log(2.0) + Min(ll, lu) <= log_alpha_point;
 			}
 		}

@@ -150,7 +150,7 @@ RETURNS TABLE (series text, ts timestamptz, value float8, expected float8, z flo
 AS 'MODULE_PATHNAME', 'ca_detect_anomalies_query_v2'
 LANGUAGE C STABLE PARALLEL RESTRICTED;
 COMMENT ON FUNCTION customer_analytics.detect_anomalies(text, text, integer, float8, integer, text, float8, integer, text) IS
-    'Score every point of the series a query returns (columns: series key, timestamp, value, and optionally the exposure: the fraction of the period observed, 0 = not scored) against a baseline that never includes the point: method trailing (mean and z over the window_size previous points), robust (median and robust z over them), seasonal (the median of the same weekday in the previous seasons weeks, then the z and robust z of the residual over the window; both must pass; on the chosen scale: linear, sqrt or log) or count (whole counts: expected = level of the previous seasons weeks, carried forward by the growth of the window, x weekday profile of the window_size previous periods, two-sided negative binomial tail probability p_value, its variance the baseline''s own uncertainty plus the overdispersion of the window when Pearson''s statistic shows it, Poisson otherwise; z is its normal score). Flags points whose |z| passes threshold (default customer_analytics.zscore_threshold; for the count method p_value <= customer_analytics.anomaly_false_alarms_per_year / points a year, then, at a time where a point is flagged, the other series'' points that moved the same way by Benjamini-Hochberg at customer_analytics.anomaly_same_day_fdr) in the wanted direction (both, spike, drop), after min_history earlier points, when they differ from the expected value by at least min_relative_change of it';
+    'Score every point of the series a query returns (columns: series key, timestamp, value, and optionally the exposure: the fraction of the period observed, 0 = not scored) against a baseline that never includes the point: method trailing (mean and z over the window_size previous points), robust (median and robust z over them), seasonal (the median of the same weekday in the previous seasons weeks, then the z and robust z of the residual over the window; both must pass; on the chosen scale: linear, sqrt or log) or count (whole counts: expected = level of the previous seasons weeks, carried forward by the growth of the window, x weekday profile of the window_size previous periods, two-sided negative binomial tail probability p_value, its variance the baseline''s own uncertainty plus the overdispersion of the window when Pearson''s statistic shows it, Poisson otherwise; z is its normal score). Flags points whose |z| passes threshold (default customer_analytics.zscore_threshold; for the count method p_value <= customer_analytics.anomaly_false_alarms_per_year / points a year, then, at a time where a point is flagged, the other series'' points that moved the same way by Benjamini-Hochberg at customer_analytics.anomaly_same_day_fdr) in the wanted direction (both, spike, drop), after min_history earlier points, when they differ from the expected value by at least min_relative_change of it (for the count method a factor either way: at most 1 - min_relative_change or, below 1, at least 1 / (1 - min_relative_change) times the expected count; 0.5: half or twice)';
 
 CREATE FUNCTION customer_analytics.detect_anomalies(
     source              regclass,
@@ -183,9 +183,10 @@ COMMENT ON FUNCTION customer_analytics.detect_anomalies(regclass, text, text, te
  * customer_analytics.anomaly_false_alarms_per_year (0.5) / 365.25, then
  * the other series of a day with a flag by Benjamini-Hochberg at
  * customer_analytics.anomaly_same_day_fdr (0.05: an outage moves every
- * category), and only changes of at least 50%: at 50,000 customers the
- * counts are large enough for +40% days of a category to be significant,
- * and those are not what an alert is for.
+ * category), and only changes to half the expected orders or twice (a
+ * factor either way: at 50,000 customers the counts are large enough for
+ * +50% days of a category to be significant by chance a few times a year,
+ * and those are not what an alert is for).
  * The series is named by regclass so that pg_depend orders the refreshes.
  */
 CREATE MATERIALIZED VIEW customer_analytics.anomalies AS
@@ -196,7 +197,7 @@ FROM customer_analytics.detect_anomalies('customer_analytics.order_count_series'
 WHERE a.is_anomaly;
 CREATE UNIQUE INDEX anomalies_series_day_idx ON customer_analytics.anomalies (series, day);
 COMMENT ON MATERIALIZED VIEW customer_analytics.anomalies IS
-    'Days with an anomalous number of orders, per product category and for the shop as a whole (series ''total''): detect_anomalies() with the count method (expected orders from the level of the 8 previous weeks, carried forward by the growth of the 112 previous days, and the weekday profile of those days; p_value: two-sided negative binomial tail probability; z: its normal score), flagged when p_value <= customer_analytics.anomaly_false_alarms_per_year / 365.25, or, on a day with such a flag, by Benjamini-Hochberg at customer_analytics.anomaly_same_day_fdr among the day''s other series that moved the same way; changes of at least 50% of the expected orders only. Built on daily_sales and product_category_sales: refresh those first (refresh_sales_views() does all three)';
+    'Days with an anomalous number of orders, per product category and for the shop as a whole (series ''total''): detect_anomalies() with the count method (expected orders from the level of the 8 previous weeks, carried forward by the growth of the 112 previous days, and the weekday profile of those days; p_value: two-sided negative binomial tail probability; z: its normal score), flagged when p_value <= customer_analytics.anomaly_false_alarms_per_year / 365.25, or, on a day with such a flag, by Benjamini-Hochberg at customer_analytics.anomaly_same_day_fdr among the day''s other series that moved the same way; only changes to half the expected orders or less, or to twice or more. Built on daily_sales and product_category_sales: refresh those first (refresh_sales_views() does all three)';
 
 CREATE FUNCTION customer_analytics.refresh_sales_views(concurrent boolean DEFAULT true)
 RETURNS void
