@@ -5322,3 +5322,944 @@ COMMENT ON FUNCTION customer_analytics.detect_anomalies(text, text, integer, flo
     'Score every point of the series a query returns (columns: series key, timestamp, value, and optionally the exposure: the fraction of the period observed, 0 = not scored) against a baseline that never includes the point: method trailing (mean and z over the window_size previous points), robust (median and robust z over them), seasonal (the median of the same weekday in the previous seasons weeks, then the z and robust z of the residual over the window; both must pass; on the chosen scale: linear, sqrt or log) or count (whole counts: expected = level of the previous seasons weeks, carried forward by the growth of the window, x weekday profile of the window_size previous periods, two-sided negative binomial tail probability p_value, its variance the baseline''s own uncertainty plus the overdispersion of the window when Pearson''s statistic shows it, Poisson otherwise; z is its normal score). Flags points whose |z| passes threshold (default customer_analytics.zscore_threshold; for the count method p_value <= customer_analytics.anomaly_false_alarms_per_year / points a year, then, at a time where a point is flagged, the other series'' points that moved the same way by Benjamini-Hochberg at customer_analytics.anomaly_same_day_fdr) in the wanted direction (both, spike, drop), after min_history earlier points, when they differ from the expected value by at least min_relative_change of it (for the count method a factor either way: at most 1 - min_relative_change or, below 1, at least 1 / (1 - min_relative_change) times the expected count; 0.5: half or twice)';
 COMMENT ON MATERIALIZED VIEW customer_analytics.anomalies IS
     'Days with an anomalous number of orders, per product category and for the shop as a whole (series ''total''): detect_anomalies() with the count method (expected orders from the level of the 8 previous weeks, carried forward by the growth of the 112 previous days, and the weekday profile of those days; p_value: two-sided negative binomial tail probability; z: its normal score), flagged when p_value <= customer_analytics.anomaly_false_alarms_per_year / 365.25, or, on a day with such a flag, by Benjamini-Hochberg at customer_analytics.anomaly_same_day_fdr among the day''s other series that moved the same way; only changes to half the expected orders or less, or to twice or more. Built on daily_sales and product_category_sales: refresh those first (refresh_sales_views() does all three)';
+
+-- issue 17: change tracking without statement triggers: transform()'s steps and
+-- refresh_customer_rfm() queue what they change themselves (RETURNING into the
+-- queues), the statement triggers return at once while they write (setting
+-- customer_analytics_internal.own_writer), and load_fact_order_line() resolves
+-- its batch once (issue 18)
+CREATE OR REPLACE FUNCTION customer_analytics_internal.own_writer()
+RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT COALESCE(pg_catalog.current_setting('customer_analytics_internal.own_writer', true), '')
+             OPERATOR(pg_catalog.=) 'on' $$;
+COMMENT ON FUNCTION customer_analytics_internal.own_writer() IS
+    'Internal: whether one of the extension''s writers (which queue their own changes) is writing; the change-queue triggers then do nothing';
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.check_queue(rel regclass, batch bigint)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT FROM customer_analytics_internal.check_change c
+               WHERE c.rel = check_queue.rel AND c.op = 'T') THEN
+        RETURN false;
+    END IF;
+    IF batch > 1000000 THEN
+        DELETE FROM customer_analytics_internal.check_change c WHERE c.rel = check_queue.rel;
+        INSERT INTO customer_analytics_internal.check_change (rel, op) VALUES (check_queue.rel, 'T');
+        RETURN false;
+    END IF;
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.check_queue(regclass, bigint) IS
+    'Internal: whether a writer of the extension queues the rows of a batch it writes into a table in check_change row by row (false: the table is due for a whole check, queued here for a batch of more than a million rows)';
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.load_dim_product()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    n bigint;
+    detail boolean := check_queue('customer_analytics.dim_product', (SELECT count(*) FROM ca_batch_products));
+BEGIN
+    WITH was AS MATERIALIZED (
+        SELECT d.* FROM dim_product d WHERE d.product_id IN (SELECT b.product_id FROM ca_batch_products b)
+    ), written AS (
+        INSERT INTO dim_product AS d (product_id, name, category, subcategory, unit_cost, list_price,
+                                      updated_at, stage_id)
+        SELECT product_id, name, category, subcategory, unit_cost, list_price, updated_at, stage_id
+        FROM ca_batch_products
+        ON CONFLICT (product_id) DO UPDATE
+            SET name = excluded.name, category = excluded.category, subcategory = excluded.subcategory,
+                unit_cost = excluded.unit_cost, list_price = excluded.list_price,
+                updated_at = excluded.updated_at, stage_id = excluded.stage_id
+            WHERE excluded.stage_id > d.stage_id
+              AND (d.name, d.category, d.subcategory, d.unit_cost, d.list_price)
+                  IS DISTINCT FROM
+                  (excluded.name, excluded.category, excluded.subcategory, excluded.unit_cost, excluded.list_price)
+        RETURNING d.product_key, d.category
+    ), moved AS (           -- a product moved to another category: every day it sold on
+        INSERT INTO sales_dirty_day
+        SELECT DISTINCT dd.date
+        FROM written w JOIN was o USING (product_key)
+        JOIN fact_order_line f ON f.product_key = w.product_key
+        JOIN dim_date dd ON dd.date_key = f.date_key
+        WHERE o.category IS DISTINCT FROM w.category
+        ON CONFLICT DO NOTHING
+    ), checked AS (
+        INSERT INTO check_change (rel, op, key, old_row)
+        SELECT 'customer_analytics.dim_product'::regclass, 'n', jsonb_build_object('product_key', w.product_key), NULL
+        FROM written w WHERE detail
+        UNION ALL
+        SELECT 'customer_analytics.dim_product'::regclass, 'o', NULL, to_jsonb(o)
+        FROM written w JOIN was o USING (product_key) WHERE detail
+    )
+    SELECT count(*) INTO n FROM written;
+    -- the fact joins that follow are planned on these statistics: renewed
+    -- when the table grew by a tenth or more (a few rows more do not change
+    -- a plan, and ANALYZE reads up to 30,000 rows whatever the change)
+    IF n > 0 AND n * 10 >= (SELECT GREATEST(c.reltuples, 0) FROM pg_class c
+                            WHERE c.oid = 'customer_analytics.dim_product'::regclass) THEN
+        ANALYZE dim_product;
+    END IF;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.load_dim_customer()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    n bigint;
+    detail boolean;
+BEGIN
+    CREATE TEMP TABLE ca_new_versions ON COMMIT DROP AS
+    WITH cur AS (
+        SELECT d.customer_id, d.name, d.email, d.city, d.state, d.country, d.signup_date,
+               d.valid_from AS version_ts, false AS is_new
+        FROM dim_customer d
+        WHERE d.is_current AND d.customer_id IN (SELECT customer_id FROM ca_batch_customers)
+    ), chain AS (
+        SELECT * FROM cur
+        UNION ALL
+        SELECT b.customer_id, b.name, b.email, b.city, b.state, b.country, b.signup_date,
+               b.version_ts, true
+        FROM ca_batch_customers b
+        LEFT JOIN cur c ON c.customer_id = b.customer_id
+        WHERE c.customer_id IS NULL OR b.version_ts > c.version_ts
+    ), diffed AS (
+        SELECT ch.*,
+               ROW(ch.name, ch.email, ch.city, ch.state, ch.country, ch.signup_date)
+                   IS DISTINCT FROM
+               lag(ROW(ch.name, ch.email, ch.city, ch.state, ch.country, ch.signup_date))
+                   OVER (PARTITION BY ch.customer_id ORDER BY ch.version_ts) AS changed
+        FROM chain ch
+    )
+    SELECT df.customer_id, df.name, df.email, df.city, df.state, df.country,
+           df.signup_date, df.version_ts
+    FROM diffed df
+    WHERE df.is_new AND df.changed;
+
+    detail := check_queue('customer_analytics.dim_customer', (SELECT count(*) FROM ca_new_versions));
+
+    -- a new version moves the customer's current key and which lines are
+    -- theirs: their RFM inputs are recomputed
+    WITH closed AS (
+        UPDATE dim_customer d
+        SET valid_to = f.first_ts, is_current = false
+        FROM (SELECT customer_id, min(version_ts) AS first_ts
+              FROM ca_new_versions GROUP BY customer_id) f,
+             dim_customer was
+        WHERE d.customer_id = f.customer_id AND d.is_current AND was.customer_key = d.customer_key
+        RETURNING d.customer_key, d.customer_id, to_jsonb(was) AS old_row
+    ), dirty AS (
+        INSERT INTO rfm_dirty_customer
+        SELECT DISTINCT c.customer_id FROM closed c
+        ON CONFLICT DO NOTHING
+    )
+    INSERT INTO check_change (rel, op, key, old_row)
+    SELECT 'customer_analytics.dim_customer'::regclass, x.op, x.key, x.old_row
+    FROM closed c
+    CROSS JOIN LATERAL (VALUES ('n'::"char", jsonb_build_object('customer_key', c.customer_key), NULL::jsonb),
+                               ('o', NULL, c.old_row)) x (op, key, old_row)
+    WHERE detail;
+
+    WITH added AS (
+        INSERT INTO dim_customer (customer_id, name, email, city, state, country, signup_date,
+                                  valid_from, valid_to, is_current)
+        SELECT nv.customer_id, nv.name, nv.email, nv.city, nv.state, nv.country, nv.signup_date,
+               nv.version_ts,
+               COALESCE(lead(nv.version_ts) OVER w, 'infinity'),
+               lead(nv.version_ts) OVER w IS NULL
+        FROM ca_new_versions nv
+        WINDOW w AS (PARTITION BY nv.customer_id ORDER BY nv.version_ts)
+        RETURNING customer_key, customer_id
+    ), dirty AS (
+        INSERT INTO rfm_dirty_customer
+        SELECT DISTINCT a.customer_id FROM added a
+        ON CONFLICT DO NOTHING
+    ), checked AS (
+        INSERT INTO check_change (rel, op, key)
+        SELECT 'customer_analytics.dim_customer'::regclass, 'n', jsonb_build_object('customer_key', a.customer_key)
+        FROM added a WHERE detail
+    )
+    SELECT count(*) INTO n FROM added;
+    DROP TABLE ca_new_versions;
+    -- (as for products: only when the table grew by a tenth or more)
+    IF n > 0 AND n * 10 >= (SELECT GREATEST(c.reltuples, 0) FROM pg_class c
+                            WHERE c.oid = 'customer_analytics.dim_customer'::regclass) THEN
+        ANALYZE dim_customer;
+    END IF;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.note_order_line_updates(detail boolean)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    SELECT count(*) INTO n FROM ca_line_changes;
+    IF n > 0 THEN
+        WITH keys AS (
+            SELECT (c.new ->> 'customer_key')::bigint AS customer_key, (c.new ->> 'date_key')::integer AS date_key
+            FROM ca_line_changes c
+            UNION
+            SELECT (c.old ->> 'customer_key')::bigint, (c.old ->> 'date_key')::integer
+            FROM ca_line_changes c
+        ), dirty AS (
+            INSERT INTO rfm_dirty_customer
+            SELECT DISTINCT d.customer_id
+            FROM (SELECT DISTINCT k.customer_key FROM keys k) k JOIN dim_customer d USING (customer_key)
+            ON CONFLICT DO NOTHING
+        ), days AS (
+            INSERT INTO sales_dirty_day
+            SELECT DISTINCT d.date
+            FROM (SELECT DISTINCT k.date_key FROM keys k) k JOIN dim_date d USING (date_key)
+            ON CONFLICT DO NOTHING
+        )
+        INSERT INTO check_change (rel, op, key, old_row)
+        SELECT 'customer_analytics.fact_order_line'::regclass, x.op, x.key, x.old_row
+        FROM ca_line_changes c
+        CROSS JOIN LATERAL (VALUES ('n'::"char", jsonb_build_object('order_id', c.new -> 'order_id',
+                                                                    'line_number', c.new -> 'line_number'),
+                                    NULL::jsonb),
+                                   ('o', NULL, c.old)) x (op, key, old_row)
+        WHERE detail;
+    END IF;
+    DROP TABLE ca_line_changes;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.note_order_line_updates(boolean) IS
+    'Internal: queues the order lines a writer of the extension updated (temporary table ca_line_changes: new and old row) for the RFM and sales rollups and, detail true, row by row for the checks; returns their number';
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.load_fact_order_line()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    tz text := business_timezone();
+    batch bigint;
+    added bigint;
+    changed bigint := 0;
+    detail boolean;
+BEGIN
+    CREATE TEMP TABLE ca_customer_lookup ON COMMIT DROP AS
+    SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT o.customer_id FROM ca_batch_orders o
+                                          WHERE o.customer_id IS NOT NULL));
+    ANALYZE ca_customer_lookup;
+
+    CREATE TEMP TABLE ca_order_lines ON COMMIT DROP AS
+    SELECT s.order_id, s.line_number,
+           COALESCE(c.customer_key, -1) AS customer_key,
+           COALESCE(p.product_key, -1) AS product_key,
+           date_key((s.order_ts AT TIME ZONE tz)::date) AS date_key,
+           s.order_ts, s.quantity, s.unit_price, s.discount, s.status, s.channel,
+           s.updated_at, s.stage_id, s.load_id, s.customer_id, s.product_id,
+           (s.customer_id IS NOT NULL AND c.customer_key IS NULL)
+           OR (s.product_id IS NOT NULL AND p.product_key IS NULL) AS unresolved
+    FROM ca_batch_orders s
+    LEFT JOIN ca_customer_lookup c
+           ON c.customer_id = s.customer_id AND s.order_ts >= c.valid_from AND s.order_ts < c.valid_to
+    LEFT JOIN dim_product p ON p.product_id = s.product_id;
+    DROP TABLE ca_customer_lookup;
+    SELECT count(*) INTO batch FROM ca_order_lines;
+    detail := check_queue('customer_analytics.fact_order_line', batch);
+
+    -- new lines are usually new orders: queued to be added to their
+    -- customers' RFM inputs without a recompute
+    WITH written AS (
+        INSERT INTO fact_order_line AS f
+            (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity,
+             unit_price, discount, status, channel, updated_at, stage_id, load_id)
+        SELECT r.order_id, r.line_number, r.customer_key, r.product_key, r.date_key,
+               r.order_ts, r.quantity, r.unit_price, r.discount, r.status, r.channel,
+               r.updated_at, r.stage_id, r.load_id
+        FROM ca_order_lines r
+        ON CONFLICT (order_id, line_number) DO NOTHING
+        RETURNING f.order_id, f.line_number, f.customer_key, f.date_key, f.order_ts, f.quantity,
+                  f.revenue, f.status
+    ), rfm AS (
+        INSERT INTO rfm_new_line (customer_id, order_id, line_number, order_ts, revenue, purchase)
+        SELECT c.customer_id, w.order_id, w.line_number, w.order_ts, w.revenue,
+               w.status = 'completed' AND w.customer_key <> -1 AND (w.quantity > 0 OR w.revenue <> 0)
+        FROM written w JOIN dim_customer c USING (customer_key)
+    ), days AS (
+        INSERT INTO sales_dirty_day
+        SELECT DISTINCT d.date FROM (SELECT DISTINCT w.date_key FROM written w) k JOIN dim_date d USING (date_key)
+        ON CONFLICT DO NOTHING
+    ), checked AS (
+        INSERT INTO check_change (rel, op, key)
+        SELECT 'customer_analytics.fact_order_line'::regclass, 'n',
+               jsonb_build_object('order_id', w.order_id, 'line_number', w.line_number)
+        FROM written w WHERE detail
+    )
+    SELECT count(*) INTO added FROM written;
+
+    -- lines already in the facts: a later staged version that differs wins
+    IF added < batch THEN
+        CREATE TEMP TABLE ca_line_changes (new jsonb, old jsonb) ON COMMIT DROP;
+        WITH upd AS (
+            UPDATE fact_order_line f
+            SET customer_key = r.customer_key, product_key = r.product_key,
+                date_key = r.date_key, order_ts = r.order_ts,
+                quantity = r.quantity, unit_price = r.unit_price,
+                discount = r.discount, status = r.status,
+                channel = r.channel, updated_at = r.updated_at,
+                stage_id = r.stage_id, load_id = r.load_id
+            FROM ca_order_lines r, fact_order_line was
+            WHERE f.order_id = r.order_id AND f.line_number = r.line_number
+              AND was.order_id = r.order_id AND was.line_number = r.line_number
+              AND r.stage_id > f.stage_id
+              AND (f.customer_key, f.product_key, f.order_ts, f.quantity, f.unit_price,
+                   f.discount, f.status, f.channel, f.updated_at)
+                  IS DISTINCT FROM
+                  (r.customer_key, r.product_key, r.order_ts, r.quantity,
+                   r.unit_price, r.discount, r.status, r.channel, r.updated_at)
+            RETURNING to_jsonb(f) AS new, to_jsonb(was) AS old
+        )
+        INSERT INTO ca_line_changes SELECT * FROM upd;
+        changed := note_order_line_updates(detail);
+    END IF;
+
+    -- the lines of this batch a later dimension row may repair (a batch
+    -- line that did resolve leaves the queue)
+    MERGE INTO unknown_member_line q
+    USING ca_order_lines b
+    ON q.order_id = b.order_id AND q.line_number = b.line_number
+    WHEN MATCHED AND NOT b.unresolved THEN DELETE
+    WHEN MATCHED THEN UPDATE SET customer_id = b.customer_id, product_id = b.product_id
+    WHEN NOT MATCHED AND b.unresolved THEN
+        INSERT (order_id, line_number, customer_id, product_id)
+        VALUES (b.order_id, b.line_number, b.customer_id, b.product_id);
+    DROP TABLE ca_order_lines;
+    RETURN added + changed;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.repair_order_line_keys()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    CREATE TEMP TABLE ca_repairs ON COMMIT DROP AS
+    SELECT q.order_id, q.line_number, q.customer_id, q.product_id, f.order_id IS NULL AS gone,
+           COALESCE(v.customer_key, -1) AS customer_key,
+           COALESCE(p.product_key, -1) AS product_key
+    FROM unknown_member_line q
+    LEFT JOIN fact_order_line f ON f.order_id = q.order_id AND f.line_number = q.line_number
+    LEFT JOIN customer_versions(ARRAY(SELECT DISTINCT u.customer_id FROM unknown_member_line u
+                                      WHERE u.customer_id IS NOT NULL)) v
+           ON v.customer_id = q.customer_id AND f.order_ts >= v.valid_from AND f.order_ts < v.valid_to
+    LEFT JOIN dim_product p ON p.product_id = q.product_id;
+
+    CREATE TEMP TABLE ca_line_changes (new jsonb, old jsonb) ON COMMIT DROP;
+    WITH upd AS (
+        UPDATE fact_order_line f
+        SET customer_key = r.customer_key, product_key = r.product_key
+        FROM ca_repairs r, fact_order_line was
+        WHERE NOT r.gone AND f.order_id = r.order_id AND f.line_number = r.line_number
+          AND was.order_id = f.order_id AND was.line_number = f.line_number
+          AND (f.customer_key, f.product_key) IS DISTINCT FROM (r.customer_key, r.product_key)
+        RETURNING to_jsonb(f) AS new, to_jsonb(was) AS old
+    )
+    INSERT INTO ca_line_changes SELECT * FROM upd;
+    SELECT count(*) INTO n FROM ca_line_changes;
+    n := note_order_line_updates(check_queue('customer_analytics.fact_order_line', n));
+
+    -- resolved (or no longer in the facts): out of the queue
+    DELETE FROM unknown_member_line q
+    USING ca_repairs r
+    WHERE q.order_id = r.order_id AND q.line_number = r.line_number
+      AND (r.gone OR ((r.customer_key <> -1 OR r.customer_id IS NULL)
+                      AND (r.product_key <> -1 OR r.product_id IS NULL)));
+    DROP TABLE ca_repairs;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.note_event_updates(detail boolean)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    SELECT count(*) INTO n FROM ca_event_changes;
+    IF n > 0 THEN
+        WITH queued AS (
+            INSERT INTO clickstream_change (visitor, since)
+            SELECT v.visitor, min(v.event_ts)
+            FROM ca_event_changes c
+            CROSS JOIN LATERAL (VALUES (visitor(c.new ->> 'customer_id', c.new ->> 'session_id'),
+                                        (c.new ->> 'event_ts')::timestamptz),
+                                       (visitor(c.old ->> 'customer_id', c.old ->> 'session_id'),
+                                        (c.old ->> 'event_ts')::timestamptz)) v (visitor, event_ts)
+            GROUP BY v.visitor
+        )
+        INSERT INTO check_change (rel, op, key, old_row)
+        SELECT 'customer_analytics.fact_event'::regclass, x.op, x.key, x.old_row
+        FROM ca_event_changes c
+        CROSS JOIN LATERAL (VALUES ('n'::"char", jsonb_build_object('event_id', c.new -> 'event_id'), NULL::jsonb),
+                                   ('o', NULL, c.old)) x (op, key, old_row)
+        WHERE detail;
+    END IF;
+    DROP TABLE ca_event_changes;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.note_event_updates(boolean) IS
+    'Internal: queues the events a writer of the extension updated (temporary table ca_event_changes: new and old row) for refresh_clickstream() and, detail true, row by row for the checks; returns their number';
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.load_fact_event()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    tz text := business_timezone();
+    batch bigint;
+    added bigint;
+    changed bigint := 0;
+    detail boolean;
+BEGIN
+    CREATE TEMP TABLE ca_event_customers ON COMMIT DROP AS
+    SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT e.customer_id FROM ca_batch_events e
+                                          WHERE e.customer_id IS NOT NULL));
+    ANALYZE ca_event_customers;
+
+    CREATE TEMP TABLE ca_event_rows ON COMMIT DROP AS
+    SELECT s.event_id, s.event_ts, date_key((s.event_ts AT TIME ZONE tz)::date) AS date_key,
+           CASE WHEN s.customer_id IS NULL THEN NULL
+                ELSE COALESCE(c.customer_key, -1) END AS customer_key,
+           s.customer_id, s.session_id, s.event_type,
+           CASE WHEN s.product_id IS NULL THEN NULL ELSE COALESCE(p.product_key, -1) END AS product_key,
+           s.order_id, s.channel, s.device, s.stage_id, s.load_id
+    FROM ca_batch_events s
+    LEFT JOIN ca_event_customers c
+           ON c.customer_id = s.customer_id AND s.event_ts >= c.valid_from AND s.event_ts < c.valid_to
+    LEFT JOIN dim_product p ON p.product_id = s.product_id;
+    DROP TABLE ca_event_customers;
+    SELECT count(*) INTO batch FROM ca_event_rows;
+    detail := check_queue('customer_analytics.fact_event', batch);
+
+    WITH written AS (
+        INSERT INTO fact_event AS f
+            (event_id, event_ts, date_key, customer_key, customer_id, customer_stitched, session_id,
+             event_type, product_key, order_id, channel, device, stage_id, load_id)
+        SELECT r.event_id, r.event_ts, r.date_key, r.customer_key, r.customer_id, false, r.session_id,
+               r.event_type, r.product_key, r.order_id, r.channel, r.device, r.stage_id, r.load_id
+        FROM ca_event_rows r
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING f.event_id, f.event_ts, f.customer_id, f.session_id
+    ), queued AS (
+        INSERT INTO clickstream_change (visitor, since)
+        SELECT visitor(w.customer_id, w.session_id), min(w.event_ts) FROM written w GROUP BY 1
+    ), checked AS (
+        INSERT INTO check_change (rel, op, key)
+        SELECT 'customer_analytics.fact_event'::regclass, 'n', jsonb_build_object('event_id', w.event_id)
+        FROM written w WHERE detail
+    )
+    SELECT count(*) INTO added FROM written;
+
+    -- events already in the facts: a later staged version that differs wins
+    IF added < batch THEN
+        CREATE TEMP TABLE ca_event_changes (new jsonb, old jsonb) ON COMMIT DROP;
+        WITH upd AS (
+            UPDATE fact_event f
+            SET event_ts = r.event_ts, date_key = r.date_key,
+                customer_key = r.customer_key, customer_id = r.customer_id,
+                customer_stitched = false, session_id = r.session_id,
+                event_type = r.event_type, product_key = r.product_key,
+                order_id = r.order_id, channel = r.channel,
+                device = r.device, stage_id = r.stage_id, load_id = r.load_id
+            FROM ca_event_rows r, fact_event was
+            WHERE f.event_id = r.event_id AND was.event_id = r.event_id
+              AND r.stage_id > f.stage_id
+              AND (f.event_ts, f.customer_key, f.customer_id, f.customer_stitched, f.session_id,
+                   f.event_type, f.product_key, f.order_id, f.channel, f.device)
+                  IS DISTINCT FROM
+                  (r.event_ts, r.customer_key, r.customer_id, false,
+                   r.session_id, r.event_type, r.product_key,
+                   r.order_id, r.channel, r.device)
+            RETURNING to_jsonb(f) AS new, to_jsonb(was) AS old
+        )
+        INSERT INTO ca_event_changes SELECT * FROM upd;
+        changed := note_event_updates(detail);
+    END IF;
+    DROP TABLE ca_event_rows;
+    RETURN added + changed;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.stitch_sessions()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    -- only sessions where something can change: an anonymous event and an
+    -- identified one, or events stitched before
+    CREATE TEMP TABLE ca_stitch_sessions ON COMMIT DROP AS
+    SELECT f.session_id
+    FROM fact_event f
+    WHERE f.session_id IN (SELECT b.session_id FROM ca_batch_events b)
+    GROUP BY f.session_id
+    HAVING (bool_or(f.customer_id IS NULL) AND bool_or(f.customer_id IS NOT NULL))
+           OR bool_or(f.customer_stitched);
+    ANALYZE ca_stitch_sessions;
+    CREATE TEMP TABLE ca_event_changes (new jsonb, old jsonb) ON COMMIT DROP;
+    WITH sess AS (
+        SELECT f.event_id, f.customer_key, f.customer_id, f.customer_stitched,
+               count(*) FILTER (WHERE f.customer_id IS NOT NULL AND NOT f.customer_stitched)
+                   OVER (PARTITION BY f.session_id ORDER BY f.event_ts DESC, f.event_id DESC
+                         ROWS UNBOUNDED PRECEDING) AS grp,
+               f.session_id
+        FROM fact_event f
+        WHERE f.session_id IN (SELECT c.session_id FROM ca_stitch_sessions c)
+    ), linked AS (
+        SELECT s.event_id, s.customer_key, s.customer_id, s.customer_stitched,
+               max(s.customer_key) FILTER (WHERE s.customer_id IS NOT NULL AND NOT s.customer_stitched)
+                   OVER g AS new_key,
+               max(s.customer_id) FILTER (WHERE s.customer_id IS NOT NULL AND NOT s.customer_stitched)
+                   OVER g AS new_id
+        FROM sess s
+        WINDOW g AS (PARTITION BY s.session_id, s.grp)
+    ), upd AS (
+        UPDATE fact_event f
+        SET customer_key = l.new_key, customer_id = l.new_id, customer_stitched = l.new_id IS NOT NULL
+        FROM linked l
+        WHERE f.event_id = l.event_id
+          AND (l.customer_id IS NULL OR l.customer_stitched)
+          AND (l.customer_key, l.customer_id, l.customer_stitched)
+              IS DISTINCT FROM (l.new_key, l.new_id, l.new_id IS NOT NULL)
+        -- only the customer columns change: the old row is the new one with theirs
+        RETURNING to_jsonb(f) AS new,
+                  to_jsonb(f) || jsonb_build_object('customer_key', l.customer_key, 'customer_id', l.customer_id,
+                                                    'customer_stitched', l.customer_stitched) AS old
+    )
+    INSERT INTO ca_event_changes SELECT * FROM upd;
+    SELECT count(*) INTO n FROM ca_event_changes;
+    n := note_event_updates(check_queue('customer_analytics.fact_event', n));
+    DROP TABLE ca_stitch_sessions;
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.repair_event_customer_keys()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    CREATE TEMP TABLE ca_event_changes (new jsonb, old jsonb) ON COMMIT DROP;
+    WITH upd AS (
+        UPDATE fact_event f
+        SET customer_key = v.customer_key
+        FROM customer_versions(ARRAY(SELECT DISTINCT e.customer_id FROM fact_event e
+                                     WHERE e.customer_key = -1)) v
+        WHERE f.customer_key = -1 AND v.customer_id = f.customer_id
+          AND f.event_ts >= v.valid_from AND f.event_ts < v.valid_to
+        RETURNING to_jsonb(f) AS new, to_jsonb(f) || '{"customer_key": -1}' AS old
+    )
+    INSERT INTO ca_event_changes SELECT * FROM upd;
+    SELECT count(*) INTO n FROM ca_event_changes;
+    n := note_event_updates(check_queue('customer_analytics.fact_event', n));
+    RETURN n;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.note_dirty_customers()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- one of the extension's writers queues its own changes
+    IF customer_analytics_internal.own_writer() THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'TRUNCATE' THEN
+        INSERT INTO customer_analytics_internal.rfm_dirty_customer VALUES (NULL) ON CONFLICT DO NOTHING;
+    ELSIF TG_TABLE_NAME = 'dim_customer' THEN
+        -- a new, changed or removed version moves the customer's current key
+        -- or which lines are theirs
+        IF TG_OP = 'INSERT' THEN
+            INSERT INTO customer_analytics_internal.rfm_dirty_customer
+            SELECT DISTINCT customer_id FROM new_rows ON CONFLICT DO NOTHING;
+        ELSIF TG_OP = 'DELETE' THEN
+            INSERT INTO customer_analytics_internal.rfm_dirty_customer
+            SELECT DISTINCT customer_id FROM old_rows ON CONFLICT DO NOTHING;
+        ELSE
+            INSERT INTO customer_analytics_internal.rfm_dirty_customer
+            SELECT customer_id FROM old_rows UNION SELECT customer_id FROM new_rows ON CONFLICT DO NOTHING;
+        END IF;
+    ELSIF TG_OP = 'INSERT' THEN
+        -- new lines are usually new orders: queued, added without a recompute
+        INSERT INTO customer_analytics_internal.rfm_new_line (customer_id, order_id, line_number, order_ts, revenue, purchase)
+        SELECT c.customer_id, r.order_id, r.line_number, r.order_ts, r.revenue,
+               r.status = 'completed' AND r.customer_key <> -1 AND (r.quantity > 0 OR r.revenue <> 0)
+        FROM new_rows r JOIN customer_analytics.dim_customer c USING (customer_key);
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO customer_analytics_internal.rfm_dirty_customer
+        SELECT DISTINCT c.customer_id
+        FROM (SELECT DISTINCT customer_key FROM old_rows) r
+        JOIN customer_analytics.dim_customer c USING (customer_key)
+        ON CONFLICT DO NOTHING;
+    ELSE
+        INSERT INTO customer_analytics_internal.rfm_dirty_customer
+        SELECT DISTINCT c.customer_id
+        FROM (SELECT customer_key FROM old_rows UNION SELECT customer_key FROM new_rows) r
+        JOIN customer_analytics.dim_customer c USING (customer_key)
+        ON CONFLICT DO NOTHING;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.maintain_rfm_segment_stat()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- one of the extension's writers queues its own changes
+    IF customer_analytics_internal.own_writer() THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'TRUNCATE' THEN
+        DELETE FROM customer_analytics_internal.rfm_segment_stat;
+        RETURN NULL;
+    END IF;
+    -- the transition tables that exist depend on the operation
+    EXECUTE format($q$
+        INSERT INTO customer_analytics_internal.rfm_segment_stat AS s
+        SELECT segment, sum(n)::bigint, sum(n * monetary), sum(n * frequency)::bigint,
+               sum(n * EXTRACT(epoch FROM last_purchase))
+        FROM (%s) c (n, segment, monetary, frequency, last_purchase)
+        GROUP BY segment
+        ORDER BY segment    -- two writers lock the segments in the same order
+        ON CONFLICT (segment) DO UPDATE
+            SET customers = s.customers + excluded.customers,
+                monetary = s.monetary + excluded.monetary,
+                frequency = s.frequency + excluded.frequency,
+                purchase_epochs = s.purchase_epochs + excluded.purchase_epochs$q$,
+        CASE TG_OP
+            WHEN 'INSERT' THEN 'SELECT 1, segment, monetary, frequency, last_purchase FROM new_rows'
+            WHEN 'DELETE' THEN 'SELECT -1, segment, monetary, frequency, last_purchase FROM old_rows'
+            ELSE 'SELECT 1, segment, monetary, frequency, last_purchase FROM new_rows
+                  UNION ALL SELECT -1, segment, monetary, frequency, last_purchase FROM old_rows'
+        END);
+    DELETE FROM customer_analytics_internal.rfm_segment_stat WHERE customers = 0;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.refresh_customer_rfm(full_refresh boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    ids text[];
+    everyone boolean;
+    as_of timestamptz := customer_analytics.reference_time();
+    map text := COALESCE(NULLIF(current_setting('customer_analytics.rfm_segment_map', true), ''), 'default');
+    redo bigint;
+    rounds integer := 0;
+    later boolean;
+    changed bigint;
+BEGIN
+    -- one maintainer at a time; readers never wait
+    PERFORM pg_advisory_xact_lock(customer_analytics_internal.lock_key('refresh_customer_rfm()'));
+    IF (SELECT count(*) FROM customer_analytics.rfm_segment_cells(map)) <> 125 THEN
+        RAISE EXCEPTION 'RFM segment map "%" does not name all 125 cells', map
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = format('See SELECT * FROM customer_analytics.rfm_check_segment_map(%L);', map);
+    END IF;
+    LOOP
+        rounds := rounds + 1;
+        -- take the noted customers (those noted by transactions still running stay for next time)
+        WITH taken AS (DELETE FROM customer_analytics_internal.rfm_dirty_customer RETURNING customer_id)
+        SELECT array_agg(customer_id) FILTER (WHERE customer_id IS NOT NULL), bool_or(customer_id IS NULL)
+        INTO ids, everyone FROM taken;
+        IF full_refresh OR everyone
+           OR (NOT EXISTS (SELECT FROM customer_analytics.rfm_rollup_customer)
+               AND EXISTS (SELECT FROM customer_analytics.fact_order_line)) THEN
+            DELETE FROM customer_analytics.rfm_rollup_customer;
+            ids := NULL;
+            everyone := true;
+            full_refresh := false;
+        ELSIF ids IS NOT NULL THEN
+            DELETE FROM customer_analytics.rfm_rollup_customer WHERE customer_id IN (SELECT unnest(ids));
+        END IF;
+        -- The queued lines these statements see are in the facts they
+        -- read: they are consumed here, not added again below.
+        IF everyone THEN
+            WITH consumed AS (
+                DELETE FROM customer_analytics_internal.rfm_new_line
+            )
+            INSERT INTO customer_analytics.rfm_rollup_customer (customer_id, customer_key, last_order, frequency, monetary)
+            SELECT r.customer_id, r.customer_key, r.last_order, r.frequency, r.monetary
+            FROM customer_analytics_internal.rfm_rollup_rows('infinity') r;
+        ELSIF ids IS NOT NULL THEN
+            -- a few customers: their lines through the indexes
+            WITH consumed AS (
+                DELETE FROM customer_analytics_internal.rfm_new_line q
+                WHERE q.customer_id IN (SELECT unnest(ids))
+            )
+            INSERT INTO customer_analytics.rfm_rollup_customer (customer_id, customer_key, last_order, frequency, monetary)
+            SELECT o.customer_id, cur.customer_key, (o.s).last_order, (o.s).frequency, (o.s).monetary
+            FROM (SELECT x.customer_id, customer_analytics.rfm_agg(x.ts, x.amount) AS s
+                  FROM customer_analytics_internal.rfm_orders(ids, 'infinity') x
+                  GROUP BY x.customer_id) o
+            LEFT JOIN customer_analytics.dim_customer cur ON cur.customer_id = o.customer_id AND cur.is_current
+                                                         AND cur.customer_key <> -1;
+        END IF;
+
+        -- new orders are added to their customers' rows; an order that had
+        -- lines before (its line count in the facts is larger) is not new:
+        -- its customers are recomputed in the next round
+        WITH taken AS (
+            DELETE FROM customer_analytics_internal.rfm_new_line RETURNING *
+        ), orders AS (
+            SELECT t.order_id,
+                   count(*) = (SELECT count(*) FROM customer_analytics.fact_order_line f
+                               WHERE f.order_id = t.order_id) AS whole
+            FROM taken t GROUP BY t.order_id
+        ), noted AS (
+            INSERT INTO customer_analytics_internal.rfm_dirty_customer
+            SELECT DISTINCT t.customer_id FROM taken t JOIN orders o USING (order_id) WHERE NOT o.whole
+            ON CONFLICT DO NOTHING
+            RETURNING 1
+        ), per_order AS (            -- grouped as above
+            SELECT t.customer_id, max(t.order_ts) AS ts, sum(t.revenue) AS amount
+            FROM taken t JOIN orders o USING (order_id)
+            WHERE o.whole AND t.purchase
+            GROUP BY t.customer_id, t.order_id, CASE WHEN t.revenue < 0 THEN t.line_number END
+        ), added AS (
+            INSERT INTO customer_analytics.rfm_rollup_customer AS u (customer_id, customer_key, last_order, frequency, monetary)
+            SELECT p.customer_id, cur.customer_key, (p.s).last_order, (p.s).frequency, (p.s).monetary
+            FROM (SELECT customer_id, customer_analytics.rfm_agg(ts, amount) AS s FROM per_order GROUP BY customer_id) p
+            LEFT JOIN customer_analytics.dim_customer cur ON cur.customer_id = p.customer_id AND cur.is_current
+                                                         AND cur.customer_key <> -1
+            ON CONFLICT (customer_id) DO UPDATE
+                SET last_order = greatest(u.last_order, excluded.last_order),
+                    frequency = u.frequency + excluded.frequency,
+                    monetary = u.monetary + excluded.monetary
+            RETURNING 1
+        )
+        SELECT count(*) FROM noted INTO redo;   -- (added runs all the same)
+        EXIT WHEN redo = 0 OR rounds >= 10;
+    END LOOP;
+
+    -- lines later than as_of (an as_of in the past) are not in rfm(as_of):
+    -- then the scores come from the facts
+    -- (the last purchase as of then from the same C scan of the inputs)
+    later := EXISTS (SELECT FROM customer_analytics.fact_order_line WHERE order_ts > as_of);
+    WITH scored AS (
+        SELECT s.*, p.last_order AS last_purchase
+        FROM customer_analytics.rfm(as_of) s
+        JOIN customer_analytics_internal.rfm_rollup_rows(as_of) p ON p.customer_id = s.customer_id
+        WHERE later
+        UNION ALL
+        SELECT s.*, u.last_order
+        FROM customer_analytics.rfm_from_rollup(as_of) s
+        JOIN customer_analytics.rfm_rollup_customer u ON u.customer_id = s.customer_id
+        WHERE NOT later
+    ), diff AS MATERIALIZED (      -- one pass over both: what to write
+        SELECT s.*, t.customer_id AS old_customer_id, t.segment AS old_segment, t.monetary AS old_monetary,
+               t.frequency AS old_frequency, t.last_purchase AS old_last_purchase
+        FROM scored s FULL JOIN customer_analytics.customer_rfm_score t ON t.customer_id = s.customer_id
+        WHERE s.customer_id IS NULL OR t.customer_id IS NULL
+           OR (t.customer_key, t.last_purchase, t.frequency, t.monetary, t.rfm_cell, t.segment)
+              IS DISTINCT FROM (s.customer_key, s.last_purchase, s.frequency, s.monetary, s.rfm_cell, s.segment)
+    ), updated AS (
+        UPDATE customer_analytics.customer_rfm_score t
+        SET customer_key = d.customer_key, last_purchase = d.last_purchase, frequency = d.frequency,
+            monetary = d.monetary, r = d.r, f = d.f, m = d.m, rfm_cell = d.rfm_cell, segment = d.segment
+        FROM diff d
+        WHERE t.customer_id = d.customer_id AND d.old_customer_id IS NOT NULL
+        RETURNING t.segment, t.monetary, t.frequency, t.last_purchase,
+                  d.old_segment, d.old_monetary, d.old_frequency, d.old_last_purchase
+    ), inserted AS (
+        INSERT INTO customer_analytics.customer_rfm_score
+            (customer_id, customer_key, last_purchase, frequency, monetary, r, f, m, rfm_cell, segment)
+        SELECT d.customer_id, d.customer_key, d.last_purchase, d.frequency, d.monetary, d.r, d.f, d.m, d.rfm_cell, d.segment
+        FROM diff d WHERE d.old_customer_id IS NULL
+        RETURNING segment, monetary, frequency, last_purchase
+    ), deleted AS (
+        DELETE FROM customer_analytics.customer_rfm_score t
+        USING diff d
+        WHERE t.customer_id = d.old_customer_id AND d.customer_id IS NULL
+        RETURNING t.segment, t.monetary, t.frequency, t.last_purchase
+    ), stat AS (            -- segment_summary's sums: the rows written in, the rows replaced out
+        INSERT INTO customer_analytics_internal.rfm_segment_stat AS g
+        SELECT c.segment, sum(c.n)::bigint, sum(c.n * c.monetary), sum(c.n * c.frequency)::bigint,
+               sum(c.n * EXTRACT(epoch FROM c.last_purchase))
+        FROM (SELECT 1, u.segment, u.monetary, u.frequency, u.last_purchase FROM updated u
+              UNION ALL
+              SELECT -1, u.old_segment, u.old_monetary, u.old_frequency, u.old_last_purchase FROM updated u
+              UNION ALL
+              SELECT 1, i.segment, i.monetary, i.frequency, i.last_purchase FROM inserted i
+              UNION ALL
+              SELECT -1, x.segment, x.monetary, x.frequency, x.last_purchase FROM deleted x)
+             c (n, segment, monetary, frequency, last_purchase)
+        GROUP BY c.segment
+        ORDER BY c.segment
+        ON CONFLICT (segment) DO UPDATE
+            SET customers = g.customers + excluded.customers,
+                monetary = g.monetary + excluded.monetary,
+                frequency = g.frequency + excluded.frequency,
+                purchase_epochs = g.purchase_epochs + excluded.purchase_epochs
+    )
+    SELECT (SELECT count(*) FROM updated) + (SELECT count(*) FROM inserted) + (SELECT count(*) FROM deleted)
+    INTO changed;
+    DELETE FROM customer_analytics_internal.rfm_segment_stat WHERE customers = 0;
+    INSERT INTO customer_analytics.customer_rfm_refresh (id, as_of, refreshed_at)
+    VALUES (true, as_of, clock_timestamp())
+    ON CONFLICT (id) DO UPDATE SET as_of = EXCLUDED.as_of, refreshed_at = EXCLUDED.refreshed_at;
+    RETURN changed;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.note_dirty_sales_days()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- one of the extension's writers queues its own changes
+    IF customer_analytics_internal.own_writer() THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'TRUNCATE' THEN
+        INSERT INTO customer_analytics_internal.sales_dirty_day VALUES ('-infinity') ON CONFLICT DO NOTHING;
+    ELSIF TG_TABLE_NAME = 'dim_product' THEN
+        -- a product moved to another category: every day it sold on
+        INSERT INTO customer_analytics_internal.sales_dirty_day
+        SELECT DISTINCT d.date
+        FROM old_rows o JOIN new_rows n USING (product_key)
+        JOIN customer_analytics.fact_order_line f ON f.product_key = n.product_key
+        JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
+        WHERE o.category IS DISTINCT FROM n.category
+        ON CONFLICT DO NOTHING;
+    ELSIF TG_OP = 'INSERT' THEN
+        INSERT INTO customer_analytics_internal.sales_dirty_day
+        SELECT DISTINCT d.date FROM new_rows r JOIN customer_analytics.dim_date d USING (date_key)
+        ON CONFLICT DO NOTHING;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO customer_analytics_internal.sales_dirty_day
+        SELECT DISTINCT d.date FROM old_rows r JOIN customer_analytics.dim_date d USING (date_key)
+        ON CONFLICT DO NOTHING;
+    ELSE
+        INSERT INTO customer_analytics_internal.sales_dirty_day
+        SELECT DISTINCT d.date
+        FROM (SELECT date_key FROM old_rows UNION SELECT date_key FROM new_rows) r
+        JOIN customer_analytics.dim_date d USING (date_key)
+        ON CONFLICT DO NOTHING;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.fact_event_changed()
+    RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+BEGIN
+    -- one of the extension's writers queues its own changes
+    IF customer_analytics_internal.own_writer() THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'TRUNCATE' THEN
+        -- no facts, no sessions; and the next event run is a full pass, so
+        -- that the old watermark does not turn everything staged into late
+        TRUNCATE clickstream_change, sessions;
+        DELETE FROM event_transform_state;
+        RETURN NULL;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        INSERT INTO clickstream_change (visitor, since)
+        SELECT visitor(o.customer_id, o.session_id), min(o.event_ts) FROM old_rows o GROUP BY 1;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'INSERT') THEN
+        INSERT INTO clickstream_change (visitor, since)
+        SELECT visitor(n.customer_id, n.session_id), min(n.event_ts) FROM new_rows n GROUP BY 1;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.note_check_change()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    keyexpr text;
+    n bigint;
+BEGIN
+    -- one of the extension's writers queues its own changes
+    IF customer_analytics_internal.own_writer() THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'TRUNCATE' THEN
+        DELETE FROM customer_analytics_internal.check_change WHERE rel = TG_RELID;
+        INSERT INTO customer_analytics_internal.check_change (rel, op) VALUES (TG_RELID, 'T');
+        RETURN NULL;
+    END IF;
+    -- a table already due for a whole check needs no detail
+    IF EXISTS (SELECT FROM customer_analytics_internal.check_change WHERE rel = TG_RELID AND op = 'T') THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        SELECT count(*) INTO n FROM new_rows;
+        -- a first load or a backfill: checking the whole table once costs
+        -- less than queuing and reading back a million keys
+        IF n > 1000000 THEN
+            DELETE FROM customer_analytics_internal.check_change WHERE rel = TG_RELID;
+            INSERT INTO customer_analytics_internal.check_change (rel, op) VALUES (TG_RELID, 'T');
+            RETURN NULL;
+        END IF;
+        SELECT 'jsonb_build_object(' || string_agg(format('%L, r.%I', c, c), ', ') || ')' INTO keyexpr
+        FROM unnest(customer_analytics_internal.key_columns(TG_RELID)) c;
+        EXECUTE format('INSERT INTO customer_analytics_internal.check_change (rel, op, key) SELECT $1, ''n'', %s FROM new_rows r',
+                       keyexpr) USING TG_RELID;
+    END IF;
+    IF TG_OP IN ('UPDATE', 'DELETE') THEN
+        INSERT INTO customer_analytics_internal.check_change (rel, op, old_row)
+        SELECT TG_RELID, 'o', to_jsonb(r) FROM old_rows r;
+    END IF;
+    RETURN NULL;
+END
+$$;

@@ -142,6 +142,29 @@ COMMENT ON FUNCTION customer_analytics_internal.lock_key(text) IS
     'Internal: the bigint advisory lock key of a named operation of the extension (''transform()'', ''refresh_customer_rfm()'', a pipeline scope ...)';
 
 /*
+ * Change tracking.  The incremental refreshes read queues of what changed
+ * (rfm_new_line, rfm_dirty_customer, sales_dirty_day, clickstream_change,
+ * check_change) and refresh_customer_rfm() keeps rfm_segment_stat.  The
+ * extension's own writers record their changes there themselves, in the
+ * statement that makes them, from the rows it returns: that works wherever
+ * the rows live (on Citus, statement triggers with transition tables
+ * cannot exist on distributed tables, and fire on the shards where they
+ * do).  The statement triggers stay, on a single node, to catch changes
+ * made by hand (an UPDATE, DELETE or TRUNCATE someone runs on a fact or a
+ * dimension); each writer carries SET customer_analytics_internal.own_writer
+ * = on, undone when it returns or fails, and while it is on the triggers
+ * return at once, so that nothing is queued twice.
+ */
+CREATE FUNCTION customer_analytics_internal.own_writer()
+RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT COALESCE(pg_catalog.current_setting('customer_analytics_internal.own_writer', true), '')
+             OPERATOR(pg_catalog.=) 'on' $$;
+COMMENT ON FUNCTION customer_analytics_internal.own_writer() IS
+    'Internal: whether one of the extension''s writers (which queue their own changes) is writing; the change-queue triggers then do nothing';
+
+/*
  * The customer version in effect at a timestamp, for the given customer
  * ids: a version is in effect over [valid_from, valid_to), and a timestamp
  * older than a customer's first known version belongs to that first
@@ -211,23 +234,45 @@ CREATE FUNCTION customer_analytics_internal.load_dim_product()
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
 AS $$
 DECLARE
     n bigint;
+    detail boolean := check_queue('customer_analytics.dim_product', (SELECT count(*) FROM ca_batch_products));
 BEGIN
-    INSERT INTO dim_product AS d (product_id, name, category, subcategory, unit_cost, list_price,
-                                  updated_at, stage_id)
-    SELECT product_id, name, category, subcategory, unit_cost, list_price, updated_at, stage_id
-    FROM ca_batch_products
-    ON CONFLICT (product_id) DO UPDATE
-        SET name = excluded.name, category = excluded.category, subcategory = excluded.subcategory,
-            unit_cost = excluded.unit_cost, list_price = excluded.list_price,
-            updated_at = excluded.updated_at, stage_id = excluded.stage_id
-        WHERE excluded.stage_id > d.stage_id
-          AND (d.name, d.category, d.subcategory, d.unit_cost, d.list_price)
-              IS DISTINCT FROM
-              (excluded.name, excluded.category, excluded.subcategory, excluded.unit_cost, excluded.list_price);
-    GET DIAGNOSTICS n = ROW_COUNT;
+    WITH was AS MATERIALIZED (
+        SELECT d.* FROM dim_product d WHERE d.product_id IN (SELECT b.product_id FROM ca_batch_products b)
+    ), written AS (
+        INSERT INTO dim_product AS d (product_id, name, category, subcategory, unit_cost, list_price,
+                                      updated_at, stage_id)
+        SELECT product_id, name, category, subcategory, unit_cost, list_price, updated_at, stage_id
+        FROM ca_batch_products
+        ON CONFLICT (product_id) DO UPDATE
+            SET name = excluded.name, category = excluded.category, subcategory = excluded.subcategory,
+                unit_cost = excluded.unit_cost, list_price = excluded.list_price,
+                updated_at = excluded.updated_at, stage_id = excluded.stage_id
+            WHERE excluded.stage_id > d.stage_id
+              AND (d.name, d.category, d.subcategory, d.unit_cost, d.list_price)
+                  IS DISTINCT FROM
+                  (excluded.name, excluded.category, excluded.subcategory, excluded.unit_cost, excluded.list_price)
+        RETURNING d.product_key, d.category
+    ), moved AS (           -- a product moved to another category: every day it sold on
+        INSERT INTO sales_dirty_day
+        SELECT DISTINCT dd.date
+        FROM written w JOIN was o USING (product_key)
+        JOIN fact_order_line f ON f.product_key = w.product_key
+        JOIN dim_date dd ON dd.date_key = f.date_key
+        WHERE o.category IS DISTINCT FROM w.category
+        ON CONFLICT DO NOTHING
+    ), checked AS (
+        INSERT INTO check_change (rel, op, key, old_row)
+        SELECT 'customer_analytics.dim_product'::regclass, 'n', jsonb_build_object('product_key', w.product_key), NULL
+        FROM written w WHERE detail
+        UNION ALL
+        SELECT 'customer_analytics.dim_product'::regclass, 'o', NULL, to_jsonb(o)
+        FROM written w JOIN was o USING (product_key) WHERE detail
+    )
+    SELECT count(*) INTO n FROM written;
     -- the fact joins that follow are planned on these statistics: renewed
     -- when the table grew by a tenth or more (a few rows more do not change
     -- a plan, and ANALYZE reads up to 30,000 rows whatever the change)
@@ -252,9 +297,11 @@ CREATE FUNCTION customer_analytics_internal.load_dim_customer()
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
 AS $$
 DECLARE
     n bigint;
+    detail boolean;
 BEGIN
     CREATE TEMP TABLE ca_new_versions ON COMMIT DROP AS
     WITH cur AS (
@@ -283,21 +330,50 @@ BEGIN
     FROM diffed df
     WHERE df.is_new AND df.changed;
 
-    UPDATE dim_customer d
-    SET valid_to = f.first_ts, is_current = false
-    FROM (SELECT customer_id, min(version_ts) AS first_ts
-          FROM ca_new_versions GROUP BY customer_id) f
-    WHERE d.customer_id = f.customer_id AND d.is_current;
+    detail := check_queue('customer_analytics.dim_customer', (SELECT count(*) FROM ca_new_versions));
 
-    INSERT INTO dim_customer (customer_id, name, email, city, state, country, signup_date,
-                              valid_from, valid_to, is_current)
-    SELECT nv.customer_id, nv.name, nv.email, nv.city, nv.state, nv.country, nv.signup_date,
-           nv.version_ts,
-           COALESCE(lead(nv.version_ts) OVER w, 'infinity'),
-           lead(nv.version_ts) OVER w IS NULL
-    FROM ca_new_versions nv
-    WINDOW w AS (PARTITION BY nv.customer_id ORDER BY nv.version_ts);
-    GET DIAGNOSTICS n = ROW_COUNT;
+    -- a new version moves the customer's current key and which lines are
+    -- theirs: their RFM inputs are recomputed
+    WITH closed AS (
+        UPDATE dim_customer d
+        SET valid_to = f.first_ts, is_current = false
+        FROM (SELECT customer_id, min(version_ts) AS first_ts
+              FROM ca_new_versions GROUP BY customer_id) f,
+             dim_customer was
+        WHERE d.customer_id = f.customer_id AND d.is_current AND was.customer_key = d.customer_key
+        RETURNING d.customer_key, d.customer_id, to_jsonb(was) AS old_row
+    ), dirty AS (
+        INSERT INTO rfm_dirty_customer
+        SELECT DISTINCT c.customer_id FROM closed c
+        ON CONFLICT DO NOTHING
+    )
+    INSERT INTO check_change (rel, op, key, old_row)
+    SELECT 'customer_analytics.dim_customer'::regclass, x.op, x.key, x.old_row
+    FROM closed c
+    CROSS JOIN LATERAL (VALUES ('n'::"char", jsonb_build_object('customer_key', c.customer_key), NULL::jsonb),
+                               ('o', NULL, c.old_row)) x (op, key, old_row)
+    WHERE detail;
+
+    WITH added AS (
+        INSERT INTO dim_customer (customer_id, name, email, city, state, country, signup_date,
+                                  valid_from, valid_to, is_current)
+        SELECT nv.customer_id, nv.name, nv.email, nv.city, nv.state, nv.country, nv.signup_date,
+               nv.version_ts,
+               COALESCE(lead(nv.version_ts) OVER w, 'infinity'),
+               lead(nv.version_ts) OVER w IS NULL
+        FROM ca_new_versions nv
+        WINDOW w AS (PARTITION BY nv.customer_id ORDER BY nv.version_ts)
+        RETURNING customer_key, customer_id
+    ), dirty AS (
+        INSERT INTO rfm_dirty_customer
+        SELECT DISTINCT a.customer_id FROM added a
+        ON CONFLICT DO NOTHING
+    ), checked AS (
+        INSERT INTO check_change (rel, op, key)
+        SELECT 'customer_analytics.dim_customer'::regclass, 'n', jsonb_build_object('customer_key', a.customer_key)
+        FROM added a WHERE detail
+    )
+    SELECT count(*) INTO n FROM added;
     DROP TABLE ca_new_versions;
     -- (as for products: only when the table grew by a tenth or more)
     IF n > 0 AND n * 10 >= (SELECT GREATEST(c.reltuples, 0) FROM pg_class c
@@ -328,67 +404,168 @@ COMMENT ON TABLE customer_analytics_internal.unknown_member_line IS
     'Internal: order lines keyed to an unknown member whose customer or product id is known (a dimension row that has not arrived yet); transform() repairs them when it adds dimension rows';
 SELECT pg_catalog.pg_extension_config_dump('customer_analytics_internal.unknown_member_line', '');
 
-/* order lines, keyed to the customer version in effect at the order */
-CREATE FUNCTION customer_analytics_internal.load_fact_order_line()
+/*
+ * What a writer of the extension changed in existing order lines, set
+ * aside by its UPDATE ... RETURNING in the temporary table ca_line_changes
+ * (each line as it is now and as it was): queued for the RFM rollup (the
+ * customers of both versions), the sales rollups (both days) and, detail
+ * true, the checks.  Returns the lines changed.
+ */
+CREATE FUNCTION customer_analytics_internal.note_order_line_updates(detail boolean)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
 AS $$
 DECLARE
-    tz text := business_timezone();
     n bigint;
+BEGIN
+    SELECT count(*) INTO n FROM ca_line_changes;
+    IF n > 0 THEN
+        WITH keys AS (
+            SELECT (c.new ->> 'customer_key')::bigint AS customer_key, (c.new ->> 'date_key')::integer AS date_key
+            FROM ca_line_changes c
+            UNION
+            SELECT (c.old ->> 'customer_key')::bigint, (c.old ->> 'date_key')::integer
+            FROM ca_line_changes c
+        ), dirty AS (
+            INSERT INTO rfm_dirty_customer
+            SELECT DISTINCT d.customer_id
+            FROM (SELECT DISTINCT k.customer_key FROM keys k) k JOIN dim_customer d USING (customer_key)
+            ON CONFLICT DO NOTHING
+        ), days AS (
+            INSERT INTO sales_dirty_day
+            SELECT DISTINCT d.date
+            FROM (SELECT DISTINCT k.date_key FROM keys k) k JOIN dim_date d USING (date_key)
+            ON CONFLICT DO NOTHING
+        )
+        INSERT INTO check_change (rel, op, key, old_row)
+        SELECT 'customer_analytics.fact_order_line'::regclass, x.op, x.key, x.old_row
+        FROM ca_line_changes c
+        CROSS JOIN LATERAL (VALUES ('n'::"char", jsonb_build_object('order_id', c.new -> 'order_id',
+                                                                    'line_number', c.new -> 'line_number'),
+                                    NULL::jsonb),
+                                   ('o', NULL, c.old)) x (op, key, old_row)
+        WHERE detail;
+    END IF;
+    DROP TABLE ca_line_changes;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.note_order_line_updates(boolean) IS
+    'Internal: queues the order lines a writer of the extension updated (temporary table ca_line_changes: new and old row) for the RFM and sales rollups and, detail true, row by row for the checks; returns their number';
+
+/*
+ * Order lines, keyed to the customer version in effect at the order.  The
+ * batch is resolved once (customer version, product, day) into
+ * ca_order_lines: the facts, the queue of lines to repair and the change
+ * queues are written from those rows.  New lines (all of them, in an
+ * append) are inserted and queued in one statement; lines already there
+ * are updated by a second one only when some were, so an append never
+ * reads the facts back.
+ */
+CREATE FUNCTION customer_analytics_internal.load_fact_order_line()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    tz text := business_timezone();
+    batch bigint;
+    added bigint;
+    changed bigint := 0;
+    detail boolean;
 BEGIN
     CREATE TEMP TABLE ca_customer_lookup ON COMMIT DROP AS
     SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT o.customer_id FROM ca_batch_orders o
                                           WHERE o.customer_id IS NOT NULL));
     ANALYZE ca_customer_lookup;
 
-    INSERT INTO fact_order_line AS f
-        (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity,
-         unit_price, discount, status, channel, updated_at, stage_id, load_id)
+    CREATE TEMP TABLE ca_order_lines ON COMMIT DROP AS
     SELECT s.order_id, s.line_number,
-           COALESCE(c.customer_key, -1),
-           COALESCE(p.product_key, -1),
-           date_key((s.order_ts AT TIME ZONE tz)::date),
+           COALESCE(c.customer_key, -1) AS customer_key,
+           COALESCE(p.product_key, -1) AS product_key,
+           date_key((s.order_ts AT TIME ZONE tz)::date) AS date_key,
            s.order_ts, s.quantity, s.unit_price, s.discount, s.status, s.channel,
-           s.updated_at, s.stage_id, s.load_id
+           s.updated_at, s.stage_id, s.load_id, s.customer_id, s.product_id,
+           (s.customer_id IS NOT NULL AND c.customer_key IS NULL)
+           OR (s.product_id IS NOT NULL AND p.product_key IS NULL) AS unresolved
     FROM ca_batch_orders s
     LEFT JOIN ca_customer_lookup c
            ON c.customer_id = s.customer_id AND s.order_ts >= c.valid_from AND s.order_ts < c.valid_to
-    LEFT JOIN dim_product p ON p.product_id = s.product_id
-    ON CONFLICT (order_id, line_number) DO UPDATE
-        SET customer_key = excluded.customer_key, product_key = excluded.product_key,
-            date_key = excluded.date_key, order_ts = excluded.order_ts,
-            quantity = excluded.quantity, unit_price = excluded.unit_price,
-            discount = excluded.discount, status = excluded.status,
-            channel = excluded.channel, updated_at = excluded.updated_at,
-            stage_id = excluded.stage_id, load_id = excluded.load_id
-        WHERE excluded.stage_id > f.stage_id
-          AND (f.customer_key, f.product_key, f.order_ts, f.quantity, f.unit_price,
-               f.discount, f.status, f.channel, f.updated_at)
-              IS DISTINCT FROM
-              (excluded.customer_key, excluded.product_key, excluded.order_ts, excluded.quantity,
-               excluded.unit_price, excluded.discount, excluded.status, excluded.channel,
-               excluded.updated_at);
-    GET DIAGNOSTICS n = ROW_COUNT;
+    LEFT JOIN dim_product p ON p.product_id = s.product_id;
+    DROP TABLE ca_customer_lookup;
+    SELECT count(*) INTO batch FROM ca_order_lines;
+    detail := check_queue('customer_analytics.fact_order_line', batch);
+
+    -- new lines are usually new orders: queued to be added to their
+    -- customers' RFM inputs without a recompute
+    WITH written AS (
+        INSERT INTO fact_order_line AS f
+            (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity,
+             unit_price, discount, status, channel, updated_at, stage_id, load_id)
+        SELECT r.order_id, r.line_number, r.customer_key, r.product_key, r.date_key,
+               r.order_ts, r.quantity, r.unit_price, r.discount, r.status, r.channel,
+               r.updated_at, r.stage_id, r.load_id
+        FROM ca_order_lines r
+        ON CONFLICT (order_id, line_number) DO NOTHING
+        RETURNING f.order_id, f.line_number, f.customer_key, f.date_key, f.order_ts, f.quantity,
+                  f.revenue, f.status
+    ), rfm AS (
+        INSERT INTO rfm_new_line (customer_id, order_id, line_number, order_ts, revenue, purchase)
+        SELECT c.customer_id, w.order_id, w.line_number, w.order_ts, w.revenue,
+               w.status = 'completed' AND w.customer_key <> -1 AND (w.quantity > 0 OR w.revenue <> 0)
+        FROM written w JOIN dim_customer c USING (customer_key)
+    ), days AS (
+        INSERT INTO sales_dirty_day
+        SELECT DISTINCT d.date FROM (SELECT DISTINCT w.date_key FROM written w) k JOIN dim_date d USING (date_key)
+        ON CONFLICT DO NOTHING
+    ), checked AS (
+        INSERT INTO check_change (rel, op, key)
+        SELECT 'customer_analytics.fact_order_line'::regclass, 'n',
+               jsonb_build_object('order_id', w.order_id, 'line_number', w.line_number)
+        FROM written w WHERE detail
+    )
+    SELECT count(*) INTO added FROM written;
+
+    -- lines already in the facts: a later staged version that differs wins
+    IF added < batch THEN
+        CREATE TEMP TABLE ca_line_changes (new jsonb, old jsonb) ON COMMIT DROP;
+        WITH upd AS (
+            UPDATE fact_order_line f
+            SET customer_key = r.customer_key, product_key = r.product_key,
+                date_key = r.date_key, order_ts = r.order_ts,
+                quantity = r.quantity, unit_price = r.unit_price,
+                discount = r.discount, status = r.status,
+                channel = r.channel, updated_at = r.updated_at,
+                stage_id = r.stage_id, load_id = r.load_id
+            FROM ca_order_lines r, fact_order_line was
+            WHERE f.order_id = r.order_id AND f.line_number = r.line_number
+              AND was.order_id = r.order_id AND was.line_number = r.line_number
+              AND r.stage_id > f.stage_id
+              AND (f.customer_key, f.product_key, f.order_ts, f.quantity, f.unit_price,
+                   f.discount, f.status, f.channel, f.updated_at)
+                  IS DISTINCT FROM
+                  (r.customer_key, r.product_key, r.order_ts, r.quantity,
+                   r.unit_price, r.discount, r.status, r.channel, r.updated_at)
+            RETURNING to_jsonb(f) AS new, to_jsonb(was) AS old
+        )
+        INSERT INTO ca_line_changes SELECT * FROM upd;
+        changed := note_order_line_updates(detail);
+    END IF;
+
     -- the lines of this batch a later dimension row may repair (a batch
     -- line that did resolve leaves the queue)
     MERGE INTO unknown_member_line q
-    USING (SELECT s.order_id, s.line_number, s.customer_id, s.product_id,
-                  (s.customer_id IS NOT NULL AND c.customer_key IS NULL)
-                  OR (s.product_id IS NOT NULL AND p.product_key IS NULL) AS unresolved
-           FROM ca_batch_orders s
-           LEFT JOIN ca_customer_lookup c
-                  ON c.customer_id = s.customer_id AND s.order_ts >= c.valid_from AND s.order_ts < c.valid_to
-           LEFT JOIN dim_product p ON p.product_id = s.product_id) b
+    USING ca_order_lines b
     ON q.order_id = b.order_id AND q.line_number = b.line_number
     WHEN MATCHED AND NOT b.unresolved THEN DELETE
     WHEN MATCHED THEN UPDATE SET customer_id = b.customer_id, product_id = b.product_id
     WHEN NOT MATCHED AND b.unresolved THEN
         INSERT (order_id, line_number, customer_id, product_id)
         VALUES (b.order_id, b.line_number, b.customer_id, b.product_id);
-    DROP TABLE ca_customer_lookup;
-    RETURN n;
+    DROP TABLE ca_order_lines;
+    RETURN added + changed;
 END
 $$;
 COMMENT ON FUNCTION customer_analytics_internal.load_fact_order_line() IS
@@ -403,6 +580,7 @@ CREATE FUNCTION customer_analytics_internal.repair_order_line_keys()
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
 AS $$
 DECLARE
     n bigint;
@@ -418,12 +596,19 @@ BEGIN
            ON v.customer_id = q.customer_id AND f.order_ts >= v.valid_from AND f.order_ts < v.valid_to
     LEFT JOIN dim_product p ON p.product_id = q.product_id;
 
-    UPDATE fact_order_line f
-    SET customer_key = r.customer_key, product_key = r.product_key
-    FROM ca_repairs r
-    WHERE NOT r.gone AND f.order_id = r.order_id AND f.line_number = r.line_number
-      AND (f.customer_key, f.product_key) IS DISTINCT FROM (r.customer_key, r.product_key);
-    GET DIAGNOSTICS n = ROW_COUNT;
+    CREATE TEMP TABLE ca_line_changes (new jsonb, old jsonb) ON COMMIT DROP;
+    WITH upd AS (
+        UPDATE fact_order_line f
+        SET customer_key = r.customer_key, product_key = r.product_key
+        FROM ca_repairs r, fact_order_line was
+        WHERE NOT r.gone AND f.order_id = r.order_id AND f.line_number = r.line_number
+          AND was.order_id = f.order_id AND was.line_number = f.line_number
+          AND (f.customer_key, f.product_key) IS DISTINCT FROM (r.customer_key, r.product_key)
+        RETURNING to_jsonb(f) AS new, to_jsonb(was) AS old
+    )
+    INSERT INTO ca_line_changes SELECT * FROM upd;
+    SELECT count(*) INTO n FROM ca_line_changes;
+    n := note_order_line_updates(check_queue('customer_analytics.fact_order_line', n));
 
     -- resolved (or no longer in the facts): out of the queue
     DELETE FROM unknown_member_line q
@@ -547,52 +732,132 @@ $$;
 COMMENT ON FUNCTION customer_analytics_internal.hold_back_late_events(timestamptz, xid8) IS
     'Internal to transform_events(): takes the events older than the cutoff out of the batch (they stay staged) and alerts; returns how many';
 
-/* anonymous stays NULL, an unknown id is -1 */
-CREATE FUNCTION customer_analytics_internal.load_fact_event()
+/*
+ * What a writer of the extension changed in existing events, set aside by
+ * its UPDATE ... RETURNING in the temporary table ca_event_changes (each
+ * event as it is now and as it was): the visitors of both versions queued
+ * for refresh_clickstream() from their earliest event changed, and, detail
+ * true, the events for the checks.  Returns the events changed.
+ */
+CREATE FUNCTION customer_analytics_internal.note_event_updates(detail boolean)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
 AS $$
 DECLARE
-    tz text := business_timezone();
     n bigint;
+BEGIN
+    SELECT count(*) INTO n FROM ca_event_changes;
+    IF n > 0 THEN
+        WITH queued AS (
+            INSERT INTO clickstream_change (visitor, since)
+            SELECT v.visitor, min(v.event_ts)
+            FROM ca_event_changes c
+            CROSS JOIN LATERAL (VALUES (visitor(c.new ->> 'customer_id', c.new ->> 'session_id'),
+                                        (c.new ->> 'event_ts')::timestamptz),
+                                       (visitor(c.old ->> 'customer_id', c.old ->> 'session_id'),
+                                        (c.old ->> 'event_ts')::timestamptz)) v (visitor, event_ts)
+            GROUP BY v.visitor
+        )
+        INSERT INTO check_change (rel, op, key, old_row)
+        SELECT 'customer_analytics.fact_event'::regclass, x.op, x.key, x.old_row
+        FROM ca_event_changes c
+        CROSS JOIN LATERAL (VALUES ('n'::"char", jsonb_build_object('event_id', c.new -> 'event_id'), NULL::jsonb),
+                                   ('o', NULL, c.old)) x (op, key, old_row)
+        WHERE detail;
+    END IF;
+    DROP TABLE ca_event_changes;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.note_event_updates(boolean) IS
+    'Internal: queues the events a writer of the extension updated (temporary table ca_event_changes: new and old row) for refresh_clickstream() and, detail true, row by row for the checks; returns their number';
+
+/*
+ * Events, anonymous staying NULL and an unknown id -1.  As for order
+ * lines: the batch resolved once (ca_event_rows), new events (all of them,
+ * usually) inserted and queued in one statement, events already there
+ * updated by a second one only when some were.
+ */
+CREATE FUNCTION customer_analytics_internal.load_fact_event()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    tz text := business_timezone();
+    batch bigint;
+    added bigint;
+    changed bigint := 0;
+    detail boolean;
 BEGIN
     CREATE TEMP TABLE ca_event_customers ON COMMIT DROP AS
     SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT e.customer_id FROM ca_batch_events e
                                           WHERE e.customer_id IS NOT NULL));
     ANALYZE ca_event_customers;
 
-    INSERT INTO fact_event AS f
-        (event_id, event_ts, date_key, customer_key, customer_id, customer_stitched, session_id,
-         event_type, product_key, order_id, channel, device, stage_id, load_id)
-    SELECT s.event_id, s.event_ts, date_key((s.event_ts AT TIME ZONE tz)::date),
+    CREATE TEMP TABLE ca_event_rows ON COMMIT DROP AS
+    SELECT s.event_id, s.event_ts, date_key((s.event_ts AT TIME ZONE tz)::date) AS date_key,
            CASE WHEN s.customer_id IS NULL THEN NULL
-                ELSE COALESCE(c.customer_key, -1) END,
-           s.customer_id, false,
-           s.session_id, s.event_type,
-           CASE WHEN s.product_id IS NULL THEN NULL ELSE COALESCE(p.product_key, -1) END,
+                ELSE COALESCE(c.customer_key, -1) END AS customer_key,
+           s.customer_id, s.session_id, s.event_type,
+           CASE WHEN s.product_id IS NULL THEN NULL ELSE COALESCE(p.product_key, -1) END AS product_key,
            s.order_id, s.channel, s.device, s.stage_id, s.load_id
     FROM ca_batch_events s
     LEFT JOIN ca_event_customers c
            ON c.customer_id = s.customer_id AND s.event_ts >= c.valid_from AND s.event_ts < c.valid_to
-    LEFT JOIN dim_product p ON p.product_id = s.product_id
-    ON CONFLICT (event_id) DO UPDATE
-        SET event_ts = excluded.event_ts, date_key = excluded.date_key,
-            customer_key = excluded.customer_key, customer_id = excluded.customer_id,
-            customer_stitched = false, session_id = excluded.session_id,
-            event_type = excluded.event_type, product_key = excluded.product_key,
-            order_id = excluded.order_id, channel = excluded.channel,
-            device = excluded.device, stage_id = excluded.stage_id, load_id = excluded.load_id
-        WHERE excluded.stage_id > f.stage_id
-          AND (f.event_ts, f.customer_key, f.customer_id, f.customer_stitched, f.session_id,
-               f.event_type, f.product_key, f.order_id, f.channel, f.device)
-              IS DISTINCT FROM
-              (excluded.event_ts, excluded.customer_key, excluded.customer_id, false,
-               excluded.session_id, excluded.event_type, excluded.product_key,
-               excluded.order_id, excluded.channel, excluded.device);
-    GET DIAGNOSTICS n = ROW_COUNT;
+    LEFT JOIN dim_product p ON p.product_id = s.product_id;
     DROP TABLE ca_event_customers;
-    RETURN n;
+    SELECT count(*) INTO batch FROM ca_event_rows;
+    detail := check_queue('customer_analytics.fact_event', batch);
+
+    WITH written AS (
+        INSERT INTO fact_event AS f
+            (event_id, event_ts, date_key, customer_key, customer_id, customer_stitched, session_id,
+             event_type, product_key, order_id, channel, device, stage_id, load_id)
+        SELECT r.event_id, r.event_ts, r.date_key, r.customer_key, r.customer_id, false, r.session_id,
+               r.event_type, r.product_key, r.order_id, r.channel, r.device, r.stage_id, r.load_id
+        FROM ca_event_rows r
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING f.event_id, f.event_ts, f.customer_id, f.session_id
+    ), queued AS (
+        INSERT INTO clickstream_change (visitor, since)
+        SELECT visitor(w.customer_id, w.session_id), min(w.event_ts) FROM written w GROUP BY 1
+    ), checked AS (
+        INSERT INTO check_change (rel, op, key)
+        SELECT 'customer_analytics.fact_event'::regclass, 'n', jsonb_build_object('event_id', w.event_id)
+        FROM written w WHERE detail
+    )
+    SELECT count(*) INTO added FROM written;
+
+    -- events already in the facts: a later staged version that differs wins
+    IF added < batch THEN
+        CREATE TEMP TABLE ca_event_changes (new jsonb, old jsonb) ON COMMIT DROP;
+        WITH upd AS (
+            UPDATE fact_event f
+            SET event_ts = r.event_ts, date_key = r.date_key,
+                customer_key = r.customer_key, customer_id = r.customer_id,
+                customer_stitched = false, session_id = r.session_id,
+                event_type = r.event_type, product_key = r.product_key,
+                order_id = r.order_id, channel = r.channel,
+                device = r.device, stage_id = r.stage_id, load_id = r.load_id
+            FROM ca_event_rows r, fact_event was
+            WHERE f.event_id = r.event_id AND was.event_id = r.event_id
+              AND r.stage_id > f.stage_id
+              AND (f.event_ts, f.customer_key, f.customer_id, f.customer_stitched, f.session_id,
+                   f.event_type, f.product_key, f.order_id, f.channel, f.device)
+                  IS DISTINCT FROM
+                  (r.event_ts, r.customer_key, r.customer_id, false,
+                   r.session_id, r.event_type, r.product_key,
+                   r.order_id, r.channel, r.device)
+            RETURNING to_jsonb(f) AS new, to_jsonb(was) AS old
+        )
+        INSERT INTO ca_event_changes SELECT * FROM upd;
+        changed := note_event_updates(detail);
+    END IF;
+    DROP TABLE ca_event_rows;
+    RETURN added + changed;
 END
 $$;
 COMMENT ON FUNCTION customer_analytics_internal.load_fact_event() IS
@@ -608,6 +873,7 @@ CREATE FUNCTION customer_analytics_internal.stitch_sessions()
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
 AS $$
 DECLARE
     n bigint;
@@ -622,6 +888,7 @@ BEGIN
     HAVING (bool_or(f.customer_id IS NULL) AND bool_or(f.customer_id IS NOT NULL))
            OR bool_or(f.customer_stitched);
     ANALYZE ca_stitch_sessions;
+    CREATE TEMP TABLE ca_event_changes (new jsonb, old jsonb) ON COMMIT DROP;
     WITH sess AS (
         SELECT f.event_id, f.customer_key, f.customer_id, f.customer_stitched,
                count(*) FILTER (WHERE f.customer_id IS NOT NULL AND NOT f.customer_stitched)
@@ -638,15 +905,22 @@ BEGIN
                    OVER g AS new_id
         FROM sess s
         WINDOW g AS (PARTITION BY s.session_id, s.grp)
+    ), upd AS (
+        UPDATE fact_event f
+        SET customer_key = l.new_key, customer_id = l.new_id, customer_stitched = l.new_id IS NOT NULL
+        FROM linked l
+        WHERE f.event_id = l.event_id
+          AND (l.customer_id IS NULL OR l.customer_stitched)
+          AND (l.customer_key, l.customer_id, l.customer_stitched)
+              IS DISTINCT FROM (l.new_key, l.new_id, l.new_id IS NOT NULL)
+        -- only the customer columns change: the old row is the new one with theirs
+        RETURNING to_jsonb(f) AS new,
+                  to_jsonb(f) || jsonb_build_object('customer_key', l.customer_key, 'customer_id', l.customer_id,
+                                                    'customer_stitched', l.customer_stitched) AS old
     )
-    UPDATE fact_event f
-    SET customer_key = l.new_key, customer_id = l.new_id, customer_stitched = l.new_id IS NOT NULL
-    FROM linked l
-    WHERE f.event_id = l.event_id
-      AND (l.customer_id IS NULL OR l.customer_stitched)
-      AND (l.customer_key, l.customer_id, l.customer_stitched)
-          IS DISTINCT FROM (l.new_key, l.new_id, l.new_id IS NOT NULL);
-    GET DIAGNOSTICS n = ROW_COUNT;
+    INSERT INTO ca_event_changes SELECT * FROM upd;
+    SELECT count(*) INTO n FROM ca_event_changes;
+    n := note_event_updates(check_queue('customer_analytics.fact_event', n));
     DROP TABLE ca_stitch_sessions;
     RETURN n;
 END
@@ -659,17 +933,24 @@ CREATE FUNCTION customer_analytics_internal.repair_event_customer_keys()
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
 AS $$
 DECLARE
     n bigint;
 BEGIN
-    UPDATE fact_event f
-    SET customer_key = v.customer_key
-    FROM customer_versions(ARRAY(SELECT DISTINCT e.customer_id FROM fact_event e
-                                 WHERE e.customer_key = -1)) v
-    WHERE f.customer_key = -1 AND v.customer_id = f.customer_id
-      AND f.event_ts >= v.valid_from AND f.event_ts < v.valid_to;
-    GET DIAGNOSTICS n = ROW_COUNT;
+    CREATE TEMP TABLE ca_event_changes (new jsonb, old jsonb) ON COMMIT DROP;
+    WITH upd AS (
+        UPDATE fact_event f
+        SET customer_key = v.customer_key
+        FROM customer_versions(ARRAY(SELECT DISTINCT e.customer_id FROM fact_event e
+                                     WHERE e.customer_key = -1)) v
+        WHERE f.customer_key = -1 AND v.customer_id = f.customer_id
+          AND f.event_ts >= v.valid_from AND f.event_ts < v.valid_to
+        RETURNING to_jsonb(f) AS new, to_jsonb(f) || '{"customer_key": -1}' AS old
+    )
+    INSERT INTO ca_event_changes SELECT * FROM upd;
+    SELECT count(*) INTO n FROM ca_event_changes;
+    n := note_event_updates(check_queue('customer_analytics.fact_event', n));
     RETURN n;
 END
 $$;

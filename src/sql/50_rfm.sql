@@ -371,6 +371,10 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    -- one of the extension's writers queues its own changes
+    IF customer_analytics_internal.own_writer() THEN
+        RETURN NULL;
+    END IF;
     IF TG_OP = 'TRUNCATE' THEN
         INSERT INTO customer_analytics_internal.rfm_dirty_customer VALUES (NULL) ON CONFLICT DO NOTHING;
     ELSIF TG_TABLE_NAME = 'dim_customer' THEN
@@ -484,6 +488,7 @@ CREATE FUNCTION customer_analytics.refresh_customer_rfm(full_refresh boolean DEF
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
+SET customer_analytics_internal.own_writer = on
 AS $$
 DECLARE
     ids text[];
@@ -593,7 +598,8 @@ BEGIN
         JOIN customer_analytics.rfm_rollup_customer u ON u.customer_id = s.customer_id
         WHERE NOT later
     ), diff AS MATERIALIZED (      -- one pass over both: what to write
-        SELECT s.*, t.customer_id AS old_customer_id
+        SELECT s.*, t.customer_id AS old_customer_id, t.segment AS old_segment, t.monetary AS old_monetary,
+               t.frequency AS old_frequency, t.last_purchase AS old_last_purchase
         FROM scored s FULL JOIN customer_analytics.customer_rfm_score t ON t.customer_id = s.customer_id
         WHERE s.customer_id IS NULL OR t.customer_id IS NULL
            OR (t.customer_key, t.last_purchase, t.frequency, t.monetary, t.rfm_cell, t.segment)
@@ -604,21 +610,42 @@ BEGIN
             monetary = d.monetary, r = d.r, f = d.f, m = d.m, rfm_cell = d.rfm_cell, segment = d.segment
         FROM diff d
         WHERE t.customer_id = d.customer_id AND d.old_customer_id IS NOT NULL
-        RETURNING 1
+        RETURNING t.segment, t.monetary, t.frequency, t.last_purchase,
+                  d.old_segment, d.old_monetary, d.old_frequency, d.old_last_purchase
     ), inserted AS (
         INSERT INTO customer_analytics.customer_rfm_score
             (customer_id, customer_key, last_purchase, frequency, monetary, r, f, m, rfm_cell, segment)
         SELECT d.customer_id, d.customer_key, d.last_purchase, d.frequency, d.monetary, d.r, d.f, d.m, d.rfm_cell, d.segment
         FROM diff d WHERE d.old_customer_id IS NULL
-        RETURNING 1
+        RETURNING segment, monetary, frequency, last_purchase
     ), deleted AS (
         DELETE FROM customer_analytics.customer_rfm_score t
         USING diff d
         WHERE t.customer_id = d.old_customer_id AND d.customer_id IS NULL
-        RETURNING 1
+        RETURNING t.segment, t.monetary, t.frequency, t.last_purchase
+    ), stat AS (            -- segment_summary's sums: the rows written in, the rows replaced out
+        INSERT INTO customer_analytics_internal.rfm_segment_stat AS g
+        SELECT c.segment, sum(c.n)::bigint, sum(c.n * c.monetary), sum(c.n * c.frequency)::bigint,
+               sum(c.n * EXTRACT(epoch FROM c.last_purchase))
+        FROM (SELECT 1, u.segment, u.monetary, u.frequency, u.last_purchase FROM updated u
+              UNION ALL
+              SELECT -1, u.old_segment, u.old_monetary, u.old_frequency, u.old_last_purchase FROM updated u
+              UNION ALL
+              SELECT 1, i.segment, i.monetary, i.frequency, i.last_purchase FROM inserted i
+              UNION ALL
+              SELECT -1, x.segment, x.monetary, x.frequency, x.last_purchase FROM deleted x)
+             c (n, segment, monetary, frequency, last_purchase)
+        GROUP BY c.segment
+        ORDER BY c.segment
+        ON CONFLICT (segment) DO UPDATE
+            SET customers = g.customers + excluded.customers,
+                monetary = g.monetary + excluded.monetary,
+                frequency = g.frequency + excluded.frequency,
+                purchase_epochs = g.purchase_epochs + excluded.purchase_epochs
     )
     SELECT (SELECT count(*) FROM updated) + (SELECT count(*) FROM inserted) + (SELECT count(*) FROM deleted)
     INTO changed;
+    DELETE FROM customer_analytics_internal.rfm_segment_stat WHERE customers = 0;
     INSERT INTO customer_analytics.customer_rfm_refresh (id, as_of, refreshed_at)
     VALUES (true, as_of, clock_timestamp())
     ON CONFLICT (id) DO UPDATE SET as_of = EXCLUDED.as_of, refreshed_at = EXCLUDED.refreshed_at;
@@ -663,6 +690,10 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    -- one of the extension's writers queues its own changes
+    IF customer_analytics_internal.own_writer() THEN
+        RETURN NULL;
+    END IF;
     IF TG_OP = 'TRUNCATE' THEN
         DELETE FROM customer_analytics_internal.rfm_segment_stat;
         RETURN NULL;

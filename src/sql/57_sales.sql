@@ -45,6 +45,10 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    -- one of the extension's writers queues its own changes
+    IF customer_analytics_internal.own_writer() THEN
+        RETURN NULL;
+    END IF;
     IF TG_OP = 'TRUNCATE' THEN
         INSERT INTO customer_analytics_internal.sales_dirty_day VALUES ('-infinity') ON CONFLICT DO NOTHING;
     ELSIF TG_TABLE_NAME = 'dim_product' THEN

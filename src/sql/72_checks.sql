@@ -189,6 +189,10 @@ DECLARE
     keyexpr text;
     n bigint;
 BEGIN
+    -- one of the extension's writers queues its own changes
+    IF customer_analytics_internal.own_writer() THEN
+        RETURN NULL;
+    END IF;
     IF TG_OP = 'TRUNCATE' THEN
         DELETE FROM customer_analytics_internal.check_change WHERE rel = TG_RELID;
         INSERT INTO customer_analytics_internal.check_change (rel, op) VALUES (TG_RELID, 'T');
@@ -221,6 +225,34 @@ END
 $$;
 COMMENT ON FUNCTION customer_analytics_internal.note_check_change() IS
     'Internal: statement trigger queuing in check_change the rows a statement wrote, for the checks over what changed';
+
+/*
+ * How a writer of the extension that queues its own changes (see
+ * own_writer()) queues a batch of rows it writes into a table, as the
+ * statement triggers would: true, row by row; false, not at all, because
+ * the table is due for a whole check already, or because the batch has more
+ * than a million rows (then the table is queued whole here).
+ */
+CREATE FUNCTION customer_analytics_internal.check_queue(rel regclass, batch bigint)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT FROM customer_analytics_internal.check_change c
+               WHERE c.rel = check_queue.rel AND c.op = 'T') THEN
+        RETURN false;
+    END IF;
+    IF batch > 1000000 THEN
+        DELETE FROM customer_analytics_internal.check_change c WHERE c.rel = check_queue.rel;
+        INSERT INTO customer_analytics_internal.check_change (rel, op) VALUES (check_queue.rel, 'T');
+        RETURN false;
+    END IF;
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.check_queue(regclass, bigint) IS
+    'Internal: whether a writer of the extension queues the rows of a batch it writes into a table in check_change row by row (false: the table is due for a whole check, queued here for a batch of more than a million rows)';
 
 CREATE FUNCTION customer_analytics.track_check_changes(rel regclass)
 RETURNS void

@@ -167,6 +167,10 @@ CREATE FUNCTION customer_analytics_internal.fact_event_changed()
     SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
 AS $$
 BEGIN
+    -- one of the extension's writers queues its own changes
+    IF customer_analytics_internal.own_writer() THEN
+        RETURN NULL;
+    END IF;
     IF TG_OP = 'TRUNCATE' THEN
         -- no facts, no sessions; and the next event run is a full pass, so
         -- that the old watermark does not turn everything staged into late
