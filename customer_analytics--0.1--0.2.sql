@@ -6263,3 +6263,216 @@ BEGIN
     RETURN NULL;
 END
 $$;
+
+-- issue 18: transform() writes its order lines without a query per line where that is sound (the batch's keys checked in one anti-join); a first load queues no row per line (RFM: everyone due; checks: the whole table)
+CREATE FUNCTION customer_analytics_internal.fact_bulk_write_ok(fact regclass)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    on_citus boolean := false;
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed'
+       OR current_setting('session_replication_role') <> 'origin'
+       OR NOT has_parameter_privilege('session_replication_role', 'SET')
+       OR EXISTS (SELECT FROM pg_trigger t
+                  WHERE t.tgrelid = fact AND NOT t.tgisinternal
+                    AND NOT EXISTS (SELECT FROM pg_depend e JOIN pg_extension x ON x.oid = e.refobjid
+                                    WHERE e.classid = 'pg_proc'::regclass AND e.objid = t.tgfoid
+                                      AND e.refclassid = 'pg_extension'::regclass AND e.deptype = 'e'
+                                      AND x.extname = 'customer_analytics')) THEN
+        RETURN false;
+    END IF;
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL THEN
+        EXECUTE 'SELECT EXISTS (SELECT FROM pg_catalog.pg_dist_partition WHERE logicalrelid = $1)'
+            INTO on_citus USING fact;
+        IF on_citus THEN
+            RETURN false;
+        END IF;
+    END IF;
+    LOCK TABLE dim_customer, dim_product, dim_date IN SHARE MODE;
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.fact_bulk_write_ok(regclass) IS
+    'Internal to transform(): whether the next write into the fact table may skip the foreign keys'' per-row checks (READ COMMITTED, a role that may set session_replication_role, no trigger but the keys'' and the extension''s, not a Citus table); if so, locks the dimensions SHARE until commit';
+
+CREATE FUNCTION customer_analytics_internal.check_order_line_keys()
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    bad record;
+BEGIN
+    SELECT r.order_id, r.line_number, r.customer_key, r.product_key, r.date_key INTO bad
+    FROM ca_order_lines r
+    WHERE NOT EXISTS (SELECT FROM dim_customer c WHERE c.customer_key = r.customer_key)
+       OR NOT EXISTS (SELECT FROM dim_product p WHERE p.product_key = r.product_key)
+       OR NOT EXISTS (SELECT FROM dim_date d WHERE d.date_key = r.date_key)
+    ORDER BY r.order_id, r.line_number
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'order line % / % refers to a dimension row that does not exist', bad.order_id, bad.line_number
+            USING ERRCODE = 'foreign_key_violation',
+                  DETAIL = format('customer_key %s, product_key %s, date_key %s: one of them is in no dimension table; nothing of this transform() is kept.',
+                                  bad.customer_key, bad.product_key, bad.date_key),
+                  HINT = 'A dimension row was removed while transform() ran, or the dimensions were changed by hand: restore it, or run transform(full_refresh => true).';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.check_order_line_keys() IS
+    'Internal to transform(): the keys of the batch''s order lines (ca_order_lines) checked against the dimensions in one anti-join, after a write that skipped the per-row checks; raises foreign_key_violation naming the first line whose key is missing';
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.load_fact_order_line()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    tz text := business_timezone();
+    batch bigint;
+    added bigint;
+    changed bigint := 0;
+    detail boolean;
+    fast boolean;
+    line_queue boolean := true;
+BEGIN
+    CREATE TEMP TABLE ca_customer_lookup ON COMMIT DROP AS
+    SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT o.customer_id FROM ca_batch_orders o
+                                          WHERE o.customer_id IS NOT NULL));
+    ANALYZE ca_customer_lookup;
+
+    CREATE TEMP TABLE ca_order_lines ON COMMIT DROP AS
+    SELECT s.order_id, s.line_number,
+           COALESCE(c.customer_key, -1) AS customer_key,
+           COALESCE(p.product_key, -1) AS product_key,
+           date_key((s.order_ts AT TIME ZONE tz)::date) AS date_key,
+           s.order_ts, s.quantity, s.unit_price, s.discount, s.status, s.channel,
+           s.updated_at, s.stage_id, s.load_id, s.customer_id, s.product_id,
+           (s.customer_id IS NOT NULL AND c.customer_key IS NULL)
+           OR (s.product_id IS NOT NULL AND p.product_key IS NULL) AS unresolved
+    FROM ca_batch_orders s
+    LEFT JOIN ca_customer_lookup c
+           ON c.customer_id = s.customer_id AND s.order_ts >= c.valid_from AND s.order_ts < c.valid_to
+    LEFT JOIN dim_product p ON p.product_id = s.product_id;
+    DROP TABLE ca_customer_lookup;
+    SELECT count(*) INTO batch FROM ca_order_lines;
+    detail := check_queue('customer_analytics.fact_order_line', batch);
+
+    -- (session_replication_role is set here, not in a function with SET
+    -- clauses of its own, which would undo it on return; this function's
+    -- own SET clauses undo it on return or error)
+    fast := fact_bulk_write_ok('customer_analytics.fact_order_line');
+    IF fast THEN
+        PERFORM set_config('session_replication_role', 'replica', true);
+    END IF;
+    -- new lines are usually new orders: queued to be added to their
+    -- customers' RFM inputs without a recompute.  With no rollup yet the
+    -- next refresh builds it from the facts whatever is queued: one mark
+    -- that everyone is due (NULL) instead of a row per line
+    IF NOT EXISTS (SELECT FROM customer_analytics.rfm_rollup_customer) THEN
+        INSERT INTO rfm_dirty_customer VALUES (NULL) ON CONFLICT DO NOTHING;
+        line_queue := false;
+    END IF;
+    WITH written AS (
+        INSERT INTO fact_order_line AS f
+            (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity,
+             unit_price, discount, status, channel, updated_at, stage_id, load_id)
+        SELECT r.order_id, r.line_number, r.customer_key, r.product_key, r.date_key,
+               r.order_ts, r.quantity, r.unit_price, r.discount, r.status, r.channel,
+               r.updated_at, r.stage_id, r.load_id
+        FROM ca_order_lines r
+        ON CONFLICT (order_id, line_number) DO NOTHING
+        RETURNING f.order_id, f.line_number, f.customer_key, f.date_key, f.order_ts, f.quantity,
+                  f.revenue, f.status
+    ), rfm AS (
+        INSERT INTO rfm_new_line (customer_id, order_id, line_number, order_ts, revenue, purchase)
+        SELECT c.customer_id, w.order_id, w.line_number, w.order_ts, w.revenue,
+               w.status = 'completed' AND w.customer_key <> -1 AND (w.quantity > 0 OR w.revenue <> 0)
+        FROM written w JOIN dim_customer c USING (customer_key)
+        WHERE line_queue
+    ), days AS (
+        INSERT INTO sales_dirty_day
+        SELECT DISTINCT d.date FROM (SELECT DISTINCT w.date_key FROM written w) k JOIN dim_date d USING (date_key)
+        ON CONFLICT DO NOTHING
+    ), checked AS (
+        INSERT INTO check_change (rel, op, key)
+        SELECT 'customer_analytics.fact_order_line'::regclass, 'n',
+               jsonb_build_object('order_id', w.order_id, 'line_number', w.line_number)
+        FROM written w WHERE detail
+    )
+    SELECT count(*) INTO added FROM written;
+    IF fast THEN
+        PERFORM set_config('session_replication_role', 'origin', true);
+        PERFORM check_order_line_keys();
+    END IF;
+
+    -- lines already in the facts: a later staged version that differs wins
+    IF added < batch THEN
+        CREATE TEMP TABLE ca_line_changes (new jsonb, old jsonb) ON COMMIT DROP;
+        WITH upd AS (
+            UPDATE fact_order_line f
+            SET customer_key = r.customer_key, product_key = r.product_key,
+                date_key = r.date_key, order_ts = r.order_ts,
+                quantity = r.quantity, unit_price = r.unit_price,
+                discount = r.discount, status = r.status,
+                channel = r.channel, updated_at = r.updated_at,
+                stage_id = r.stage_id, load_id = r.load_id
+            FROM ca_order_lines r, fact_order_line was
+            WHERE f.order_id = r.order_id AND f.line_number = r.line_number
+              AND was.order_id = r.order_id AND was.line_number = r.line_number
+              AND r.stage_id > f.stage_id
+              AND (f.customer_key, f.product_key, f.order_ts, f.quantity, f.unit_price,
+                   f.discount, f.status, f.channel, f.updated_at)
+                  IS DISTINCT FROM
+                  (r.customer_key, r.product_key, r.order_ts, r.quantity,
+                   r.unit_price, r.discount, r.status, r.channel, r.updated_at)
+            RETURNING to_jsonb(f) AS new, to_jsonb(was) AS old
+        )
+        INSERT INTO ca_line_changes SELECT * FROM upd;
+        changed := note_order_line_updates(detail);
+    END IF;
+
+    -- the lines of this batch a later dimension row may repair (a batch
+    -- line that did resolve leaves the queue)
+    MERGE INTO unknown_member_line q
+    USING ca_order_lines b
+    ON q.order_id = b.order_id AND q.line_number = b.line_number
+    WHEN MATCHED AND NOT b.unresolved THEN DELETE
+    WHEN MATCHED THEN UPDATE SET customer_id = b.customer_id, product_id = b.product_id
+    WHEN NOT MATCHED AND b.unresolved THEN
+        INSERT (order_id, line_number, customer_id, product_id)
+        VALUES (b.order_id, b.line_number, b.customer_id, b.product_id);
+    DROP TABLE ca_order_lines;
+    RETURN added + changed;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.check_queue(rel regclass, batch bigint)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    first_load boolean;
+BEGIN
+    IF EXISTS (SELECT FROM customer_analytics_internal.check_change c
+               WHERE c.rel = check_queue.rel AND c.op = 'T') THEN
+        RETURN false;
+    END IF;
+    -- a batch of a million rows, or a table's first load (the whole table
+    -- is the batch: reading it costs less than queuing every row)
+    EXECUTE format('SELECT NOT EXISTS (SELECT FROM %s)', rel) INTO first_load;
+    IF batch > 1000000 OR first_load THEN
+        DELETE FROM customer_analytics_internal.check_change c WHERE c.rel = check_queue.rel;
+        INSERT INTO customer_analytics_internal.check_change (rel, op) VALUES (check_queue.rel, 'T');
+        RETURN false;
+    END IF;
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.check_queue(regclass, bigint) IS
+    'Internal: whether a writer of the extension queues the rows of a batch it writes into a table in check_change row by row (false: the table is due for a whole check, queued here for a batch of more than a million rows or a table''s first load)';

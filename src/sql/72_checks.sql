@@ -238,12 +238,17 @@ RETURNS boolean
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    first_load boolean;
 BEGIN
     IF EXISTS (SELECT FROM customer_analytics_internal.check_change c
                WHERE c.rel = check_queue.rel AND c.op = 'T') THEN
         RETURN false;
     END IF;
-    IF batch > 1000000 THEN
+    -- a batch of a million rows, or a table's first load (the whole table
+    -- is the batch: reading it costs less than queuing every row)
+    EXECUTE format('SELECT NOT EXISTS (SELECT FROM %s)', rel) INTO first_load;
+    IF batch > 1000000 OR first_load THEN
         DELETE FROM customer_analytics_internal.check_change c WHERE c.rel = check_queue.rel;
         INSERT INTO customer_analytics_internal.check_change (rel, op) VALUES (check_queue.rel, 'T');
         RETURN false;
@@ -252,7 +257,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION customer_analytics_internal.check_queue(regclass, bigint) IS
-    'Internal: whether a writer of the extension queues the rows of a batch it writes into a table in check_change row by row (false: the table is due for a whole check, queued here for a batch of more than a million rows)';
+    'Internal: whether a writer of the extension queues the rows of a batch it writes into a table in check_change row by row (false: the table is due for a whole check, queued here for a batch of more than a million rows or a table''s first load)';
 
 CREATE FUNCTION customer_analytics.track_check_changes(rel regclass)
 RETURNS void
