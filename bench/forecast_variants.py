@@ -101,9 +101,11 @@ def initial_state(y, mult, trend=True):
     return mean1 + b * (M - 1) / 2, b if trend else 0.0, season
 
 
-def run(y, q, mult, state, start, loss=None, errors=None):
+def run(y, q, mult, state, start, loss=None, errors=None, residuals=None):
     """The recursions of hw_filter from day start; closed days (NaN) carry
-    the state unchanged.  Returns (loss of the one-step errors, final state)."""
+    the state unchanged.  Returns (loss of the one-step errors, final state).
+    residuals: per seasonal term, the list its one-step residuals are
+    appended to on its own scale (a ratio to the level for factors)."""
     a, b, g, phi = q
     level, trend, season = state[0], state[1], list(state[2])
     total = 0.0
@@ -130,6 +132,8 @@ def run(y, q, mult, state, start, loss=None, errors=None):
         total += e * e if loss is None else loss(e)
         if errors is not None:
             errors.append(e)
+        if residuals is not None:
+            residuals[k].append(e / (level + phi * trend) if mult else e)
         level = new
     return total, (level, trend, season)
 
@@ -175,14 +179,55 @@ def fit(y, mult, fixed=(None, None, None, None), trend=True, loss=None):
     return Model(q, state, mult, len(y), value)
 
 
-def fit_like_c(y):
+def term_noise(y, model):
+    """Each seasonal term's noise variance, the variance of its one-step
+    residuals (a ratio to the level for factors) times gamma / (2 - gamma),
+    that of an exponentially weighted mean; None for a term with fewer than
+    two residuals (a closed weekday)."""
+    res = [[] for _ in range(M)]
+    run(y, model.q, model.mult, initial_state(y, model.mult), M, residuals=res)
+    g = model.q[2]
+    return [np.var(r, ddof=1) * g / (2 - g) if len(r) >= 2 else None for r in res]
+
+
+def shrunk(y, model, common=None):
+    """forecast.c's hw_shrink_season: the final seasonal terms shrunk
+    towards their mean by empirical Bayes with unequal variances (Efron and
+    Morris 1973): tau2 = the terms' variance less their mean noise, each
+    term keeps tau2 / (tau2 + its noise) of its distance from the mean.
+    common: one factor for every term instead (James-Stein, positive part,
+    for a number; the pooled noise for "js")."""
+    v = term_noise(y, model)
+    idx = [k for k in range(M) if v[k] is not None]
+    if len(idx) < 3:
+        return model, 1.0
+    s = np.array([model.state[2][k] for k in idx])
+    vv = np.array([v[k] for k in idx])
+    mean = s.mean()
+    if common is None:
+        tau2 = max(np.sum((s - mean) ** 2) / (len(idx) - 1) - vv.mean(), 0.0)
+        keep = np.array([tau2 / (tau2 + x) if x > 0 else 1.0 for x in vv])
+    elif common == "js":
+        keep = np.full(len(idx), max(0.0, 1 - (len(idx) - 3) * vv.mean() / np.sum((s - mean) ** 2)))
+    else:
+        keep = np.full(len(idx), common)
+    season = list(model.state[2])
+    for i, k in enumerate(idx):
+        season[k] = mean + keep[i] * (s[i] - mean)
+    return Model(model.q, (model.state[0], model.state[1], season), model.mult, model.n, model.loss), keep
+
+
+def fit_like_c(y, shrink=True):
     """both seasonalities, the smaller sse kept (factors only for a series
-    positive on every open day)"""
+    positive on every open day); the final terms shrunk (shrink False: the
+    method before the shrinkage)"""
     add = fit(y, False)
-    if not all(math.isnan(v) or v > 0 for v in y):
-        return add
-    mult = fit(y, True)
-    return mult if mult is not None and mult.loss < add.loss else add
+    best = add
+    if all(math.isnan(v) or v > 0 for v in y):
+        mult = fit(y, True)
+        if mult is not None and mult.loss < add.loss:
+            best = mult
+    return shrunk(y, best)[0] if shrink else best
 
 
 def one_step_errors(y, model):
@@ -279,9 +324,13 @@ def main():
     def row(name, f):
         rows.append("| %s | %.2f | %.2f |" % ((name,) + scores(actual, shut, f)))
 
-    base = fit_like_c(y[:n])
-    row("Python port of forecast.c (%s)" % ("multiplicative" if base.mult else "additive"),
-        base.forecast())
+    port = fit_like_c(y[:n])
+    row("Python port of forecast.c (%s)" % ("multiplicative" if port.mult else "additive"),
+        port.forecast())
+    # the rows after the next change one thing of the method before the
+    # weekday terms were shrunk
+    base = fit_like_c(y[:n], False)
+    row("the same without shrinking the seasonal terms (forecast.c before)", base.forecast())
 
     # (a) initial states fitted with the parameters
     for mult in (False, True):
@@ -301,13 +350,13 @@ def main():
         a, c = raw[o:o + H], closed[o:o + H]
         for k, kw in kinds.items():
             cv[k].append(scores(a, c, fit(y[:o], **kw).forecast())[0])
-        naive_hw.append((a, c, fit_like_c(y[:o]).forecast(), seasonal_naive(raw, o)))
+        naive_hw.append((a, c, fit_like_c(y[:o], False), seasonal_naive(raw, o)))
     chosen = min(kinds, key=lambda k: np.mean(cv[k]))
     row("(b) the model of smallest cross-validated WAPE (%s; %s)" %
         (chosen, ", ".join("%s %.1f" % (k, np.mean(v)) for k, v in cv.items())),
         fit(y[:n], **kinds[chosen]).forecast())
     grid = np.linspace(0, 1, 21)
-    w = grid[int(np.argmin([np.mean([scores(a, c, g * f + (1 - g) * s)[0] for a, c, f, s in naive_hw])
+    w = grid[int(np.argmin([np.mean([scores(a, c, g * f.forecast() + (1 - g) * s)[0] for a, c, f, s in naive_hw])
                             for g in grid]))]
     row("(b) w Holt-Winters + (1 - w) seasonal naive, w = %.2f by cross-validated WAPE" % w,
         w * base.forecast() + (1 - w) * seasonal_naive(raw, n))
@@ -334,6 +383,27 @@ def main():
     weights = [math.exp(-(aic - best) / 2) for aic, _ in forms]
     row("Akaike-weighted combination of the 6 forms (largest weight %.2f)" % (max(weights) / sum(weights)),
         sum(wt * m.forecast() for wt, (_, m) in zip(weights, forms)) / sum(weights))
+
+    # (d) the seasonal terms shrunk towards each other (forecast.c's
+    # choice, the port's first row), or by one common factor: James-Stein's,
+    # or the one of smallest cross-validated WAPE
+    cv_fits = [(o, f) for o, (_, _, f, _) in zip(origins, naive_hw)]
+
+    def cv_wape(how):
+        return np.mean([scores(raw[o:o + H], closed[o:o + H],
+                               f.forecast() if how is False else shrunk(y[:o], f, how)[0].forecast())[0]
+                        for o, f in cv_fits])
+    keep = shrunk(y[:n], base)[1]
+    row("(d) each term shrunk by its own noise, empirical Bayes (kept %.2f .. %.2f of the distance; "
+        "cross-validated WAPE %.2f, %.2f unshrunk)" % (min(keep), max(keep), cv_wape(None), cv_wape(False)),
+        shrunk(y[:n], base)[0].forecast())
+    js, keep = shrunk(y[:n], base, "js")
+    row("(d) one factor for all terms, James-Stein (%.2f kept; cross-validated WAPE %.2f)" % (keep[0], cv_wape("js")),
+        js.forecast())
+    grid = [1.0, 0.95, 0.9, 0.8, 0.7, 0.5, 0.3, 0.0]
+    lam = grid[int(np.argmin([cv_wape(x) for x in grid]))]
+    row("(d) one factor for all terms by cross-validated WAPE (%.2f of %s)" % (lam, ", ".join("%g" % x for x in grid)),
+        shrunk(y[:n], base, lam)[0].forecast())
     print("\n".join(rows))
 
 
