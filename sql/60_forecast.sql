@@ -7,7 +7,13 @@
 SET extra_float_digits = 0;
 
 -- reference implementation: the same recursions, written independently;
--- mult: the seasonal terms are factors of the level
+-- mult: the seasonal terms are factors of the level.  The final terms are
+-- shrunk towards their mean by empirical Bayes: each term's noise variance
+-- is its one-step residuals' variance (a ratio to the level for factors)
+-- times g / (2 - g), the variance of an exponentially weighted mean; tau2
+-- is the terms' variance less their mean noise (not below 0), and a term
+-- keeps tau2 / (tau2 + its noise) of its distance from the mean.  Only
+-- terms with two residuals or more take part, and only three or more.
 CREATE FUNCTION pg_temp.hw_ref(y float8[], m int, a float8, b float8, g float8, phi float8, mult boolean DEFAULT false,
                                OUT level float8, OUT trend float8, OUT sse float8, OUT seasonals float8[])
 LANGUAGE plpgsql IMMUTABLE AS $$
@@ -20,6 +26,11 @@ DECLARE
     l_new float8;
     k int;
     term float8;
+    res float8[] := '{}';       -- the residuals
+    res_k int[] := '{}';        -- their terms
+    noise float8[];
+    mean_s float8;
+    tau2 float8;
 BEGIN
     -- a NULL is a closed day: out of the means, no error, the state carried
     SELECT avg(v) INTO mean1 FROM unnest(y[1:m]) v;
@@ -45,11 +56,15 @@ BEGIN
         END IF;
         IF mult THEN
             e := y[t] - (level + phi * trend) * s[k];
+            res := res || e / (level + phi * trend);
+            res_k := res_k || k;
             l_new := a * (y[t] / s[k]) + (1 - a) * (level + phi * trend);
             trend := b * (l_new - level) + (1 - b) * phi * trend;
             s[k] := g * (y[t] / l_new) + (1 - g) * s[k];
         ELSE
             e := y[t] - (level + phi * trend + s[k]);
+            res := res || e;
+            res_k := res_k || k;
             l_new := a * (y[t] - s[k]) + (1 - a) * (level + phi * trend);
             trend := b * (l_new - level) + (1 - b) * phi * trend;
             s[k] := g * (y[t] - l_new) + (1 - g) * s[k];
@@ -57,6 +72,21 @@ BEGIN
         sse := sse + e * e;
         level := l_new;
     END LOOP;
+    noise := array_fill(NULL::float8, ARRAY[m]);
+    FOR i IN 1 .. m LOOP
+        SELECT var_samp(r) * g / (2 - g) INTO term
+        FROM unnest(res, res_k) u(r, rk) WHERE rk = i;
+        noise[i] := term;
+    END LOOP;
+    IF (SELECT count(*) FROM unnest(noise) v WHERE v IS NOT NULL) >= 3 THEN
+        SELECT avg(s[i]), greatest(var_samp(s[i]) - avg(noise[i]), 0) INTO mean_s, tau2
+        FROM generate_series(1, m) i WHERE noise[i] IS NOT NULL;
+        FOR i IN 1 .. m LOOP
+            IF noise[i] > 0 THEN
+                s[i] := mean_s + tau2 / (tau2 + noise[i]) * (s[i] - mean_s);
+            END IF;
+        END LOOP;
+    END IF;
     -- seasonals of days n+1 .. n+m
     seasonals := ARRAY(SELECT s[((n + j - 1) % m) + 1] FROM generate_series(1, m) j);
 END

@@ -20,6 +20,9 @@
  *	  gets factors (its Sundays trade at half a weekday, and the weekly
  *	  swing grew with the shop over the year;
  *	  bench/results/forecast_quality.md).
+ *	  The final seasonal terms are shrunk towards each other by empirical
+ *	  Bayes, each by how much of its distance from the others its own
+ *	  noise could explain (hw_shrink_season).
  *	  The result is an hw_model: the parameters, the final level, trend
  *	  and seasonal terms, the error, the dates covered and which
  *	  seasonality.
@@ -115,6 +118,15 @@ typedef struct HwFit
 	double		sse;
 	int			nerrors;		/* one-step errors in sse (open days) */
 	double	   *season;			/* period terms, indexed by day mod period */
+
+	/*
+	 * Filled by hw_filter from arrays of period zeros the caller gives: per
+	 * seasonal term, the count, sum and sum of squares of its one-step
+	 * residuals on the term's own scale (money, or a ratio to the level).
+	 */
+	int		   *rcount;
+	double	   *rsum;
+	double	   *rsumsq;
 } HwFit;
 
 /*
@@ -204,6 +216,14 @@ hw_filter(const double *y, int n, int m, double a, double b, double g,
 			if (!(season[k] > 0))
 				return get_float8_nan();
 			e = y[t] - (level + phi * trend) * season[k];
+			if (fit)
+			{
+				double		r = e / (level + phi * trend);
+
+				fit->rcount[k]++;
+				fit->rsum[k] += r;
+				fit->rsumsq[k] += r * r;
+			}
 			new_level = a * (y[t] / season[k]) + (1 - a) * (level + phi * trend);
 			if (!(new_level > 0))
 				return get_float8_nan();
@@ -213,6 +233,12 @@ hw_filter(const double *y, int n, int m, double a, double b, double g,
 		else
 		{
 			e = y[t] - (level + phi * trend + season[k]);
+			if (fit)
+			{
+				fit->rcount[k]++;
+				fit->rsum[k] += e;
+				fit->rsumsq[k] += e * e;
+			}
 			new_level = a * (y[t] - season[k]) + (1 - a) * (level + phi * trend);
 			trend = b * (new_level - level) + (1 - b) * phi * trend;
 			season[k] = g * (y[t] - new_level) + (1 - g) * season[k];
@@ -341,6 +367,44 @@ hw_fit_params(HwProblem *p, double *out)
  * The aggregate
  * ---------------------------------------------------------------------
  */
+
+/*
+ * The final seasonal terms shrunk towards their mean by empirical Bayes.
+ * Each term is an exponentially weighted mean (weight gamma) of its days'
+ * deviations from the level: with a small gamma it rests on the last ten
+ * or so weeks of its weekday, and with residuals of variance s2 its noise
+ * variance is s2 gamma / (2 - gamma).  Set against how far the terms lie
+ * apart, that noise says how much of each term's distance from the others
+ * is real (Efron and Morris 1973; Miller and Williams 2003 for seasonal
+ * factors): the noisiest terms move most.  Chosen by the training data
+ * alone, this lowered the Online Retail holdout's WAPE from 18.5 to 18.3
+ * (bench/results/forecast_quality.md).  Terms without two residuals (a
+ * weekday the shop is closed) are left as they are.
+ */
+static void
+hw_shrink_season(HwFit *fit, int m, double gamma)
+{
+	double	   *terms = palloc(m * sizeof(double));
+	double	   *noise = palloc(m * sizeof(double));
+	int		   *which = palloc(m * sizeof(int));
+	int			p = 0;
+
+	for (int k = 0; k < m; k++)
+	{
+		int			c = fit->rcount[k];
+		double		var;
+
+		if (c < 2)
+			continue;
+		var = (fit->rsumsq[k] - fit->rsum[k] * fit->rsum[k] / c) / (c - 1);
+		terms[p] = fit->season[k];
+		noise[p] = Max(var, 0.0) * gamma / (2 - gamma);
+		which[p++] = k;
+	}
+	ca_shrink_to_mean(p, terms, noise);
+	for (int i = 0; i < p; i++)
+		fit->season[which[i]] = terms[i];
+}
 
 static void
 check_param(const char *name, double v, double lo)
@@ -532,7 +596,11 @@ ca_hw_final(PG_FUNCTION_ARGS)
 		else
 			prob.mult = false;
 	}
+	fit.rcount = palloc0(m * sizeof(int));
+	fit.rsum = palloc0(m * sizeof(double));
+	fit.rsumsq = palloc0(m * sizeof(double));
 	hw_filter(y, n, m, params[0], params[1], params[2], params[3], prob.mult, season, &fit);
+	hw_shrink_season(&fit, m, params[2]);
 
 	/* seasonals[k] belongs to day last + k */
 	sdatums = palloc(m * sizeof(Datum));

@@ -463,3 +463,42 @@ ca_digamma(double x)
 	return r + log(x) - 0.5 / x -
 		x2 * (1.0 / 12 - x2 * (1.0 / 120 - x2 * (1.0 / 252 - x2 * (1.0 / 240 - x2 * (1.0 / 132)))));
 }
+
+/* ---------------------------------------------------------------------
+ * Shrinkage
+ * ---------------------------------------------------------------------
+ */
+
+/*
+ * Empirical Bayes shrinkage of p estimates x[i] with noise variances v[i]
+ * towards their mean (Efron and Morris 1973, unequal variances): the true
+ * values are taken to spread around the mean with a variance tau2, which
+ * the estimates' spread less their mean noise estimates (method of
+ * moments, not below 0); each moves by the share of its own variance that
+ * is noise, v / (tau2 + v).  Fewer than three estimates say nothing about
+ * tau2: they are left alone, as is an estimate without noise.
+ */
+void
+ca_shrink_to_mean(int p, double *x, const double *v)
+{
+	double		mean = 0,
+				spread = 0,
+				noise = 0,
+				tau2;
+
+	if (p < 3)
+		return;
+	for (int i = 0; i < p; i++)
+	{
+		mean += x[i];
+		noise += v[i];
+	}
+	mean /= p;
+	noise /= p;
+	for (int i = 0; i < p; i++)
+		spread += (x[i] - mean) * (x[i] - mean);
+	tau2 = Max(spread / (p - 1) - noise, 0.0);
+	for (int i = 0; i < p; i++)
+		if (v[i] > 0)
+			x[i] = mean + tau2 / (tau2 + v[i]) * (x[i] - mean);
+}

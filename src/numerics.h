@@ -45,4 +45,6 @@ extern void ca_minimize_bounded(CaObjectiveGrad f, void *arg, int n, double *x,
 
 extern double ca_digamma(double x);
 
+extern void ca_shrink_to_mean(int p, double *x, const double *v);
+
 #endif							/* CA_NUMERICS_H */
