@@ -5114,3 +5114,11 @@ BEGIN
     RETURN changed;
 END
 $$;
+
+-- issue 18: clv_summary() in C (one scan of the order lines, sorted as
+-- integers), what a clv_model refresh spent most of its time on
+CREATE OR REPLACE FUNCTION customer_analytics.clv_summary(as_of timestamptz)
+RETURNS TABLE (customer_id text, first_purchase date, x float8, t_x float8, "T" float8, m_x float8,
+               purchase_days bigint, revenue numeric)
+AS 'MODULE_PATHNAME', 'ca_clv_summary'
+LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;

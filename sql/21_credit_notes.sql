@@ -106,6 +106,12 @@ SELECT sum(revenue) AS series_total FROM sales_series('2025-03-01', '2025-03-10'
 -- 0 (m_x NULL).  C: no purchase day, absent.
 SELECT customer_id, first_purchase, x, t_x, m_x, purchase_days, revenue
 FROM clv_summary(reference_time()) ORDER BY customer_id;
+-- clv_summary reads the lines in C: the same rows as its SQL formula,
+-- before the credit notes, between them and after
+\i :abs_srcdir/sql/include/clv_summary_sql.sql
+SELECT a AS as_of, pg_temp.clv_summary_differences(a) AS differences
+FROM unnest('{2025-03-01 11:00+00, 2025-03-02 12:00+00, 2025-03-04 00:00+00, 2025-03-09 16:00+00, 2025-03-11 00:00+00}'::timestamptz[]) a
+ORDER BY a;
 SELECT gamma_gamma_expected_value(ROW(10, 3, 20, 0, 10)::gamma_gamma_model, 1, NULL) IS NULL AS no_spend_to_scale;
 
 -- the quality check flags a sale with negative revenue, not a credit note

@@ -332,6 +332,17 @@ ca_money_units(PG_FUNCTION_ARGS)
 	PG_RETURN_INT64(numeric_units(PG_GETARG_DATUM(0), PG_GETARG_BOOL(1)));
 }
 
+/*
+ * A numeric amount in units of 0.0001 (exact; an error when it has more
+ * decimals or is out of range): clv_summary() sums revenue with it.
+ */
+int64
+ca_numeric_money_units(Datum value, int *scale)
+{
+	*scale = MONEY_SCALE;
+	return numeric_units(value, false);
+}
+
 static int64
 amount_units(Datum value, Oid type)
 {
