@@ -1654,6 +1654,16 @@ ca_rfm_from_rollup(PG_FUNCTION_ARGS)
  * ---------------------------------------------------------------------
  */
 
+/* customers in the order of their durable keys */
+static int
+compare_acc_key(const void *a, const void *b)
+{
+	uint64		x = (*(CustomerAcc *const *) a)->key;
+	uint64		y = (*(CustomerAcc *const *) b)->key;
+
+	return x < y ? -1 : x > y ? 1 : 0;
+}
+
 /*
  * rfm_rollup_rows(up_to) RETURNS TABLE (customer_id text, customer_key
  *	 bigint, last_order timestamptz, frequency bigint, monetary numeric)
@@ -1674,6 +1684,8 @@ ca_rfm_rollup_rows(PG_FUNCTION_ARGS)
 	Relation	rel;
 	custacc_iterator it;
 	CustomerAcc *acc;
+	CustomerAcc **accs;
+	uint64		n = 0;
 
 	if (!OidIsValid(relid))
 		ereport(ERROR,
@@ -1691,13 +1703,24 @@ ca_rfm_rollup_rows(PG_FUNCTION_ARGS)
 	scan_star_schema(&sc, rel, "rfm_rollup_rows()");
 	table_close(rel, AccessShareLock);
 
-	InitMaterializedSRF(fcinfo, 0);
+	/*
+	 * In customer_id order (the durable customers were numbered in it): the
+	 * rebuild's INSERT then adds each key to the right end of the rollup's
+	 * primary key instead of searching the index for its place.
+	 */
+	accs = MemoryContextAllocHuge(sc.cxt, sizeof(CustomerAcc *) * Max(sc.customers->members, 1));
 	custacc_start_iterate(sc.customers, &it);
 	while ((acc = custacc_iterate(sc.customers, &it)) != NULL)
+		accs[n++] = acc;
+	qsort(accs, n, sizeof(CustomerAcc *), compare_acc_key);
+
+	InitMaterializedSRF(fcinfo, 0);
+	for (uint64 i = 0; i < n; i++)
 	{
 		Datum		values[5];
 		bool		nulls[5] = {false};
 
+		acc = accs[i];
 		values[0] = CStringGetTextDatum(acc->customer_id);
 		values[1] = Int64GetDatum(acc->customer_key);
 		nulls[1] = acc->customer_key < 0;
