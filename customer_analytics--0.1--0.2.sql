@@ -6476,3 +6476,11 @@ END
 $$;
 COMMENT ON FUNCTION customer_analytics_internal.check_queue(regclass, bigint) IS
     'Internal: whether a writer of the extension queues the rows of a batch it writes into a table in check_change row by row (false: the table is due for a whole check, queued here for a batch of more than a million rows or a table''s first load)';
+
+-- issue 18: clv_summary() in C (one scan of the order lines, sorted as
+-- integers), what a clv_model refresh spent most of its time on
+CREATE OR REPLACE FUNCTION customer_analytics.clv_summary(as_of timestamptz)
+RETURNS TABLE (customer_id text, first_purchase date, x float8, t_x float8, "T" float8, m_x float8,
+               purchase_days bigint, revenue numeric)
+AS 'MODULE_PATHNAME', 'ca_clv_summary'
+LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;

@@ -15,7 +15,7 @@
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 ensure_root "$@"
-RUNS=${RUNS:-3}
+RUNS=${RUNS:-11}
 SHOP_CUSTOMERS=${SHOP_CUSTOMERS:-10000}
 SHOP_DAYS=${SHOP_DAYS:-365}
 
@@ -83,22 +83,52 @@ RFM_SQL="INSERT INTO bench.rfm_rollup (customer_id, customer_key, last_order, fr
     LEFT JOIN customer_analytics.dim_customer cur ON cur.customer_id = o.customer_id AND cur.is_current
                                                  AND cur.customer_key <> -1"
 
-time_sql() {
-    bench_value "SELECT round(bench.time('$1', \$q\$$3\$q\$, $RUNS, \$q\$$2\$q\$)::numeric, 1)"
+# Every timed statement runs once per round, after an untimed warm-up
+# round, RUNS rounds in all, the rounds alternately in the listed order and
+# in reverse (so that no statement always follows the same one, and a slow
+# spell of the shared machine hits all of them alike); each is reported as
+# its median.  Each setup leaves what its statement starts from, whatever
+# ran before it.
+LABELS=(rollup_plain rollup_first sessions_plain sessions_first rfm_scan rfm_first rfm_restored rfm_rescore rfm_rows rfm_sql)
+declare -A SETUP SQL
+SETUP[rollup_plain]="TRUNCATE bench.rollup_day, bench.rollup_category"; SQL[rollup_plain]=$PLAIN_ROLLUP
+SETUP[rollup_first]="SELECT 1"; SQL[rollup_first]="SELECT customer_analytics.refresh_sales_rollup(full_refresh => true)"
+SETUP[sessions_plain]="TRUNCATE bench.sessions"; SQL[sessions_plain]=$PLAIN_SESSIONS
+SETUP[sessions_first]="SELECT 1"; SQL[sessions_first]="SELECT count(*) FROM customer_analytics.refresh_sessions(full_rebuild => true)"
+SETUP[rfm_scan]="SELECT 1"; SQL[rfm_scan]="SELECT count(*) FROM customer_analytics.rfm()"
+SETUP[rfm_first]="TRUNCATE customer_analytics.rfm_rollup_customer, customer_analytics.customer_rfm_score"
+SQL[rfm_first]="SELECT customer_analytics.refresh_customer_rfm()"
+SETUP[rfm_restored]="TRUNCATE customer_analytics.rfm_rollup_customer"; SQL[rfm_restored]="SELECT customer_analytics.refresh_customer_rfm()"
+# (the rescoring needs a built rollup and scores: a refresh makes sure)
+SETUP[rfm_rescore]="SELECT customer_analytics.refresh_customer_rfm()"; SQL[rfm_rescore]="SELECT customer_analytics.refresh_customer_rfm()"
+SETUP[rfm_rows]="TRUNCATE bench.rfm_rollup"
+SQL[rfm_rows]="INSERT INTO bench.rfm_rollup SELECT * FROM customer_analytics_internal.rfm_rollup_rows('infinity')"
+SETUP[rfm_sql]="TRUNCATE bench.rfm_rollup"; SQL[rfm_sql]=$RFM_SQL
+
+# time_once label round: one timed run, recorded as run -round (round 0:
+# the warm-up, dropped)
+time_once() {
+    bench_value "SELECT bench.time('$1', \$q\$${SQL[$1]}\$q\$, 1, \$q\$${SETUP[$1]}\$q\$)" >/dev/null
+    bench_value "UPDATE bench.timing SET run = -$2 WHERE label = '$1' AND run = 1" >/dev/null
+}
+log "timing: a warm-up round, then $RUNS rounds"
+for round in $(seq 0 "$RUNS"); do
+    if [ $((round % 2)) = 1 ]; then order=("${LABELS[@]}"); else order=($(printf '%s\n' "${LABELS[@]}" | tac)); fi
+    for label in "${order[@]}"; do time_once "$label" "$round"; done
+done
+bench_value "DELETE FROM bench.timing WHERE run = 0" >/dev/null
+median() {
+    bench_value "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 1) FROM bench.timing WHERE label = '$1'"
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
-
-log "timing ($RUNS runs each)"
-rollup_plain=$(time_sql rollup_plain "TRUNCATE bench.rollup_day, bench.rollup_category" "$PLAIN_ROLLUP")
-rollup_first=$(time_sql rollup_first "SELECT 1" "SELECT customer_analytics.refresh_sales_rollup(full_refresh => true)")
-sessions_plain=$(time_sql sessions_plain "TRUNCATE bench.sessions" "$PLAIN_SESSIONS")
-sessions_first=$(time_sql sessions_first "SELECT 1" "SELECT count(*) FROM customer_analytics.refresh_sessions(full_rebuild => true)")
-rfm_scan=$(time_sql rfm_scan "SELECT 1" "SELECT count(*) FROM customer_analytics.rfm()")
-rfm_first=$(time_sql rfm_first "TRUNCATE customer_analytics.rfm_rollup_customer, customer_analytics.customer_rfm_score" "SELECT customer_analytics.refresh_customer_rfm()")
-rfm_restored=$(time_sql rfm_restored "TRUNCATE customer_analytics.rfm_rollup_customer" "SELECT customer_analytics.refresh_customer_rfm()")
-rfm_rescore=$(time_sql rfm_rescore "SELECT 1" "SELECT customer_analytics.refresh_customer_rfm()")
-rfm_rows=$(time_sql rfm_rows "TRUNCATE bench.rfm_rollup" "INSERT INTO bench.rfm_rollup SELECT * FROM customer_analytics_internal.rfm_rollup_rows('infinity')")
-rfm_sql=$(time_sql rfm_sql "TRUNCATE bench.rfm_rollup" "$RFM_SQL")
+for label in "${LABELS[@]}"; do declare "$label=$(median "$label")"; done
+# the rebuild against rfm() round by round: how steady the ratio is
+round_ratios() {
+    bench_value "SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY r)::numeric, 2) || ' | ' || round(min(r)::numeric, 2)
+                        || ' | ' || round(max(r)::numeric, 2)
+                 FROM (SELECT a.ms / b.ms AS r FROM bench.timing a JOIN bench.timing b USING (run)
+                       WHERE a.label = '$1' AND b.label = 'rfm_scan') x"
+}
 # same rows
 same_rollup=$(bench_value "SELECT (SELECT count(*) FROM (TABLE bench.rollup_day EXCEPT TABLE customer_analytics.sales_rollup_day) a)
                                 + (SELECT count(*) FROM (TABLE customer_analytics.sales_rollup_day EXCEPT TABLE bench.rollup_day) b)
@@ -121,7 +151,9 @@ bench_record first_builds <<MD
 
 Generated shop (\`generate_sample_data\`, $SHOP_CUSTOMERS customers,
 $SHOP_DAYS days, transformed: $lines order lines, $events events). Median of
-$RUNS runs each, same run, shared_buffers = $BENCH_SHARED_BUFFERS.
+$RUNS runs each, same run, shared_buffers = $BENCH_SHARED_BUFFERS: after an
+untimed warm-up round, every statement once per round, the rounds
+alternately in order and in reverse.
 
 | | median | ratio | same rows |
 |---|---:|---:|---|
@@ -135,6 +167,15 @@ $RUNS runs each, same run, shared_buffers = $BENCH_SHARED_BUFFERS.
 | \`refresh_customer_rfm()\` with nothing changed: the rescoring every refresh does | $rfm_rescore ms | $(ratio "$rfm_rescore" "$rfm_scan") | |
 | the rebuild alone: the rollup's rows in C (\`rfm_rollup_rows\`) into a copy of \`rfm_rollup_customer\` | $rfm_rows ms | $(ratio "$rfm_rows" "$rfm_scan") | |
 | before: the rollup's rows in SQL (\`rfm_agg\` over \`rfm_orders\`) into a copy of \`rfm_rollup_customer\` | $rfm_sql ms | $(ratio "$rfm_sql" "$rfm_scan") | $same_rfm |
+
+The rebuild against \`rfm()\` round by round (each round's ratio, over
+the $RUNS rounds):
+
+| | median | lowest | highest |
+|---|---:|---:|---:|
+| the rebuild alone / \`rfm()\` | $(round_ratios rfm_rows) |
+| refresh from an empty rollup, scores kept / \`rfm()\` | $(round_ratios rfm_restored) |
+| first build / \`rfm()\` | $(round_ratios rfm_first) |
 
 Same rows, RFM: the SQL rows equal the rollup the refresh rebuilt in C,
 and \`customer_rfm\` equals \`rfm()\`.  A refresh from an empty rollup is

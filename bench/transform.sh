@@ -15,6 +15,13 @@
 #   transform_events() against the plain INSERT ... SELECT into a copy of
 #   fact_event.
 #
+#   A large generated shop (BIG=0 skips it), one run of each at that size:
+#   about 1M order lines from generate_sample_data(BIG_LINES_CUSTOMERS
+#   customers, events => false), then about 5M events from a second shop
+#   (BIG_EVENTS_CUSTOMERS customers; its lines transformed first, untimed).
+#   The generator gives about 5.6 lines and 68 events per customer-year, so
+#   one shop with both would hold 12M events or 400k lines.
+#
 # Every timed transform starts from an empty star schema (the staged rows
 # stay; the dimensions are rebuilt by each run); each baseline from an
 # empty copy, after the dimensions are built.
@@ -24,6 +31,9 @@ ensure_root "$@"
 RUNS=${RUNS:-5}
 SHOP_CUSTOMERS=${SHOP_CUSTOMERS:-10000}
 SHOP_DAYS=${SHOP_DAYS:-365}
+BIG=${BIG:-1}
+BIG_LINES_CUSTOMERS=${BIG_LINES_CUSTOMERS:-180000}
+BIG_EVENTS_CUSTOMERS=${BIG_EVENTS_CUSTOMERS:-73500}
 SHARED=${CA_SHARED_DATA:-$REPO/../shared/data}
 OR_CSV=$SHARED/online_retail/online_retail_2010_2011.csv
 
@@ -87,9 +97,9 @@ CREATE TABLE bench.event_copy (LIKE customer_analytics.fact_event INCLUDING ALL)
 SQL
 }
 
-# time_sql label setup sql: median ms of $RUNS runs
+# time_sql label setup sql [runs]: median ms of $RUNS (or runs) runs
 time_sql() {
-    bench_value "SELECT round(bench.time('$1', \$q\$$3\$q\$, $RUNS, \$q\$$2\$q\$)::numeric, 1)"
+    bench_value "SELECT round(bench.time('$1', \$q\$$3\$q\$, ${4:-$RUNS}, \$q\$$2\$q\$)::numeric, 1)"
 }
 # fastest label: the fastest of its runs (the machine is shared: the
 # fastest rounds are the least disturbed)
@@ -160,6 +170,62 @@ shop_plain_fk=$(time_sql shop_plain_fk "TRUNCATE bench.order_copy_fk" "$(plain_o
 shop_events_t=$(time_sql shop_events "$CLEAR_EVENTS" "$TRANSFORM_EVENTS")
 shop_events_plain=$(time_sql shop_events_plain "TRUNCATE bench.event_copy" "$PLAIN_EVENTS")
 
+big_table="Not run (BIG=0)."
+if [ "$BIG" = 1 ]; then
+    CLEAR_ALL="DROP TABLE IF EXISTS bench.order_copy, bench.order_copy_fk, bench.event_copy;
+        $CLEAR_ORDERS; $CLEAR_EVENTS;
+        TRUNCATE customer_analytics.stg_orders, customer_analytics.stg_customers, customer_analytics.stg_products,
+                 customer_analytics.stg_events"
+    log "large shop, order lines: $BIG_LINES_CUSTOMERS customers, $SHOP_DAYS days, no events"
+    bench_psql -q -c "SET client_min_messages = warning" -c "$CLEAR_ALL" -c "
+        SELECT count(*) FROM customer_analytics.generate_sample_data(customers => $BIG_LINES_CUSTOMERS, days => $SHOP_DAYS,
+                                                                     seed => 42, start_date => '2025-01-01', events => false)" \
+        -c "VACUUM ANALYZE" >/dev/null
+    big_lines=$(bench_value "SELECT count(*) FROM customer_analytics.stg_orders")
+    log "timing on $big_lines lines (1 run each)"
+    big_transform=$(time_sql big_transform "$CLEAR_ORDERS" "$TRANSFORM" 1)
+    make_copies
+    big_plain=$(time_sql big_plain "TRUNCATE bench.order_copy" "$(plain_orders order_copy)" 1)
+    big_plain_fk=$(time_sql big_plain_fk "TRUNCATE bench.order_copy_fk" "$(plain_orders order_copy_fk)" 1)
+
+    log "large shop, events: $BIG_EVENTS_CUSTOMERS customers, $SHOP_DAYS days"
+    bench_psql -q -c "SET client_min_messages = warning" -c "$CLEAR_ALL" -c "
+        SELECT count(*) FROM customer_analytics.generate_sample_data(customers => $BIG_EVENTS_CUSTOMERS, days => $SHOP_DAYS,
+                                                                     seed => 42, start_date => '2025-01-01')" \
+        -c "VACUUM ANALYZE" >/dev/null
+    big_events=$(bench_value "SELECT count(*) FROM customer_analytics.stg_events")
+    big_events_lines=$(bench_value "SELECT count(*) FROM customer_analytics.stg_orders")
+    log "timing on $big_events events (1 run each; the lines and the events transformed once first, untimed)"
+    bench_psql -q -c "SET client_min_messages = warning" -c "$TRANSFORM" >/dev/null
+    big_events_t=$(time_sql big_events "$CLEAR_EVENTS" "$TRANSFORM_EVENTS" 1)
+    make_copies
+    big_events_plain=$(time_sql big_events_plain "TRUNCATE bench.event_copy" "$PLAIN_EVENTS" 1)
+    big_table="Order lines: \`generate_sample_data\`, $BIG_LINES_CUSTOMERS customers, $SHOP_DAYS days, no events
+($big_lines order lines). Events: a second shop of $BIG_EVENTS_CUSTOMERS customers ($big_events events;
+its $big_events_lines lines transformed before, untimed). One run each at this size.
+
+| | time | ratio | rows/s |
+|---|---:|---:|---:|
+| plain \`INSERT ... SELECT\` into a copy of \`fact_order_line\` (its indexes, no foreign keys) | $big_plain ms | 1.00 | $(per_s "$big_lines" "$big_plain") |
+| the same with the three foreign keys | $big_plain_fk ms | $(ratio "$big_plain_fk" "$big_plain") | $(per_s "$big_lines" "$big_plain_fk") |
+| \`transform()\` (dimensions, calendar, order lines, their key checks and change queues) | $big_transform ms | $(ratio "$big_transform" "$big_plain") | $(per_s "$big_lines" "$big_transform") |
+| plain \`INSERT ... SELECT\` into a copy of \`fact_event\` | $big_events_plain ms | 1.00 | $(per_s "$big_events" "$big_events_plain") |
+| \`transform_events()\` (lookups, identity stitching, late customers) | $big_events_t ms | $(ratio "$big_events_t" "$big_events_plain") | $(per_s "$big_events" "$big_events_t") |"
+fi
+
+# what the facts' loads pay for their keys, said from the catalog of this run
+fk_of() {
+    bench_value "SELECT count(*) FROM pg_constraint WHERE conrelid = 'customer_analytics.$1'::regclass AND contype = 'f'"
+}
+fk_lines=$(fk_of fact_order_line); fk_events=$(fk_of fact_event)
+if [ "$fk_lines" -gt 0 ]; then
+    fk_note="\`fact_order_line\` has $fk_lines foreign keys, so \`transform()\`'s load of order lines
+pays at least what the plain load with them pays; \`fact_event\` has $fk_events."
+else
+    fk_note="\`fact_order_line\` has no foreign key (\`transform()\` checks its keys itself);
+\`fact_event\` has $fk_events."
+fi
+
 bench_record transform <<MD
 # transform() against a plain INSERT ... SELECT
 
@@ -188,4 +254,10 @@ $SHOP_DAYS days: $shop_lines order lines, $shop_events events):
 | \`transform()\` (its events part with nothing new) | $shop_transform ms | $(ratio "$shop_transform" "$shop_plain") | $(per_s "$shop_lines" "$shop_transform") | $(fastest shop_transform) ms | $(ratio "$(fastest shop_transform)" "$(fastest shop_plain)") |
 | plain \`INSERT ... SELECT\` into a copy of \`fact_event\` | $shop_events_plain ms | 1.00 | $(per_s "$shop_events" "$shop_events_plain") | $(fastest shop_events_plain) ms | 1.00 |
 | \`transform_events()\` (lookups, identity stitching, late customers) | $shop_events_t ms | $(ratio "$shop_events_t" "$shop_events_plain") | $(per_s "$shop_events" "$shop_events_t") | $(fastest shop_events) ms | $(ratio "$(fastest shop_events)" "$(fastest shop_events_plain)") |
+
+Large generated shops (about 1M order lines, about 5M events):
+
+$big_table
+
+The code as measured: $fk_note
 MD

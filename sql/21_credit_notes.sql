@@ -106,6 +106,25 @@ SELECT sum(revenue) AS series_total FROM sales_series('2025-03-01', '2025-03-10'
 -- 0 (m_x NULL).  C: no purchase day, absent.
 SELECT customer_id, first_purchase, x, t_x, m_x, purchase_days, revenue
 FROM clv_summary(reference_time()) ORDER BY customer_id;
+-- clv_summary reads the lines in C: the same rows as its SQL formula,
+-- before the credit notes, between them and after
+\i :abs_srcdir/sql/include/clv_summary_sql.sql
+SELECT a AS as_of, pg_temp.clv_summary_differences(a) AS differences
+FROM unnest('{2025-03-01 11:00+00, 2025-03-02 12:00+00, 2025-03-04 00:00+00, 2025-03-09 16:00+00, 2025-03-11 00:00+00}'::timestamptz[]) a
+ORDER BY a;
+-- under row-level security the lines are read through SQL, so the policy
+-- holds: an analyst who may not see A's lines gets B and E only
+CREATE ROLE ca_clv_analyst;
+GRANT USAGE ON SCHEMA customer_analytics, customer_analytics_internal TO ca_clv_analyst;
+GRANT SELECT ON ALL TABLES IN SCHEMA customer_analytics TO ca_clv_analyst;
+ALTER TABLE fact_order_line ENABLE ROW LEVEL SECURITY;
+CREATE POLICY not_a ON fact_order_line FOR SELECT TO ca_clv_analyst
+    USING (customer_key NOT IN (SELECT customer_key FROM dim_customer WHERE customer_id = 'A'));
+SET ROLE ca_clv_analyst;
+SELECT customer_id, x, m_x, revenue FROM clv_summary(reference_time()) ORDER BY customer_id;
+SELECT pg_temp.clv_summary_differences(reference_time()) AS differences;
+RESET ROLE;
+ALTER TABLE fact_order_line DISABLE ROW LEVEL SECURITY;
 SELECT gamma_gamma_expected_value(ROW(10, 3, 20, 0, 10)::gamma_gamma_model, 1, NULL) IS NULL AS no_spend_to_scale;
 
 -- the quality check flags a sale with negative revenue, not a credit note

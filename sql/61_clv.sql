@@ -178,6 +178,12 @@ JOIN (SELECT c.customer_id, count(DISTINCT d.date) AS days, min(d.date) AS first
       FROM fact_order_line f JOIN dim_customer c USING (customer_key) JOIN dim_date d USING (date_key)
       WHERE f.status = 'completed' AND f.customer_key <> -1
       GROUP BY c.customer_id) o USING (customer_id);
+-- the C scan against the summary's SQL formula, with the shop's customer
+-- versions and cancelled lines, at three dates
+\i :abs_srcdir/sql/include/clv_summary_sql.sql
+SELECT a AS as_of, pg_temp.clv_summary_differences(a) AS differences,
+       (SELECT count(*) FROM clv_summary(a)) AS customers
+FROM unnest('{2025-02-01, 2025-04-15, 2025-06-30}'::timestamptz[]) a ORDER BY a;
 REFRESH MATERIALIZED VIEW clv_model;
 REFRESH MATERIALIZED VIEW customer_clv;
 SELECT (bgnbd).customers, (gamma_gamma).customers > 0 AS gg_fitted, as_of FROM clv_model;

@@ -14,6 +14,8 @@
  *	- bgnbd_loglik, bgnbd_expected_purchases (unconditional and
  *	  conditional on a customer's history), bgnbd_p_alive,
  *	  gamma_gamma_expected_value: the model's formulas.
+ *	- clv_summary(as_of): each customer's (x, t_x, T, m_x) from the order
+ *	  lines, in one scan.
  *
  * Both fits minimise the negative log-likelihood with Nelder-Mead
  * (forecast.c) over the logarithms of the parameters, restarted from its
@@ -26,15 +28,32 @@
 #include <math.h>
 
 #include "access/htup_details.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_type.h"
+#include "common/int.h"
 #include "executor/executor.h"
+#include "executor/spi.h"
+#include "executor/tuptable.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "parser/parse_relation.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/date.h"
+#include "utils/datetime.h"
 #include "utils/float.h"
 #include "utils/guc.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/numeric.h"
+#include "utils/rel.h"
+#include "utils/rls.h"
+#include "utils/snapmgr.h"
 
+#include "citus_guard.h"
 #include "customer_analytics.h"
 #include "numerics.h"
 #include "utils.h"
@@ -48,6 +67,7 @@ PG_FUNCTION_INFO_V1(ca_bgnbd_expected);
 PG_FUNCTION_INFO_V1(ca_bgnbd_conditional);
 PG_FUNCTION_INFO_V1(ca_bgnbd_p_alive);
 PG_FUNCTION_INFO_V1(ca_gg_expected);
+PG_FUNCTION_INFO_V1(ca_clv_summary);
 
 #define LOG_PARAM_BOUND 20.0	/* fitted parameters within e^-20 .. e^20 */
 
@@ -877,4 +897,433 @@ ca_gg_expected(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("mean spend m_x must be a positive number, not %g", mx)));
 	PG_RETURN_FLOAT8(gg_expected(&m, x, mx));
+}
+
+/* ---------------------------------------------------------------------
+ * clv_summary(as_of): each customer's purchase history from the facts
+ * ---------------------------------------------------------------------
+ *
+ * The summary is what a clv_model refresh spends its time on: in SQL it
+ * grouped every line by (customer_id, day), then numbered purchases and
+ * grouped twice more, sorting text under the database collation each time
+ * (8 s for 1M lines, against 1 s for the fit).  Here the lines are read
+ * once, reduced to (customer, day, amount, purchase) and sorted as integers;
+ * one pass over the sorted lines gives every customer's row.  Amounts are
+ * summed exactly in integer units, and the spend per repeat purchase is the
+ * same numeric division the SQL did.
+ */
+
+/* a version of a customer (dim_customer row): its customer_id's index */
+typedef struct ClvVersion
+{
+	uint64		key;			/* customer_key */
+	uint32		status;			/* simplehash bookkeeping */
+	uint32		customer;		/* index into ClvScan.ids */
+} ClvVersion;
+
+static inline uint32
+clv_mix64(uint64 k)
+{
+	k = (k ^ (k >> 30)) * UINT64CONST(0xBF58476D1CE4E5B9);
+	k = (k ^ (k >> 27)) * UINT64CONST(0x94D049BB133111EB);
+	return (uint32) (k ^ (k >> 31));
+}
+
+#define SH_PREFIX clvver
+#define SH_ELEMENT_TYPE ClvVersion
+#define SH_KEY_TYPE uint64
+#define SH_KEY key
+#define SH_HASH_KEY(tb, key) clv_mix64(key)
+#define SH_EQUAL(tb, a, b) ((a) == (b))
+#define SH_SCOPE static inline
+#define SH_DEFINE
+#define SH_DECLARE
+#include "lib/simplehash.h"
+
+typedef struct ClvLine
+{
+	uint32		customer;
+	int32		date_key;		/* YYYYMMDD: sorts as the day does */
+	int64		units;			/* revenue in units of 10^-units_scale */
+	bool		purchase;		/* quantity > 0 (a credit line is not) */
+} ClvLine;
+
+typedef struct ClvScan
+{
+	clvver_hash *versions;
+	char	  **ids;			/* customer_id, in byte order */
+	uint32		nids;
+	ClvLine    *lines;
+	int64		nlines;
+	int64		cap;
+	int			units_scale;
+} ClvScan;
+
+static void
+clv_add_line(ClvScan *sc, int64 customer_key, int32 date_key, Datum revenue, bool revenue_null,
+			 int32 quantity)
+{
+	ClvVersion *v = clvver_lookup(sc->versions, (uint64) customer_key);
+	ClvLine    *line;
+
+	if (v == NULL)
+		return;					/* no such customer: the SQL's inner join */
+	if (sc->nlines == sc->cap)
+	{
+		sc->cap *= 2;
+		sc->lines = repalloc_huge(sc->lines, sizeof(ClvLine) * sc->cap);
+	}
+	line = &sc->lines[sc->nlines++];
+	line->customer = v->customer;
+	line->date_key = date_key;
+	line->units = revenue_null ? 0 : ca_numeric_money_units(revenue, &sc->units_scale);
+	line->purchase = quantity > 0;
+}
+
+static int
+clv_line_cmp(const void *a, const void *b)
+{
+	const ClvLine *x = a,
+			   *y = b;
+
+	if (x->customer != y->customer)
+		return x->customer < y->customer ? -1 : 1;
+	if (x->date_key != y->date_key)
+		return x->date_key < y->date_key ? -1 : 1;
+	return 0;
+}
+
+/*
+ * The lines by customer, then day.  Customers are numbered densely, so a
+ * counting sort places every line in two passes; a qsort of a million lines
+ * by both keys took a third of the summary's time.  Each customer's lines,
+ * usually few and already in time order (the heap is filled in load order),
+ * are then sorted by day.
+ */
+static void
+clv_sort_lines(ClvScan *sc, MemoryContext cxt)
+{
+	int64	   *start = MemoryContextAllocHuge(cxt, sizeof(int64) * ((Size) sc->nids + 1));
+	ClvLine    *sorted = MemoryContextAllocHuge(cxt, sizeof(ClvLine) * Max(sc->nlines, 1));
+
+	memset(start, 0, sizeof(int64) * ((Size) sc->nids + 1));
+	for (int64 i = 0; i < sc->nlines; i++)
+		start[sc->lines[i].customer + 1]++;
+	for (uint32 c = 0; c < sc->nids; c++)
+		start[c + 1] += start[c];
+	for (int64 i = 0; i < sc->nlines; i++)
+		sorted[start[sc->lines[i].customer]++] = sc->lines[i];
+	/* start[c] is now the end of customer c's lines */
+	for (uint32 c = 0; c < sc->nids; c++)
+	{
+		int64		begin = c == 0 ? 0 : start[c - 1];
+
+		if (start[c] - begin > 1)
+			qsort(sorted + begin, start[c] - begin, sizeof(ClvLine), clv_line_cmp);
+	}
+	pfree(sc->lines);
+	pfree(start);
+	sc->lines = sorted;
+}
+
+/* dim_customer's versions, each to its customer_id; the as_of day */
+static DateADT
+clv_load_customers(ClvScan *sc, TimestampTz as_of, MemoryContext cxt)
+{
+	Oid			types[1] = {TIMESTAMPTZOID};
+	Datum		values[1] = {TimestampTzGetDatum(as_of)};
+	MemoryContext old;
+	uint32		nids = 0;
+	DateADT		as_of_day;
+	bool		isnull;
+
+	SPI_connect();
+	SPI_execute_with_args("SELECT ($1 AT TIME ZONE customer_analytics.business_timezone())::date",
+						  1, types, values, NULL, true, 1);
+	as_of_day = DatumGetDateADT(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	SPI_execute("SELECT customer_key, customer_id FROM customer_analytics.dim_customer "
+				"WHERE customer_key OPERATOR(pg_catalog.<>) -1 ORDER BY customer_id COLLATE \"C\"", true, 0);
+	old = MemoryContextSwitchTo(cxt);
+	sc->versions = clvver_create(cxt, Max(SPI_processed, 16), NULL);
+	sc->ids = palloc(sizeof(char *) * Max(SPI_processed, 1));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		int64		key = DatumGetInt64(SPI_getbinval(tup, SPI_tuptable->tupdesc, 1, &isnull));
+		char	   *id = SPI_getvalue(tup, SPI_tuptable->tupdesc, 2);
+		ClvVersion *v;
+		bool		found;
+
+		/* the rows come grouped by customer_id */
+		if (nids == 0 || strcmp(sc->ids[nids - 1], id) != 0)
+			sc->ids[nids++] = pstrdup(id);
+		v = clvver_insert(sc->versions, (uint64) key, &found);
+		v->customer = nids - 1;
+	}
+	sc->nids = nids;
+	MemoryContextSwitchTo(old);
+	SPI_finish();
+	return as_of_day;
+}
+
+/* completed lines of known customers before as_of, read from the heap */
+static void
+clv_scan_heap(ClvScan *sc, Relation rel, TimestampTz as_of)
+{
+	AttrNumber	key_att = attnameAttNum(rel, "customer_key", false),
+				date_att = attnameAttNum(rel, "date_key", false),
+				ts_att = attnameAttNum(rel, "order_ts", false),
+				qty_att = attnameAttNum(rel, "quantity", false),
+				rev_att = attnameAttNum(rel, "revenue", false),
+				status_att = attnameAttNum(rel, "status", false);
+	AttrNumber	natts = Max(Max(Max(key_att, date_att), Max(ts_att, qty_att)), Max(rev_att, status_att));
+	TableScanDesc scan = table_beginscan(rel, GetActiveSnapshot(), 0, NULL);
+	TupleTableSlot *slot = table_slot_create(rel, NULL);
+	MemoryContext rowcxt = AllocSetContextCreate(CurrentMemoryContext, "clv_summary row", ALLOCSET_SMALL_SIZES);
+
+	while (table_scan_getnextslot(scan, ForwardScanDirection, slot))
+	{
+		bool		isnull,
+					rnull;
+		Datum		status,
+					revenue;
+		text	   *st;
+		int64		key;
+		TimestampTz ts;
+		MemoryContext old;
+
+		CHECK_FOR_INTERRUPTS();
+		slot_getsomeattrs(slot, natts);
+		key = DatumGetInt64(slot_getattr(slot, key_att, &isnull));
+		if (isnull || key == -1)
+			continue;
+		ts = DatumGetTimestampTz(slot_getattr(slot, ts_att, &isnull));
+		if (isnull || ts >= as_of)
+			continue;
+		status = slot_getattr(slot, status_att, &isnull);
+		if (isnull)
+			continue;
+		st = DatumGetTextPP(status);
+		if (VARSIZE_ANY_EXHDR(st) != 9 || memcmp(VARDATA_ANY(st), "completed", 9) != 0)
+			continue;
+		revenue = slot_getattr(slot, rev_att, &rnull);
+		old = MemoryContextSwitchTo(rowcxt);
+		clv_add_line(sc, key, DatumGetInt32(slot_getattr(slot, date_att, &isnull)), revenue, rnull,
+					 DatumGetInt32(slot_getattr(slot, qty_att, &isnull)));
+		MemoryContextSwitchTo(old);
+		MemoryContextReset(rowcxt);
+	}
+	ExecDropSingleTupleTableSlot(slot);
+	table_endscan(scan);
+	MemoryContextDelete(rowcxt);
+}
+
+/*
+ * The same lines through SQL: for a table with row-level security (its
+ * policies apply) or one managed by Citus (its rows are in shards).
+ */
+static void
+clv_scan_query(ClvScan *sc, TimestampTz as_of)
+{
+	Oid			types[1] = {TIMESTAMPTZOID};
+	Datum		values[1] = {TimestampTzGetDatum(as_of)};
+	Portal		portal;
+	MemoryContext rowcxt = AllocSetContextCreate(CurrentMemoryContext, "clv_summary row", ALLOCSET_SMALL_SIZES);
+
+	SPI_connect();
+	portal = SPI_cursor_open_with_args(NULL,
+									   "SELECT customer_key, date_key, revenue, quantity "
+									   "FROM customer_analytics.fact_order_line "
+									   "WHERE status OPERATOR(pg_catalog.=) 'completed' "
+									   "AND customer_key OPERATOR(pg_catalog.<>) -1 "
+									   "AND order_ts OPERATOR(pg_catalog.<) $1",
+									   1, types, values, NULL, true, 0);
+	for (;;)
+	{
+		SPI_cursor_fetch(portal, true, 10000);
+		if (SPI_processed == 0)
+			break;
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			HeapTuple	tup = SPI_tuptable->vals[i];
+			TupleDesc	td = SPI_tuptable->tupdesc;
+			bool		isnull,
+						rnull;
+			int64		key = DatumGetInt64(SPI_getbinval(tup, td, 1, &isnull));
+			int32		date_key = DatumGetInt32(SPI_getbinval(tup, td, 2, &isnull));
+			Datum		revenue = SPI_getbinval(tup, td, 3, &rnull);
+			int32		quantity = DatumGetInt32(SPI_getbinval(tup, td, 4, &isnull));
+			MemoryContext old = MemoryContextSwitchTo(rowcxt);
+
+			clv_add_line(sc, key, date_key, revenue, rnull, quantity);
+			MemoryContextSwitchTo(old);
+			MemoryContextReset(rowcxt);
+		}
+		SPI_freetuptable(SPI_tuptable);
+		CHECK_FOR_INTERRUPTS();
+	}
+	SPI_cursor_close(portal);
+	SPI_finish();
+	MemoryContextDelete(rowcxt);
+}
+
+static inline DateADT
+clv_day(int32 date_key)
+{
+	return date2j(date_key / 10000, date_key / 100 % 100, date_key % 100) - POSTGRES_EPOCH_JDATE;
+}
+
+/*
+ * units back to a numeric of the revenue column's scale (what the SQL's
+ * sum() of that column shows), built at that scale when the units divide
+ */
+static Datum
+clv_units_numeric(int64 units, int units_scale, int column_scale)
+{
+	if (column_scale >= 0 && column_scale < units_scale)
+	{
+		int64		divisor = 1;
+
+		for (int i = column_scale; i < units_scale; i++)
+			divisor *= 10;
+		if (units % divisor == 0)
+			return NumericGetDatum(int64_div_fast_to_numeric(units / divisor, column_scale));
+		return DirectFunctionCall2(numeric_round, NumericGetDatum(int64_div_fast_to_numeric(units, units_scale)),
+								   Int32GetDatum(column_scale));
+	}
+	return NumericGetDatum(int64_div_fast_to_numeric(units, units_scale));
+}
+
+static void
+clv_add_units(int64 *sum, int64 units)
+{
+	if (pg_add_s64_overflow(*sum, units, sum))
+		ereport(ERROR,
+				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+				 errmsg("a customer's revenue is too large to sum"),
+				 errdetail("Revenue is summed exactly, below 922,337,203,685,477 in units of 0.0001.")));
+}
+
+/*
+ * clv_summary(as_of) RETURNS TABLE (customer_id text, first_purchase date,
+ *	 x float8, t_x float8, "T" float8, m_x float8, purchase_days bigint,
+ *	 revenue numeric)
+ *
+ * A purchase is a day with completed lines other than credit notes; a day
+ * of credit notes alone nets against the purchase day before it (the first
+ * one when it comes earlier).  So the repeat purchases' revenue is that of
+ * every day from the second purchase day on, and the first purchase's is
+ * everything before.
+ */
+Datum
+ca_clv_summary(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	TimestampTz as_of = PG_GETARG_TIMESTAMPTZ(0);
+	Oid			nsp = get_namespace_oid("customer_analytics", false);
+	Oid			relid = get_relname_relid("fact_order_line", nsp);
+	MemoryContext cxt = AllocSetContextCreate(CurrentMemoryContext, "clv_summary", ALLOCSET_DEFAULT_SIZES);
+	MemoryContext old;
+	ClvScan		sc;
+	Relation	rel;
+	DateADT		as_of_day;
+	int			column_scale = -1;
+	int32		typmod;
+
+	if (!OidIsValid(relid))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("table customer_analytics.fact_order_line does not exist")));
+	memset(&sc, 0, sizeof(sc));
+	sc.units_scale = 4;
+	as_of_day = clv_load_customers(&sc, as_of, cxt);
+	old = MemoryContextSwitchTo(cxt);
+	sc.cap = 1024;
+	sc.lines = palloc(sizeof(ClvLine) * sc.cap);
+	MemoryContextSwitchTo(old);
+
+	rel = table_open(relid, AccessShareLock);
+	if (pg_class_aclcheck(relid, GetUserId(), ACL_SELECT) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied for table fact_order_line")));
+	typmod = TupleDescAttr(RelationGetDescr(rel), attnameAttNum(rel, "revenue", false) - 1)->atttypmod;
+	if (typmod >= (int32) VARHDRSZ)
+		column_scale = (typmod - VARHDRSZ) & 0x7ff;
+	if (check_enable_rls(relid, InvalidOid, false) == RLS_ENABLED || ca_citus_kind(relid) != CA_CITUS_NONE)
+	{
+		table_close(rel, AccessShareLock);
+		clv_scan_query(&sc, as_of);
+	}
+	else
+	{
+		old = MemoryContextSwitchTo(cxt);
+		clv_scan_heap(&sc, rel, as_of);
+		MemoryContextSwitchTo(old);
+		table_close(rel, AccessShareLock);
+	}
+	clv_sort_lines(&sc, cxt);
+
+	InitMaterializedSRF(fcinfo, 0);
+	for (int64 i = 0; i < sc.nlines;)
+	{
+		uint32		customer = sc.lines[i].customer;
+		int64		purchases = 0,
+					revenue = 0,
+					repeat_revenue = 0;
+		int32		first_key = 0,
+					last_key = 0;
+
+		CHECK_FOR_INTERRUPTS();
+		while (i < sc.nlines && sc.lines[i].customer == customer)
+		{
+			int32		day = sc.lines[i].date_key;
+			int64		day_units = 0;
+			bool		purchase = false;
+
+			for (; i < sc.nlines && sc.lines[i].customer == customer && sc.lines[i].date_key == day; i++)
+			{
+				clv_add_units(&day_units, sc.lines[i].units);
+				purchase |= sc.lines[i].purchase;
+			}
+			if (purchase)
+			{
+				if (purchases == 0)
+					first_key = day;
+				last_key = day;
+				purchases++;
+			}
+			clv_add_units(&revenue, day_units);
+			if (purchases >= 2)
+				clv_add_units(&repeat_revenue, day_units);
+		}
+		if (purchases > 0)
+		{
+			Datum		values[8];
+			bool		nulls[8] = {false};
+			DateADT		first = clv_day(first_key);
+
+			values[0] = CStringGetTextDatum(sc.ids[customer]);
+			values[1] = DateADTGetDatum(first);
+			values[2] = Float8GetDatum((double) (purchases - 1));
+			values[3] = Float8GetDatum((double) (clv_day(last_key) - first));
+			values[4] = Float8GetDatum((double) Max(as_of_day - first, 0));
+
+			/*
+			 * The SQL's avg(), numeric sum / count, then float8 (NULL unless
+			 * positive): the same division, so the same double.
+			 */
+			nulls[5] = !(purchases > 1 && repeat_revenue > 0);
+			if (!nulls[5])
+				values[5] = DirectFunctionCall1(numeric_float8,
+												DirectFunctionCall2(numeric_div,
+																	clv_units_numeric(repeat_revenue, sc.units_scale, column_scale),
+																	NumericGetDatum(int64_to_numeric(purchases - 1))));
+			values[6] = Int64GetDatum(purchases);
+			values[7] = clv_units_numeric(revenue, sc.units_scale, column_scale);
+			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+		}
+	}
+	MemoryContextDelete(cxt);
+	return (Datum) 0;
 }

@@ -332,6 +332,17 @@ ca_money_units(PG_FUNCTION_ARGS)
 	PG_RETURN_INT64(numeric_units(PG_GETARG_DATUM(0), PG_GETARG_BOOL(1)));
 }
 
+/*
+ * A numeric amount in units of 0.0001 (exact; an error when it has more
+ * decimals or is out of range): clv_summary() sums revenue with it.
+ */
+int64
+ca_numeric_money_units(Datum value, int *scale)
+{
+	*scale = MONEY_SCALE;
+	return numeric_units(value, false);
+}
+
 static int64
 amount_units(Datum value, Oid type)
 {
@@ -1643,6 +1654,16 @@ ca_rfm_from_rollup(PG_FUNCTION_ARGS)
  * ---------------------------------------------------------------------
  */
 
+/* customers in the order of their durable keys */
+static int
+compare_acc_key(const void *a, const void *b)
+{
+	uint64		x = (*(CustomerAcc *const *) a)->key;
+	uint64		y = (*(CustomerAcc *const *) b)->key;
+
+	return x < y ? -1 : x > y ? 1 : 0;
+}
+
 /*
  * rfm_rollup_rows(up_to) RETURNS TABLE (customer_id text, customer_key
  *	 bigint, last_order timestamptz, frequency bigint, monetary numeric)
@@ -1663,6 +1684,8 @@ ca_rfm_rollup_rows(PG_FUNCTION_ARGS)
 	Relation	rel;
 	custacc_iterator it;
 	CustomerAcc *acc;
+	CustomerAcc **accs;
+	uint64		n = 0;
 
 	if (!OidIsValid(relid))
 		ereport(ERROR,
@@ -1680,13 +1703,24 @@ ca_rfm_rollup_rows(PG_FUNCTION_ARGS)
 	scan_star_schema(&sc, rel, "rfm_rollup_rows()");
 	table_close(rel, AccessShareLock);
 
-	InitMaterializedSRF(fcinfo, 0);
+	/*
+	 * In customer_id order (the durable customers were numbered in it): the
+	 * rebuild's INSERT then adds each key to the right end of the rollup's
+	 * primary key instead of searching the index for its place.
+	 */
+	accs = MemoryContextAllocHuge(sc.cxt, sizeof(CustomerAcc *) * Max(sc.customers->members, 1));
 	custacc_start_iterate(sc.customers, &it);
 	while ((acc = custacc_iterate(sc.customers, &it)) != NULL)
+		accs[n++] = acc;
+	qsort(accs, n, sizeof(CustomerAcc *), compare_acc_key);
+
+	InitMaterializedSRF(fcinfo, 0);
+	for (uint64 i = 0; i < n; i++)
 	{
 		Datum		values[5];
 		bool		nulls[5] = {false};
 
+		acc = accs[i];
 		values[0] = CStringGetTextDatum(acc->customer_id);
 		values[1] = Int64GetDatum(acc->customer_key);
 		nulls[1] = acc->customer_key < 0;

@@ -20,8 +20,8 @@ ORDER BY 2, 1;
 SELECT customer_analytics.alert_new_anomalies() AS raised;
 SELECT customer_analytics.alert_new_anomalies() AS raised_again;
 \echo '== rolling z-score of daily revenue against the previous 28 days (O(1) per row), the top 5'
-SELECT day, revenue, round(customer_analytics.mean(s)::numeric, 2) AS mean_28d,
-       round(customer_analytics.stddev(s)::numeric, 2) AS sd_28d,
+SELECT day, revenue, round(customer_analytics.stats_mean(s)::numeric, 2) AS mean_28d,
+       round(customer_analytics.stats_stddev(s)::numeric, 2) AS sd_28d,
        round(customer_analytics.zscore(revenue::float8, s)::numeric, 2) AS z
 FROM (SELECT day, revenue,
              customer_analytics.stats_agg(revenue::float8) OVER (ORDER BY day ROWS BETWEEN 28 PRECEDING AND 1 PRECEDING) AS s

@@ -102,43 +102,8 @@ COMMENT ON FUNCTION customer_analytics.bgnbd_fit_status(customer_analytics.bgnbd
 CREATE FUNCTION customer_analytics.clv_summary(as_of timestamptz)
 RETURNS TABLE (customer_id text, first_purchase date, x float8, t_x float8, "T" float8, m_x float8,
                purchase_days bigint, revenue numeric)
-LANGUAGE sql STABLE STRICT PARALLEL SAFE
-SET search_path = pg_catalog, pg_temp
-AS $$
-    WITH days AS (
-        SELECT c.customer_id, d.date AS day, sum(f.revenue) AS revenue, bool_or(f.quantity > 0) AS purchase
-        FROM customer_analytics.fact_order_line f
-        JOIN customer_analytics.dim_customer c ON c.customer_key = f.customer_key
-        JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
-        WHERE f.status = 'completed' AND f.customer_key <> -1 AND f.order_ts < as_of
-        GROUP BY c.customer_id, d.date
-    ),
-    -- a day of credit notes alone is no purchase: it nets against the
-    -- purchase day before it (the first one, when it comes earlier)
-    numbered AS (
-        SELECT days.*, GREATEST(count(*) FILTER (WHERE days.purchase)
-                                    OVER (PARTITION BY days.customer_id ORDER BY days.day), 1) AS purchase_no
-        FROM days
-    ),
-    purchases AS (
-        SELECT n.customer_id, min(n.day) FILTER (WHERE n.purchase) AS day, sum(n.revenue) AS revenue
-        FROM numbered n
-        GROUP BY n.customer_id, n.purchase_no
-        HAVING bool_or(n.purchase)
-    ),
-    ranked AS (
-        SELECT p.*, min(p.day) OVER (PARTITION BY p.customer_id) AS first_day
-        FROM purchases p
-    )
-    SELECT r.customer_id, r.first_day,
-           (count(*) - 1)::float8,
-           (max(r.day) - r.first_day)::float8,
-           GREATEST((as_of AT TIME ZONE customer_analytics.business_timezone())::date - r.first_day, 0)::float8,
-           NULLIF(GREATEST(avg(r.revenue) FILTER (WHERE r.day > r.first_day), 0), 0)::float8,
-           count(*), sum(r.revenue)
-    FROM ranked r
-    GROUP BY r.customer_id, r.first_day
-$$;
+AS 'MODULE_PATHNAME', 'ca_clv_summary'
+LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
 COMMENT ON FUNCTION customer_analytics.clv_summary(timestamptz) IS
     'Each known customer''s purchase history before as_of, in days, as BG/NBD and Gamma-Gamma take it: a purchase is a day with completed order lines other than credit notes'' (negative quantity); a day of credit notes alone nets against the purchase day before it. x = purchase days after the first, t_x = days from the first to the last, T = days from the first to as_of, m_x = mean net revenue of the repeat purchase days (NULL without any, or when they net to nothing), revenue = net revenue';
 
