@@ -6377,6 +6377,11 @@ BEGIN
         INSERT INTO rfm_dirty_customer VALUES (NULL) ON CONFLICT DO NOTHING;
         line_queue := false;
     END IF;
+    -- Into an empty table (a first load) the lines go in without ON
+    -- CONFLICT: nothing can conflict (the batch has one row per line, and
+    -- transform() runs alone), and the arbiter's check before every insert
+    -- costs a plain load 30% to 80% more
+    EXECUTE format($sql$
     WITH written AS (
         INSERT INTO fact_order_line AS f
             (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity,
@@ -6385,7 +6390,7 @@ BEGIN
                r.order_ts, r.quantity, r.unit_price, r.discount, r.status, r.channel,
                r.updated_at, r.stage_id, r.load_id
         FROM ca_order_lines r
-        ON CONFLICT (order_id, line_number) DO NOTHING
+        %s
         RETURNING f.order_id, f.line_number, f.customer_key, f.date_key, f.order_ts, f.quantity,
                   f.revenue, f.status
     ), rfm AS (
@@ -6393,7 +6398,7 @@ BEGIN
         SELECT c.customer_id, w.order_id, w.line_number, w.order_ts, w.revenue,
                w.status = 'completed' AND w.customer_key <> -1 AND (w.quantity > 0 OR w.revenue <> 0)
         FROM written w JOIN dim_customer c USING (customer_key)
-        WHERE line_queue
+        WHERE $1
     ), days AS (
         INSERT INTO sales_dirty_day
         SELECT DISTINCT d.date FROM (SELECT DISTINCT w.date_key FROM written w) k JOIN dim_date d USING (date_key)
@@ -6402,9 +6407,11 @@ BEGIN
         INSERT INTO check_change (rel, op, key)
         SELECT 'customer_analytics.fact_order_line'::regclass, 'n',
                jsonb_build_object('order_id', w.order_id, 'line_number', w.line_number)
-        FROM written w WHERE detail
+        FROM written w WHERE $2
     )
-    SELECT count(*) INTO added FROM written;
+    SELECT count(*) FROM written
+    $sql$, CASE WHEN EXISTS (SELECT FROM fact_order_line) THEN 'ON CONFLICT (order_id, line_number) DO NOTHING' END)
+    INTO added USING line_queue, detail;
     IF fast THEN
         PERFORM set_config('session_replication_role', 'origin', true);
         PERFORM check_order_line_keys();
