@@ -921,6 +921,9 @@ BEGIN
     SELECT count(*) INTO batch FROM ca_event_rows;
     detail := check_queue('customer_analytics.fact_event', batch);
 
+    -- into an empty table (a first load) without ON CONFLICT, as the
+    -- order lines (load_fact_order_line)
+    EXECUTE format($sql$
     WITH written AS (
         INSERT INTO fact_event AS f
             (event_id, event_ts, date_key, customer_key, customer_id, customer_stitched, session_id,
@@ -928,7 +931,7 @@ BEGIN
         SELECT r.event_id, r.event_ts, r.date_key, r.customer_key, r.customer_id, false, r.session_id,
                r.event_type, r.product_key, r.order_id, r.channel, r.device, r.stage_id, r.load_id
         FROM ca_event_rows r
-        ON CONFLICT (event_id) DO NOTHING
+        %s
         RETURNING f.event_id, f.event_ts, f.customer_id, f.session_id
     ), queued AS (
         INSERT INTO clickstream_change (visitor, since)
@@ -936,9 +939,11 @@ BEGIN
     ), checked AS (
         INSERT INTO check_change (rel, op, key)
         SELECT 'customer_analytics.fact_event'::regclass, 'n', jsonb_build_object('event_id', w.event_id)
-        FROM written w WHERE detail
+        FROM written w WHERE $1
     )
-    SELECT count(*) INTO added FROM written;
+    SELECT count(*) FROM written
+    $sql$, CASE WHEN EXISTS (SELECT FROM fact_event) THEN 'ON CONFLICT (event_id) DO NOTHING' END)
+    INTO added USING detail;
 
     -- events already in the facts: a later staged version that differs wins
     IF added < batch THEN
