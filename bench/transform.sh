@@ -219,8 +219,12 @@ fk_of() {
 }
 fk_lines=$(fk_of fact_order_line); fk_events=$(fk_of fact_event)
 if [ "$fk_lines" -gt 0 ]; then
-    fk_note="\`fact_order_line\` has $fk_lines foreign keys, so \`transform()\`'s load of order lines
-pays at least what the plain load with them pays; \`fact_event\` has $fk_events."
+    fk_note="\`fact_order_line\` has $fk_lines foreign keys, enforced for every writer;
+\`transform()\` (run here by a superuser, READ COMMITTED, no user trigger on the facts)
+writes its lines with the per-row checks skipped and checks the batch's keys in one
+anti-join, the dimensions locked SHARE (README: *The order lines' foreign keys, checked
+per batch*); where that is not sound it pays what the plain load with them pays.
+\`fact_event\` has $fk_events."
 else
     fk_note="\`fact_order_line\` has no foreign key (\`transform()\` checks its keys itself);
 \`fact_event\` has $fk_events."
