@@ -6243,23 +6243,23 @@ BEGIN
         INSERT INTO customer_analytics_internal.check_change (rel, op) VALUES (TG_RELID, 'T');
         RETURN NULL;
     END IF;
-    -- a table already due for a whole check needs no detail
-    IF EXISTS (SELECT FROM customer_analytics_internal.check_change WHERE rel = TG_RELID AND op = 'T') THEN
-        RETURN NULL;
-    END IF;
     IF TG_OP IN ('INSERT', 'UPDATE') THEN
+        -- the writers' rule: nothing row by row for a table already due for a
+        -- whole check, and a batch too big to queue makes it due (a statement
+        -- that wrote nothing has nothing to queue)
         SELECT count(*) INTO n FROM new_rows;
-        -- a first load or a backfill: checking the whole table once costs
-        -- less than queuing and reading back a million keys
-        IF n > 1000000 THEN
-            DELETE FROM customer_analytics_internal.check_change WHERE rel = TG_RELID;
-            INSERT INTO customer_analytics_internal.check_change (rel, op) VALUES (TG_RELID, 'T');
+        IF n = 0 OR NOT customer_analytics_internal.check_queue(TG_RELID, n) THEN
             RETURN NULL;
         END IF;
         SELECT 'jsonb_build_object(' || string_agg(format('%L, r.%I', c, c), ', ') || ')' INTO keyexpr
         FROM unnest(customer_analytics_internal.key_columns(TG_RELID)) c;
         EXECUTE format('INSERT INTO customer_analytics_internal.check_change (rel, op, key) SELECT $1, ''n'', %s FROM new_rows r',
                        keyexpr) USING TG_RELID;
+    END IF;
+    -- a table already due for a whole check needs no detail
+    IF TG_OP = 'DELETE'
+       AND EXISTS (SELECT FROM customer_analytics_internal.check_change WHERE rel = TG_RELID AND op = 'T') THEN
+        RETURN NULL;
     END IF;
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
         INSERT INTO customer_analytics_internal.check_change (rel, op, old_row)
