@@ -6496,3 +6496,224 @@ RETURNS TABLE (customer_id text, first_purchase date, x float8, t_x float8, "T" 
                purchase_days bigint, revenue numeric)
 AS 'MODULE_PATHNAME', 'ca_clv_summary'
 LANGUAGE C STABLE STRICT PARALLEL RESTRICTED;
+
+-- issue 17 sales views, anomalies, forecasts, checks, track_event on the cluster:
+-- day_in_progress() and intraday_orders() query a day at a time instead of
+-- a lateral join over generate_series, refresh_sales_rollup()'s EXISTS has
+-- a column, the customer-version check reaches the later versions' lines
+-- through an array of their keys (all plan on Citus); track_event() is
+-- refused on a Citus worker
+CREATE OR REPLACE FUNCTION customer_analytics.day_in_progress()
+RETURNS date
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tz text := customer_analytics.business_timezone();
+    last_ts timestamptz;
+    last_day date;
+    usual interval;
+    latest interval;
+BEGIN
+    -- through the order_ts index: the newest lines, then one day at a time
+    SELECT max(f.order_ts) INTO last_ts FROM customer_analytics.fact_order_line f WHERE f.status = 'completed';
+    IF last_ts IS NULL THEN
+        RETURN NULL;
+    END IF;
+    last_day := (last_ts AT TIME ZONE tz)::date;
+    IF last_day >= (now() AT TIME ZONE tz)::date THEN
+        RETURN last_day;
+    END IF;
+    -- one query per week rather than a lateral join over generate_series,
+    -- which Citus cannot push down: each is one day's range of the
+    -- order_ts index, on a single node as on every shard
+    FOR k IN 1 .. 8 LOOP
+        SELECT max(f.order_ts AT TIME ZONE tz) - (last_day - 7 * k)::timestamp INTO latest
+        FROM customer_analytics.fact_order_line f
+        WHERE f.status = 'completed'
+          AND f.order_ts >= (last_day - 7 * k)::timestamp AT TIME ZONE tz
+          AND f.order_ts < (last_day - 7 * k + 1)::timestamp AT TIME ZONE tz;
+        usual := LEAST(usual, latest);  -- LEAST ignores NULLs: a week without lines
+    END LOOP;
+    IF (last_ts AT TIME ZONE tz) - last_day::timestamp < usual - interval '1 hour' THEN
+        RETURN last_day;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.intraday_orders(at timestamptz DEFAULT now())
+RETURNS TABLE (day date, hour_end time, orders_so_far bigint, expected_so_far float8,
+               orders_last_hour bigint, expected_last_hour float8, p_value float8, outage boolean)
+LANGUAGE plpgsql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tz text := customer_analytics.business_timezone();
+    local_at timestamp := at AT TIME ZONE tz;
+    today date := (at AT TIME ZONE tz)::date;
+    since_midnight interval := (at AT TIME ZONE tz) - (at AT TIME ZONE tz)::date;
+    p_day float8;
+    p_hour float8;
+    closed date[];
+    d date;
+    n_so_far bigint;
+    n_last_hour bigint;
+    past_so_far bigint[] := '{}';     -- the same weekday of the weeks before, open days
+    past_last_hour bigint[] := '{}';
+BEGIN
+    IF today IN (SELECT c.day FROM customer_analytics.closed_days(today, today) c) THEN
+        RETURN;
+    END IF;
+    closed := ARRAY(SELECT c.day FROM customer_analytics.closed_days(today - 56, today - 7) c);
+    -- one query per day rather than subqueries correlated with a series of
+    -- days, which Citus cannot push down: each reads one day's range of the
+    -- order_ts index, on a single node as on every shard
+    FOR k IN 0 .. 8 LOOP
+        d := today - 7 * k;
+        CONTINUE WHEN k > 0 AND d = ANY (closed);
+        SELECT count(DISTINCT f.order_id),
+               count(DISTINCT f.order_id) FILTER (
+                   WHERE f.order_ts >= (d + since_midnight - interval '1 hour') AT TIME ZONE tz)
+        INTO n_so_far, n_last_hour
+        FROM customer_analytics.fact_order_line f
+        WHERE f.status = 'completed' AND f.quantity > 0
+          AND f.order_ts >= d::timestamp AT TIME ZONE tz
+          AND f.order_ts < (d + since_midnight) AT TIME ZONE tz;
+        IF k = 0 THEN
+            orders_so_far := n_so_far;
+            orders_last_hour := n_last_hour;
+        ELSE
+            past_so_far := past_so_far || n_so_far;
+            past_last_hour := past_last_hour || n_last_hour;
+        END IF;
+    END LOOP;
+    day := today;
+    hour_end := local_at::time;
+    SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY v) INTO expected_so_far FROM unnest(past_so_far) v;
+    SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY v) INTO expected_last_hour FROM unnest(past_last_hour) v;
+    IF expected_so_far IS NULL THEN
+        RETURN;                 -- no history for this weekday yet
+    END IF;
+    p_day := customer_analytics.poisson_lower_tail(orders_so_far, expected_so_far);
+    p_hour := CASE WHEN expected_last_hour >= 3
+                   THEN customer_analytics.poisson_lower_tail(orders_last_hour, expected_last_hour) ELSE 1 END;
+    p_value := LEAST(p_day, p_hour);
+    outage := p_value < 0.001 AND GREATEST(expected_so_far, expected_last_hour) >= 3;
+    RETURN NEXT;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION customer_analytics.refresh_sales_rollup(full_refresh boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    days date[];
+    keys integer[];
+BEGIN
+    -- one maintainer at a time; readers of the rollups never wait
+    PERFORM pg_advisory_xact_lock(customer_analytics_internal.lock_key('refresh_sales_rollup()'));
+    -- take the noted days (days noted by transactions still running stay for next time)
+    WITH taken AS (DELETE FROM customer_analytics_internal.sales_dirty_day RETURNING day)
+    SELECT array_agg(day) INTO days FROM taken;
+    IF full_refresh OR '-infinity' = ANY (days)
+       -- (SELECT 1: Citus cannot plan an EXISTS without columns)
+       OR (NOT EXISTS (SELECT 1 FROM customer_analytics.sales_rollup_day)
+           AND EXISTS (SELECT 1 FROM customer_analytics.fact_order_line)) THEN
+        DELETE FROM customer_analytics.sales_rollup_day;
+        DELETE FROM customer_analytics.sales_rollup_category;
+        keys := NULL;                   -- every day
+    ELSIF days IS NULL THEN
+        RETURN 0;
+    ELSE
+        keys := ARRAY(SELECT customer_analytics.date_key(d) FROM unnest(days) d);
+        DELETE FROM customer_analytics.sales_rollup_day WHERE day = ANY (days);
+        DELETE FROM customer_analytics.sales_rollup_category WHERE day = ANY (days);
+    END IF;
+
+    INSERT INTO customer_analytics.sales_rollup_day (day, revenue, orders, customers)
+    -- credit notes (negative quantity) net against revenue but are no
+    -- orders, and their customers did not buy that day
+    SELECT d.date, sum(f.revenue), count(DISTINCT f.order_id) FILTER (WHERE f.quantity > 0),
+           count(DISTINCT c.customer_id) FILTER (WHERE f.customer_key <> -1 AND f.quantity > 0)
+    FROM customer_analytics.fact_order_line f
+    JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
+    JOIN customer_analytics.dim_customer c ON c.customer_key = f.customer_key
+    WHERE f.status = 'completed' AND (keys IS NULL OR f.date_key = ANY (keys))
+    GROUP BY d.date;
+
+    INSERT INTO customer_analytics.sales_rollup_category (day, category, revenue, orders, units)
+    SELECT d.date, p.category, sum(f.revenue), count(DISTINCT f.order_id) FILTER (WHERE f.quantity > 0), sum(f.quantity)
+    FROM customer_analytics.fact_order_line f
+    JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
+    JOIN customer_analytics.dim_product p ON p.product_key = f.product_key
+    WHERE f.status = 'completed' AND (keys IS NULL OR f.date_key = ANY (keys))
+    GROUP BY d.date, p.category;
+
+    RETURN CASE WHEN keys IS NULL THEN (SELECT count(*) FROM customer_analytics.sales_rollup_day)
+                ELSE cardinality(keys) END;
+END
+$$;
+
+UPDATE customer_analytics.quality_check SET params = '{"sql": "SELECT l.order_id, l.line_number, l.order_ts, c.valid_from, c.valid_to FROM customer_analytics.fact_order_line l JOIN customer_analytics.dim_customer c ON c.customer_key = l.customer_key WHERE l.customer_key = ANY (ARRAY(SELECT v.customer_key FROM customer_analytics.dim_customer v WHERE v.customer_key <> -1 AND EXISTS (SELECT 1 FROM customer_analytics.dim_customer w WHERE w.customer_id = v.customer_id AND w.valid_from < v.valid_from))) AND NOT (l.order_ts >= c.valid_from AND l.order_ts < c.valid_to)", "incremental_sql": "SELECT l.order_id, l.line_number, l.order_ts, c.valid_from, c.valid_to FROM customer_analytics.changed_rows(NULL::customer_analytics.fact_order_line) l JOIN customer_analytics.dim_customer c ON c.customer_key = l.customer_key WHERE c.customer_key <> -1 AND NOT (l.order_ts >= c.valid_from AND l.order_ts < c.valid_to) AND EXISTS (SELECT 1 FROM customer_analytics.dim_customer v WHERE v.customer_id = c.customer_id AND v.valid_from < c.valid_from) UNION SELECT l.order_id, l.line_number, l.order_ts, c.valid_from, c.valid_to FROM customer_analytics.fact_order_line l JOIN customer_analytics.dim_customer c ON c.customer_key = l.customer_key WHERE l.customer_key = ANY (ARRAY(SELECT v.customer_key FROM customer_analytics.dim_customer v WHERE v.customer_key <> -1 AND v.customer_id IN (SELECT customer_id FROM customer_analytics.changed_rows(NULL::customer_analytics.dim_customer)) AND EXISTS (SELECT 1 FROM customer_analytics.dim_customer w WHERE w.customer_id = v.customer_id AND w.valid_from < v.valid_from))) AND NOT (l.order_ts >= c.valid_from AND l.order_ts < c.valid_to)"}'
+WHERE name = 'order line has its customer version' AND builtin;
+
+CREATE FUNCTION customer_analytics_internal.on_citus_worker()
+    RETURNS boolean
+    AS 'MODULE_PATHNAME', 'ca_on_citus_worker' LANGUAGE C STABLE PARALLEL SAFE;
+COMMENT ON FUNCTION customer_analytics_internal.on_citus_worker() IS
+    'Internal: whether this node is a Citus worker (its group in pg_dist_local_group is not 0), where track_event() is refused; false without Citus, at the cost of one syscache lookup';
+
+CREATE OR REPLACE FUNCTION customer_analytics.track_event(
+    event_type  text,
+    session_id  text,
+    customer_id text DEFAULT NULL,
+    product_id  text DEFAULT NULL,
+    order_id    text DEFAULT NULL,
+    channel     text DEFAULT NULL,
+    device      text DEFAULT NULL,
+    event_ts    timestamptz DEFAULT NULL,
+    event_id    text DEFAULT NULL)
+RETURNS text
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    id pg_catalog.text := COALESCE(event_id, pg_catalog.gen_random_uuid()::pg_catalog.text);
+BEGIN
+    IF event_type IS NULL
+       OR NOT event_type OPERATOR(pg_catalog.=) ANY ('{page_view,product_view,add_to_cart,checkout,purchase}'::pg_catalog.text[]) THEN
+        RAISE EXCEPTION 'invalid event_type: %', COALESCE(pg_catalog.quote_literal(event_type), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'Argument event_type of track_event().',
+                  HINT = 'Use page_view, product_view, add_to_cart, checkout or purchase.';
+    END IF;
+    IF session_id IS NULL OR session_id OPERATOR(pg_catalog.=) '' THEN
+        RAISE EXCEPTION 'track_event() needs a session_id'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = pg_catalog.format('Argument session_id was %s for a %s event.',
+                                             COALESCE(pg_catalog.quote_literal(session_id), 'NULL'), event_type),
+                  HINT = 'Pass the visitor''s session or cookie id.';
+    END IF;
+    IF id OPERATOR(pg_catalog.=) '' THEN
+        RAISE EXCEPTION 'track_event() got an empty event_id'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass NULL to have one generated.';
+    END IF;
+    -- after the checks of the arguments: a bad call is told what is wrong with it first
+    IF customer_analytics_internal.on_citus_worker() THEN
+        RAISE EXCEPTION 'track_event() must run on the Citus coordinator, and this node is a worker'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'Before distribute(), an event tracked here would stay in this worker''s own copy of stg_events, which nothing reads; the pipeline that moves events on, the sessions and the change queues are the coordinator''s.',
+                  HINT = 'Connect to the coordinator and call customer_analytics.track_event() there.';
+    END IF;
+    INSERT INTO customer_analytics.stg_events
+        (event_id, event_ts, customer_id, session_id, event_type, product_id, order_id, channel, device)
+    VALUES (id, COALESCE(event_ts, pg_catalog.clock_timestamp()), customer_id, session_id, event_type,
+            product_id, order_id, channel, device);
+    RETURN id;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.track_event(text, text, text, text, text, text, text, timestamptz, text) IS
+    'Record one clickstream event from an application into stg_events; returns its event_id (a new UUID when none is given). event_ts defaults to the current time. Safe with many concurrent writers (no unique index, no lock); a plain INSERT or COPY into stg_events is the equivalent bulk path. transform() or refresh_clickstream() moves it on. On a Citus cluster, call it on the coordinator: on a worker it is refused (SQLSTATE 55000)';

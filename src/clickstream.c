@@ -15,17 +15,25 @@
  *	- session_gap(), event_lateness(): the effective settings
  *	  customer_analytics.session_gap and customer_analytics.event_lateness,
  *	  validated when set.
+ *	- on_citus_worker(): whether track_event() is called on a Citus worker,
+ *	  where it must be refused.
  *
  * A gap is a fixed duration: days count as 24 hours and months are refused
  * (a month has no fixed length).
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "catalog/pg_namespace.h"
 #include "common/int.h"
 #include "fmgr.h"
 #include "utils/builtins.h"
 #include "utils/datetime.h"
 #include "utils/guc.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
 #include "utils/timestamp.h"
 #include "windowapi.h"
 
@@ -34,6 +42,7 @@
 PG_FUNCTION_INFO_V1(ca_session_number);
 PG_FUNCTION_INFO_V1(ca_session_gap);
 PG_FUNCTION_INFO_V1(ca_event_lateness);
+PG_FUNCTION_INFO_V1(ca_on_citus_worker);
 
 /* settings (strings, so that they read as intervals: '30 minutes') */
 static char *session_gap_setting = NULL;
@@ -259,4 +268,46 @@ ca_session_number(PG_FUNCTION_ARGS)
 	}
 	state->last_ts = ts;
 	PG_RETURN_INT64(state->session);
+}
+
+/*
+ * Is this node a Citus worker?  track_event() asks at every event, and
+ * refuses there: before distribute(), an event tracked on a worker would
+ * stay in the worker's own copy of stg_events, which nothing reads; the
+ * pipeline that moves events on, the sessions and the change queues are
+ * the coordinator's.
+ *
+ * Where Citus is not created in the database, this is one lookup of a
+ * relation name in the syscache, whose negative entries are cached too: no
+ * table is opened.  With Citus, pg_dist_local_group holds one row, the
+ * node's group: 0 on the coordinator (and on a node not in a cluster),
+ * another on a worker.  Read each time rather than cached per backend, as
+ * citus_add_node() sets a worker's group after its backends have started.
+ * Not citus_is_coordinator(): it says false on a node with Citus but no
+ * cluster, where stg_events is a plain table and tracking must work.
+ */
+Datum
+ca_on_citus_worker(PG_FUNCTION_ARGS)
+{
+	Oid			relid = get_relname_relid("pg_dist_local_group", PG_CATALOG_NAMESPACE);
+	Relation	rel;
+	SysScanDesc scan;
+	HeapTuple	tuple;
+	bool		worker = false;
+
+	if (!OidIsValid(relid))
+		PG_RETURN_BOOL(false);
+	rel = table_open(relid, AccessShareLock);
+	scan = systable_beginscan(rel, InvalidOid, false, NULL, 0, NULL);
+	tuple = systable_getnext(scan);
+	if (HeapTupleIsValid(tuple))
+	{
+		bool		isnull;
+		Datum		groupid = heap_getattr(tuple, 1, RelationGetDescr(rel), &isnull);
+
+		worker = !isnull && DatumGetInt32(groupid) != 0;
+	}
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	PG_RETURN_BOOL(worker);
 }

@@ -77,6 +77,7 @@ DECLARE
     last_ts timestamptz;
     last_day date;
     usual interval;
+    latest interval;
 BEGIN
     -- through the order_ts index: the newest lines, then one day at a time
     SELECT max(f.order_ts) INTO last_ts FROM customer_analytics.fact_order_line f WHERE f.status = 'completed';
@@ -87,15 +88,17 @@ BEGIN
     IF last_day >= (now() AT TIME ZONE tz)::date THEN
         RETURN last_day;
     END IF;
-    SELECT min(x.t) INTO usual
-    FROM generate_series(1, 8) k
-    CROSS JOIN LATERAL (
-        SELECT max(f.order_ts AT TIME ZONE tz) - (last_day - 7 * k)::timestamp AS t
+    -- one query per week rather than a lateral join over generate_series,
+    -- which Citus cannot push down: each is one day's range of the
+    -- order_ts index, on a single node as on every shard
+    FOR k IN 1 .. 8 LOOP
+        SELECT max(f.order_ts AT TIME ZONE tz) - (last_day - 7 * k)::timestamp INTO latest
         FROM customer_analytics.fact_order_line f
         WHERE f.status = 'completed'
           AND f.order_ts >= (last_day - 7 * k)::timestamp AT TIME ZONE tz
-          AND f.order_ts < (last_day - 7 * k + 1)::timestamp AT TIME ZONE tz
-    ) x;
+          AND f.order_ts < (last_day - 7 * k + 1)::timestamp AT TIME ZONE tz;
+        usual := LEAST(usual, latest);  -- LEAST ignores NULLs: a week without lines
+    END LOOP;
     IF (last_ts AT TIME ZONE tz) - last_day::timestamp < usual - interval '1 hour' THEN
         RETURN last_day;
     END IF;
@@ -127,34 +130,43 @@ DECLARE
     since_midnight interval := (at AT TIME ZONE tz) - (at AT TIME ZONE tz)::date;
     p_day float8;
     p_hour float8;
+    closed date[];
+    d date;
+    n_so_far bigint;
+    n_last_hour bigint;
+    past_so_far bigint[] := '{}';     -- the same weekday of the weeks before, open days
+    past_last_hour bigint[] := '{}';
 BEGIN
     IF today IN (SELECT c.day FROM customer_analytics.closed_days(today, today) c) THEN
         RETURN;
     END IF;
-    WITH days AS (
-        SELECT today - 7 * k AS d FROM generate_series(0, 8) k
-    ),
-    counted AS (
-        SELECT x.d,
-               (SELECT count(DISTINCT f.order_id) FROM customer_analytics.fact_order_line f
-                WHERE f.status = 'completed' AND f.quantity > 0
-                  AND f.order_ts >= x.d::timestamp AT TIME ZONE tz
-                  AND f.order_ts < (x.d + since_midnight) AT TIME ZONE tz) AS so_far,
-               (SELECT count(DISTINCT f.order_id) FROM customer_analytics.fact_order_line f
-                WHERE f.status = 'completed' AND f.quantity > 0
-                  AND f.order_ts >= (x.d + since_midnight - interval '1 hour') AT TIME ZONE tz
-                  AND f.order_ts >= x.d::timestamp AT TIME ZONE tz
-                  AND f.order_ts < (x.d + since_midnight) AT TIME ZONE tz) AS last_hour
-        FROM days x
-        WHERE x.d = today
-           OR x.d NOT IN (SELECT c.day FROM customer_analytics.closed_days(today - 56, today - 7) c)
-    )
-    SELECT today, local_at::time,
-           (SELECT c.so_far FROM counted c WHERE c.d = today),
-           (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY c.so_far) FROM counted c WHERE c.d < today),
-           (SELECT c.last_hour FROM counted c WHERE c.d = today),
-           (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY c.last_hour) FROM counted c WHERE c.d < today)
-    INTO day, hour_end, orders_so_far, expected_so_far, orders_last_hour, expected_last_hour;
+    closed := ARRAY(SELECT c.day FROM customer_analytics.closed_days(today - 56, today - 7) c);
+    -- one query per day rather than subqueries correlated with a series of
+    -- days, which Citus cannot push down: each reads one day's range of the
+    -- order_ts index, on a single node as on every shard
+    FOR k IN 0 .. 8 LOOP
+        d := today - 7 * k;
+        CONTINUE WHEN k > 0 AND d = ANY (closed);
+        SELECT count(DISTINCT f.order_id),
+               count(DISTINCT f.order_id) FILTER (
+                   WHERE f.order_ts >= (d + since_midnight - interval '1 hour') AT TIME ZONE tz)
+        INTO n_so_far, n_last_hour
+        FROM customer_analytics.fact_order_line f
+        WHERE f.status = 'completed' AND f.quantity > 0
+          AND f.order_ts >= d::timestamp AT TIME ZONE tz
+          AND f.order_ts < (d + since_midnight) AT TIME ZONE tz;
+        IF k = 0 THEN
+            orders_so_far := n_so_far;
+            orders_last_hour := n_last_hour;
+        ELSE
+            past_so_far := past_so_far || n_so_far;
+            past_last_hour := past_last_hour || n_last_hour;
+        END IF;
+    END LOOP;
+    day := today;
+    hour_end := local_at::time;
+    SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY v) INTO expected_so_far FROM unnest(past_so_far) v;
+    SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY v) INTO expected_last_hour FROM unnest(past_last_hour) v;
     IF expected_so_far IS NULL THEN
         RETURN;                 -- no history for this weekday yet
     END IF;

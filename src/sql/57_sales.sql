@@ -107,8 +107,9 @@ BEGIN
     WITH taken AS (DELETE FROM customer_analytics_internal.sales_dirty_day RETURNING day)
     SELECT array_agg(day) INTO days FROM taken;
     IF full_refresh OR '-infinity' = ANY (days)
-       OR (NOT EXISTS (SELECT FROM customer_analytics.sales_rollup_day)
-           AND EXISTS (SELECT FROM customer_analytics.fact_order_line)) THEN
+       -- (SELECT 1: Citus cannot plan an EXISTS without columns)
+       OR (NOT EXISTS (SELECT 1 FROM customer_analytics.sales_rollup_day)
+           AND EXISTS (SELECT 1 FROM customer_analytics.fact_order_line)) THEN
         DELETE FROM customer_analytics.sales_rollup_day;
         DELETE FROM customer_analytics.sales_rollup_category;
         keys := NULL;                   -- every day

@@ -34,13 +34,21 @@ COMMENT ON FUNCTION customer_analytics.session_number(timestamptz, interval) IS
  * Capture
  * --------------------------------------------------------------------- */
 
+CREATE FUNCTION customer_analytics_internal.on_citus_worker()
+    RETURNS boolean
+    AS 'MODULE_PATHNAME', 'ca_on_citus_worker' LANGUAGE C STABLE PARALLEL SAFE;
+COMMENT ON FUNCTION customer_analytics_internal.on_citus_worker() IS
+    'Internal: whether this node is a Citus worker (its group in pg_dist_local_group is not 0), where track_event() is refused; false without Citus, at the cost of one syscache lookup';
+
 /*
  * Plain PL/pgSQL over a plain INSERT: stg_events has no unique constraint
  * and its stage_id sequence is cached per backend, so concurrent writers
  * never wait for each other; a retried event (same event_id) is harmless,
  * transform keeps its latest staged version.  Fully schema-qualified
  * (operators and type names too) rather than SET search_path, which would
- * cost a GUC save/restore per event.
+ * cost a GUC save/restore per event.  On a Citus cluster it runs on the
+ * coordinator, which routes the row to its shard; on a worker it is refused
+ * (on_citus_worker(): without Citus, one syscache lookup per event).
  */
 CREATE FUNCTION customer_analytics.track_event(
     event_type  text,
@@ -77,6 +85,13 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Pass NULL to have one generated.';
     END IF;
+    -- after the checks of the arguments: a bad call is told what is wrong with it first
+    IF customer_analytics_internal.on_citus_worker() THEN
+        RAISE EXCEPTION 'track_event() must run on the Citus coordinator, and this node is a worker'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'Before distribute(), an event tracked here would stay in this worker''s own copy of stg_events, which nothing reads; the pipeline that moves events on, the sessions and the change queues are the coordinator''s.',
+                  HINT = 'Connect to the coordinator and call customer_analytics.track_event() there.';
+    END IF;
     INSERT INTO customer_analytics.stg_events
         (event_id, event_ts, customer_id, session_id, event_type, product_id, order_id, channel, device)
     VALUES (id, COALESCE(event_ts, pg_catalog.clock_timestamp()), customer_id, session_id, event_type,
@@ -85,7 +100,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION customer_analytics.track_event(text, text, text, text, text, text, text, timestamptz, text) IS
-    'Record one clickstream event from an application into stg_events; returns its event_id (a new UUID when none is given). event_ts defaults to the current time. Safe with many concurrent writers (no unique index, no lock); a plain INSERT or COPY into stg_events is the equivalent bulk path. transform() or refresh_clickstream() moves it on';
+    'Record one clickstream event from an application into stg_events; returns its event_id (a new UUID when none is given). event_ts defaults to the current time. Safe with many concurrent writers (no unique index, no lock); a plain INSERT or COPY into stg_events is the equivalent bulk path. transform() or refresh_clickstream() moves it on. On a Citus cluster, call it on the coordinator: on a worker it is refused (SQLSTATE 55000)';
 
 /* ---------------------------------------------------------------------
  * Sessions
