@@ -455,6 +455,12 @@ my $alerts = q{SELECT customer_analytics.alert_new_anomalies();
 my $alerts_single = $coord->safe_psql('shop_single', $alerts);
 like($alerts_single, qr/^[1-9]\d*\n0\n0\n0\nt\nt\n/, 'the single node raises each anomaly once, and an alert once');
 is($coord->safe_psql('shop', $alerts), $alerts_single, 'alert_new_anomalies(), the forecast and intraday alerts, raise_alert(): the same on the cluster');
+# the failed checks' alerts (their keys hold the time of the run)
+my $check_alerts = q{SELECT string_agg(subject || '=' || n, ', ' ORDER BY subject)
+	FROM (SELECT subject, count(*) AS n FROM customer_analytics.alert WHERE kind = 'quality_check' GROUP BY 1) s};
+my $check_alerts_single = $coord->safe_psql('shop_single', $check_alerts);
+like($check_alerts_single, qr/orders are fresh=[1-9]/, 'the single node alerts the failed checks');
+is($coord->safe_psql('shop', $check_alerts), $check_alerts_single, "run_checks()' alerts: the same on the cluster");
 is($coord->safe_psql('shop', q{SELECT count(*) FROM pg_dist_partition WHERE logicalrelid = 'customer_analytics.alert'::regclass}),
 	'0', 'the alerts are a local table of the coordinator');
 
