@@ -1392,12 +1392,74 @@ rfm_scan_tables(RfmScan *sc, Relation rel)
 }
 
 /*
+ * The star schema distributed by Citus: its lines are in shards that the
+ * table AM does not reach, so they are read through a query Citus plans.
+ * scan_table()'s per-line rules (completed lines of known customers, not
+ * after as_of, no credit line worth nothing) go into its WHERE clause, so
+ * that the workers filter their shards and only the counted lines travel
+ * to the coordinator; the versions are collapsed here, as on one node.
+ */
+static void
+scan_star_query(RfmScan *sc)
+{
+	Oid			types[1] = {TIMESTAMPTZOID};
+	Datum		values[1] = {TimestampTzGetDatum(sc->as_of)};
+	Portal		portal;
+	MemoryContext rowcxt = AllocSetContextCreate(CurrentMemoryContext, "rfm row", ALLOCSET_SMALL_SIZES);
+
+	SPI_connect();
+	portal = SPI_cursor_open_with_args(NULL,
+									   "SELECT customer_key, order_id, order_ts, revenue "
+									   "FROM customer_analytics.fact_order_line "
+									   "WHERE status OPERATOR(pg_catalog.=) 'completed' "
+									   "AND customer_key OPERATOR(pg_catalog.<>) -1 "
+									   "AND order_ts OPERATOR(pg_catalog.<=) $1 "
+									   "AND NOT (quantity OPERATOR(pg_catalog.<) 0 "
+									   "AND (revenue IS NULL OR revenue OPERATOR(pg_catalog.=) 0))",
+									   1, types, values, NULL, true, 0);
+	for (;;)
+	{
+		SPI_cursor_fetch(portal, true, 10000);
+		if (SPI_processed == 0)
+			break;
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			HeapTuple	tup = SPI_tuptable->vals[i];
+			TupleDesc	td = SPI_tuptable->tupdesc;
+			bool		cnull,
+						onull,
+						tnull,
+						anull;
+			Datum		c = SPI_getbinval(tup, td, 1, &cnull);
+			Datum		o = SPI_getbinval(tup, td, 2, &onull);
+			Datum		t = SPI_getbinval(tup, td, 3, &tnull);
+			Datum		a = SPI_getbinval(tup, td, 4, &anull);
+			uint64		custkey;
+			MemoryContext old;
+
+			if (cnull || tnull || !row_customer(sc, c, &custkey))
+				continue;
+			old = MemoryContextSwitchTo(rowcxt);
+			rfm_scan_row(sc, custkey, c, o, onull, t, anull, a);
+			MemoryContextSwitchTo(old);
+			MemoryContextReset(rowcxt);
+			sc->rows_seen++;
+		}
+		SPI_freetuptable(SPI_tuptable);
+		CHECK_FOR_INTERRUPTS();
+	}
+	SPI_cursor_close(portal);
+	SPI_finish();
+	MemoryContextDelete(rowcxt);
+}
+
+/*
  * fact_order_line into the accumulators: completed lines of known
  * customers, lines of an order one purchase, credit lines apart, versions
  * collapsed into their durable customer (what rfm_orders() computes in SQL).
  */
 static void
-scan_star_schema(RfmScan *sc, Relation rel, const char *caller)
+scan_star_schema(RfmScan *sc, Relation rel)
 {
 	sc->star_schema = true;
 	sc->ts_type = TIMESTAMPTZOID;
@@ -1406,22 +1468,12 @@ scan_star_schema(RfmScan *sc, Relation rel, const char *caller)
 	fmgr_info(lookup_type_cache(TEXTOID, TYPECACHE_HASH_EXTENDED_PROC)->hash_extended_proc,
 			  &sc->order_hash);
 	load_customer_versions(sc);
-
-	/*
-	 * A star schema distributed by Citus has no layout of its own yet (the
-	 * credit-note and SCD2 rules below read the local heap), so rather than
-	 * read an empty shell, say so.
-	 */
 	if (ca_citus_kind(RelationGetRelid(rel)) != CA_CITUS_NONE)
-		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("%s cannot read the star schema's \"%s\": it is managed by Citus",
-						caller, RelationGetRelationName(rel)),
-				 ca_citus_errdetail(RelationGetRelid(rel), ca_citus_kind(RelationGetRelid(rel))),
-				 errhint("A distributed star schema is not supported yet; rfm() reads other Citus tables named with their columns through a query.")));
-	scan_table(sc, rel, attnameAttNum(rel, "customer_key", false), attnameAttNum(rel, "order_id", false),
-			   attnameAttNum(rel, "order_ts", false), attnameAttNum(rel, "revenue", false),
-			   attnameAttNum(rel, "status", false), attnameAttNum(rel, "quantity", false));
+		scan_star_query(sc);
+	else
+		scan_table(sc, rel, attnameAttNum(rel, "customer_key", false), attnameAttNum(rel, "order_id", false),
+				   attnameAttNum(rel, "order_ts", false), attnameAttNum(rel, "revenue", false),
+				   attnameAttNum(rel, "status", false), attnameAttNum(rel, "quantity", false));
 }
 
 /*
@@ -1462,7 +1514,7 @@ ca_rfm(PG_FUNCTION_ARGS)
 	sc.star_schema = (RelationGetRelid(rel) == fact_oid);
 
 	if (sc.star_schema)
-		scan_star_schema(&sc, rel, "rfm()");
+		scan_star_schema(&sc, rel);
 	else
 	{
 		char	   *cust_col,
@@ -1700,7 +1752,7 @@ ca_rfm_rollup_rows(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("permission denied for table fact_order_line")));
 	rfm_scan_tables(&sc, rel);
-	scan_star_schema(&sc, rel, "rfm_rollup_rows()");
+	scan_star_schema(&sc, rel);
 	table_close(rel, AccessShareLock);
 
 	/*
