@@ -972,11 +972,9 @@ hash_value(FmgrInfo *hashfn, Datum d)
 
 /* One row (already filtered) into the per-customer accumulators. */
 static void
-rfm_scan_row(RfmScan *sc, uint64 custkey, Datum customer, Datum order, bool order_null,
-			 Datum ts, bool amount_null, Datum amount)
+rfm_scan_units(RfmScan *sc, uint64 custkey, Datum customer, Datum order, bool order_null,
+			   TimestampTz t, bool amount_null, int64 units)
 {
-	TimestampTz t = ca_datum_to_timestamptz(ts, sc->ts_type);
-	int64		units = amount_null ? 0 : amount_units(amount, sc->amount_type);
 	CustomerAcc *acc;
 	bool		found;
 
@@ -1043,6 +1041,14 @@ rfm_scan_row(RfmScan *sc, uint64 custkey, Datum customer, Datum order, bool orde
 		}
 	}
 	rfm_add(&acc->rfm, t, amount_null, units);
+}
+
+static inline void
+rfm_scan_row(RfmScan *sc, uint64 custkey, Datum customer, Datum order, bool order_null,
+			 Datum ts, bool amount_null, Datum amount)
+{
+	rfm_scan_units(sc, custkey, customer, order, order_null, ca_datum_to_timestamptz(ts, sc->ts_type),
+				   amount_null, amount_null ? 0 : amount_units(amount, sc->amount_type));
 }
 
 /* Load dim_customer: version key -> durable customer id and current key. */
@@ -1395,9 +1401,15 @@ rfm_scan_tables(RfmScan *sc, Relation rel)
  * The star schema distributed by Citus: its lines are in shards that the
  * table AM does not reach, so they are read through a query Citus plans.
  * scan_table()'s per-line rules (completed lines of known customers, not
- * after as_of, no credit line worth nothing) go into its WHERE clause, so
- * that the workers filter their shards and only the counted lines travel
- * to the coordinator; the versions are collapsed here, as on one node.
+ * after as_of, no credit line worth nothing) are its WHERE clause, and the
+ * lines are grouped per customer version and order, the credit lines
+ * apart: the facts are distributed by order, so the workers do all of it
+ * and send one row per order instead of one per line.  A group is what its
+ * lines would have been, one after the other: the first (at the earliest
+ * time, with the group's whole amount) counts the purchase, the latest
+ * moves the last purchase; credit lines only add their (negative) amounts.
+ * The versions are collapsed into their customer here, as on one node (an
+ * order under two versions of a customer is still one purchase).
  */
 static void
 scan_star_query(RfmScan *sc)
@@ -1405,17 +1417,18 @@ scan_star_query(RfmScan *sc)
 	Oid			types[1] = {TIMESTAMPTZOID};
 	Datum		values[1] = {TimestampTzGetDatum(sc->as_of)};
 	Portal		portal;
-	MemoryContext rowcxt = AllocSetContextCreate(CurrentMemoryContext, "rfm row", ALLOCSET_SMALL_SIZES);
 
 	SPI_connect();
 	portal = SPI_cursor_open_with_args(NULL,
-									   "SELECT customer_key, order_id, order_ts, revenue "
+									   "SELECT customer_key, order_id, pg_catalog.min(order_ts), pg_catalog.max(order_ts), "
+									   "pg_catalog.sum(revenue) "
 									   "FROM customer_analytics.fact_order_line "
 									   "WHERE status OPERATOR(pg_catalog.=) 'completed' "
 									   "AND customer_key OPERATOR(pg_catalog.<>) -1 "
 									   "AND order_ts OPERATOR(pg_catalog.<=) $1 "
 									   "AND NOT (quantity OPERATOR(pg_catalog.<) 0 "
-									   "AND (revenue IS NULL OR revenue OPERATOR(pg_catalog.=) 0))",
+									   "AND (revenue IS NULL OR revenue OPERATOR(pg_catalog.=) 0)) "
+									   "GROUP BY customer_key, order_id, revenue OPERATOR(pg_catalog.<) 0",
 									   1, types, values, NULL, true, 0);
 	for (;;)
 	{
@@ -1426,23 +1439,21 @@ scan_star_query(RfmScan *sc)
 		{
 			HeapTuple	tup = SPI_tuptable->vals[i];
 			TupleDesc	td = SPI_tuptable->tupdesc;
-			bool		cnull,
-						onull,
-						tnull,
+			bool		isnull,
 						anull;
-			Datum		c = SPI_getbinval(tup, td, 1, &cnull);
-			Datum		o = SPI_getbinval(tup, td, 2, &onull);
-			Datum		t = SPI_getbinval(tup, td, 3, &tnull);
-			Datum		a = SPI_getbinval(tup, td, 4, &anull);
+			Datum		c = SPI_getbinval(tup, td, 1, &isnull);
+			Datum		o = SPI_getbinval(tup, td, 2, &isnull);
+			TimestampTz first = DatumGetTimestampTz(SPI_getbinval(tup, td, 3, &isnull));
+			TimestampTz last = DatumGetTimestampTz(SPI_getbinval(tup, td, 4, &isnull));
+			Datum		a = SPI_getbinval(tup, td, 5, &anull);
+			int64		units = anull ? 0 : amount_units(a, NUMERICOID);
 			uint64		custkey;
-			MemoryContext old;
 
-			if (cnull || tnull || !row_customer(sc, c, &custkey))
+			if (!row_customer(sc, c, &custkey))
 				continue;
-			old = MemoryContextSwitchTo(rowcxt);
-			rfm_scan_row(sc, custkey, c, o, onull, t, anull, a);
-			MemoryContextSwitchTo(old);
-			MemoryContextReset(rowcxt);
+			rfm_scan_units(sc, custkey, c, o, false, first, anull, units);
+			if (last != first && (anull || units >= 0))
+				rfm_scan_units(sc, custkey, c, o, false, last, false, 0);
 			sc->rows_seen++;
 		}
 		SPI_freetuptable(SPI_tuptable);
@@ -1450,7 +1461,6 @@ scan_star_query(RfmScan *sc)
 	}
 	SPI_cursor_close(portal);
 	SPI_finish();
-	MemoryContextDelete(rowcxt);
 }
 
 /*
