@@ -1127,50 +1127,32 @@ clv_scan_heap(ClvScan *sc, Relation rel, TimestampTz as_of)
  * row per version and day (of each shard) instead of one per line.
  */
 static void
+clv_scan_query_row(HeapTuple tup, TupleDesc td, void *arg)
+{
+	bool		isnull,
+				rnull;
+	int64		key = DatumGetInt64(SPI_getbinval(tup, td, 1, &isnull));
+	int32		date_key = DatumGetInt32(SPI_getbinval(tup, td, 2, &isnull));
+	Datum		revenue = SPI_getbinval(tup, td, 3, &rnull);
+	bool		purchase = DatumGetBool(SPI_getbinval(tup, td, 4, &isnull));
+
+	clv_add_line(arg, key, date_key, revenue, rnull, purchase);
+}
+
+static void
 clv_scan_query(ClvScan *sc, TimestampTz as_of)
 {
 	Oid			types[1] = {TIMESTAMPTZOID};
 	Datum		values[1] = {TimestampTzGetDatum(as_of)};
-	Portal		portal;
-	MemoryContext rowcxt = AllocSetContextCreate(CurrentMemoryContext, "clv_summary row", ALLOCSET_SMALL_SIZES);
 
-	SPI_connect();
-	portal = SPI_cursor_open_with_args(NULL,
-									   "SELECT customer_key, date_key, pg_catalog.sum(revenue), "
-									   "pg_catalog.bool_or(quantity OPERATOR(pg_catalog.>) 0) "
-									   "FROM customer_analytics.fact_order_line "
-									   "WHERE status OPERATOR(pg_catalog.=) 'completed' "
-									   "AND customer_key OPERATOR(pg_catalog.<>) -1 "
-									   "AND order_ts OPERATOR(pg_catalog.<) $1 "
-									   "GROUP BY customer_key, date_key",
-									   1, types, values, NULL, true, 0);
-	for (;;)
-	{
-		SPI_cursor_fetch(portal, true, 10000);
-		if (SPI_processed == 0)
-			break;
-		for (uint64 i = 0; i < SPI_processed; i++)
-		{
-			HeapTuple	tup = SPI_tuptable->vals[i];
-			TupleDesc	td = SPI_tuptable->tupdesc;
-			bool		isnull,
-						rnull;
-			int64		key = DatumGetInt64(SPI_getbinval(tup, td, 1, &isnull));
-			int32		date_key = DatumGetInt32(SPI_getbinval(tup, td, 2, &isnull));
-			Datum		revenue = SPI_getbinval(tup, td, 3, &rnull);
-			bool		purchase = DatumGetBool(SPI_getbinval(tup, td, 4, &isnull));
-			MemoryContext old = MemoryContextSwitchTo(rowcxt);
-
-			clv_add_line(sc, key, date_key, revenue, rnull, purchase);
-			MemoryContextSwitchTo(old);
-			MemoryContextReset(rowcxt);
-		}
-		SPI_freetuptable(SPI_tuptable);
-		CHECK_FOR_INTERRUPTS();
-	}
-	SPI_cursor_close(portal);
-	SPI_finish();
-	MemoryContextDelete(rowcxt);
+	ca_spi_for_each_row("SELECT customer_key, date_key, pg_catalog.sum(revenue), "
+						"pg_catalog.bool_or(quantity OPERATOR(pg_catalog.>) 0) "
+						"FROM customer_analytics.fact_order_line "
+						"WHERE status OPERATOR(pg_catalog.=) 'completed' "
+						"AND customer_key OPERATOR(pg_catalog.<>) -1 "
+						"AND order_ts OPERATOR(pg_catalog.<) $1 "
+						"GROUP BY customer_key, date_key",
+						1, types, values, clv_scan_query_row, sc);
 }
 
 static inline DateADT

@@ -1220,6 +1220,27 @@ scan_table(RfmScan *sc, Relation rel, AttrNumber cust_att, AttrNumber order_att,
 	MemoryContextDelete(rowcxt);
 }
 
+/* a row of scan_query()'s query: customer, order, time, amount */
+static void
+scan_query_row(HeapTuple tup, TupleDesc td, void *arg)
+{
+	RfmScan    *sc = arg;
+	bool		cnull,
+				onull,
+				tnull,
+				anull;
+	Datum		c = SPI_getbinval(tup, td, 1, &cnull);
+	Datum		o = SPI_getbinval(tup, td, 2, &onull);
+	Datum		t = SPI_getbinval(tup, td, 3, &tnull);
+	Datum		a = SPI_getbinval(tup, td, 4, &anull);
+	uint64		custkey;
+
+	if (cnull || tnull || !row_customer(sc, c, &custkey))
+		return;
+	rfm_scan_row(sc, custkey, c, o, onull, t, anull, a);
+	sc->rows_seen++;
+}
+
 /*
  * A view, a table with row-level security or a Citus table (its rows in
  * shards that only Citus's planner reaches): read it through SQL, which
@@ -1233,48 +1254,8 @@ scan_query(RfmScan *sc, Relation rel, const char *cust, const char *order,
 							   quote_identifier(cust), order ? quote_identifier(order) : "NULL",
 							   quote_identifier(ts), quote_identifier(amount),
 							   ca_relation_name(RelationGetRelid(rel)));
-	Portal		portal;
-	MemoryContext rowcxt = AllocSetContextCreate(CurrentMemoryContext, "rfm row", ALLOCSET_SMALL_SIZES);
 
-	SPI_connect();
-	portal = SPI_cursor_open_with_args(NULL, sql, 0, NULL, NULL, NULL, true, 0);
-	for (;;)
-	{
-		SPI_cursor_fetch(portal, true, 10000);
-		if (SPI_processed == 0)
-			break;
-		for (uint64 i = 0; i < SPI_processed; i++)
-		{
-			HeapTuple	tup = SPI_tuptable->vals[i];
-			TupleDesc	td = SPI_tuptable->tupdesc;
-			bool		cnull,
-						onull,
-						tnull,
-						anull;
-			Datum		c = SPI_getbinval(tup, td, 1, &cnull);
-			Datum		o = SPI_getbinval(tup, td, 2, &onull);
-			Datum		t = SPI_getbinval(tup, td, 3, &tnull);
-			Datum		a = SPI_getbinval(tup, td, 4, &anull);
-			MemoryContext old;
-
-			uint64		custkey;
-
-			if (cnull || tnull)
-				continue;
-			if (!row_customer(sc, c, &custkey))
-				continue;
-			old = MemoryContextSwitchTo(rowcxt);
-			rfm_scan_row(sc, custkey, c, o, onull, t, anull, a);
-			MemoryContextSwitchTo(old);
-			MemoryContextReset(rowcxt);
-			sc->rows_seen++;
-		}
-		SPI_freetuptable(SPI_tuptable);
-		CHECK_FOR_INTERRUPTS();
-	}
-	SPI_cursor_close(portal);
-	SPI_finish();
-	MemoryContextDelete(rowcxt);
+	ca_spi_for_each_row(sql, 0, NULL, NULL, scan_query_row, sc);
 }
 
 /* the segment of each of the 125 cells, from the chosen map */
@@ -1412,55 +1393,43 @@ rfm_scan_tables(RfmScan *sc, Relation rel)
  * order under two versions of a customer is still one purchase).
  */
 static void
+scan_star_query_row(HeapTuple tup, TupleDesc td, void *arg)
+{
+	RfmScan    *sc = arg;
+	bool		isnull,
+				anull;
+	Datum		c = SPI_getbinval(tup, td, 1, &isnull);
+	Datum		o = SPI_getbinval(tup, td, 2, &isnull);
+	TimestampTz first = DatumGetTimestampTz(SPI_getbinval(tup, td, 3, &isnull));
+	TimestampTz last = DatumGetTimestampTz(SPI_getbinval(tup, td, 4, &isnull));
+	Datum		a = SPI_getbinval(tup, td, 5, &anull);
+	int64		units = anull ? 0 : amount_units(a, NUMERICOID);
+	uint64		custkey;
+
+	if (!row_customer(sc, c, &custkey))
+		return;
+	rfm_scan_units(sc, custkey, c, o, false, first, anull, units);
+	if (last != first && (anull || units >= 0))
+		rfm_scan_units(sc, custkey, c, o, false, last, false, 0);
+	sc->rows_seen++;
+}
+
+static void
 scan_star_query(RfmScan *sc)
 {
 	Oid			types[1] = {TIMESTAMPTZOID};
 	Datum		values[1] = {TimestampTzGetDatum(sc->as_of)};
-	Portal		portal;
 
-	SPI_connect();
-	portal = SPI_cursor_open_with_args(NULL,
-									   "SELECT customer_key, order_id, pg_catalog.min(order_ts), pg_catalog.max(order_ts), "
-									   "pg_catalog.sum(revenue) "
-									   "FROM customer_analytics.fact_order_line "
-									   "WHERE status OPERATOR(pg_catalog.=) 'completed' "
-									   "AND customer_key OPERATOR(pg_catalog.<>) -1 "
-									   "AND order_ts OPERATOR(pg_catalog.<=) $1 "
-									   "AND NOT (quantity OPERATOR(pg_catalog.<) 0 "
-									   "AND (revenue IS NULL OR revenue OPERATOR(pg_catalog.=) 0)) "
-									   "GROUP BY customer_key, order_id, revenue OPERATOR(pg_catalog.<) 0",
-									   1, types, values, NULL, true, 0);
-	for (;;)
-	{
-		SPI_cursor_fetch(portal, true, 10000);
-		if (SPI_processed == 0)
-			break;
-		for (uint64 i = 0; i < SPI_processed; i++)
-		{
-			HeapTuple	tup = SPI_tuptable->vals[i];
-			TupleDesc	td = SPI_tuptable->tupdesc;
-			bool		isnull,
-						anull;
-			Datum		c = SPI_getbinval(tup, td, 1, &isnull);
-			Datum		o = SPI_getbinval(tup, td, 2, &isnull);
-			TimestampTz first = DatumGetTimestampTz(SPI_getbinval(tup, td, 3, &isnull));
-			TimestampTz last = DatumGetTimestampTz(SPI_getbinval(tup, td, 4, &isnull));
-			Datum		a = SPI_getbinval(tup, td, 5, &anull);
-			int64		units = anull ? 0 : amount_units(a, NUMERICOID);
-			uint64		custkey;
-
-			if (!row_customer(sc, c, &custkey))
-				continue;
-			rfm_scan_units(sc, custkey, c, o, false, first, anull, units);
-			if (last != first && (anull || units >= 0))
-				rfm_scan_units(sc, custkey, c, o, false, last, false, 0);
-			sc->rows_seen++;
-		}
-		SPI_freetuptable(SPI_tuptable);
-		CHECK_FOR_INTERRUPTS();
-	}
-	SPI_cursor_close(portal);
-	SPI_finish();
+	ca_spi_for_each_row("SELECT customer_key, order_id, pg_catalog.min(order_ts), pg_catalog.max(order_ts), "
+						"pg_catalog.sum(revenue) "
+						"FROM customer_analytics.fact_order_line "
+						"WHERE status OPERATOR(pg_catalog.=) 'completed' "
+						"AND customer_key OPERATOR(pg_catalog.<>) -1 "
+						"AND order_ts OPERATOR(pg_catalog.<=) $1 "
+						"AND NOT (quantity OPERATOR(pg_catalog.<) 0 "
+						"AND (revenue IS NULL OR revenue OPERATOR(pg_catalog.=) 0)) "
+						"GROUP BY customer_key, order_id, revenue OPERATOR(pg_catalog.<) 0",
+						1, types, values, scan_star_query_row, sc);
 }
 
 /*
