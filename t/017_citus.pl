@@ -449,6 +449,17 @@ like($hand_single, qr/^6\n[1-9]/, 'the single node queues the 6 lines and rescor
 is($coord->safe_psql('shop', sprintf($hand, $queue, $after, $after)), $hand_single,
 	'lines added by hand: the incremental refresh_customer_rfm(), then the full one, give the single node\'s customer_rfm, rollup, top_customers, segment_summary and rfm()');
 
+# scores as of a time in the past (lines later than it in the facts):
+# refresh_customer_rfm() scores from rfm() and the rebuild's rows as of then
+my $past = qq{BEGIN;
+SET LOCAL customer_analytics.as_of = '2025-03-01';
+SELECT customer_analytics.refresh_customer_rfm();
+$rfm_views;
+ROLLBACK};
+my $past_single = $coord->safe_psql('shop_single', $past);
+like($past_single, qr/^[1-9]/, 'the single node rescores as of a time in the past');
+is($coord->safe_psql('shop', $past), $past_single, 'refresh_customer_rfm() as of a time in the past: the same on the cluster');
+
 # CLV: the summary read from the shards, the models fitted on it
 my $clv = q{REFRESH MATERIALIZED VIEW customer_analytics.clv_model;
 	REFRESH MATERIALIZED VIEW customer_analytics.customer_clv;
