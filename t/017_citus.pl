@@ -19,6 +19,11 @@
 #   facts' foreign keys hold, and the queries, views and refreshes that
 #   work on a cluster give the single node's answers (what does not work
 #   yet is noted in the test's output and listed in docs/scaling.md).
+# - on that layout, rfm() of the star schema, refresh_customer_rfm()
+#   (rebuilt, incremental, as of a past time) with customer_rfm, the
+#   rollup, top_customers and segment_summary, and the CLV models give the
+#   single node's answers; the aggregates Citus cannot split run on the
+#   coordinator (EXPLAIN) with the single node's results.
 #
 # The single node is a second database on the coordinator where the citus
 # extension is not created: plain PostgreSQL, same build.
