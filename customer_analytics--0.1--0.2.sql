@@ -6717,3 +6717,189 @@ END
 $$;
 COMMENT ON FUNCTION customer_analytics.track_event(text, text, text, text, text, text, text, timestamptz, text) IS
     'Record one clickstream event from an application into stg_events; returns its event_id (a new UUID when none is given). event_ts defaults to the current time. Safe with many concurrent writers (no unique index, no lock); a plain INSERT or COPY into stg_events is the equivalent bulk path. transform() or refresh_clickstream() moves it on. On a Citus cluster, call it on the coordinator: on a worker it is refused (SQLSTATE 55000)';
+
+-- issue 17 RFM and CLV on the cluster: rfm() of the distributed star schema, refresh_customer_rfm() and its rebuild read the facts through SQL Citus plans (see docs/scaling.md)
+CREATE OR REPLACE FUNCTION customer_analytics.refresh_customer_rfm(full_refresh boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    ids text[];
+    everyone boolean;
+    as_of timestamptz := customer_analytics.reference_time();
+    map text := COALESCE(NULLIF(current_setting('customer_analytics.rfm_segment_map', true), ''), 'default');
+    redo bigint;
+    rounds integer := 0;
+    later boolean;
+    changed bigint;
+BEGIN
+    -- one maintainer at a time; readers never wait
+    PERFORM pg_advisory_xact_lock(customer_analytics_internal.lock_key('refresh_customer_rfm()'));
+    IF (SELECT count(*) FROM customer_analytics.rfm_segment_cells(map)) <> 125 THEN
+        RAISE EXCEPTION 'RFM segment map "%" does not name all 125 cells', map
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = format('See SELECT * FROM customer_analytics.rfm_check_segment_map(%L);', map);
+    END IF;
+    LOOP
+        rounds := rounds + 1;
+        -- take the noted customers (those noted by transactions still running stay for next time)
+        WITH taken AS (DELETE FROM customer_analytics_internal.rfm_dirty_customer RETURNING customer_id)
+        SELECT array_agg(customer_id) FILTER (WHERE customer_id IS NOT NULL), bool_or(customer_id IS NULL)
+        INTO ids, everyone FROM taken;
+        -- (the subqueries select a column: Citus plans no EXISTS without)
+        IF full_refresh OR everyone
+           OR (NOT EXISTS (SELECT 1 FROM customer_analytics.rfm_rollup_customer)
+               AND EXISTS (SELECT 1 FROM customer_analytics.fact_order_line)) THEN
+            DELETE FROM customer_analytics.rfm_rollup_customer;
+            ids := NULL;
+            everyone := true;
+            full_refresh := false;
+        ELSIF ids IS NOT NULL THEN
+            DELETE FROM customer_analytics.rfm_rollup_customer WHERE customer_id IN (SELECT unnest(ids));
+        END IF;
+        -- The queued lines these statements see are in the facts they
+        -- read: they are consumed here, not added again below.
+        IF everyone THEN
+            WITH consumed AS (
+                DELETE FROM customer_analytics_internal.rfm_new_line
+            )
+            INSERT INTO customer_analytics.rfm_rollup_customer (customer_id, customer_key, last_order, frequency, monetary)
+            SELECT r.customer_id, r.customer_key, r.last_order, r.frequency, r.monetary
+            FROM customer_analytics_internal.rfm_rollup_rows('infinity') r;
+        ELSIF ids IS NOT NULL THEN
+            -- a few customers: their lines through the indexes (the
+            -- query of rfm_orders(ids, 'infinity') written out: Citus
+            -- inlines no SQL function over a distributed table, and runs
+            -- none with parameters; on one node the plan is the same)
+            WITH consumed AS (
+                DELETE FROM customer_analytics_internal.rfm_new_line q
+                WHERE q.customer_id IN (SELECT unnest(ids))
+            )
+            INSERT INTO customer_analytics.rfm_rollup_customer (customer_id, customer_key, last_order, frequency, monetary)
+            SELECT o.customer_id, cur.customer_key, (o.s).last_order, (o.s).frequency, (o.s).monetary
+            FROM (SELECT x.customer_id, customer_analytics.rfm_agg(x.ts, x.amount) AS s
+                  FROM (SELECT c.customer_id, max(fl.order_ts) AS ts, sum(fl.revenue) AS amount
+                        FROM customer_analytics.fact_order_line fl
+                        JOIN customer_analytics.dim_customer c ON c.customer_key = fl.customer_key
+                        WHERE fl.status = 'completed' AND c.customer_key <> -1
+                          AND (fl.quantity > 0 OR fl.revenue <> 0)
+                          AND c.customer_id IN (SELECT unnest(ids))
+                        GROUP BY c.customer_id, fl.order_id,
+                                 CASE WHEN fl.revenue < 0 THEN fl.line_number END) x
+                  GROUP BY x.customer_id) o
+            LEFT JOIN customer_analytics.dim_customer cur ON cur.customer_id = o.customer_id AND cur.is_current
+                                                         AND cur.customer_key <> -1;
+        END IF;
+
+        -- new orders are added to their customers' rows; an order that had
+        -- lines before (its line count in the facts is larger) is not new:
+        -- its customers are recomputed in the next round
+        WITH taken AS (
+            DELETE FROM customer_analytics_internal.rfm_new_line RETURNING *
+        ), queued AS (
+            SELECT t.order_id, count(*) AS n FROM taken t GROUP BY t.order_id
+        ), orders AS (
+            -- the facts' lines counted in a join, not a subquery per order:
+            -- Citus plans no correlated subquery next to a CTE
+            SELECT q.order_id, q.n = COALESCE(f.n, 0) AS whole
+            FROM queued q
+            LEFT JOIN (SELECT f.order_id, count(*) AS n FROM customer_analytics.fact_order_line f
+                       WHERE f.order_id IN (SELECT order_id FROM queued)
+                       GROUP BY f.order_id) f USING (order_id)
+        ), noted AS (
+            INSERT INTO customer_analytics_internal.rfm_dirty_customer
+            SELECT DISTINCT t.customer_id FROM taken t JOIN orders o USING (order_id) WHERE NOT o.whole
+            ON CONFLICT DO NOTHING
+            RETURNING 1
+        ), per_order AS (            -- grouped as above
+            SELECT t.customer_id, max(t.order_ts) AS ts, sum(t.revenue) AS amount
+            FROM taken t JOIN orders o USING (order_id)
+            WHERE o.whole AND t.purchase
+            GROUP BY t.customer_id, t.order_id, CASE WHEN t.revenue < 0 THEN t.line_number END
+        ), added AS (
+            INSERT INTO customer_analytics.rfm_rollup_customer AS u (customer_id, customer_key, last_order, frequency, monetary)
+            SELECT p.customer_id, cur.customer_key, (p.s).last_order, (p.s).frequency, (p.s).monetary
+            FROM (SELECT customer_id, customer_analytics.rfm_agg(ts, amount) AS s FROM per_order GROUP BY customer_id) p
+            LEFT JOIN customer_analytics.dim_customer cur ON cur.customer_id = p.customer_id AND cur.is_current
+                                                         AND cur.customer_key <> -1
+            ON CONFLICT (customer_id) DO UPDATE
+                SET last_order = greatest(u.last_order, excluded.last_order),
+                    frequency = u.frequency + excluded.frequency,
+                    monetary = u.monetary + excluded.monetary
+            RETURNING 1
+        )
+        SELECT count(*) FROM noted INTO redo;   -- (added runs all the same)
+        EXIT WHEN redo = 0 OR rounds >= 10;
+    END LOOP;
+
+    -- lines later than as_of (an as_of in the past) are not in rfm(as_of):
+    -- then the scores come from the facts
+    -- (the last purchase as of then from the same C scan of the inputs)
+    later := EXISTS (SELECT 1 FROM customer_analytics.fact_order_line WHERE order_ts > as_of);
+    WITH scored AS (
+        SELECT s.*, p.last_order AS last_purchase
+        FROM customer_analytics.rfm(as_of) s
+        JOIN customer_analytics_internal.rfm_rollup_rows(as_of) p ON p.customer_id = s.customer_id
+        WHERE later
+        UNION ALL
+        SELECT s.*, u.last_order
+        FROM customer_analytics.rfm_from_rollup(as_of) s
+        JOIN customer_analytics.rfm_rollup_customer u ON u.customer_id = s.customer_id
+        WHERE NOT later
+    ), diff AS MATERIALIZED (      -- one pass over both: what to write
+        SELECT s.*, t.customer_id AS old_customer_id, t.segment AS old_segment, t.monetary AS old_monetary,
+               t.frequency AS old_frequency, t.last_purchase AS old_last_purchase
+        FROM scored s FULL JOIN customer_analytics.customer_rfm_score t ON t.customer_id = s.customer_id
+        WHERE s.customer_id IS NULL OR t.customer_id IS NULL
+           OR (t.customer_key, t.last_purchase, t.frequency, t.monetary, t.rfm_cell, t.segment)
+              IS DISTINCT FROM (s.customer_key, s.last_purchase, s.frequency, s.monetary, s.rfm_cell, s.segment)
+    ), updated AS (
+        UPDATE customer_analytics.customer_rfm_score t
+        SET customer_key = d.customer_key, last_purchase = d.last_purchase, frequency = d.frequency,
+            monetary = d.monetary, r = d.r, f = d.f, m = d.m, rfm_cell = d.rfm_cell, segment = d.segment
+        FROM diff d
+        WHERE t.customer_id = d.customer_id AND d.old_customer_id IS NOT NULL
+        RETURNING t.segment, t.monetary, t.frequency, t.last_purchase,
+                  d.old_segment, d.old_monetary, d.old_frequency, d.old_last_purchase
+    ), inserted AS (
+        INSERT INTO customer_analytics.customer_rfm_score
+            (customer_id, customer_key, last_purchase, frequency, monetary, r, f, m, rfm_cell, segment)
+        SELECT d.customer_id, d.customer_key, d.last_purchase, d.frequency, d.monetary, d.r, d.f, d.m, d.rfm_cell, d.segment
+        FROM diff d WHERE d.old_customer_id IS NULL
+        RETURNING segment, monetary, frequency, last_purchase
+    ), deleted AS (
+        DELETE FROM customer_analytics.customer_rfm_score t
+        USING diff d
+        WHERE t.customer_id = d.old_customer_id AND d.customer_id IS NULL
+        RETURNING t.segment, t.monetary, t.frequency, t.last_purchase
+    ), stat AS (            -- segment_summary's sums: the rows written in, the rows replaced out
+        INSERT INTO customer_analytics_internal.rfm_segment_stat AS g
+        SELECT c.segment, sum(c.n)::bigint, sum(c.n * c.monetary), sum(c.n * c.frequency)::bigint,
+               sum(c.n * EXTRACT(epoch FROM c.last_purchase))
+        FROM (SELECT 1, u.segment, u.monetary, u.frequency, u.last_purchase FROM updated u
+              UNION ALL
+              SELECT -1, u.old_segment, u.old_monetary, u.old_frequency, u.old_last_purchase FROM updated u
+              UNION ALL
+              SELECT 1, i.segment, i.monetary, i.frequency, i.last_purchase FROM inserted i
+              UNION ALL
+              SELECT -1, x.segment, x.monetary, x.frequency, x.last_purchase FROM deleted x)
+             c (n, segment, monetary, frequency, last_purchase)
+        GROUP BY c.segment
+        ORDER BY c.segment
+        ON CONFLICT (segment) DO UPDATE
+            SET customers = g.customers + excluded.customers,
+                monetary = g.monetary + excluded.monetary,
+                frequency = g.frequency + excluded.frequency,
+                purchase_epochs = g.purchase_epochs + excluded.purchase_epochs
+    )
+    SELECT (SELECT count(*) FROM updated) + (SELECT count(*) FROM inserted) + (SELECT count(*) FROM deleted)
+    INTO changed;
+    DELETE FROM customer_analytics_internal.rfm_segment_stat WHERE customers = 0;
+    INSERT INTO customer_analytics.customer_rfm_refresh (id, as_of, refreshed_at)
+    VALUES (true, as_of, clock_timestamp())
+    ON CONFLICT (id) DO UPDATE SET as_of = EXCLUDED.as_of, refreshed_at = EXCLUDED.refreshed_at;
+    RETURN changed;
+END
+$$;

@@ -961,7 +961,7 @@ typedef struct ClvScan
 
 static void
 clv_add_line(ClvScan *sc, int64 customer_key, int32 date_key, Datum revenue, bool revenue_null,
-			 int32 quantity)
+			 bool purchase)
 {
 	ClvVersion *v = clvver_lookup(sc->versions, (uint64) customer_key);
 	ClvLine    *line;
@@ -977,7 +977,7 @@ clv_add_line(ClvScan *sc, int64 customer_key, int32 date_key, Datum revenue, boo
 	line->customer = v->customer;
 	line->date_key = date_key;
 	line->units = revenue_null ? 0 : ca_numeric_money_units(revenue, &sc->units_scale);
-	line->purchase = quantity > 0;
+	line->purchase = purchase;
 }
 
 static int
@@ -1109,7 +1109,7 @@ clv_scan_heap(ClvScan *sc, Relation rel, TimestampTz as_of)
 		revenue = slot_getattr(slot, rev_att, &rnull);
 		old = MemoryContextSwitchTo(rowcxt);
 		clv_add_line(sc, key, DatumGetInt32(slot_getattr(slot, date_att, &isnull)), revenue, rnull,
-					 DatumGetInt32(slot_getattr(slot, qty_att, &isnull)));
+					 DatumGetInt32(slot_getattr(slot, qty_att, &isnull)) > 0);
 		MemoryContextSwitchTo(old);
 		MemoryContextReset(rowcxt);
 	}
@@ -1120,51 +1120,39 @@ clv_scan_heap(ClvScan *sc, Relation rel, TimestampTz as_of)
 
 /*
  * The same lines through SQL: for a table with row-level security (its
- * policies apply) or one managed by Citus (its rows are in shards).
+ * policies apply) or one managed by Citus (its rows are in shards).  What
+ * the summary takes of a customer version's day is its net revenue and
+ * whether it has a line other than a credit note, so the query sums them
+ * per version and day: Citus does that on the workers, which then send a
+ * row per version and day (of each shard) instead of one per line.
  */
+static void
+clv_scan_query_row(HeapTuple tup, TupleDesc td, void *arg)
+{
+	bool		isnull,
+				rnull;
+	int64		key = DatumGetInt64(SPI_getbinval(tup, td, 1, &isnull));
+	int32		date_key = DatumGetInt32(SPI_getbinval(tup, td, 2, &isnull));
+	Datum		revenue = SPI_getbinval(tup, td, 3, &rnull);
+	bool		purchase = DatumGetBool(SPI_getbinval(tup, td, 4, &isnull));
+
+	clv_add_line(arg, key, date_key, revenue, rnull, purchase);
+}
+
 static void
 clv_scan_query(ClvScan *sc, TimestampTz as_of)
 {
 	Oid			types[1] = {TIMESTAMPTZOID};
 	Datum		values[1] = {TimestampTzGetDatum(as_of)};
-	Portal		portal;
-	MemoryContext rowcxt = AllocSetContextCreate(CurrentMemoryContext, "clv_summary row", ALLOCSET_SMALL_SIZES);
 
-	SPI_connect();
-	portal = SPI_cursor_open_with_args(NULL,
-									   "SELECT customer_key, date_key, revenue, quantity "
-									   "FROM customer_analytics.fact_order_line "
-									   "WHERE status OPERATOR(pg_catalog.=) 'completed' "
-									   "AND customer_key OPERATOR(pg_catalog.<>) -1 "
-									   "AND order_ts OPERATOR(pg_catalog.<) $1",
-									   1, types, values, NULL, true, 0);
-	for (;;)
-	{
-		SPI_cursor_fetch(portal, true, 10000);
-		if (SPI_processed == 0)
-			break;
-		for (uint64 i = 0; i < SPI_processed; i++)
-		{
-			HeapTuple	tup = SPI_tuptable->vals[i];
-			TupleDesc	td = SPI_tuptable->tupdesc;
-			bool		isnull,
-						rnull;
-			int64		key = DatumGetInt64(SPI_getbinval(tup, td, 1, &isnull));
-			int32		date_key = DatumGetInt32(SPI_getbinval(tup, td, 2, &isnull));
-			Datum		revenue = SPI_getbinval(tup, td, 3, &rnull);
-			int32		quantity = DatumGetInt32(SPI_getbinval(tup, td, 4, &isnull));
-			MemoryContext old = MemoryContextSwitchTo(rowcxt);
-
-			clv_add_line(sc, key, date_key, revenue, rnull, quantity);
-			MemoryContextSwitchTo(old);
-			MemoryContextReset(rowcxt);
-		}
-		SPI_freetuptable(SPI_tuptable);
-		CHECK_FOR_INTERRUPTS();
-	}
-	SPI_cursor_close(portal);
-	SPI_finish();
-	MemoryContextDelete(rowcxt);
+	ca_spi_for_each_row("SELECT customer_key, date_key, pg_catalog.sum(revenue), "
+						"pg_catalog.bool_or(quantity OPERATOR(pg_catalog.>) 0) "
+						"FROM customer_analytics.fact_order_line "
+						"WHERE status OPERATOR(pg_catalog.=) 'completed' "
+						"AND customer_key OPERATOR(pg_catalog.<>) -1 "
+						"AND order_ts OPERATOR(pg_catalog.<) $1 "
+						"GROUP BY customer_key, date_key",
+						1, types, values, clv_scan_query_row, sc);
 }
 
 static inline DateADT

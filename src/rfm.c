@@ -972,11 +972,9 @@ hash_value(FmgrInfo *hashfn, Datum d)
 
 /* One row (already filtered) into the per-customer accumulators. */
 static void
-rfm_scan_row(RfmScan *sc, uint64 custkey, Datum customer, Datum order, bool order_null,
-			 Datum ts, bool amount_null, Datum amount)
+rfm_scan_units(RfmScan *sc, uint64 custkey, Datum customer, Datum order, bool order_null,
+			   TimestampTz t, bool amount_null, int64 units)
 {
-	TimestampTz t = ca_datum_to_timestamptz(ts, sc->ts_type);
-	int64		units = amount_null ? 0 : amount_units(amount, sc->amount_type);
 	CustomerAcc *acc;
 	bool		found;
 
@@ -1043,6 +1041,14 @@ rfm_scan_row(RfmScan *sc, uint64 custkey, Datum customer, Datum order, bool orde
 		}
 	}
 	rfm_add(&acc->rfm, t, amount_null, units);
+}
+
+static inline void
+rfm_scan_row(RfmScan *sc, uint64 custkey, Datum customer, Datum order, bool order_null,
+			 Datum ts, bool amount_null, Datum amount)
+{
+	rfm_scan_units(sc, custkey, customer, order, order_null, ca_datum_to_timestamptz(ts, sc->ts_type),
+				   amount_null, amount_null ? 0 : amount_units(amount, sc->amount_type));
 }
 
 /* Load dim_customer: version key -> durable customer id and current key. */
@@ -1214,6 +1220,27 @@ scan_table(RfmScan *sc, Relation rel, AttrNumber cust_att, AttrNumber order_att,
 	MemoryContextDelete(rowcxt);
 }
 
+/* a row of scan_query()'s query: customer, order, time, amount */
+static void
+scan_query_row(HeapTuple tup, TupleDesc td, void *arg)
+{
+	RfmScan    *sc = arg;
+	bool		cnull,
+				onull,
+				tnull,
+				anull;
+	Datum		c = SPI_getbinval(tup, td, 1, &cnull);
+	Datum		o = SPI_getbinval(tup, td, 2, &onull);
+	Datum		t = SPI_getbinval(tup, td, 3, &tnull);
+	Datum		a = SPI_getbinval(tup, td, 4, &anull);
+	uint64		custkey;
+
+	if (cnull || tnull || !row_customer(sc, c, &custkey))
+		return;
+	rfm_scan_row(sc, custkey, c, o, onull, t, anull, a);
+	sc->rows_seen++;
+}
+
 /*
  * A view, a table with row-level security or a Citus table (its rows in
  * shards that only Citus's planner reaches): read it through SQL, which
@@ -1227,48 +1254,8 @@ scan_query(RfmScan *sc, Relation rel, const char *cust, const char *order,
 							   quote_identifier(cust), order ? quote_identifier(order) : "NULL",
 							   quote_identifier(ts), quote_identifier(amount),
 							   ca_relation_name(RelationGetRelid(rel)));
-	Portal		portal;
-	MemoryContext rowcxt = AllocSetContextCreate(CurrentMemoryContext, "rfm row", ALLOCSET_SMALL_SIZES);
 
-	SPI_connect();
-	portal = SPI_cursor_open_with_args(NULL, sql, 0, NULL, NULL, NULL, true, 0);
-	for (;;)
-	{
-		SPI_cursor_fetch(portal, true, 10000);
-		if (SPI_processed == 0)
-			break;
-		for (uint64 i = 0; i < SPI_processed; i++)
-		{
-			HeapTuple	tup = SPI_tuptable->vals[i];
-			TupleDesc	td = SPI_tuptable->tupdesc;
-			bool		cnull,
-						onull,
-						tnull,
-						anull;
-			Datum		c = SPI_getbinval(tup, td, 1, &cnull);
-			Datum		o = SPI_getbinval(tup, td, 2, &onull);
-			Datum		t = SPI_getbinval(tup, td, 3, &tnull);
-			Datum		a = SPI_getbinval(tup, td, 4, &anull);
-			MemoryContext old;
-
-			uint64		custkey;
-
-			if (cnull || tnull)
-				continue;
-			if (!row_customer(sc, c, &custkey))
-				continue;
-			old = MemoryContextSwitchTo(rowcxt);
-			rfm_scan_row(sc, custkey, c, o, onull, t, anull, a);
-			MemoryContextSwitchTo(old);
-			MemoryContextReset(rowcxt);
-			sc->rows_seen++;
-		}
-		SPI_freetuptable(SPI_tuptable);
-		CHECK_FOR_INTERRUPTS();
-	}
-	SPI_cursor_close(portal);
-	SPI_finish();
-	MemoryContextDelete(rowcxt);
+	ca_spi_for_each_row(sql, 0, NULL, NULL, scan_query_row, sc);
 }
 
 /* the segment of each of the 125 cells, from the chosen map */
@@ -1392,12 +1379,66 @@ rfm_scan_tables(RfmScan *sc, Relation rel)
 }
 
 /*
+ * The star schema distributed by Citus: its lines are in shards that the
+ * table AM does not reach, so they are read through a query Citus plans.
+ * scan_table()'s per-line rules (completed lines of known customers, not
+ * after as_of, no credit line worth nothing) are its WHERE clause, and the
+ * lines are grouped per customer version and order, the credit lines
+ * apart: the facts are distributed by order, so the workers do all of it
+ * and send one row per order instead of one per line.  A group is what its
+ * lines would have been, one after the other: the first (at the earliest
+ * time, with the group's whole amount) counts the purchase, the latest
+ * moves the last purchase; credit lines only add their (negative) amounts.
+ * The versions are collapsed into their customer here, as on one node (an
+ * order under two versions of a customer is still one purchase).
+ */
+static void
+scan_star_query_row(HeapTuple tup, TupleDesc td, void *arg)
+{
+	RfmScan    *sc = arg;
+	bool		isnull,
+				anull;
+	Datum		c = SPI_getbinval(tup, td, 1, &isnull);
+	Datum		o = SPI_getbinval(tup, td, 2, &isnull);
+	TimestampTz first = DatumGetTimestampTz(SPI_getbinval(tup, td, 3, &isnull));
+	TimestampTz last = DatumGetTimestampTz(SPI_getbinval(tup, td, 4, &isnull));
+	Datum		a = SPI_getbinval(tup, td, 5, &anull);
+	int64		units = anull ? 0 : amount_units(a, NUMERICOID);
+	uint64		custkey;
+
+	if (!row_customer(sc, c, &custkey))
+		return;
+	rfm_scan_units(sc, custkey, c, o, false, first, anull, units);
+	if (last != first && (anull || units >= 0))
+		rfm_scan_units(sc, custkey, c, o, false, last, false, 0);
+	sc->rows_seen++;
+}
+
+static void
+scan_star_query(RfmScan *sc)
+{
+	Oid			types[1] = {TIMESTAMPTZOID};
+	Datum		values[1] = {TimestampTzGetDatum(sc->as_of)};
+
+	ca_spi_for_each_row("SELECT customer_key, order_id, pg_catalog.min(order_ts), pg_catalog.max(order_ts), "
+						"pg_catalog.sum(revenue) "
+						"FROM customer_analytics.fact_order_line "
+						"WHERE status OPERATOR(pg_catalog.=) 'completed' "
+						"AND customer_key OPERATOR(pg_catalog.<>) -1 "
+						"AND order_ts OPERATOR(pg_catalog.<=) $1 "
+						"AND NOT (quantity OPERATOR(pg_catalog.<) 0 "
+						"AND (revenue IS NULL OR revenue OPERATOR(pg_catalog.=) 0)) "
+						"GROUP BY customer_key, order_id, revenue OPERATOR(pg_catalog.<) 0",
+						1, types, values, scan_star_query_row, sc);
+}
+
+/*
  * fact_order_line into the accumulators: completed lines of known
  * customers, lines of an order one purchase, credit lines apart, versions
  * collapsed into their durable customer (what rfm_orders() computes in SQL).
  */
 static void
-scan_star_schema(RfmScan *sc, Relation rel, const char *caller)
+scan_star_schema(RfmScan *sc, Relation rel)
 {
 	sc->star_schema = true;
 	sc->ts_type = TIMESTAMPTZOID;
@@ -1406,22 +1447,12 @@ scan_star_schema(RfmScan *sc, Relation rel, const char *caller)
 	fmgr_info(lookup_type_cache(TEXTOID, TYPECACHE_HASH_EXTENDED_PROC)->hash_extended_proc,
 			  &sc->order_hash);
 	load_customer_versions(sc);
-
-	/*
-	 * A star schema distributed by Citus has no layout of its own yet (the
-	 * credit-note and SCD2 rules below read the local heap), so rather than
-	 * read an empty shell, say so.
-	 */
 	if (ca_citus_kind(RelationGetRelid(rel)) != CA_CITUS_NONE)
-		ereport(ERROR,
-				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
-				 errmsg("%s cannot read the star schema's \"%s\": it is managed by Citus",
-						caller, RelationGetRelationName(rel)),
-				 ca_citus_errdetail(RelationGetRelid(rel), ca_citus_kind(RelationGetRelid(rel))),
-				 errhint("A distributed star schema is not supported yet; rfm() reads other Citus tables named with their columns through a query.")));
-	scan_table(sc, rel, attnameAttNum(rel, "customer_key", false), attnameAttNum(rel, "order_id", false),
-			   attnameAttNum(rel, "order_ts", false), attnameAttNum(rel, "revenue", false),
-			   attnameAttNum(rel, "status", false), attnameAttNum(rel, "quantity", false));
+		scan_star_query(sc);
+	else
+		scan_table(sc, rel, attnameAttNum(rel, "customer_key", false), attnameAttNum(rel, "order_id", false),
+				   attnameAttNum(rel, "order_ts", false), attnameAttNum(rel, "revenue", false),
+				   attnameAttNum(rel, "status", false), attnameAttNum(rel, "quantity", false));
 }
 
 /*
@@ -1462,7 +1493,7 @@ ca_rfm(PG_FUNCTION_ARGS)
 	sc.star_schema = (RelationGetRelid(rel) == fact_oid);
 
 	if (sc.star_schema)
-		scan_star_schema(&sc, rel, "rfm()");
+		scan_star_schema(&sc, rel);
 	else
 	{
 		char	   *cust_col,
@@ -1700,7 +1731,7 @@ ca_rfm_rollup_rows(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("permission denied for table fact_order_line")));
 	rfm_scan_tables(&sc, rel);
-	scan_star_schema(&sc, rel, "rfm_rollup_rows()");
+	scan_star_schema(&sc, rel);
 	table_close(rel, AccessShareLock);
 
 	/*

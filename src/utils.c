@@ -2,17 +2,20 @@
  * utils.c
  *	  Small helpers several modules share: the aggregate memory-context
  *	  guard of the transition functions, the conversion of a user's
- *	  timestamp-like column to timestamptz, what kind of file a mode is, and
- *	  the qualified name of a table.
+ *	  timestamp-like column to timestamptz, what kind of file a mode is,
+ *	  the qualified name of a table, and the rows of a query one by one.
  */
 #include "postgres.h"
 
 #include <sys/stat.h>
 
 #include "catalog/pg_type.h"
+#include "executor/spi.h"
 #include "fmgr.h"
+#include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
 #include "utils/timestamp.h"
 
 #include "utils.h"
@@ -91,4 +94,41 @@ ca_relation_name(Oid relid)
 {
 	return quote_qualified_identifier(get_namespace_name(get_rel_namespace(relid)),
 									  get_rel_name(relid));
+}
+
+/*
+ * Calls row() on each row of a read-only query, fetched through a cursor so
+ * that the rows never need to fit in memory at once: how the C readers of
+ * the facts read a table the table AM must not scan (a view, a table with
+ * row-level security, a Citus table whose rows are in shards).  row() runs
+ * in a context reset after each row; what it keeps it allocates elsewhere.
+ */
+void
+ca_spi_for_each_row(const char *sql, int nargs, Oid * types, Datum *values,
+					CaSpiRowFunc row, void *arg)
+{
+	MemoryContext rowcxt = AllocSetContextCreate(CurrentMemoryContext, "query row", ALLOCSET_SMALL_SIZES);
+	Portal		portal;
+
+	SPI_connect();
+	portal = SPI_cursor_open_with_args(NULL, sql, nargs, types, values, NULL, true, 0);
+	for (;;)
+	{
+		SPI_cursor_fetch(portal, true, 10000);
+		if (SPI_processed == 0)
+			break;
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			MemoryContext old = MemoryContextSwitchTo(rowcxt);
+
+			row(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, arg);
+			MemoryContextSwitchTo(old);
+			MemoryContextReset(rowcxt);
+		}
+		SPI_freetuptable(SPI_tuptable);
+		CHECK_FOR_INTERRUPTS();
+	}
+	SPI_cursor_close(portal);
+	SPI_finish();
+	MemoryContextDelete(rowcxt);
 }

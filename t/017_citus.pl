@@ -19,6 +19,11 @@
 #   facts' foreign keys hold, and the queries, views and refreshes that
 #   work on a cluster give the single node's answers (what does not work
 #   yet is noted in the test's output and listed in docs/scaling.md).
+# - on that layout, rfm() of the star schema, refresh_customer_rfm()
+#   (rebuilt, incremental, as of a past time) with customer_rfm, the
+#   rollup, top_customers and segment_summary, and the CLV models give the
+#   single node's answers; the aggregates Citus cannot split run on the
+#   coordinator (EXPLAIN) with the single node's results.
 #
 # The single node is a second database on the coordinator where the citus
 # extension is not created: plain PostgreSQL, same build.
@@ -487,10 +492,136 @@ my $events = q{SELECT md5(string_agg(format('%s %s %s %s %s', event_id, event_ts
 	FROM customer_analytics.stg_events WHERE session_id = 'cluster-session'};
 is($coord->safe_psql('shop', $events), $coord->safe_psql('shop_single', $events), 'the staged events are the single node\'s');
 
+# ---------------------------------------------------------------------
+# issue 17 RFM and CLV on the cluster: rfm() of the star schema,
+# refresh_customer_rfm() (full and incremental) and what it feeds, the
+# CLV models; the aggregates that do not push down
+# ---------------------------------------------------------------------
+# a checksum of rfm()'s columns (customer_rfm has them too) over a source
+sub rfm_sum
+{
+	my ($source) = @_;
+	return qq{SELECT md5(string_agg(format('%s %s %s %s %s %s %s', x.customer_key, x.customer_id, x.recency_days, x.frequency,
+		x.monetary, x.rfm_cell, x.segment), ',' ORDER BY x.customer_id)) || ' ' || count(*) FROM $source x};
+}
+my $rfm_star = q{SELECT md5(string_agg(format('%s %s %s %s %s %s %s', x.customer_key, x.customer_id, x.recency_days, x.frequency,
+		x.monetary, x.rfm_cell, x.segment), ',' ORDER BY x.customer_id)) || ' ' || count(*)
+	FROM customer_analytics.rfm('2025-04-01') x;
+	SELECT md5(string_agg(x::text, ',' ORDER BY x.customer_id)) || ' ' || count(*) FROM customer_analytics.rfm('2025-02-15') x};
+my $rfm_star_single = $coord->safe_psql('shop_single', $rfm_star);
+like($rfm_star_single, qr/ [1-9]\d*\n.* [1-9]/, 'the single node scores customers from the star schema');
+is($coord->safe_psql('shop', $rfm_star), $rfm_star_single,
+	'rfm() on the distributed star schema (now and an as_of in the past): the same rows as the single node');
+
+# customer_rfm and what reads it: distribute() queued a full rebuild, as
+# transform()'s first load did on the single node
+my $rfm_views = join(";\n", q{REFRESH MATERIALIZED VIEW customer_analytics.top_customers},
+	q{REFRESH MATERIALIZED VIEW customer_analytics.segment_summary},
+	rfm_sum('customer_analytics.customer_rfm'),
+	q{SELECT md5(string_agg(x::text, ',' ORDER BY x.customer_id)) FROM customer_analytics.rfm_rollup_customer x},
+	q{SELECT md5(string_agg(x::text, ',' ORDER BY x.rank)) || ' ' || count(*) FROM customer_analytics.top_customers x},
+	q{SELECT md5(string_agg(x::text, ',' ORDER BY x.segment)) || ' ' || count(*) FROM customer_analytics.segment_summary x});
+my $rfm_refresh = "SELECT customer_analytics.refresh_customer_rfm();\n$rfm_views";
+my $rfm_refresh_single = $coord->safe_psql('shop_single', $rfm_refresh);
+like($rfm_refresh_single, qr/^[1-9]/, 'the single node scores its customers');
+is($coord->safe_psql('shop', $rfm_refresh), $rfm_refresh_single,
+	'refresh_customer_rfm() (the full rebuild), customer_rfm, the RFM rollup, top_customers, segment_summary: the same on the cluster');
+is($coord->safe_psql('shop', rfm_sum(q{customer_analytics.rfm('2025-04-01')})),
+	$coord->safe_psql('shop', rfm_sum('customer_analytics.customer_rfm')),
+	'customer_rfm on the cluster is rfm(as_of) of the cluster');
+
+# lines written by hand through the coordinator (rolled back after): an
+# order over two days under two versions of one customer with a credit
+# line, a credit note of its own, one worth nothing, a line added to an
+# order already counted.  The single node's triggers queue them; the
+# cluster has none (distribute() dropped them), so they are queued there
+# as transform()'s writer queues its lines: the incremental refresh, then
+# the full one, each with the single node's answers
+my $hand = q{BEGIN;
+INSERT INTO customer_analytics.fact_order_line
+	(order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, status, stage_id)
+SELECT v.order_id, v.line_number, CASE v.version WHEN 'old' THEN c.old_key ELSE c.new_key END, p.product_key,
+       v.date_key, v.order_ts::timestamptz, v.quantity, v.unit_price, 'completed', 0
+FROM (SELECT min(customer_key) AS old_key, max(customer_key) AS new_key FROM customer_analytics.dim_customer
+      WHERE customer_key <> -1 GROUP BY customer_id HAVING count(*) > 1 ORDER BY customer_id LIMIT 1) c,
+     (SELECT min(product_key) AS product_key FROM customer_analytics.dim_product WHERE product_key <> -1) p,
+     (VALUES ('HAND-1', 1, 'old', 20250320, '2025-03-20 10:00+00', 2, 10.50),
+             ('HAND-1', 2, 'new', 20250321, '2025-03-21 09:00+00', 1, 99.00),
+             ('HAND-1', 3, 'new', 20250321, '2025-03-21 09:00+00', -1, 10.50),
+             ('HAND-2', 1, 'new', 20250322, '2025-03-22 12:00+00', -1, 20.00),
+             ('HAND-3', 1, 'old', 20250322, '2025-03-22 12:00+00', -3, 0))
+     v (order_id, line_number, version, date_key, order_ts, quantity, unit_price);
+INSERT INTO customer_analytics.fact_order_line
+	(order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, status, stage_id)
+SELECT order_id, line_number + 100, customer_key, product_key, date_key, order_ts, 3, 7.25, 'completed', 0
+FROM customer_analytics.fact_order_line WHERE status = 'completed' AND customer_key <> -1 ORDER BY order_id, line_number LIMIT 1;
+%s
+SELECT count(*) FROM customer_analytics_internal.rfm_new_line;
+SELECT customer_analytics.refresh_customer_rfm();
+%s;
+SELECT customer_analytics.refresh_customer_rfm(true);
+%s;
+ROLLBACK};
+my $queue = q{INSERT INTO customer_analytics_internal.rfm_new_line (customer_id, order_id, line_number, order_ts, revenue, purchase)
+SELECT c.customer_id, w.order_id, w.line_number, w.order_ts, w.revenue,
+       w.status = 'completed' AND w.customer_key <> -1 AND (w.quantity > 0 OR w.revenue <> 0)
+FROM customer_analytics.fact_order_line w JOIN customer_analytics.dim_customer c USING (customer_key)
+WHERE w.stage_id = 0;};
+my $after = join(";\n", $rfm_views, rfm_sum(q{customer_analytics.rfm(customer_analytics.reference_time())}));
+my $hand_single = $coord->safe_psql('shop_single', sprintf($hand, '', $after, $after));
+like($hand_single, qr/^6\n[1-9]/, 'the single node queues the 6 lines and rescores customers');
+is($coord->safe_psql('shop', sprintf($hand, $queue, $after, $after)), $hand_single,
+	'lines added by hand: the incremental refresh_customer_rfm(), then the full one, give the single node\'s customer_rfm, rollup, top_customers, segment_summary and rfm()');
+
+# scores as of a time in the past (lines later than it in the facts):
+# refresh_customer_rfm() scores from rfm() and the rebuild's rows as of then
+my $past = qq{BEGIN;
+SET LOCAL customer_analytics.as_of = '2025-03-01';
+SELECT customer_analytics.refresh_customer_rfm();
+$rfm_views;
+ROLLBACK};
+my $past_single = $coord->safe_psql('shop_single', $past);
+like($past_single, qr/^[1-9]/, 'the single node rescores as of a time in the past');
+is($coord->safe_psql('shop', $past), $past_single, 'refresh_customer_rfm() as of a time in the past: the same on the cluster');
+
+# CLV: the summary read from the shards, the models fitted on it
+my $clv = q{REFRESH MATERIALIZED VIEW customer_analytics.clv_model;
+	REFRESH MATERIALIZED VIEW customer_analytics.customer_clv;
+	SELECT md5(string_agg(x::text, ',' ORDER BY x.customer_id)) || ' ' || count(*)
+	FROM customer_analytics.clv_summary(customer_analytics.reference_time()) x;
+	SELECT customer_analytics.bgnbd_fit_status(bgnbd), (bgnbd).customers, md5(m::text) FROM customer_analytics.clv_model m;
+	SELECT md5(string_agg(x::text, ',' ORDER BY x.customer_id)) || ' ' || count(*) FROM customer_analytics.customer_clv x};
+my $clv_single = $coord->safe_psql('shop_single', $clv);
+like($clv_single, qr/\nfitted\|[1-9]/, 'the single node fits the CLV models');
+is($coord->safe_psql('shop', $clv), $clv_single, 'clv_summary(), clv_model and customer_clv: the same on the cluster');
+
+# the aggregates Citus cannot split (an internal state, or no combine
+# step): the workers send the rows, the coordinator aggregates them, with
+# the single node's results; grouped by the distribution column they run
+# whole on the workers.  (The fits sum in float8 in the order of their
+# rows, which the shards change: they are given an order here, as
+# clv_model's are by clv_summary)
+for my $case (
+	[ 'median_mad_agg', q{SELECT customer_analytics.median_mad_agg(revenue::float8)::text FROM customer_analytics.fact_order_line} ],
+	[ 'holt_winters', q{SELECT customer_analytics.holt_winters(d, v)::text FROM (SELECT order_ts::date AS d, sum(revenue)::float8 AS v
+	                    FROM customer_analytics.fact_order_line WHERE status = 'completed' GROUP BY 1) s} ],
+	[ 'bgnbd_fit', q{SELECT customer_analytics.bgnbd_fit(quantity, line_number, 30 ORDER BY order_id, line_number)::text FROM customer_analytics.fact_order_line WHERE quantity > 0} ],
+	[ 'gamma_gamma_fit', q{SELECT customer_analytics.gamma_gamma_fit(quantity, revenue::float8 ORDER BY order_id, line_number)::text FROM customer_analytics.fact_order_line} ])
+{
+	my ($what, $sql) = @$case;
+	my $plan = $coord->safe_psql('shop', "EXPLAIN (VERBOSE, COSTS OFF) $sql");
+	unlike($plan, qr/worker_partial_agg/, "$what: not split between the workers and the coordinator");
+	like($plan, qr/Output: \(?customer_analytics\.$what\((remote_scan|intermediate_result)\./, "$what: aggregated on the coordinator over the rows of the workers");
+	my $single = $coord->safe_psql('shop_single', $sql);
+	isnt($single, '', "$what: the single node has a result");
+	is($coord->safe_psql('shop', $sql), $single, "$what: the same result on the cluster");
+}
+like($coord->safe_psql('shop', q{EXPLAIN (VERBOSE, COSTS OFF) SELECT order_id, customer_analytics.median_mad_agg(revenue::float8)
+	FROM customer_analytics.fact_order_line GROUP BY 1}), qr/Query: SELECT order_id, customer_analytics\.median_mad_agg\(/,
+	'median_mad_agg grouped by the distribution column: whole on the workers');
+
 # what does not work on a cluster yet (docs/scaling.md): its outcome noted
 for my $case (
-	[ 'rfm() on the star schema', q{SELECT count(*) FROM customer_analytics.rfm('2025-04-01')} ],
-	[ 'refresh_customer_rfm()', q{SELECT customer_analytics.refresh_customer_rfm()} ],
 	[ 'transform() of new rows', q{SELECT count(*) FROM customer_analytics.generate_sample_data(customers => 10, days => 3, seed => 18, start_date => '2025-04-01', events => false);
 		SELECT count(*) FROM customer_analytics.transform()} ],
 	[ 'run_pipeline()', q{CALL customer_analytics.run_pipeline(); SELECT status FROM customer_analytics.pipeline_run ORDER BY run_id DESC LIMIT 1} ])

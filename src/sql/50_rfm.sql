@@ -452,7 +452,8 @@ COMMENT ON FUNCTION customer_analytics.rfm_from_rollup(timestamptz) IS
  * one purchase (at its latest line), a return (negative revenue) stands
  * alone: grouped by order and, for a return, by its line.  A credit line
  * worth nothing (negative quantity at price 0) is neither.  NULL ids: every
- * customer.  Inlined into the caller.
+ * customer.  Inlined into the caller.  refresh_customer_rfm() has the same
+ * query written out (Citus does not inline it over a distributed table).
  */
 CREATE FUNCTION customer_analytics_internal.rfm_orders(customer_ids text[], up_to timestamptz)
 RETURNS TABLE (customer_id text, ts timestamptz, amount numeric)
@@ -513,9 +514,10 @@ BEGIN
         WITH taken AS (DELETE FROM customer_analytics_internal.rfm_dirty_customer RETURNING customer_id)
         SELECT array_agg(customer_id) FILTER (WHERE customer_id IS NOT NULL), bool_or(customer_id IS NULL)
         INTO ids, everyone FROM taken;
+        -- (the subqueries select a column: Citus plans no EXISTS without)
         IF full_refresh OR everyone
-           OR (NOT EXISTS (SELECT FROM customer_analytics.rfm_rollup_customer)
-               AND EXISTS (SELECT FROM customer_analytics.fact_order_line)) THEN
+           OR (NOT EXISTS (SELECT 1 FROM customer_analytics.rfm_rollup_customer)
+               AND EXISTS (SELECT 1 FROM customer_analytics.fact_order_line)) THEN
             DELETE FROM customer_analytics.rfm_rollup_customer;
             ids := NULL;
             everyone := true;
@@ -533,7 +535,10 @@ BEGIN
             SELECT r.customer_id, r.customer_key, r.last_order, r.frequency, r.monetary
             FROM customer_analytics_internal.rfm_rollup_rows('infinity') r;
         ELSIF ids IS NOT NULL THEN
-            -- a few customers: their lines through the indexes
+            -- a few customers: their lines through the indexes (the
+            -- query of rfm_orders(ids, 'infinity') written out: Citus
+            -- inlines no SQL function over a distributed table, and runs
+            -- none with parameters; on one node the plan is the same)
             WITH consumed AS (
                 DELETE FROM customer_analytics_internal.rfm_new_line q
                 WHERE q.customer_id IN (SELECT unnest(ids))
@@ -541,7 +546,14 @@ BEGIN
             INSERT INTO customer_analytics.rfm_rollup_customer (customer_id, customer_key, last_order, frequency, monetary)
             SELECT o.customer_id, cur.customer_key, (o.s).last_order, (o.s).frequency, (o.s).monetary
             FROM (SELECT x.customer_id, customer_analytics.rfm_agg(x.ts, x.amount) AS s
-                  FROM customer_analytics_internal.rfm_orders(ids, 'infinity') x
+                  FROM (SELECT c.customer_id, max(fl.order_ts) AS ts, sum(fl.revenue) AS amount
+                        FROM customer_analytics.fact_order_line fl
+                        JOIN customer_analytics.dim_customer c ON c.customer_key = fl.customer_key
+                        WHERE fl.status = 'completed' AND c.customer_key <> -1
+                          AND (fl.quantity > 0 OR fl.revenue <> 0)
+                          AND c.customer_id IN (SELECT unnest(ids))
+                        GROUP BY c.customer_id, fl.order_id,
+                                 CASE WHEN fl.revenue < 0 THEN fl.line_number END) x
                   GROUP BY x.customer_id) o
             LEFT JOIN customer_analytics.dim_customer cur ON cur.customer_id = o.customer_id AND cur.is_current
                                                          AND cur.customer_key <> -1;
@@ -552,11 +564,16 @@ BEGIN
         -- its customers are recomputed in the next round
         WITH taken AS (
             DELETE FROM customer_analytics_internal.rfm_new_line RETURNING *
+        ), queued AS (
+            SELECT t.order_id, count(*) AS n FROM taken t GROUP BY t.order_id
         ), orders AS (
-            SELECT t.order_id,
-                   count(*) = (SELECT count(*) FROM customer_analytics.fact_order_line f
-                               WHERE f.order_id = t.order_id) AS whole
-            FROM taken t GROUP BY t.order_id
+            -- the facts' lines counted in a join, not a subquery per order:
+            -- Citus plans no correlated subquery next to a CTE
+            SELECT q.order_id, q.n = COALESCE(f.n, 0) AS whole
+            FROM queued q
+            LEFT JOIN (SELECT f.order_id, count(*) AS n FROM customer_analytics.fact_order_line f
+                       WHERE f.order_id IN (SELECT order_id FROM queued)
+                       GROUP BY f.order_id) f USING (order_id)
         ), noted AS (
             INSERT INTO customer_analytics_internal.rfm_dirty_customer
             SELECT DISTINCT t.customer_id FROM taken t JOIN orders o USING (order_id) WHERE NOT o.whole
@@ -586,7 +603,7 @@ BEGIN
     -- lines later than as_of (an as_of in the past) are not in rfm(as_of):
     -- then the scores come from the facts
     -- (the last purchase as of then from the same C scan of the inputs)
-    later := EXISTS (SELECT FROM customer_analytics.fact_order_line WHERE order_ts > as_of);
+    later := EXISTS (SELECT 1 FROM customer_analytics.fact_order_line WHERE order_ts > as_of);
     WITH scored AS (
         SELECT s.*, p.last_order AS last_purchase
         FROM customer_analytics.rfm(as_of) s
