@@ -66,3 +66,32 @@ bench_record() {
     } >"$file"
     cat "$file"
 }
+
+# bench_day_append_sql TAG LINES EVENTS: the SQL that stages one day of a
+# shop (today), the same on every database that holds the same shop: LINES
+# order lines of distinct existing customers (the first LINES by a fixed
+# hash), and EVENTS events of sessions of the same customers and of
+# anonymous visitors; TAG makes its order, event and session ids new
+bench_day_append_sql() {
+    local tag=$1 lines=$2 events=$3
+    cat <<SQL
+WITH c AS (SELECT customer_id, row_number() OVER (ORDER BY hashtext(customer_id), customer_id) AS n
+           FROM customer_analytics.dim_customer WHERE is_current AND customer_key > 0),
+     p AS (SELECT product_id, row_number() OVER (ORDER BY product_id) AS n, count(*) OVER () AS np
+           FROM customer_analytics.dim_product WHERE product_key > 0)
+INSERT INTO customer_analytics.stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price, discount, status, channel)
+SELECT 'B$tag-' || g, 1, c.customer_id, p.product_id,
+       date_trunc('hour', now()) - (g % 600) * interval '1 minute', 1 + g % 3, 19.99, 0, 'completed', 'web'
+FROM generate_series(1, $lines) g JOIN c ON c.n = g JOIN p ON p.n = 1 + g % p.np;
+WITH c AS (SELECT customer_id, row_number() OVER (ORDER BY hashtext(customer_id), customer_id) AS n
+           FROM customer_analytics.dim_customer WHERE is_current AND customer_key > 0),
+     p AS (SELECT product_id, row_number() OVER (ORDER BY product_id) AS n, count(*) OVER () AS np
+           FROM customer_analytics.dim_product WHERE product_key > 0)
+INSERT INTO customer_analytics.stg_events (event_id, event_ts, customer_id, session_id, event_type, product_id, channel, device)
+SELECT 'B$tag-e' || g, date_trunc('hour', now()) - (g / 10 % 600) * interval '1 minute' + (g % 10) * interval '5 seconds',
+       CASE WHEN g % 3 = 0 THEN NULL ELSE c.customer_id END, 'B$tag-s' || g / 10,
+       (ARRAY['page_view', 'product_view', 'product_view', 'add_to_cart', 'checkout'])[1 + g % 5],
+       p.product_id, 'web', 'mobile'
+FROM generate_series(1, $events) g JOIN c ON c.n = 1 + (g / 10) % $lines JOIN p ON p.n = 1 + g % p.np;
+SQL
+}

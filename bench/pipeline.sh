@@ -208,32 +208,6 @@ APPEND_LINES=${APPEND_LINES:-200}
 APPEND_EVENTS=${APPEND_EVENTS:-2000}
 SIZE_RUNS=${SIZE_RUNS:-3}
 
-# one day of a shop, the same at every size: lines of distinct existing
-# customers (the first APPEND_LINES by a fixed hash), and events of
-# sessions of the same customers and of anonymous visitors; $1 numbers it
-day_append_sql() {
-    cat <<SQL
-WITH c AS (SELECT customer_id, row_number() OVER (ORDER BY hashtext(customer_id), customer_id) AS n
-           FROM customer_analytics.dim_customer WHERE is_current AND customer_key > 0),
-     p AS (SELECT product_id, row_number() OVER (ORDER BY product_id) AS n, count(*) OVER () AS np
-           FROM customer_analytics.dim_product WHERE product_key > 0)
-INSERT INTO customer_analytics.stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price, discount, status, channel)
-SELECT 'B$1-' || g, 1, c.customer_id, p.product_id,
-       date_trunc('hour', now()) - (g % 600) * interval '1 minute', 1 + g % 3, 19.99, 0, 'completed', 'web'
-FROM generate_series(1, $APPEND_LINES) g JOIN c ON c.n = g JOIN p ON p.n = 1 + g % p.np;
-WITH c AS (SELECT customer_id, row_number() OVER (ORDER BY hashtext(customer_id), customer_id) AS n
-           FROM customer_analytics.dim_customer WHERE is_current AND customer_key > 0),
-     p AS (SELECT product_id, row_number() OVER (ORDER BY product_id) AS n, count(*) OVER () AS np
-           FROM customer_analytics.dim_product WHERE product_key > 0)
-INSERT INTO customer_analytics.stg_events (event_id, event_ts, customer_id, session_id, event_type, product_id, channel, device)
-SELECT 'B$1-e' || g, date_trunc('hour', now()) - (g / 10 % 600) * interval '1 minute' + (g % 10) * interval '5 seconds',
-       CASE WHEN g % 3 = 0 THEN NULL ELSE c.customer_id END, 'B$1-s' || g / 10,
-       (ARRAY['page_view', 'product_view', 'product_view', 'add_to_cart', 'checkout'])[1 + g % 5],
-       p.product_id, 'web', 'mobile'
-FROM generate_series(1, $APPEND_EVENTS) g JOIN c ON c.n = 1 + (g / 10) % $APPEND_LINES JOIN p ON p.n = 1 + g % p.np;
-SQL
-}
-
 run_sizes() {
     local m customers
     load_before=$(cut -d' ' -f1 /proc/loadavg)
@@ -254,7 +228,7 @@ CALL customer_analytics.run_pipeline();
 CALL customer_analytics.run_pipeline();
 SQL
         for r in $(seq "$SIZE_RUNS"); do
-            bench_psql -q -c "SET client_min_messages = warning" -c "$(day_append_sql "$r")" >/dev/null
+            bench_psql -q -c "SET client_min_messages = warning" -c "$(bench_day_append_sql "$r" "$APPEND_LINES" "$APPEND_EVENTS")" >/dev/null
             bench_psql -q -c "SET client_min_messages = warning" -c "CALL customer_analytics.run_pipeline()"
         done
         # the timed runs are the last SIZE_RUNS; total = the run's own time
