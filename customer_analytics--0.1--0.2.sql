@@ -6668,8 +6668,10 @@ BEGIN
     -- the fact joins that follow are planned on these statistics: renewed
     -- when the table grew by a tenth or more (a few rows more do not change
     -- a plan, and ANALYZE reads up to 30,000 rows whatever the change)
-    -- (not on Citus: the coordinator's shell is empty, and an ANALYZE
-    -- sent to the shards cannot follow this transaction's writes there)
+    -- (not on Citus: its ANALYZE of a reference table runs over
+    -- connections of its own, which it refuses once this transaction has
+    -- written the coordinator's copy; and the shell's statistics do not
+    -- plan the queries over the shards)
     IF n > 0 AND n * 10 >= (SELECT GREATEST(c.reltuples, 0) FROM pg_class c
                             WHERE c.oid = 'customer_analytics.dim_product'::regclass)
        AND NOT citus_managed('customer_analytics.dim_product') THEN

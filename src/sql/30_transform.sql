@@ -171,28 +171,6 @@ COMMENT ON FUNCTION customer_analytics_internal.own_writer() IS
     'Internal: whether one of the extension''s writers (which queue their own changes) is writing; the change-queue triggers then do nothing';
 
 /*
- * Bulk writes of the order lines without a query per row for the foreign
- * keys.  A foreign key checks each inserted row with a query of its own:
- * for a full load that is most of the cost (a plain INSERT ... SELECT of
- * the Online Retail lines pays 2.75x with the three keys what it pays
- * without).  load_fact_order_line() has just resolved every key of its
- * batch by joining the dimensions, so it checks the whole batch with one
- * anti-join instead, as pg_restore --disable-triggers and logical
- * replication skip the per-row checks: the dimensions are locked SHARE
- * first (no other session can delete or re-key a dimension row until
- * commit, and the keys' own triggers still guard every change after), the
- * lines go in with session_replication_role = replica for that statement,
- * and the batch's keys are checked before anything else runs.  The foreign
- * keys stay declared and enforced for every other writer.
- *
- * Only where that is sound; elsewhere the keys check row by row as always:
- * READ COMMITTED (each statement after the lock sees every change committed
- * before it; a REPEATABLE READ snapshot may predate a delete), a role that
- * may set session_replication_role, no trigger on the table but the keys'
- * and the extension's own (those return at once for our writers anyway;
- * a user's audit trigger must fire), and not a Citus table.
- */
-/*
  * Whether a table is managed by Citus (distributed or reference, after
  * distribute()).  The writers take another path for such a table where
  * Citus cannot run the single node's statement (docs/scaling.md); the
@@ -259,6 +237,28 @@ $$;
 COMMENT ON FUNCTION customer_analytics_internal.cluster_writes_end(text) IS
     'Internal: puts back the citus.multi_shard_modify_mode that cluster_writes_begin() returned (NULL: nothing to do)';
 
+/*
+ * Bulk writes of the order lines without a query per row for the foreign
+ * keys.  A foreign key checks each inserted row with a query of its own:
+ * for a full load that is most of the cost (a plain INSERT ... SELECT of
+ * the Online Retail lines pays 2.75x with the three keys what it pays
+ * without).  load_fact_order_line() has just resolved every key of its
+ * batch by joining the dimensions, so it checks the whole batch with one
+ * anti-join instead, as pg_restore --disable-triggers and logical
+ * replication skip the per-row checks: the dimensions are locked SHARE
+ * first (no other session can delete or re-key a dimension row until
+ * commit, and the keys' own triggers still guard every change after), the
+ * lines go in with session_replication_role = replica for that statement,
+ * and the batch's keys are checked before anything else runs.  The foreign
+ * keys stay declared and enforced for every other writer.
+ *
+ * Only where that is sound; elsewhere the keys check row by row as always:
+ * READ COMMITTED (each statement after the lock sees every change committed
+ * before it; a REPEATABLE READ snapshot may predate a delete), a role that
+ * may set session_replication_role, no trigger on the table but the keys'
+ * and the extension's own (those return at once for our writers anyway;
+ * a user's audit trigger must fire), and not a Citus table.
+ */
 CREATE FUNCTION customer_analytics_internal.fact_bulk_write_ok(fact regclass)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE
@@ -425,8 +425,10 @@ BEGIN
     -- the fact joins that follow are planned on these statistics: renewed
     -- when the table grew by a tenth or more (a few rows more do not change
     -- a plan, and ANALYZE reads up to 30,000 rows whatever the change)
-    -- (not on Citus: the coordinator's shell is empty, and an ANALYZE
-    -- sent to the shards cannot follow this transaction's writes there)
+    -- (not on Citus: its ANALYZE of a reference table runs over
+    -- connections of its own, which it refuses once this transaction has
+    -- written the coordinator's copy; and the shell's statistics do not
+    -- plan the queries over the shards)
     IF n > 0 AND n * 10 >= (SELECT GREATEST(c.reltuples, 0) FROM pg_class c
                             WHERE c.oid = 'customer_analytics.dim_product'::regclass)
        AND NOT citus_managed('customer_analytics.dim_product') THEN
