@@ -179,7 +179,7 @@ COMMENT ON FUNCTION customer_analytics_internal.own_writer() IS
  */
 CREATE FUNCTION customer_analytics_internal.citus_managed(rel regclass)
 RETURNS boolean
-LANGUAGE plpgsql STABLE PARALLEL SAFE
+LANGUAGE plpgsql STABLE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -206,7 +206,7 @@ COMMENT ON FUNCTION customer_analytics_internal.citus_managed(regclass) IS
  */
 CREATE FUNCTION customer_analytics_internal.cluster_writes_begin()
 RETURNS text
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
 AS $$
 DECLARE
@@ -225,7 +225,7 @@ COMMENT ON FUNCTION customer_analytics_internal.cluster_writes_begin() IS
 
 CREATE FUNCTION customer_analytics_internal.cluster_writes_end(was text)
 RETURNS void
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN

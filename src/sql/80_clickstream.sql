@@ -214,7 +214,7 @@ CREATE TRIGGER fact_event_changed_trunc AFTER TRUNCATE ON customer_analytics.fac
  */
 CREATE FUNCTION customer_analytics_internal.changed_session_events_on_cluster()
 RETURNS void
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
 SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
 AS $$
 BEGIN
