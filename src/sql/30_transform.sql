@@ -63,17 +63,23 @@ BEGIN
     SELECT LEAST(min(date), from_day), GREATEST(max(date), to_day) INTO lo, hi FROM dim_date;
     lo := COALESCE(lo, from_day);
     hi := COALESCE(hi, to_day);
-    INSERT INTO dim_date (date_key, date, year, quarter, month, month_name,
-                          iso_year, iso_week, day_of_week, day_name, is_weekend)
-    SELECT date_key(d), d,
-           date_part('year', d), date_part('quarter', d), date_part('month', d),
-           to_char(d, 'FMMonth'),
-           date_part('isoyear', d), date_part('week', d), date_part('isodow', d),
-           to_char(d, 'FMDay'), date_part('isodow', d) >= 6
-    FROM generate_series(lo, hi, interval '1 day') AS g(ts),
-         LATERAL (SELECT g.ts::date AS d) AS x
-    ON CONFLICT (date_key) DO NOTHING;
-    GET DIAGNOSTICS added = ROW_COUNT;
+    -- the days added counted from what the INSERT returns: on Citus (a
+    -- reference table) its row count is that of the rows sent, conflicting
+    -- or not
+    WITH ins AS (
+        INSERT INTO dim_date (date_key, date, year, quarter, month, month_name,
+                              iso_year, iso_week, day_of_week, day_name, is_weekend)
+        SELECT date_key(d), d,
+               date_part('year', d), date_part('quarter', d), date_part('month', d),
+               to_char(d, 'FMMonth'),
+               date_part('isoyear', d), date_part('week', d), date_part('isodow', d),
+               to_char(d, 'FMDay'), date_part('isodow', d) >= 6
+        FROM generate_series(lo, hi, interval '1 day') AS g(ts),
+             LATERAL (SELECT g.ts::date AS d) AS x
+        ON CONFLICT (date_key) DO NOTHING
+        RETURNING 1
+    )
+    SELECT count(*) INTO added FROM ins;
     RETURN added;
 END
 $$;
@@ -165,6 +171,73 @@ COMMENT ON FUNCTION customer_analytics_internal.own_writer() IS
     'Internal: whether one of the extension''s writers (which queue their own changes) is writing; the change-queue triggers then do nothing';
 
 /*
+ * Whether a table is managed by Citus (distributed or reference, after
+ * distribute()).  The writers take another path for such a table where
+ * Citus cannot run the single node's statement (docs/scaling.md); the
+ * catalog is read only when the citus extension exists, and through
+ * EXECUTE, so that nothing here depends on Citus being installed.
+ */
+CREATE FUNCTION customer_analytics_internal.citus_managed(rel regclass)
+RETURNS boolean
+LANGUAGE plpgsql STABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    managed boolean;
+BEGIN
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RETURN false;
+    END IF;
+    EXECUTE 'SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition WHERE logicalrelid = $1)'
+        INTO managed USING rel;
+    RETURN managed;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.citus_managed(regclass) IS
+    'Internal: whether a table is a Citus distributed or reference table (false where Citus is not installed); the writers choose their cluster path by it';
+
+/*
+ * On Citus, the writers' transactions write the reference tables (the
+ * dimensions) after statements over many shards, and Citus allows that
+ * only over one connection per node: citus.multi_shard_modify_mode =
+ * sequential for the rest of the transform, put back by
+ * cluster_writes_end() (an error ends the transaction, and the setting
+ * with it).  Returns the setting to put back (NULL: nothing was changed).
+ */
+CREATE FUNCTION customer_analytics_internal.cluster_writes_begin()
+RETURNS text
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    was text;
+BEGIN
+    IF NOT citus_managed('customer_analytics.dim_customer') THEN
+        RETURN NULL;
+    END IF;
+    was := current_setting('citus.multi_shard_modify_mode');
+    PERFORM set_config('citus.multi_shard_modify_mode', 'sequential', true);
+    RETURN was;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.cluster_writes_begin() IS
+    'Internal to transform() and transform_events(): on Citus, one connection per node for the rest of the transaction (dimensions, reference tables, are written after multi-shard statements); returns the previous citus.multi_shard_modify_mode, or NULL on a single node';
+
+CREATE FUNCTION customer_analytics_internal.cluster_writes_end(was text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF was IS NOT NULL THEN
+        PERFORM set_config('citus.multi_shard_modify_mode', was, true);
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.cluster_writes_end(text) IS
+    'Internal: puts back the citus.multi_shard_modify_mode that cluster_writes_begin() returned (NULL: nothing to do)';
+
+/*
  * Bulk writes of the order lines without a query per row for the foreign
  * keys.  A foreign key checks each inserted row with a query of its own:
  * for a full load that is most of the cost (a plain INSERT ... SELECT of
@@ -191,8 +264,6 @@ RETURNS boolean
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
 AS $$
-DECLARE
-    on_citus boolean := false;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed'
        OR current_setting('session_replication_role') <> 'origin'
@@ -205,12 +276,8 @@ BEGIN
                                       AND x.extname = 'customer_analytics')) THEN
         RETURN false;
     END IF;
-    IF to_regclass('pg_catalog.pg_dist_partition') IS NOT NULL THEN
-        EXECUTE 'SELECT EXISTS (SELECT FROM pg_catalog.pg_dist_partition WHERE logicalrelid = $1)'
-            INTO on_citus USING fact;
-        IF on_citus THEN
-            RETURN false;
-        END IF;
+    IF citus_managed(fact) THEN
+        RETURN false;
     END IF;
     LOCK TABLE dim_customer, dim_product, dim_date IN SHARE MODE;
     RETURN true;
@@ -358,8 +425,13 @@ BEGIN
     -- the fact joins that follow are planned on these statistics: renewed
     -- when the table grew by a tenth or more (a few rows more do not change
     -- a plan, and ANALYZE reads up to 30,000 rows whatever the change)
+    -- (not on Citus: its ANALYZE of a reference table runs over
+    -- connections of its own, which it refuses once this transaction has
+    -- written the coordinator's copy; and the shell's statistics do not
+    -- plan the queries over the shards)
     IF n > 0 AND n * 10 >= (SELECT GREATEST(c.reltuples, 0) FROM pg_class c
-                            WHERE c.oid = 'customer_analytics.dim_product'::regclass) THEN
+                            WHERE c.oid = 'customer_analytics.dim_product'::regclass)
+       AND NOT citus_managed('customer_analytics.dim_product') THEN
         ANALYZE dim_product;
     END IF;
     RETURN n;
@@ -415,15 +487,23 @@ BEGIN
     detail := check_queue('customer_analytics.dim_customer', (SELECT count(*) FROM ca_new_versions));
 
     -- a new version moves the customer's current key and which lines are
-    -- theirs: their RFM inputs are recomputed
-    WITH closed AS (
+    -- theirs: their RFM inputs are recomputed.  (The closing versions and
+    -- the old rows are materialised in CTEs, the UPDATE returns plain
+    -- columns: so Citus can run it on dim_customer, a reference table
+    -- there, which it may not join to a temporary table, nor return a
+    -- function of.)
+    WITH f AS MATERIALIZED (
+        SELECT nv.customer_id, min(nv.version_ts) AS first_ts
+        FROM ca_new_versions nv GROUP BY nv.customer_id
+    ), was AS MATERIALIZED (
+        SELECT d.* FROM dim_customer d
+        WHERE d.is_current AND d.customer_id IN (SELECT f.customer_id FROM f)
+    ), closed AS (
         UPDATE dim_customer d
         SET valid_to = f.first_ts, is_current = false
-        FROM (SELECT customer_id, min(version_ts) AS first_ts
-              FROM ca_new_versions GROUP BY customer_id) f,
-             dim_customer was
-        WHERE d.customer_id = f.customer_id AND d.is_current AND was.customer_key = d.customer_key
-        RETURNING d.customer_key, d.customer_id, to_jsonb(was) AS old_row
+        FROM f
+        WHERE d.customer_id = f.customer_id AND d.is_current
+        RETURNING d.customer_key, d.customer_id
     ), dirty AS (
         INSERT INTO rfm_dirty_customer
         SELECT DISTINCT c.customer_id FROM closed c
@@ -431,9 +511,9 @@ BEGIN
     )
     INSERT INTO check_change (rel, op, key, old_row)
     SELECT 'customer_analytics.dim_customer'::regclass, x.op, x.key, x.old_row
-    FROM closed c
+    FROM closed c JOIN was w USING (customer_key)
     CROSS JOIN LATERAL (VALUES ('n'::"char", jsonb_build_object('customer_key', c.customer_key), NULL::jsonb),
-                               ('o', NULL, c.old_row)) x (op, key, old_row)
+                               ('o', NULL, to_jsonb(w))) x (op, key, old_row)
     WHERE detail;
 
     WITH added AS (
@@ -457,9 +537,11 @@ BEGIN
     )
     SELECT count(*) INTO n FROM added;
     DROP TABLE ca_new_versions;
-    -- (as for products: only when the table grew by a tenth or more)
+    -- (as for products: only when the table grew by a tenth or more, and
+    -- not on Citus)
     IF n > 0 AND n * 10 >= (SELECT GREATEST(c.reltuples, 0) FROM pg_class c
-                            WHERE c.oid = 'customer_analytics.dim_customer'::regclass) THEN
+                            WHERE c.oid = 'customer_analytics.dim_customer'::regclass)
+       AND NOT citus_managed('customer_analytics.dim_customer') THEN
         ANALYZE dim_customer;
     END IF;
     RETURN n;
@@ -630,17 +712,26 @@ BEGIN
         FROM written w WHERE $2
     )
     SELECT count(*) FROM written
-    $sql$, CASE WHEN EXISTS (SELECT FROM fact_order_line) THEN 'ON CONFLICT (order_id, line_number) DO NOTHING' END)
+    $sql$, CASE WHEN EXISTS (SELECT 1 FROM fact_order_line) THEN 'ON CONFLICT (order_id, line_number) DO NOTHING' END)
     INTO added USING line_queue, detail;
     IF fast THEN
         PERFORM set_config('session_replication_role', 'origin', true);
         PERFORM check_order_line_keys();
     END IF;
 
-    -- lines already in the facts: a later staged version that differs wins
+    -- lines already in the facts: a later staged version that differs wins.
+    -- (The batch and the old rows are materialised in CTEs, and the UPDATE
+    -- returns its rows as they are: so Citus can run it on the distributed
+    -- facts, which it may not join to a temporary table, nor return a
+    -- function of.)
     IF added < batch THEN
         CREATE TEMP TABLE ca_line_changes (new jsonb, old jsonb) ON COMMIT DROP;
-        WITH upd AS (
+        WITH r AS MATERIALIZED (
+            SELECT * FROM ca_order_lines
+        ), was AS MATERIALIZED (
+            SELECT f.* FROM fact_order_line f
+            WHERE (f.order_id, f.line_number) IN (SELECT r.order_id, r.line_number FROM r)
+        ), upd AS (
             UPDATE fact_order_line f
             SET customer_key = r.customer_key, product_key = r.product_key,
                 date_key = r.date_key, order_ts = r.order_ts,
@@ -648,31 +739,48 @@ BEGIN
                 discount = r.discount, status = r.status,
                 channel = r.channel, updated_at = r.updated_at,
                 stage_id = r.stage_id, load_id = r.load_id
-            FROM ca_order_lines r, fact_order_line was
+            FROM r
             WHERE f.order_id = r.order_id AND f.line_number = r.line_number
-              AND was.order_id = r.order_id AND was.line_number = r.line_number
               AND r.stage_id > f.stage_id
               AND (f.customer_key, f.product_key, f.order_ts, f.quantity, f.unit_price,
                    f.discount, f.status, f.channel, f.updated_at)
                   IS DISTINCT FROM
                   (r.customer_key, r.product_key, r.order_ts, r.quantity,
                    r.unit_price, r.discount, r.status, r.channel, r.updated_at)
-            RETURNING to_jsonb(f) AS new, to_jsonb(was) AS old
+            RETURNING f.*
         )
-        INSERT INTO ca_line_changes SELECT * FROM upd;
+        INSERT INTO ca_line_changes
+        SELECT to_jsonb(u), to_jsonb(w) FROM upd u JOIN was w USING (order_id, line_number);
         changed := note_order_line_updates(detail);
     END IF;
 
     -- the lines of this batch a later dimension row may repair (a batch
     -- line that did resolve leaves the queue)
-    MERGE INTO unknown_member_line q
-    USING ca_order_lines b
-    ON q.order_id = b.order_id AND q.line_number = b.line_number
-    WHEN MATCHED AND NOT b.unresolved THEN DELETE
-    WHEN MATCHED THEN UPDATE SET customer_id = b.customer_id, product_id = b.product_id
-    WHEN NOT MATCHED AND b.unresolved THEN
-        INSERT (order_id, line_number, customer_id, product_id)
-        VALUES (b.order_id, b.line_number, b.customer_id, b.product_id);
+    IF NOT citus_managed('customer_analytics_internal.unknown_member_line') THEN
+        MERGE INTO unknown_member_line q
+        USING ca_order_lines b
+        ON q.order_id = b.order_id AND q.line_number = b.line_number
+        WHEN MATCHED AND NOT b.unresolved THEN DELETE
+        WHEN MATCHED THEN UPDATE SET customer_id = b.customer_id, product_id = b.product_id
+        WHEN NOT MATCHED AND b.unresolved THEN
+            INSERT (order_id, line_number, customer_id, product_id)
+            VALUES (b.order_id, b.line_number, b.customer_id, b.product_id);
+    ELSE
+        -- the same in two statements: Citus does not MERGE a temporary
+        -- table into a distributed one
+        WITH resolved AS MATERIALIZED (
+            SELECT b.order_id, b.line_number FROM ca_order_lines b WHERE NOT b.unresolved
+        )
+        DELETE FROM unknown_member_line q
+        USING resolved b
+        WHERE q.order_id = b.order_id AND q.line_number = b.line_number;
+        INSERT INTO unknown_member_line AS q (order_id, line_number, customer_id, product_id)
+        SELECT b.order_id, b.line_number, b.customer_id, b.product_id
+        FROM ca_order_lines b
+        WHERE b.unresolved
+        ON CONFLICT (order_id, line_number) DO UPDATE
+            SET customer_id = excluded.customer_id, product_id = excluded.product_id;
+    END IF;
     DROP TABLE ca_order_lines;
     RETURN added + changed;
 END
@@ -694,37 +802,57 @@ AS $$
 DECLARE
     n bigint;
 BEGIN
+    -- (the queued lines and their customers' versions materialised apart:
+    -- Citus would otherwise send customer_versions(), which reads a table,
+    -- to the shards of the facts)
     CREATE TEMP TABLE ca_repairs ON COMMIT DROP AS
-    SELECT q.order_id, q.line_number, q.customer_id, q.product_id, f.order_id IS NULL AS gone,
+    WITH q AS MATERIALIZED (
+        SELECT q.order_id, q.line_number, q.customer_id, q.product_id, f.order_id IS NULL AS gone,
+               f.order_ts
+        FROM unknown_member_line q
+        LEFT JOIN fact_order_line f ON f.order_id = q.order_id AND f.line_number = q.line_number
+    ), v AS MATERIALIZED (
+        SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT q.customer_id FROM q
+                                              WHERE q.customer_id IS NOT NULL))
+    )
+    SELECT q.order_id, q.line_number, q.customer_id, q.product_id, q.gone,
            COALESCE(v.customer_key, -1) AS customer_key,
            COALESCE(p.product_key, -1) AS product_key
-    FROM unknown_member_line q
-    LEFT JOIN fact_order_line f ON f.order_id = q.order_id AND f.line_number = q.line_number
-    LEFT JOIN customer_versions(ARRAY(SELECT DISTINCT u.customer_id FROM unknown_member_line u
-                                      WHERE u.customer_id IS NOT NULL)) v
-           ON v.customer_id = q.customer_id AND f.order_ts >= v.valid_from AND f.order_ts < v.valid_to
+    FROM q
+    LEFT JOIN v ON v.customer_id = q.customer_id AND q.order_ts >= v.valid_from AND q.order_ts < v.valid_to
     LEFT JOIN dim_product p ON p.product_id = q.product_id;
 
+    -- (materialised in CTEs, as the update in load_fact_order_line(), for
+    -- Citus)
     CREATE TEMP TABLE ca_line_changes (new jsonb, old jsonb) ON COMMIT DROP;
-    WITH upd AS (
+    WITH r AS MATERIALIZED (
+        SELECT r.order_id, r.line_number, r.customer_key, r.product_key
+        FROM ca_repairs r WHERE NOT r.gone
+    ), was AS MATERIALIZED (
+        SELECT f.* FROM fact_order_line f
+        WHERE (f.order_id, f.line_number) IN (SELECT r.order_id, r.line_number FROM r)
+    ), upd AS (
         UPDATE fact_order_line f
         SET customer_key = r.customer_key, product_key = r.product_key
-        FROM ca_repairs r, fact_order_line was
-        WHERE NOT r.gone AND f.order_id = r.order_id AND f.line_number = r.line_number
-          AND was.order_id = f.order_id AND was.line_number = f.line_number
+        FROM r
+        WHERE f.order_id = r.order_id AND f.line_number = r.line_number
           AND (f.customer_key, f.product_key) IS DISTINCT FROM (r.customer_key, r.product_key)
-        RETURNING to_jsonb(f) AS new, to_jsonb(was) AS old
+        RETURNING f.*
     )
-    INSERT INTO ca_line_changes SELECT * FROM upd;
+    INSERT INTO ca_line_changes
+    SELECT to_jsonb(u), to_jsonb(w) FROM upd u JOIN was w USING (order_id, line_number);
     SELECT count(*) INTO n FROM ca_line_changes;
     n := note_order_line_updates(check_queue('customer_analytics.fact_order_line', n));
 
     -- resolved (or no longer in the facts): out of the queue
+    WITH done AS MATERIALIZED (
+        SELECT r.order_id, r.line_number FROM ca_repairs r
+        WHERE r.gone OR ((r.customer_key <> -1 OR r.customer_id IS NULL)
+                         AND (r.product_key <> -1 OR r.product_id IS NULL))
+    )
     DELETE FROM unknown_member_line q
-    USING ca_repairs r
-    WHERE q.order_id = r.order_id AND q.line_number = r.line_number
-      AND (r.gone OR ((r.customer_key <> -1 OR r.customer_id IS NULL)
-                      AND (r.product_key <> -1 OR r.product_id IS NULL)));
+    USING done r
+    WHERE q.order_id = r.order_id AND q.line_number = r.line_number;
     DROP TABLE ca_repairs;
     RETURN n;
 END
@@ -745,9 +873,11 @@ DECLARE
     products    bigint;
     customers   bigint;
     unknown_before boolean;
+    modify_mode text;
 BEGIN
     -- one transform at a time; the second waits, then sees the first's work
     PERFORM pg_advisory_xact_lock(lock_key('transform()'));
+    modify_mode := cluster_writes_begin();
 
     SELECT system_identifier INTO sysid FROM pg_control_system();
     SELECT * INTO saved FROM transform_state;
@@ -766,7 +896,7 @@ BEGIN
      * this run writes are looked up in the dimensions as they now are), and
      * only if this run added dimension rows.
      */
-    unknown_before := products + customers > 0 AND EXISTS (SELECT FROM unknown_member_line);
+    unknown_before := products + customers > 0 AND EXISTS (SELECT 1 FROM unknown_member_line);
     RETURN QUERY SELECT 'fact_order_line', load_fact_order_line();
     RETURN QUERY SELECT 'late_dimension_fixes',
                         CASE WHEN unknown_before THEN repair_order_line_keys() ELSE 0 END;
@@ -782,6 +912,7 @@ BEGIN
 
     /* clickstream events: their own snapshot, so refresh_clickstream() can run them alone */
     RETURN QUERY SELECT * FROM transform_events(full_refresh);
+    PERFORM cluster_writes_end(modify_mode);
 END
 $$;
 
@@ -942,13 +1073,18 @@ BEGIN
         FROM written w WHERE $1
     )
     SELECT count(*) FROM written
-    $sql$, CASE WHEN EXISTS (SELECT FROM fact_event) THEN 'ON CONFLICT (event_id) DO NOTHING' END)
+    $sql$, CASE WHEN EXISTS (SELECT 1 FROM fact_event) THEN 'ON CONFLICT (event_id) DO NOTHING' END)
     INTO added USING detail;
 
     -- events already in the facts: a later staged version that differs wins
     IF added < batch THEN
         CREATE TEMP TABLE ca_event_changes (new jsonb, old jsonb) ON COMMIT DROP;
-        WITH upd AS (
+        -- (in CTEs, for Citus, as the order lines' update)
+        WITH r AS MATERIALIZED (
+            SELECT * FROM ca_event_rows
+        ), was AS MATERIALIZED (
+            SELECT f.* FROM fact_event f WHERE f.event_id IN (SELECT r.event_id FROM r)
+        ), upd AS (
             UPDATE fact_event f
             SET event_ts = r.event_ts, date_key = r.date_key,
                 customer_key = r.customer_key, customer_id = r.customer_id,
@@ -956,8 +1092,8 @@ BEGIN
                 event_type = r.event_type, product_key = r.product_key,
                 order_id = r.order_id, channel = r.channel,
                 device = r.device, stage_id = r.stage_id, load_id = r.load_id
-            FROM ca_event_rows r, fact_event was
-            WHERE f.event_id = r.event_id AND was.event_id = r.event_id
+            FROM r
+            WHERE f.event_id = r.event_id
               AND r.stage_id > f.stage_id
               AND (f.event_ts, f.customer_key, f.customer_id, f.customer_stitched, f.session_id,
                    f.event_type, f.product_key, f.order_id, f.channel, f.device)
@@ -965,9 +1101,10 @@ BEGIN
                   (r.event_ts, r.customer_key, r.customer_id, false,
                    r.session_id, r.event_type, r.product_key,
                    r.order_id, r.channel, r.device)
-            RETURNING to_jsonb(f) AS new, to_jsonb(was) AS old
+            RETURNING f.*
         )
-        INSERT INTO ca_event_changes SELECT * FROM upd;
+        INSERT INTO ca_event_changes
+        SELECT to_jsonb(u), to_jsonb(w) FROM upd u JOIN was w USING (event_id);
         changed := note_event_updates(detail);
     END IF;
     DROP TABLE ca_event_rows;
@@ -1003,7 +1140,9 @@ BEGIN
            OR bool_or(f.customer_stitched);
     ANALYZE ca_stitch_sessions;
     CREATE TEMP TABLE ca_event_changes (new jsonb, old jsonb) ON COMMIT DROP;
-    WITH sess AS (
+    -- (the new customer of each event materialised, the UPDATE returning
+    -- plain rows: for Citus, as the order lines' update)
+    WITH sess AS MATERIALIZED (
         SELECT f.event_id, f.customer_key, f.customer_id, f.customer_stitched,
                count(*) FILTER (WHERE f.customer_id IS NOT NULL AND NOT f.customer_stitched)
                    OVER (PARTITION BY f.session_id ORDER BY f.event_ts DESC, f.event_id DESC
@@ -1011,7 +1150,7 @@ BEGIN
                f.session_id
         FROM fact_event f
         WHERE f.session_id IN (SELECT c.session_id FROM ca_stitch_sessions c)
-    ), linked AS (
+    ), linked AS MATERIALIZED (
         SELECT s.event_id, s.customer_key, s.customer_id, s.customer_stitched,
                max(s.customer_key) FILTER (WHERE s.customer_id IS NOT NULL AND NOT s.customer_stitched)
                    OVER g AS new_key,
@@ -1027,12 +1166,14 @@ BEGIN
           AND (l.customer_id IS NULL OR l.customer_stitched)
           AND (l.customer_key, l.customer_id, l.customer_stitched)
               IS DISTINCT FROM (l.new_key, l.new_id, l.new_id IS NOT NULL)
-        -- only the customer columns change: the old row is the new one with theirs
-        RETURNING to_jsonb(f) AS new,
-                  to_jsonb(f) || jsonb_build_object('customer_key', l.customer_key, 'customer_id', l.customer_id,
-                                                    'customer_stitched', l.customer_stitched) AS old
+        RETURNING f.*
     )
-    INSERT INTO ca_event_changes SELECT * FROM upd;
+    -- only the customer columns change: the old row is the new one with theirs
+    INSERT INTO ca_event_changes
+    SELECT to_jsonb(u),
+           to_jsonb(u) || jsonb_build_object('customer_key', l.customer_key, 'customer_id', l.customer_id,
+                                             'customer_stitched', l.customer_stitched)
+    FROM upd u JOIN linked l USING (event_id);
     SELECT count(*) INTO n FROM ca_event_changes;
     n := note_event_updates(check_queue('customer_analytics.fact_event', n));
     DROP TABLE ca_stitch_sessions;
@@ -1053,16 +1194,20 @@ DECLARE
     n bigint;
 BEGIN
     CREATE TEMP TABLE ca_event_changes (new jsonb, old jsonb) ON COMMIT DROP;
-    WITH upd AS (
+    -- (the versions materialised, the UPDATE returning plain rows: for Citus)
+    WITH v AS MATERIALIZED (
+        SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT e.customer_id FROM fact_event e
+                                              WHERE e.customer_key = -1))
+    ), upd AS (
         UPDATE fact_event f
         SET customer_key = v.customer_key
-        FROM customer_versions(ARRAY(SELECT DISTINCT e.customer_id FROM fact_event e
-                                     WHERE e.customer_key = -1)) v
+        FROM v
         WHERE f.customer_key = -1 AND v.customer_id = f.customer_id
           AND f.event_ts >= v.valid_from AND f.event_ts < v.valid_to
-        RETURNING to_jsonb(f) AS new, to_jsonb(f) || '{"customer_key": -1}' AS old
+        RETURNING f.*
     )
-    INSERT INTO ca_event_changes SELECT * FROM upd;
+    INSERT INTO ca_event_changes
+    SELECT to_jsonb(u), to_jsonb(u) || '{"customer_key": -1}' FROM upd u;
     SELECT count(*) INTO n FROM ca_event_changes;
     n := note_event_updates(check_queue('customer_analytics.fact_event', n));
     RETURN n;
@@ -1106,8 +1251,10 @@ DECLARE
     tz          text := business_timezone();
     cutoff      timestamptz;
     mark        timestamptz;
+    modify_mode text;
 BEGIN
     PERFORM pg_advisory_xact_lock(lock_key('transform_events()'));
+    modify_mode := cluster_writes_begin();
 
     SELECT system_identifier INTO sysid FROM pg_control_system();
     SELECT * INTO saved FROM event_transform_state;
@@ -1145,6 +1292,7 @@ BEGIN
             last_run_at = excluded.last_run_at;
 
     DROP TABLE ca_batch_events;
+    PERFORM cluster_writes_end(modify_mode);
 END
 $$;
 

@@ -249,7 +249,7 @@ BEGIN
     END IF;
     -- a batch of a million rows, or a table's first load (the whole table
     -- is the batch: reading it costs less than queuing every row)
-    EXECUTE format('SELECT NOT EXISTS (SELECT FROM %s)', rel) INTO first_load;
+    EXECUTE format('SELECT NOT EXISTS (SELECT 1 FROM %s)', rel) INTO first_load;
     IF batch > 1000000 OR first_load THEN
         DELETE FROM customer_analytics_internal.check_change c WHERE c.rel = check_queue.rel;
         INSERT INTO customer_analytics_internal.check_change (rel, op) VALUES (check_queue.rel, 'T');

@@ -220,6 +220,48 @@ CREATE TRIGGER fact_event_changed_trunc AFTER TRUNCATE ON customer_analytics.fac
     FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.fact_event_changed();
 
 /*
+ * refresh_sessions()'s events of the changed visitors (ca_changed) on
+ * Citus, into ca_session_events: the same rows as its lookups one visitor
+ * at a time, which Citus cannot send to the shards of fact_event (a
+ * lateral subquery with OFFSET).  The visitors are materialised and
+ * joined instead: Citus sends them to every shard, and each shard's rows
+ * of those visitors come back.
+ */
+CREATE FUNCTION customer_analytics_internal.changed_session_events_on_cluster()
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+BEGIN
+    CREATE TEMP TABLE ca_session_events ON COMMIT DROP AS
+    WITH c AS MATERIALIZED (
+        SELECT c.visitor, c.since, substr(c.visitor, 3) AS id, c.visitor LIKE 'c:%' AS is_customer
+        FROM ca_changed c
+        WHERE c.visitor LIKE 'c:%' OR c.visitor LIKE 's:%'
+    ), k AS MATERIALIZED (
+        SELECT c.visitor, c.since, d.customer_key
+        FROM c JOIN dim_customer d ON d.customer_id = c.id AND d.customer_key <> -1
+        WHERE c.is_customer
+    )
+    SELECT k.visitor, f.event_id, f.event_ts, f.customer_id, f.customer_key,
+           f.event_type, f.channel, f.device
+    FROM k JOIN fact_event f ON f.customer_key = k.customer_key AND f.event_ts >= k.since
+    UNION ALL
+    SELECT c.visitor, f.event_id, f.event_ts, f.customer_id, f.customer_key,
+           f.event_type, f.channel, f.device
+    FROM c JOIN fact_event f ON f.customer_key = -1 AND f.customer_id = c.id AND f.event_ts >= c.since
+    WHERE c.is_customer
+    UNION ALL
+    SELECT c.visitor, f.event_id, f.event_ts, f.customer_id, f.customer_key,
+           f.event_type, f.channel, f.device
+    FROM c JOIN fact_event f ON f.session_id = c.id AND f.event_ts >= c.since AND f.customer_id IS NULL
+    WHERE NOT c.is_customer;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.changed_session_events_on_cluster() IS
+    'Internal to refresh_sessions() on Citus: the events of the visitors queued as changed (ca_changed) into ca_session_events, by a join Citus sends to the shards instead of one lookup per visitor';
+
+/*
  * Rebuild the sessions of the visitors queued in clickstream_change (all of
  * them with full_rebuild).  For a visitor whose events changed from time t
  * on, the sessions that end before t - gap cannot change (the pause to any
@@ -276,6 +318,9 @@ BEGIN
         )
         SELECT COALESCE(sum(removed), 0) INTO n FROM firsts;
 
+        IF citus_managed('customer_analytics.fact_event') THEN
+            PERFORM changed_session_events_on_cluster();
+        ELSE
         /*
          * Each changed visitor's events since its time, looked up through
          * the indexes one visitor at a time (OFFSET 0 keeps each lookup a
@@ -312,6 +357,7 @@ BEGIN
                               AND f.customer_id IS NULL
                             OFFSET 0) f
         WHERE c.visitor LIKE 's:%';
+        END IF;
         DROP TABLE ca_changed;
     END IF;
     RETURN QUERY VALUES ('sessions_removed', n);
