@@ -97,6 +97,12 @@ CREATE TABLE bench.event_copy (LIKE customer_analytics.fact_event INCLUDING ALL)
 SQL
 }
 
+# plain_sql label setup sql [runs]: a baseline, timed as time_sql does,
+# with JIT off as transform() runs its statements (JIT compiles each
+# statement and speeds up none of these writes: off is the faster baseline)
+plain_sql() {
+    PGOPTIONS="${PGOPTIONS:-} -c jit=off" time_sql "$@"
+}
 # time_sql label setup sql [runs]: median ms of $RUNS (or runs) runs
 time_sql() {
     bench_value "SELECT round(bench.time('$1', \$q\$$3\$q\$, ${4:-$RUNS}, \$q\$$2\$q\$)::numeric, 1)"
@@ -138,8 +144,8 @@ SQL
     log "timing transform() on $or_lines lines ($RUNS runs)"
     or_transform=$(time_sql or_transform "$CLEAR_ORDERS" "$TRANSFORM")
     make_copies
-    or_plain=$(time_sql or_plain "TRUNCATE bench.order_copy" "$(plain_orders order_copy)")
-    or_plain_fk=$(time_sql or_plain_fk "TRUNCATE bench.order_copy_fk" "$(plain_orders order_copy_fk)")
+    or_plain=$(plain_sql or_plain "TRUNCATE bench.order_copy" "$(plain_orders order_copy)")
+    or_plain_fk=$(plain_sql or_plain_fk "TRUNCATE bench.order_copy_fk" "$(plain_orders order_copy_fk)")
     f_plain=$(fastest or_plain); f_plain_fk=$(fastest or_plain_fk); f_transform=$(fastest or_transform)
     or_table="| | median | ratio | lines/s | fastest | ratio |
 |---|---:|---:|---:|---:|---:|
@@ -165,10 +171,10 @@ log "timing on $shop_lines lines, $shop_events events ($RUNS runs)"
 bench_psql -q -c "SET client_min_messages = warning" -c "$TRANSFORM" >/dev/null
 shop_transform=$(time_sql shop_transform "$CLEAR_ORDERS" "$TRANSFORM")
 make_copies
-shop_plain=$(time_sql shop_plain "TRUNCATE bench.order_copy" "$(plain_orders order_copy)")
-shop_plain_fk=$(time_sql shop_plain_fk "TRUNCATE bench.order_copy_fk" "$(plain_orders order_copy_fk)")
+shop_plain=$(plain_sql shop_plain "TRUNCATE bench.order_copy" "$(plain_orders order_copy)")
+shop_plain_fk=$(plain_sql shop_plain_fk "TRUNCATE bench.order_copy_fk" "$(plain_orders order_copy_fk)")
 shop_events_t=$(time_sql shop_events "$CLEAR_EVENTS" "$TRANSFORM_EVENTS")
-shop_events_plain=$(time_sql shop_events_plain "TRUNCATE bench.event_copy" "$PLAIN_EVENTS")
+shop_events_plain=$(plain_sql shop_events_plain "TRUNCATE bench.event_copy" "$PLAIN_EVENTS")
 
 big_table="Not run (BIG=0)."
 if [ "$BIG" = 1 ]; then
@@ -185,8 +191,8 @@ if [ "$BIG" = 1 ]; then
     log "timing on $big_lines lines (1 run each)"
     big_transform=$(time_sql big_transform "$CLEAR_ORDERS" "$TRANSFORM" 1)
     make_copies
-    big_plain=$(time_sql big_plain "TRUNCATE bench.order_copy" "$(plain_orders order_copy)" 1)
-    big_plain_fk=$(time_sql big_plain_fk "TRUNCATE bench.order_copy_fk" "$(plain_orders order_copy_fk)" 1)
+    big_plain=$(plain_sql big_plain "TRUNCATE bench.order_copy" "$(plain_orders order_copy)" 1)
+    big_plain_fk=$(plain_sql big_plain_fk "TRUNCATE bench.order_copy_fk" "$(plain_orders order_copy_fk)" 1)
 
     log "large shop, events: $BIG_EVENTS_CUSTOMERS customers, $SHOP_DAYS days"
     bench_psql -q -c "SET client_min_messages = warning" -c "$CLEAR_ALL" -c "
@@ -199,7 +205,7 @@ if [ "$BIG" = 1 ]; then
     bench_psql -q -c "SET client_min_messages = warning" -c "$TRANSFORM" >/dev/null
     big_events_t=$(time_sql big_events "$CLEAR_EVENTS" "$TRANSFORM_EVENTS" 1)
     make_copies
-    big_events_plain=$(time_sql big_events_plain "TRUNCATE bench.event_copy" "$PLAIN_EVENTS" 1)
+    big_events_plain=$(plain_sql big_events_plain "TRUNCATE bench.event_copy" "$PLAIN_EVENTS" 1)
     big_table="Order lines: \`generate_sample_data\`, $BIG_LINES_CUSTOMERS customers, $SHOP_DAYS days, no events
 ($big_lines order lines). Events: a second shop of $BIG_EVENTS_CUSTOMERS customers ($big_events events;
 its $big_events_lines lines transformed before, untimed). One run each at this size.
@@ -237,7 +243,8 @@ Each \`transform()\` starts from an empty star schema (dimensions rebuilt
 from the staged rows); each baseline loads the same staged rows, with the
 same dimension lookups (the customer version in effect at the line's time,
 a customer's first version open to -infinity, -1 for unknown ids) into an
-empty copy of the fact table with its indexes and no triggers. Median of
+empty copy of the fact table with its indexes and no triggers, with JIT
+off as \`transform()\` runs (off is the faster baseline). Median of
 $RUNS runs each, same run, shared_buffers = $BENCH_SHARED_BUFFERS; "fastest"
 is the fastest of the runs (on a shared machine, the least disturbed).
 

@@ -100,3 +100,48 @@ DROP TABLE fact_audit;
 DROP FUNCTION fact_audit_row();
 REVOKE USAGE ON SCHEMA customer_analytics, customer_analytics_internal FROM ca_bulk_nopriv;
 DROP ROLE ca_bulk_nopriv;
+
+-- The events' first load (fact_event empty) stitches anonymous events from
+-- the batch before writing them; otherwise they are written, then stitched.
+-- Both paths on the same batch give the same rows and the same counts, ties
+-- in time, a customer not in the dimension (-1) and anonymous events after
+-- the last identified one included.
+CALL pg_temp.reset_warehouse(dates => true);
+SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 200, days => 30, seed => 5);
+SELECT count(*) > 0 AS transformed FROM transform();
+INSERT INTO customer_analytics.stg_events (event_id, event_ts, customer_id, session_id, event_type)
+VALUES ('bk-1', '2025-01-10 10:00+00', NULL, 'bk-s1', 'page_view'),
+       ('bk-2', '2025-01-10 10:05+00', NULL, 'bk-s1', 'page_view'),
+       ('bk-3', '2025-01-10 10:05+00', 'bk-nobody', 'bk-s1', 'add_to_cart'),  -- same time as bk-2
+       ('bk-4', '2025-01-10 10:06+00', NULL, 'bk-s1', 'page_view'),
+       ('bk-5', '2025-01-10 10:07+00', 'bk-nobody', 'bk-s1', 'checkout'),
+       ('bk-6', '2025-01-10 10:09+00', NULL, 'bk-s1', 'page_view');          -- after the last identified: stays anonymous
+TRUNCATE customer_analytics.fact_event;
+CREATE TEMP TABLE first_counts AS
+SELECT step, rows_affected FROM transform_events(full_refresh => true);
+CREATE TEMP TABLE first_rows AS
+SELECT event_id, event_ts, date_key, customer_key, customer_id, customer_stitched, session_id,
+       event_type, product_key, order_id, channel, device
+FROM customer_analytics.fact_event;
+SELECT (SELECT rows_affected FROM first_counts WHERE step = 'fact_event_stitched') > 0 AS some_stitched,
+       (SELECT count(*) FROM first_rows WHERE customer_stitched)
+       = (SELECT rows_affected FROM first_counts WHERE step = 'fact_event_stitched') AS counted;
+SELECT event_id, customer_id, customer_key, customer_stitched FROM first_rows WHERE session_id = 'bk-s1' ORDER BY event_id;
+-- the other path: one event of another session in the table first
+TRUNCATE customer_analytics.fact_event;
+INSERT INTO customer_analytics.fact_event (event_id, event_ts, date_key, session_id, event_type, stage_id)
+VALUES ('bk-sentinel', '2025-01-10 09:00+00', 20250110, 'bk-sentinel', 'page_view', 0);
+SELECT f.step, f.rows_affected = o.rows_affected AS same_count
+FROM first_counts f JOIN transform_events(full_refresh => true) o USING (step) ORDER BY f.step;
+SELECT count(*) AS rows_that_differ FROM (
+    (SELECT * FROM first_rows
+     EXCEPT ALL
+     SELECT event_id, event_ts, date_key, customer_key, customer_id, customer_stitched, session_id,
+            event_type, product_key, order_id, channel, device
+     FROM customer_analytics.fact_event WHERE event_id <> 'bk-sentinel')
+    UNION ALL
+    (SELECT event_id, event_ts, date_key, customer_key, customer_id, customer_stitched, session_id,
+            event_type, product_key, order_id, channel, device
+     FROM customer_analytics.fact_event WHERE event_id <> 'bk-sentinel'
+     EXCEPT ALL
+     SELECT * FROM first_rows)) d;
