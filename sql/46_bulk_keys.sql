@@ -105,9 +105,13 @@ DROP ROLE ca_bulk_nopriv;
 -- the batch before writing them; otherwise they are written, then stitched.
 -- Both paths on the same batch give the same rows and the same counts, ties
 -- in time, a customer not in the dimension (-1) and anonymous events after
--- the last identified one included.
+-- the last identified one included.  The batch is large enough (10,000
+-- events or more) for the first load to build fact_event's secondary
+-- indexes after its rows: they are the same indexes afterwards.
 CALL pg_temp.reset_warehouse(dates => true);
-SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 200, days => 30, seed => 5);
+CREATE TEMP TABLE event_indexes AS
+SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'customer_analytics' AND tablename = 'fact_event';
+SELECT count(*) > 0 AS generated FROM generate_sample_data(customers => 2000, days => 90, seed => 5);
 SELECT count(*) > 0 AS transformed FROM transform();
 INSERT INTO customer_analytics.stg_events (event_id, event_ts, customer_id, session_id, event_type)
 VALUES ('bk-1', '2025-01-10 10:00+00', NULL, 'bk-s1', 'page_view'),
@@ -123,6 +127,11 @@ CREATE TEMP TABLE first_rows AS
 SELECT event_id, event_ts, date_key, customer_key, customer_id, customer_stitched, session_id,
        event_type, product_key, order_id, channel, device
 FROM customer_analytics.fact_event;
+SELECT (SELECT rows_affected FROM first_counts WHERE step = 'fact_event') >= 10000 AS large_batch,
+       (SELECT count(*) FROM event_indexes) AS indexes,
+       (SELECT count(*) FROM (SELECT indexname, indexdef FROM pg_indexes
+                              WHERE schemaname = 'customer_analytics' AND tablename = 'fact_event'
+                              EXCEPT SELECT * FROM event_indexes) d) AS indexes_changed;
 SELECT (SELECT rows_affected FROM first_counts WHERE step = 'fact_event_stitched') > 0 AS some_stitched,
        (SELECT count(*) FROM first_rows WHERE customer_stitched)
        = (SELECT rows_affected FROM first_counts WHERE step = 'fact_event_stitched') AS counted;
@@ -145,3 +154,26 @@ SELECT count(*) AS rows_that_differ FROM (
      FROM customer_analytics.fact_event WHERE event_id <> 'bk-sentinel'
      EXCEPT ALL
      SELECT * FROM first_rows)) d;
+
+-- which indexes a first load builds after its rows, and when: a batch of
+-- 10,000 rows or more into an empty table, its secondary indexes only
+-- (not the primary key), given back as they were
+BEGIN;
+TRUNCATE customer_analytics.fact_event;
+SELECT customer_analytics_internal.defer_fact_indexes('customer_analytics.fact_event', 9999) IS NULL AS small_batch_keeps_them,
+       customer_analytics_internal.defer_fact_indexes('customer_analytics.fact_order_line', 10000) IS NULL AS table_not_empty_keeps_them;
+CREATE TEMP TABLE deferred ON COMMIT DROP AS
+SELECT customer_analytics_internal.defer_fact_indexes('customer_analytics.fact_event', 10000) AS defs;
+SELECT cardinality(defs) AS dropped FROM deferred;
+SELECT indexname FROM pg_indexes WHERE schemaname = 'customer_analytics' AND tablename = 'fact_event' ORDER BY 1;
+SELECT customer_analytics_internal.restore_fact_indexes(defs) FROM deferred;
+SELECT count(*) AS indexes_changed FROM (
+    (SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'customer_analytics' AND tablename = 'fact_event'
+     EXCEPT SELECT * FROM event_indexes)
+    UNION ALL
+    (SELECT * FROM event_indexes
+     EXCEPT SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'customer_analytics' AND tablename = 'fact_event')) d;
+ROLLBACK;
+
+-- (the clickstream tests that follow start from no events)
+TRUNCATE customer_analytics.stg_events, customer_analytics.fact_event;

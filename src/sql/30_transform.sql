@@ -197,6 +197,73 @@ COMMENT ON FUNCTION customer_analytics_internal.citus_managed(regclass) IS
     'Internal: whether a table is a Citus distributed or reference table (false where Citus is not installed); the writers choose their cluster path by it';
 
 /*
+ * A large first load into an empty fact table builds the table's secondary
+ * indexes after its rows are in, as pg_restore does: one sort per index
+ * instead of an index entry per row (on a million order lines, the six
+ * indexes cost the plain load more than its rows).  Only where that is
+ * sound and pays: the table is empty, the batch has 10,000 rows or more,
+ * the caller owns the table (DROP INDEX), and it is not a Citus table.
+ * Unique and constraint indexes stay: they keep the keys checked during
+ * the load.  Returns the definitions of the indexes dropped (NULL: none),
+ * for restore_fact_indexes() after the load; both run in the caller's
+ * transaction, so an error in between leaves the indexes as they were.
+ * The table is locked ACCESS EXCLUSIVE from the drop to the commit: an
+ * empty table, read by nobody yet.
+ */
+CREATE FUNCTION customer_analytics_internal.defer_fact_indexes(fact regclass, batch bigint)
+RETURNS text[]
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    defs text[];
+    empty boolean;
+    idx record;
+BEGIN
+    IF batch < 10000 OR customer_analytics_internal.citus_managed(fact)
+       OR NOT pg_has_role((SELECT c.relowner FROM pg_class c WHERE c.oid = fact), 'USAGE') THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE format('SELECT NOT EXISTS (SELECT 1 FROM %s)', fact) INTO empty;
+    IF NOT empty THEN
+        RETURN NULL;
+    END IF;
+    FOR idx IN
+        SELECT i.indexrelid::regclass AS name, pg_get_indexdef(i.indexrelid) AS def
+        FROM pg_index i
+        JOIN pg_class c ON c.oid = i.indexrelid
+        WHERE i.indrelid = fact AND NOT i.indisunique AND i.indisvalid
+          AND c.reltablespace = 0
+          AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)
+          AND NOT EXISTS (SELECT 1 FROM pg_description d WHERE d.objoid = i.indexrelid)
+        ORDER BY i.indexrelid
+    LOOP
+        EXECUTE format('DROP INDEX %s', idx.name);
+        defs := defs || idx.def;
+    END LOOP;
+    RETURN defs;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.defer_fact_indexes(regclass, bigint) IS
+    'Internal to transform(): before a first load of 10,000 rows or more into an empty fact table it owns (not on Citus), drops the table''s secondary indexes and returns their definitions for restore_fact_indexes(); NULL when it drops none';
+
+CREATE FUNCTION customer_analytics_internal.restore_fact_indexes(defs text[])
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    def text;
+BEGIN
+    FOREACH def IN ARRAY COALESCE(defs, '{}') LOOP
+        EXECUTE def;
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.restore_fact_indexes(text[]) IS
+    'Internal to transform(): builds again the indexes defer_fact_indexes() dropped, from their definitions';
+
+/*
  * On Citus, the writers' transactions write the reference tables (the
  * dimensions) after statements over many shards, and Citus allows that
  * only over one connection per node: citus.multi_shard_modify_mode =
@@ -641,6 +708,7 @@ DECLARE
     detail boolean;
     fast boolean;
     line_queue boolean := true;
+    deferred text[];
 BEGIN
     CREATE TEMP TABLE ca_customer_lookup ON COMMIT DROP AS
     SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT o.customer_id FROM ca_batch_orders o
@@ -663,6 +731,7 @@ BEGIN
     DROP TABLE ca_customer_lookup;
     SELECT count(*) INTO batch FROM ca_order_lines;
     detail := check_queue('customer_analytics.fact_order_line', batch);
+    deferred := defer_fact_indexes('customer_analytics.fact_order_line', batch);
 
     -- (session_replication_role is set here, not in a function with SET
     -- clauses of its own, which would undo it on return; this function's
@@ -718,6 +787,7 @@ BEGIN
         PERFORM set_config('session_replication_role', 'origin', true);
         PERFORM check_order_line_keys();
     END IF;
+    PERFORM restore_fact_indexes(deferred);
 
     -- lines already in the facts: a later staged version that differs wins.
     -- (The batch and the old rows are materialised in CTEs, and the UPDATE
@@ -1203,6 +1273,8 @@ SET customer_analytics_internal.own_writer = on
 AS $$
 DECLARE
     tz text := business_timezone();
+    batch bigint := (SELECT count(*) FROM ca_batch_events);
+    deferred text[];
 BEGIN
     CREATE TEMP TABLE ca_event_stitch ON COMMIT DROP AS
     WITH mixed AS (
@@ -1235,7 +1307,8 @@ BEGIN
     ANALYZE ca_event_customers;
 
     -- the table's first load is checked whole: nothing is queued row by row
-    PERFORM check_queue('customer_analytics.fact_event', (SELECT count(*) FROM ca_batch_events));
+    PERFORM check_queue('customer_analytics.fact_event', batch);
+    deferred := defer_fact_indexes('customer_analytics.fact_event', batch);
 
     WITH written AS (
         INSERT INTO fact_event AS f
@@ -1259,6 +1332,7 @@ BEGIN
         SELECT visitor(w.customer_id, w.session_id), min(w.event_ts) FROM written w GROUP BY 1
     )
     SELECT count(*) INTO written FROM written;
+    PERFORM restore_fact_indexes(deferred);
     DROP TABLE ca_event_stitch, ca_event_customers;
 END
 $$;
