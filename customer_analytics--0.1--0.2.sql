@@ -8321,3 +8321,31 @@ $$;
 COMMENT ON FUNCTION customer_analytics.transform_events(boolean) IS
     'The clickstream part of transform(), on its own snapshot: newly staged events into fact_event (upsert on event_id, the latest staged version wins), anonymous events stitched to the next identified event of their session, events of late-arriving customers re-pointed. Events older than the watermark minus customer_analytics.event_lateness are left staged, counted and alerted (a full refresh loads them). Returns the rows written per step';
 
+
+-- issue 17 pipeline steps on the cluster: pipeline_purge() in a session where the module is not loaded yet (its setting then undefined) applies the documented default
+CREATE OR REPLACE FUNCTION customer_analytics.pipeline_purge()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    -- the setting exists only once the module is loaded, which a session
+    -- that runs this step alone (a cron job, a fresh connection) has not done
+    keep interval := COALESCE(NULLIF(current_setting('customer_analytics.history_retention', true), ''), '30 days')::interval;
+    runs bigint;
+    cron_rows bigint := 0;
+BEGIN
+    DELETE FROM customer_analytics.pipeline_run WHERE started_at < now() - keep AND status <> 'running';
+    GET DIAGNOSTICS runs = ROW_COUNT;
+    DELETE FROM customer_analytics.quality_result WHERE run_id IS NULL AND checked_at < now() - keep;
+    -- pg_cron's history is purged where it can be reached; when it cannot
+    -- (pg_cron loaded but its extension not created, a refused loopback
+    -- connection) our own history is still purged
+    BEGIN
+        cron_rows := customer_analytics.pipeline_purge_cron_history(keep);
+    EXCEPTION WHEN OTHERS THEN
+        RAISE WARNING 'pg_cron''s run details were not purged: %', SQLERRM;
+    END;
+    RETURN runs + cron_rows;
+END
+$$;

@@ -149,3 +149,24 @@ DROP MATERIALIZED VIEW public.champion_share, public.champion_count, public.prod
 DROP VIEW public.rfm_champions;
 DROP FUNCTION public.flaky();
 DROP SEQUENCE public.flaky_calls;
+
+------------------------------------------------------------------------
+-- the purge step alone in a fresh session (a cron job, bench/citus.sh's
+-- steps one by one): its retention setting exists only once the module
+-- is loaded, which nothing has done there yet; the documented default
+-- (30 days) applies, and a setting given before the load is obeyed
+------------------------------------------------------------------------
+\c
+\i :abs_srcdir/sql/include/settings.sql
+SET search_path = customer_analytics, public;
+SELECT current_setting('customer_analytics.history_retention', true) IS NULL AS setting_not_defined_yet;
+UPDATE pipeline_run SET started_at = started_at - interval '31 days' WHERE run_id = 3;
+UPDATE pipeline_run SET started_at = started_at - interval '29 days' WHERE run_id = 4;
+SELECT pipeline_purge() >= 1 AS purged;
+SELECT run_id FROM pipeline_run ORDER BY run_id;
+\c
+\i :abs_srcdir/sql/include/settings.sql
+SET search_path = customer_analytics, public;
+SET customer_analytics.history_retention = '28 days';
+SELECT pipeline_purge() >= 1 AS purged;
+SELECT run_id FROM pipeline_run ORDER BY run_id;

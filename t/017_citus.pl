@@ -620,6 +620,101 @@ like($coord->safe_psql('shop', q{EXPLAIN (VERBOSE, COSTS OFF) SELECT order_id, c
 	FROM customer_analytics.fact_order_line GROUP BY 1}), qr/Query: SELECT order_id, customer_analytics\.median_mad_agg\(/,
 	'median_mad_agg grouped by the distribution column: whole on the workers');
 
+# ---------------------------------------------------------------------
+# issue 17 pipeline steps on the cluster: every step of pipeline_plan()
+# but those of transform() and the sessions, run by the pipeline's own
+# commands after an incremental change: lines of two new days (the first
+# netted below its forecast's lower bound by a credit note), a line of a
+# day already rolled up, and a line cancelled, written through the
+# coordinator and queued as transform()'s writers queue them (the same
+# statements on both: with own_writer on, the single node's triggers
+# stand aside); then each step's result and what it wrote
+# ---------------------------------------------------------------------
+my ($cancel_order, $cancel_line) = split /\|/, $coord->safe_psql('shop_single',
+	q{SELECT order_id, line_number FROM customer_analytics.fact_order_line
+	  WHERE status = 'completed' AND customer_key <> -1 AND order_ts < '2025-03-01' ORDER BY order_id, line_number OFFSET 10 LIMIT 1});
+my $pipeline_steps = qq{BEGIN;
+SELECT customer_analytics.ensure_dim_date('2025-04-01', '2025-04-02') IS NOT NULL;
+SET LOCAL customer_analytics_internal.own_writer = on;
+INSERT INTO customer_analytics.fact_order_line
+	(order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, status, stage_id)
+SELECT v.order_id, v.line_number, c.customer_key, p.product_key, v.date_key, v.order_ts::timestamptz, v.quantity, v.unit_price, 'completed', 0
+FROM (SELECT customer_key, row_number() OVER (ORDER BY customer_key) AS n FROM customer_analytics.dim_customer
+      WHERE customer_key <> -1 ORDER BY customer_key LIMIT 3) c,
+     (SELECT min(product_key) AS product_key FROM customer_analytics.dim_product WHERE product_key <> -1) p,
+     (VALUES ('STEP-1', 1, 1, 20250401, '2025-04-01 10:00+00', 1, 5.00),
+             ('STEP-1', 2, 1, 20250401, '2025-04-01 10:00+00', 2, 2.50),
+             ('STEP-2', 1, 2, 20250401, '2025-04-01 16:00+00', -20, 50.00),
+             ('STEP-4', 1, 1, 20250402, '2025-04-02 09:30+00', 1, 4.00),
+             ('STEP-3', 1, 3, 20250315, '2025-03-15 14:00+00', 4, 50.00))
+     v (order_id, line_number, n, date_key, order_ts, quantity, unit_price)
+WHERE c.n = v.n;
+INSERT INTO customer_analytics_internal.rfm_new_line (customer_id, order_id, line_number, order_ts, revenue, purchase)
+SELECT c.customer_id, w.order_id, w.line_number, w.order_ts, w.revenue,
+       w.status = 'completed' AND w.customer_key <> -1 AND (w.quantity > 0 OR w.revenue <> 0)
+FROM customer_analytics.fact_order_line w JOIN customer_analytics.dim_customer c USING (customer_key)
+WHERE w.order_id LIKE 'STEP-%';
+INSERT INTO customer_analytics_internal.sales_dirty_day
+SELECT DISTINCT d.date FROM (SELECT DISTINCT w.date_key FROM customer_analytics.fact_order_line w WHERE w.order_id LIKE 'STEP-%') k
+JOIN customer_analytics.dim_date d USING (date_key)
+ON CONFLICT DO NOTHING;
+INSERT INTO customer_analytics_internal.check_change (rel, op, key)
+SELECT 'customer_analytics.fact_order_line'::regclass, 'n', jsonb_build_object('order_id', w.order_id, 'line_number', w.line_number)
+FROM customer_analytics.fact_order_line w WHERE w.order_id LIKE 'STEP-%';
+CREATE TEMP TABLE ca_line_changes (new jsonb, old jsonb) ON COMMIT DROP;
+INSERT INTO ca_line_changes
+SELECT to_jsonb(f) || '{"status": "cancelled"}', to_jsonb(f) FROM customer_analytics.fact_order_line f
+WHERE f.order_id = '$cancel_order' AND f.line_number = $cancel_line;
+UPDATE customer_analytics.fact_order_line SET status = 'cancelled' WHERE order_id = '$cancel_order' AND line_number = $cancel_line;
+SELECT customer_analytics_internal.note_order_line_updates(true);
+RESET customer_analytics_internal.own_writer;
+CREATE FUNCTION pg_temp.pipeline_steps() RETURNS TABLE (step_no integer, outcome text) LANGUAGE plpgsql AS \$f\$
+DECLARE
+    s record;
+    r text;
+BEGIN
+    FOR s IN SELECT p.step_no, p.step, p.command FROM customer_analytics.pipeline_plan() p
+             WHERE p.step NOT IN ('ingest', 'transform', 'sessions') ORDER BY p.step_no LOOP
+        r := 'done';
+        IF s.command LIKE 'SELECT %' THEN
+            EXECUTE s.command INTO r USING NULL::bigint;
+        ELSE
+            EXECUTE s.command;
+        END IF;
+        step_no := s.step_no;
+        outcome := s.step || '=' || r;
+        RETURN NEXT;
+    END LOOP;
+END
+\$f\$;
+SELECT string_agg(outcome, ', ' ORDER BY step_no) FROM pg_temp.pipeline_steps();
+SELECT customer_analytics.alert_intraday('2025-04-02 15:00+00');
+SELECT md5(string_agg(x::text, ',' ORDER BY x.day)) || ' ' || count(*) FROM customer_analytics.sales_rollup_day x;
+SELECT md5(string_agg(x::text, ',' ORDER BY x.day, x.category)) || ' ' || count(*) FROM customer_analytics.sales_rollup_category x;
+SELECT md5(string_agg(x::text, ',' ORDER BY x::text)) || ' ' || count(*) FROM customer_analytics.daily_sales x;
+SELECT md5(string_agg(x::text, ',' ORDER BY x::text)) || ' ' || count(*) FROM customer_analytics.product_category_sales x;
+SELECT md5(string_agg(x::text, ',' ORDER BY x::text)) || ' ' || count(*) FROM customer_analytics.sales_forecast x;
+SELECT md5(string_agg(x::text, ',' ORDER BY x::text)) || ' ' || count(*) FROM customer_analytics.sales_forecast_accuracy x;
+SELECT md5(string_agg(x::text, ',' ORDER BY x::text)) || ' ' || count(*) FROM customer_analytics.anomalies x;
+@{[ rfm_sum('customer_analytics.customer_rfm') ]};
+SELECT md5(string_agg(x::text, ',' ORDER BY x.rank)) || ' ' || count(*) FROM customer_analytics.top_customers x;
+SELECT md5(string_agg(x::text, ',' ORDER BY x.segment)) || ' ' || count(*) FROM customer_analytics.segment_summary x;
+SELECT md5(m::text) FROM customer_analytics.clv_model m;
+SELECT md5(string_agg(x::text, ',' ORDER BY x.customer_id)) || ' ' || count(*) FROM customer_analytics.customer_clv x;
+SELECT string_agg(format('%s %s %s %s %s', kind, subject, severity, details, dedup_key), E'\\n' ORDER BY dedup_key)
+FROM customer_analytics.alert WHERE raised_at >= now() AND kind <> 'quality_check';
+SELECT string_agg(format('%s %s %s', check_name, passed, failing_rows), ', ' ORDER BY check_name)
+FROM customer_analytics.quality_result WHERE checked_at >= now();
+ROLLBACK};
+my $pipeline_steps_single = $coord->safe_psql('shop_single', $pipeline_steps);
+note "the pipeline's steps on the single node:\n$pipeline_steps_single";
+like($pipeline_steps_single, qr/sales rollup=4, forecast misses=[1-9]\d*, customer rfm=[1-9]/,
+	'the single node rolls up the four changed days, misses the forecast on the new days, rescores customers');
+like($pipeline_steps_single, qr/\nforecast_miss \(all\) warn .*"day": "2025-04-01"/, 'and raises its alert');
+my $pipeline_steps_cluster = $coord->safe_psql('shop', $pipeline_steps);
+is($pipeline_steps_cluster, $pipeline_steps_single,
+	'every step of the pipeline but transform and sessions, after lines added and cancelled: the single node\'s results, rollups, views and alerts on the cluster');
+
 # issue 17 transform on the cluster: a later day staged on both (a new
 # day of the generator: new customer versions (SCD2) and products, order
 # lines, events; then lines re-staged, changed or not, a credit note, a
@@ -787,17 +882,30 @@ like($steps_click, qr/^fact_event=1 .*sessions_removed=1 sessions_written=1$/, '
 $compare_tables->('after the session extended', 'customer_analytics_internal.clickstream_change', 'customer_analytics.sessions');
 is($coord->safe_psql('shop', $sessions), $coord->safe_psql('shop_single', $sessions), 'sessions and funnel_daily: the same on the cluster');
 
-# run_pipeline() on the coordinator: its own steps (ingest, transform,
-# the sessions, the purge) and its bookkeeping work there; the steps of
-# the capabilities docs/scaling.md lists as not working yet are noted
-$coord->safe_psql('shop', q{CALL customer_analytics.run_pipeline()});
-my $pipeline_steps = q{SELECT string_agg(step || '=' || status, '; ' ORDER BY step_no) FROM customer_analytics.pipeline_step
+# run_pipeline() on the coordinator and on the single node after the
+# later day: every step as on the single node (none failed), and what the
+# run leaves (the RFM scores, the sales views and anomalies, forecasts,
+# sessions and funnel, CLV, checks) is the single node's
+my $pipeline_status = q{SELECT string_agg(step || '=' || status, '; ' ORDER BY step_no) FROM customer_analytics.pipeline_step
 	WHERE run_id = (SELECT max(run_id) FROM customer_analytics.pipeline_run)};
-my %status = map { split /=/ } split /; /, $coord->safe_psql('shop', $pipeline_steps);
-is($status{$_}, 'succeeded', "run_pipeline() on the cluster: its step $_ succeeds") for ('ingest', 'transform', 'sessions', 'purge');
+$coord->safe_psql($_, q{CALL customer_analytics.run_pipeline()}) for qw(shop_single shop);
+my $status_single = $coord->safe_psql('shop_single', $pipeline_status);
+like($status_single, qr/transform=succeeded/, 'run_pipeline() on the single node');
+unlike($status_single, qr/=failed/, 'no step failed on the single node');
+is($coord->safe_psql('shop', $pipeline_status), $status_single, 'run_pipeline() on the cluster: every step as on the single node')
+	or diag $coord->safe_psql('shop', q{SELECT string_agg(step || ' ' || status || COALESCE(': ' || error, ''), '; ' ORDER BY step_no)
+		FROM customer_analytics.pipeline_step WHERE run_id = (SELECT max(run_id) FROM customer_analytics.pipeline_run) AND status <> 'succeeded'});
 is($coord->safe_psql('shop', q{SELECT count(*) FROM customer_analytics.pipeline_run WHERE finished_at IS NULL}), '0', 'the run is recorded as finished');
-note 'on the cluster, run_pipeline(): ' . $coord->safe_psql('shop', q{SELECT string_agg(step || ' ' || status || COALESCE(': ' || error, ''), '; ' ORDER BY step_no)
-	FROM customer_analytics.pipeline_step WHERE run_id = (SELECT max(run_id) FROM customer_analytics.pipeline_run) AND status <> 'succeeded'});
+for my $v (qw(customer_rfm top_customers segment_summary daily_sales product_category_sales anomalies
+	sales_forecast sessions funnel_daily clv_model customer_clv quality_result))
+{
+	my $sql = qq{SELECT count(*) || ' ' || coalesce(md5(string_agg(x::text, ',' ORDER BY x::text)), '-') FROM customer_analytics.$v x};
+	$sql = q{SELECT count(*) || ' ' || coalesce(md5(string_agg(format('%s %s %s', check_name, passed, failing_rows), ',' ORDER BY check_name)), '-')
+		FROM customer_analytics.quality_result x WHERE run_id = (SELECT max(run_id) FROM customer_analytics.quality_result)} if $v eq 'quality_result';
+	my $single = $coord->safe_psql('shop_single', $sql);
+	isnt($single, '', "after run_pipeline(), $v: the single node has it");
+	is($coord->safe_psql('shop', $sql), $single, "after run_pipeline(), $v: the same on the cluster");
+}
 # pg_cron runs in the database postgres here (cron.database_name): the
 # job is created there, for the shop, through the coordinator
 $coord->safe_psql('postgres', 'CREATE EXTENSION IF NOT EXISTS pg_cron');

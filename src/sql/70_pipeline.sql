@@ -273,7 +273,9 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    keep interval := current_setting('customer_analytics.history_retention')::interval;
+    -- the setting exists only once the module is loaded, which a session
+    -- that runs this step alone (a cron job, a fresh connection) has not done
+    keep interval := COALESCE(NULLIF(current_setting('customer_analytics.history_retention', true), ''), '30 days')::interval;
     runs bigint;
     cron_rows bigint := 0;
 BEGIN
