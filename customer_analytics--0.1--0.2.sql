@@ -7898,7 +7898,8 @@ END
 $$;
 
 -- issue 18: a first event load stitched before it is written; transform() and
--- transform_events() without JIT; a large first load builds the secondary indexes after its rows
+-- transform_events() without JIT; a large first load builds the secondary indexes
+-- after its rows; the batch tables analyzed on the columns their joins use
 CREATE FUNCTION customer_analytics_internal.defer_fact_indexes(fact regclass, batch bigint)
 RETURNS text[]
 LANGUAGE plpgsql VOLATILE
@@ -7985,12 +7986,12 @@ BEGIN
     FROM linked l
     WHERE l.customer_id IS NULL AND l.new_id IS NOT NULL;
     SELECT count(*) INTO stitched FROM ca_event_stitch;
-    ANALYZE ca_event_stitch;
+    ANALYZE ca_event_stitch (event_id);
 
     CREATE TEMP TABLE ca_event_customers ON COMMIT DROP AS
     SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT e.customer_id FROM ca_batch_events e
                                           WHERE e.customer_id IS NOT NULL));
-    ANALYZE ca_event_customers;
+    ANALYZE ca_event_customers (customer_id, valid_from, valid_to);
 
     -- the table's first load is checked whole: nothing is queued row by row
     PERFORM check_queue('customer_analytics.fact_event', batch);
@@ -8025,6 +8026,211 @@ $$;
 COMMENT ON FUNCTION customer_analytics_internal.load_first_events() IS
     'Internal to transform_events(): the batch''s events into an empty fact_event, anonymous events stitched as stitch_sessions() would stitch them; returns the events written and the events stitched';
 
+CREATE OR REPLACE FUNCTION customer_analytics_internal.stage_order_batch(snap pg_snapshot, prev pg_snapshot,
+                                                              lo xid8, hi xid8, own_xid xid8)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+BEGIN
+    /* the staged rows of this run, latest version per natural key */
+    CREATE TEMP TABLE ca_batch_products ON COMMIT DROP AS
+    SELECT DISTINCT ON (s.product_id)
+           s.product_id, s.name, COALESCE(NULLIF(s.category, ''), 'Unknown') AS category,
+           s.subcategory, s.unit_cost, s.list_price, s.updated_at, s.stage_id
+    FROM stg_products s
+    WHERE newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
+    ORDER BY s.product_id, s.stage_id DESC;
+
+    CREATE TEMP TABLE ca_batch_customers ON COMMIT DROP AS
+    SELECT DISTINCT ON (s.customer_id, COALESCE(s.updated_at, s.loaded_at))
+           s.customer_id, s.name, s.email, s.city, s.state, s.country, s.signup_date,
+           COALESCE(s.updated_at, s.loaded_at) AS version_ts
+    FROM stg_customers s
+    WHERE newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
+    ORDER BY s.customer_id, COALESCE(s.updated_at, s.loaded_at), s.stage_id DESC;
+
+    CREATE TEMP TABLE ca_batch_orders ON COMMIT DROP AS
+    SELECT DISTINCT ON (s.order_id, s.line_number) s.*
+    FROM stg_orders s
+    WHERE newly_staged(s.staged_xid, lo, hi, snap, prev, own_xid)
+    ORDER BY s.order_id, s.line_number, s.stage_id DESC;
+
+    -- statistics of the columns the batch is joined and filtered on: the
+    -- row counts and these are what the plans need, and the others' cost
+    -- (text columns above all) was most of a small batch's staging time
+    ANALYZE ca_batch_products (product_id), ca_batch_customers (customer_id, version_ts),
+            ca_batch_orders (order_id, line_number, customer_id, product_id, order_ts);
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.stage_order_batch(pg_snapshot, pg_snapshot, xid8, xid8, xid8) IS
+    'Internal to transform(): the staged products, customers and order lines of this run (latest version per natural key) in temporary tables';
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.load_dim_product()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    n bigint;
+    detail boolean := check_queue('customer_analytics.dim_product', (SELECT count(*) FROM ca_batch_products));
+BEGIN
+    WITH was AS MATERIALIZED (
+        SELECT d.* FROM dim_product d WHERE d.product_id IN (SELECT b.product_id FROM ca_batch_products b)
+    ), written AS (
+        INSERT INTO dim_product AS d (product_id, name, category, subcategory, unit_cost, list_price,
+                                      updated_at, stage_id)
+        SELECT product_id, name, category, subcategory, unit_cost, list_price, updated_at, stage_id
+        FROM ca_batch_products
+        ON CONFLICT (product_id) DO UPDATE
+            SET name = excluded.name, category = excluded.category, subcategory = excluded.subcategory,
+                unit_cost = excluded.unit_cost, list_price = excluded.list_price,
+                updated_at = excluded.updated_at, stage_id = excluded.stage_id
+            WHERE excluded.stage_id > d.stage_id
+              AND (d.name, d.category, d.subcategory, d.unit_cost, d.list_price)
+                  IS DISTINCT FROM
+                  (excluded.name, excluded.category, excluded.subcategory, excluded.unit_cost, excluded.list_price)
+        RETURNING d.product_key, d.category
+    ), moved AS (           -- a product moved to another category: every day it sold on
+        INSERT INTO sales_dirty_day
+        SELECT DISTINCT dd.date
+        FROM written w JOIN was o USING (product_key)
+        JOIN fact_order_line f ON f.product_key = w.product_key
+        JOIN dim_date dd ON dd.date_key = f.date_key
+        WHERE o.category IS DISTINCT FROM w.category
+        ON CONFLICT DO NOTHING
+    ), checked AS (
+        INSERT INTO check_change (rel, op, key, old_row)
+        SELECT 'customer_analytics.dim_product'::regclass, 'n', jsonb_build_object('product_key', w.product_key), NULL
+        FROM written w WHERE detail
+        UNION ALL
+        SELECT 'customer_analytics.dim_product'::regclass, 'o', NULL, to_jsonb(o)
+        FROM written w JOIN was o USING (product_key) WHERE detail
+    )
+    SELECT count(*) INTO n FROM written;
+    -- the fact joins that follow are planned on these statistics: renewed
+    -- when the table grew by a tenth or more (a few rows more do not change
+    -- a plan, and ANALYZE reads up to 30,000 rows whatever the change)
+    -- (not on Citus: its ANALYZE of a reference table runs over
+    -- connections of its own, which it refuses once this transaction has
+    -- written the coordinator's copy; and the shell's statistics do not
+    -- plan the queries over the shards).  Only the columns those joins
+    -- use: autovacuum analyzes the rest after the commit
+    IF n > 0 AND n * 10 >= (SELECT GREATEST(c.reltuples, 0) FROM pg_class c
+                            WHERE c.oid = 'customer_analytics.dim_product'::regclass)
+       AND NOT citus_managed('customer_analytics.dim_product') THEN
+        ANALYZE dim_product (product_key, product_id, category);
+    END IF;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.load_dim_product() IS
+    'Internal to transform(): the batch''s products into dim_product (type 1); returns the rows written';
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.load_dim_customer()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    n bigint;
+    detail boolean;
+BEGIN
+    CREATE TEMP TABLE ca_new_versions ON COMMIT DROP AS
+    WITH cur AS (
+        SELECT d.customer_id, d.name, d.email, d.city, d.state, d.country, d.signup_date,
+               d.valid_from AS version_ts, false AS is_new
+        FROM dim_customer d
+        WHERE d.is_current AND d.customer_id IN (SELECT customer_id FROM ca_batch_customers)
+    ), chain AS (
+        SELECT * FROM cur
+        UNION ALL
+        SELECT b.customer_id, b.name, b.email, b.city, b.state, b.country, b.signup_date,
+               b.version_ts, true
+        FROM ca_batch_customers b
+        LEFT JOIN cur c ON c.customer_id = b.customer_id
+        WHERE c.customer_id IS NULL OR b.version_ts > c.version_ts
+    ), diffed AS (
+        SELECT ch.*,
+               ROW(ch.name, ch.email, ch.city, ch.state, ch.country, ch.signup_date)
+                   IS DISTINCT FROM
+               lag(ROW(ch.name, ch.email, ch.city, ch.state, ch.country, ch.signup_date))
+                   OVER (PARTITION BY ch.customer_id ORDER BY ch.version_ts) AS changed
+        FROM chain ch
+    )
+    SELECT df.customer_id, df.name, df.email, df.city, df.state, df.country,
+           df.signup_date, df.version_ts
+    FROM diffed df
+    WHERE df.is_new AND df.changed;
+
+    detail := check_queue('customer_analytics.dim_customer', (SELECT count(*) FROM ca_new_versions));
+
+    -- a new version moves the customer's current key and which lines are
+    -- theirs: their RFM inputs are recomputed.  (The closing versions and
+    -- the old rows are materialised in CTEs, the UPDATE returns plain
+    -- columns: so Citus can run it on dim_customer, a reference table
+    -- there, which it may not join to a temporary table, nor return a
+    -- function of.)
+    WITH f AS MATERIALIZED (
+        SELECT nv.customer_id, min(nv.version_ts) AS first_ts
+        FROM ca_new_versions nv GROUP BY nv.customer_id
+    ), was AS MATERIALIZED (
+        SELECT d.* FROM dim_customer d
+        WHERE d.is_current AND d.customer_id IN (SELECT f.customer_id FROM f)
+    ), closed AS (
+        UPDATE dim_customer d
+        SET valid_to = f.first_ts, is_current = false
+        FROM f
+        WHERE d.customer_id = f.customer_id AND d.is_current
+        RETURNING d.customer_key, d.customer_id
+    ), dirty AS (
+        INSERT INTO rfm_dirty_customer
+        SELECT DISTINCT c.customer_id FROM closed c
+        ON CONFLICT DO NOTHING
+    )
+    INSERT INTO check_change (rel, op, key, old_row)
+    SELECT 'customer_analytics.dim_customer'::regclass, x.op, x.key, x.old_row
+    FROM closed c JOIN was w USING (customer_key)
+    CROSS JOIN LATERAL (VALUES ('n'::"char", jsonb_build_object('customer_key', c.customer_key), NULL::jsonb),
+                               ('o', NULL, to_jsonb(w))) x (op, key, old_row)
+    WHERE detail;
+
+    WITH added AS (
+        INSERT INTO dim_customer (customer_id, name, email, city, state, country, signup_date,
+                                  valid_from, valid_to, is_current)
+        SELECT nv.customer_id, nv.name, nv.email, nv.city, nv.state, nv.country, nv.signup_date,
+               nv.version_ts,
+               COALESCE(lead(nv.version_ts) OVER w, 'infinity'),
+               lead(nv.version_ts) OVER w IS NULL
+        FROM ca_new_versions nv
+        WINDOW w AS (PARTITION BY nv.customer_id ORDER BY nv.version_ts)
+        RETURNING customer_key, customer_id
+    ), dirty AS (
+        INSERT INTO rfm_dirty_customer
+        SELECT DISTINCT a.customer_id FROM added a
+        ON CONFLICT DO NOTHING
+    ), checked AS (
+        INSERT INTO check_change (rel, op, key)
+        SELECT 'customer_analytics.dim_customer'::regclass, 'n', jsonb_build_object('customer_key', a.customer_key)
+        FROM added a WHERE detail
+    )
+    SELECT count(*) INTO n FROM added;
+    DROP TABLE ca_new_versions;
+    -- (as for products: only when the table grew by a tenth or more, and
+    -- not on Citus)
+    IF n > 0 AND n * 10 >= (SELECT GREATEST(c.reltuples, 0) FROM pg_class c
+                            WHERE c.oid = 'customer_analytics.dim_customer'::regclass)
+       AND NOT citus_managed('customer_analytics.dim_customer') THEN
+        ANALYZE dim_customer (customer_key, customer_id, valid_from, valid_to, is_current);
+    END IF;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.load_dim_customer() IS
+    'Internal to transform(): the batch''s customer versions into dim_customer (type 2: a changed version closes the current one); returns the versions inserted';
+
 CREATE OR REPLACE FUNCTION customer_analytics_internal.load_fact_order_line()
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
@@ -8044,7 +8250,7 @@ BEGIN
     CREATE TEMP TABLE ca_customer_lookup ON COMMIT DROP AS
     SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT o.customer_id FROM ca_batch_orders o
                                           WHERE o.customer_id IS NOT NULL));
-    ANALYZE ca_customer_lookup;
+    ANALYZE ca_customer_lookup (customer_id, valid_from, valid_to);
 
     CREATE TEMP TABLE ca_order_lines ON COMMIT DROP AS
     SELECT s.order_id, s.line_number,
@@ -8189,6 +8395,101 @@ $$;
 COMMENT ON FUNCTION customer_analytics_internal.load_fact_order_line() IS
     'Internal to transform(): the batch''s order lines into fact_order_line (upsert on order and line, the latest staged version wins, unknown members for missing keys); returns the rows written';
 
+CREATE OR REPLACE FUNCTION customer_analytics_internal.load_fact_event()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    tz text := business_timezone();
+    batch bigint;
+    added bigint;
+    changed bigint := 0;
+    detail boolean;
+BEGIN
+    CREATE TEMP TABLE ca_event_customers ON COMMIT DROP AS
+    SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT e.customer_id FROM ca_batch_events e
+                                          WHERE e.customer_id IS NOT NULL));
+    ANALYZE ca_event_customers (customer_id, valid_from, valid_to);
+
+    CREATE TEMP TABLE ca_event_rows ON COMMIT DROP AS
+    SELECT s.event_id, s.event_ts, date_key((s.event_ts AT TIME ZONE tz)::date) AS date_key,
+           CASE WHEN s.customer_id IS NULL THEN NULL
+                ELSE COALESCE(c.customer_key, -1) END AS customer_key,
+           s.customer_id, s.session_id, s.event_type,
+           CASE WHEN s.product_id IS NULL THEN NULL ELSE COALESCE(p.product_key, -1) END AS product_key,
+           s.order_id, s.channel, s.device, s.stage_id, s.load_id
+    FROM ca_batch_events s
+    LEFT JOIN ca_event_customers c
+           ON c.customer_id = s.customer_id AND s.event_ts >= c.valid_from AND s.event_ts < c.valid_to
+    LEFT JOIN dim_product p ON p.product_id = s.product_id;
+    DROP TABLE ca_event_customers;
+    SELECT count(*) INTO batch FROM ca_event_rows;
+    detail := check_queue('customer_analytics.fact_event', batch);
+
+    -- into an empty table (a first load) without ON CONFLICT, as the
+    -- order lines (load_fact_order_line)
+    EXECUTE format($sql$
+    WITH written AS (
+        INSERT INTO fact_event AS f
+            (event_id, event_ts, date_key, customer_key, customer_id, customer_stitched, session_id,
+             event_type, product_key, order_id, channel, device, stage_id, load_id)
+        SELECT r.event_id, r.event_ts, r.date_key, r.customer_key, r.customer_id, false, r.session_id,
+               r.event_type, r.product_key, r.order_id, r.channel, r.device, r.stage_id, r.load_id
+        FROM ca_event_rows r
+        %s
+        RETURNING f.event_id, f.event_ts, f.customer_id, f.session_id
+    ), queued AS (
+        INSERT INTO clickstream_change (visitor, since)
+        SELECT visitor(w.customer_id, w.session_id), min(w.event_ts) FROM written w GROUP BY 1
+    ), checked AS (
+        INSERT INTO check_change (rel, op, key)
+        SELECT 'customer_analytics.fact_event'::regclass, 'n', jsonb_build_object('event_id', w.event_id)
+        FROM written w WHERE $1
+    )
+    SELECT count(*) FROM written
+    $sql$, CASE WHEN EXISTS (SELECT 1 FROM fact_event) THEN 'ON CONFLICT (event_id) DO NOTHING' END)
+    INTO added USING detail;
+
+    -- events already in the facts: a later staged version that differs wins
+    IF added < batch THEN
+        CREATE TEMP TABLE ca_event_changes (new jsonb, old jsonb) ON COMMIT DROP;
+        -- (in CTEs, for Citus, as the order lines' update)
+        WITH r AS MATERIALIZED (
+            SELECT * FROM ca_event_rows
+        ), was AS MATERIALIZED (
+            SELECT f.* FROM fact_event f WHERE f.event_id IN (SELECT r.event_id FROM r)
+        ), upd AS (
+            UPDATE fact_event f
+            SET event_ts = r.event_ts, date_key = r.date_key,
+                customer_key = r.customer_key, customer_id = r.customer_id,
+                customer_stitched = false, session_id = r.session_id,
+                event_type = r.event_type, product_key = r.product_key,
+                order_id = r.order_id, channel = r.channel,
+                device = r.device, stage_id = r.stage_id, load_id = r.load_id
+            FROM r
+            WHERE f.event_id = r.event_id
+              AND r.stage_id > f.stage_id
+              AND (f.event_ts, f.customer_key, f.customer_id, f.customer_stitched, f.session_id,
+                   f.event_type, f.product_key, f.order_id, f.channel, f.device)
+                  IS DISTINCT FROM
+                  (r.event_ts, r.customer_key, r.customer_id, false,
+                   r.session_id, r.event_type, r.product_key,
+                   r.order_id, r.channel, r.device)
+            RETURNING f.*
+        )
+        INSERT INTO ca_event_changes
+        SELECT to_jsonb(u), to_jsonb(w) FROM upd u JOIN was w USING (event_id);
+        changed := note_event_updates(detail);
+    END IF;
+    DROP TABLE ca_event_rows;
+    RETURN added + changed;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.load_fact_event() IS
+    'Internal to transform_events(): the batch''s events into fact_event (upsert on event_id, the latest staged version wins; anonymous stays NULL, an unknown customer is -1); returns the rows written';
+
 CREATE OR REPLACE FUNCTION customer_analytics.transform(full_refresh boolean DEFAULT false)
 RETURNS TABLE (step text, rows_affected bigint)
 LANGUAGE plpgsql VOLATILE
@@ -8282,7 +8583,7 @@ BEGIN
 
     RETURN QUERY SELECT 'fact_event_too_late',
                         CASE WHEN cutoff IS NULL THEN 0 ELSE hold_back_late_events(cutoff, saved.own_xid) END;
-    ANALYZE ca_batch_events;
+    ANALYZE ca_batch_events (event_id, session_id, customer_id, product_id, event_ts);
     PERFORM ensure_dim_date(min((event_ts AT TIME ZONE tz)::date), max((event_ts AT TIME ZONE tz)::date))
     FROM ca_batch_events;
 
