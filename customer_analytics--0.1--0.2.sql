@@ -7988,11 +7988,6 @@ BEGIN
     SELECT count(*) INTO stitched FROM ca_event_stitch;
     ANALYZE ca_event_stitch (event_id);
 
-    CREATE TEMP TABLE ca_event_customers ON COMMIT DROP AS
-    SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT e.customer_id FROM ca_batch_events e
-                                          WHERE e.customer_id IS NOT NULL));
-    ANALYZE ca_event_customers (customer_id, valid_from, valid_to);
-
     -- the table's first load is checked whole: nothing is queued row by row
     PERFORM check_queue('customer_analytics.fact_event', batch);
     deferred := defer_fact_indexes('customer_analytics.fact_event', batch);
@@ -8020,7 +8015,7 @@ BEGIN
     )
     SELECT count(*) INTO written FROM written;
     PERFORM restore_fact_indexes(deferred);
-    DROP TABLE ca_event_stitch, ca_event_customers;
+    DROP TABLE ca_event_stitch;
 END
 $$;
 COMMENT ON FUNCTION customer_analytics_internal.load_first_events() IS
@@ -8408,11 +8403,6 @@ DECLARE
     changed bigint := 0;
     detail boolean;
 BEGIN
-    CREATE TEMP TABLE ca_event_customers ON COMMIT DROP AS
-    SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT e.customer_id FROM ca_batch_events e
-                                          WHERE e.customer_id IS NOT NULL));
-    ANALYZE ca_event_customers (customer_id, valid_from, valid_to);
-
     CREATE TEMP TABLE ca_event_rows ON COMMIT DROP AS
     SELECT s.event_id, s.event_ts, date_key((s.event_ts AT TIME ZONE tz)::date) AS date_key,
            CASE WHEN s.customer_id IS NULL THEN NULL
@@ -8424,7 +8414,6 @@ BEGIN
     LEFT JOIN ca_event_customers c
            ON c.customer_id = s.customer_id AND s.event_ts >= c.valid_from AND s.event_ts < c.valid_to
     LEFT JOIN dim_product p ON p.product_id = s.product_id;
-    DROP TABLE ca_event_customers;
     SELECT count(*) INTO batch FROM ca_event_rows;
     detail := check_queue('customer_analytics.fact_event', batch);
 
@@ -8586,6 +8575,12 @@ BEGIN
     ANALYZE ca_batch_events (event_id, session_id, customer_id, product_id, event_ts);
     PERFORM ensure_dim_date(min((event_ts AT TIME ZONE tz)::date), max((event_ts AT TIME ZONE tz)::date))
     FROM ca_batch_events;
+    -- the versions of the batch's customers, which either loader keys its
+    -- events to
+    CREATE TEMP TABLE ca_event_customers ON COMMIT DROP AS
+    SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT e.customer_id FROM ca_batch_events e
+                                          WHERE e.customer_id IS NOT NULL));
+    ANALYZE ca_event_customers (customer_id, valid_from, valid_to);
 
     -- (on Citus the general path, whose statements are written to run there)
     IF NOT EXISTS (SELECT 1 FROM fact_event) AND NOT citus_managed('customer_analytics.fact_event') THEN
@@ -8615,7 +8610,7 @@ BEGIN
             watermark = excluded.watermark,
             last_run_at = excluded.last_run_at;
 
-    DROP TABLE ca_batch_events;
+    DROP TABLE ca_batch_events, ca_event_customers;
     PERFORM cluster_writes_end(modify_mode);
 END
 $$;

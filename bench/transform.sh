@@ -94,23 +94,16 @@ ALTER TABLE bench.order_copy_fk
     ADD FOREIGN KEY (product_key) REFERENCES customer_analytics.dim_product,
     ADD FOREIGN KEY (date_key) REFERENCES customer_analytics.dim_date;
 CREATE TABLE bench.event_copy (LIKE customer_analytics.fact_event INCLUDING ALL);
--- the plain load by the bulk-load technique transform()'s first load uses:
--- the copy's secondary indexes dropped, the rows in, the indexes built
+-- the plain load by the bulk-load technique transform()'s first load uses,
+-- through the same two functions: the copy's secondary indexes dropped,
+-- the rows in, the indexes built (the batch size given is any large one)
 CREATE OR REPLACE FUNCTION bench.load_then_index(t regclass, load text) RETURNS void
 LANGUAGE plpgsql AS $f$
 DECLARE
-    defs text[];
-    d text;
-    i regclass;
+    defs text[] := customer_analytics_internal.defer_fact_indexes(t, 1000000);
 BEGIN
-    SELECT array_agg(pg_get_indexdef(x.indexrelid)) INTO defs FROM pg_index x WHERE x.indrelid = t AND NOT x.indisunique;
-    FOR i IN SELECT x.indexrelid::regclass FROM pg_index x WHERE x.indrelid = t AND NOT x.indisunique LOOP
-        EXECUTE format('DROP INDEX %s', i);
-    END LOOP;
     EXECUTE load;
-    FOREACH d IN ARRAY COALESCE(defs, '{}') LOOP
-        EXECUTE d;
-    END LOOP;
+    PERFORM customer_analytics_internal.restore_fact_indexes(defs);
 END
 $f$;
 SQL
