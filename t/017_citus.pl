@@ -261,8 +261,8 @@ my $layout = q{SELECT string_agg(format('%s %s %s %s', table_name, citus_kind, d
 	FROM customer_analytics.distribute(shard_count => 4)};
 my $expected_layout = join('; ', map { "customer_analytics.$_" }
 	'dim_date reference  1', 'dim_product reference  1', 'dim_customer reference  1',
-	'stg_products reference  1', 'fact_order_line distributed order_id 4', 'stg_orders distributed order_id 4',
-	'_internal.unknown_member_line distributed order_id 4', 'fact_event distributed event_id 4',
+	'stg_products reference  1', 'fact_order_line distributed customer_ref 4', 'stg_orders distributed order_id 4',
+	'_internal.unknown_member_line distributed customer_ref 4', 'fact_event distributed event_id 4',
 	'stg_events distributed event_id 4', 'stg_customers distributed customer_id 4');
 $expected_layout =~ s/customer_analytics\._internal/customer_analytics_internal/;
 my $t0 = time;
@@ -290,8 +290,8 @@ is($workers[1]->safe_psql('shop', q{SELECT count(*) FROM customer_analytics.fact
 	'a worker sees every order line');
 # the facts' foreign keys to the dimensions are back, and enforced
 ($rc, $out, $err) = $coord->psql('shop', q{INSERT INTO customer_analytics.fact_order_line
-	(order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, status, stage_id)
-	VALUES ('no-such-product', 1, -1, 987654321, 20250101, '2025-01-01', 1, 1, 'completed', 1)});
+	(order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, status, stage_id, customer_ref)
+	VALUES ('no-such-product', 1, -1, 987654321, 20250101, '2025-01-01', 1, 1, 'completed', 1, '#guest:no-such-product')});
 like($err, qr/violates foreign key constraint "fact_order_line_product_key_fkey(_\d+)?"/, "the facts' foreign keys hold on the cluster");
 
 # every table and materialized view holds what the single node holds
@@ -539,10 +539,10 @@ is($coord->safe_psql('shop', rfm_sum(q{customer_analytics.rfm('2025-04-01')})),
 # the full one, each with the single node's answers
 my $hand = q{BEGIN;
 INSERT INTO customer_analytics.fact_order_line
-	(order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, status, stage_id)
+	(order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, status, stage_id, customer_ref)
 SELECT v.order_id, v.line_number, CASE v.version WHEN 'old' THEN c.old_key ELSE c.new_key END, p.product_key,
-       v.date_key, v.order_ts::timestamptz, v.quantity, v.unit_price, 'completed', 0
-FROM (SELECT min(customer_key) AS old_key, max(customer_key) AS new_key FROM customer_analytics.dim_customer
+       v.date_key, v.order_ts::timestamptz, v.quantity, v.unit_price, 'completed', 0, c.customer_id
+FROM (SELECT customer_id, min(customer_key) AS old_key, max(customer_key) AS new_key FROM customer_analytics.dim_customer
       WHERE customer_key <> -1 GROUP BY customer_id HAVING count(*) > 1 ORDER BY customer_id LIMIT 1) c,
      (SELECT min(product_key) AS product_key FROM customer_analytics.dim_product WHERE product_key <> -1) p,
      (VALUES ('HAND-1', 1, 'old', 20250320, '2025-03-20 10:00+00', 2, 10.50),
@@ -552,8 +552,8 @@ FROM (SELECT min(customer_key) AS old_key, max(customer_key) AS new_key FROM cus
              ('HAND-3', 1, 'old', 20250322, '2025-03-22 12:00+00', -3, 0))
      v (order_id, line_number, version, date_key, order_ts, quantity, unit_price);
 INSERT INTO customer_analytics.fact_order_line
-	(order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, status, stage_id)
-SELECT order_id, line_number + 100, customer_key, product_key, date_key, order_ts, 3, 7.25, 'completed', 0
+	(order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, status, stage_id, customer_ref)
+SELECT order_id, line_number + 100, customer_key, product_key, date_key, order_ts, 3, 7.25, 'completed', 0, customer_ref
 FROM customer_analytics.fact_order_line WHERE status = 'completed' AND customer_key <> -1 ORDER BY order_id, line_number LIMIT 1;
 %s
 SELECT count(*) FROM customer_analytics_internal.rfm_new_line;
@@ -637,9 +637,9 @@ my $pipeline_steps = qq{BEGIN;
 SELECT customer_analytics.ensure_dim_date('2025-04-01', '2025-04-02') IS NOT NULL;
 SET LOCAL customer_analytics_internal.own_writer = on;
 INSERT INTO customer_analytics.fact_order_line
-	(order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, status, stage_id)
-SELECT v.order_id, v.line_number, c.customer_key, p.product_key, v.date_key, v.order_ts::timestamptz, v.quantity, v.unit_price, 'completed', 0
-FROM (SELECT customer_key, row_number() OVER (ORDER BY customer_key) AS n FROM customer_analytics.dim_customer
+	(order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, status, stage_id, customer_ref)
+SELECT v.order_id, v.line_number, c.customer_key, p.product_key, v.date_key, v.order_ts::timestamptz, v.quantity, v.unit_price, 'completed', 0, c.customer_id
+FROM (SELECT customer_key, customer_id, row_number() OVER (ORDER BY customer_key) AS n FROM customer_analytics.dim_customer
       WHERE customer_key <> -1 ORDER BY customer_key LIMIT 3) c,
      (SELECT min(product_key) AS product_key FROM customer_analytics.dim_product WHERE product_key <> -1) p,
      (VALUES ('STEP-1', 1, 1, 20250401, '2025-04-01 10:00+00', 1, 5.00),
