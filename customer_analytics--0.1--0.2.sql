@@ -8645,3 +8645,549 @@ BEGIN
     RETURN runs + cron_rows;
 END
 $$;
+
+-- issue 17 layout by customer: fact_order_line and unknown_member_line get customer_ref (the line's customer whatever its version, '#guest:' || order_id for a guest), filled by transform(); on a Citus cluster distribute() distributes both by it, keyed on (order_id, line_number, customer_ref), and transform() moves a line that changes customer (docs/scaling.md)
+CREATE FUNCTION customer_analytics_internal.order_customer_ref(customer_id text, order_id text)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT COALESCE(customer_id, '#guest:' OPERATOR(pg_catalog.||) order_id) $$;
+COMMENT ON FUNCTION customer_analytics_internal.order_customer_ref(text, text) IS
+    'Internal: fact_order_line.customer_ref of a staged line: its customer_id, or ''#guest:'' || order_id for a guest checkout';
+
+ALTER TABLE customer_analytics.fact_order_line ADD COLUMN customer_ref text;
+-- the lines already loaded: the customer of their version, or, on the
+-- unknown member, the customer_id their line was staged with (the repair
+-- queue keeps it for a late customer; the staged row the fact came from
+-- otherwise), or a guest's.  The change-queue triggers stand aside (as
+-- for the extension's own writers): no line changes what any report reads
+SELECT pg_catalog.set_config('customer_analytics_internal.own_writer', 'on', true);
+UPDATE customer_analytics.fact_order_line f
+SET customer_ref = x.customer_ref
+FROM (SELECT l.order_id, l.line_number,
+             customer_analytics_internal.order_customer_ref(COALESCE(c.customer_id, q.customer_id, s.customer_id),
+                                                            l.order_id) AS customer_ref
+      FROM customer_analytics.fact_order_line l
+      LEFT JOIN customer_analytics.dim_customer c ON c.customer_key = l.customer_key AND c.customer_key <> -1
+      LEFT JOIN customer_analytics_internal.unknown_member_line q
+             ON q.order_id = l.order_id AND q.line_number = l.line_number
+      LEFT JOIN customer_analytics.stg_orders s
+             ON l.customer_key = -1 AND s.order_id = l.order_id AND s.line_number = l.line_number
+            AND s.stage_id = l.stage_id) x
+WHERE f.order_id = x.order_id AND f.line_number = x.line_number;
+SELECT pg_catalog.set_config('customer_analytics_internal.own_writer', '', true);
+ALTER TABLE customer_analytics.fact_order_line ALTER COLUMN customer_ref SET NOT NULL;
+COMMENT ON COLUMN customer_analytics.fact_order_line.customer_ref IS
+    'The customer the line belongs to, whatever its version: the staged customer_id (dim_customer.customer_id of every version, also while the line waits on the unknown member for a late customer), or ''#guest:'' || order_id for a guest checkout; never NULL. A Citus cluster distributes the facts by it (docs/scaling.md)';
+
+ALTER TABLE customer_analytics_internal.unknown_member_line ADD COLUMN customer_ref text;
+UPDATE customer_analytics_internal.unknown_member_line
+SET customer_ref = customer_analytics_internal.order_customer_ref(customer_id, order_id);
+ALTER TABLE customer_analytics_internal.unknown_member_line ALTER COLUMN customer_ref SET NOT NULL;
+
+CREATE FUNCTION customer_analytics_internal.move_order_lines()
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+BEGIN
+    CREATE TEMP TABLE ca_moved_lines (order_id text, line_number integer, old jsonb) ON COMMIT DROP;
+    WITH r AS MATERIALIZED (
+        SELECT b.order_id, b.line_number, b.customer_ref, b.stage_id FROM ca_order_lines b WHERE b.moving
+    ), gone AS (
+        DELETE FROM fact_order_line f
+        USING r
+        WHERE f.order_id = r.order_id AND f.line_number = r.line_number
+          AND f.customer_ref <> r.customer_ref AND r.stage_id > f.stage_id
+        RETURNING f.*
+    )
+    INSERT INTO ca_moved_lines SELECT g.order_id, g.line_number, to_jsonb(g) FROM gone g;
+    WITH moved AS (
+        INSERT INTO fact_order_line AS f
+            (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity,
+             unit_price, discount, status, channel, updated_at, stage_id, load_id, customer_ref)
+        SELECT r.order_id, r.line_number, r.customer_key, r.product_key, r.date_key,
+               r.order_ts, r.quantity, r.unit_price, r.discount, r.status, r.channel,
+               r.updated_at, r.stage_id, r.load_id, r.customer_ref
+        FROM ca_order_lines r
+        WHERE r.moving
+          AND EXISTS (SELECT 1 FROM ca_moved_lines m WHERE m.order_id = r.order_id AND m.line_number = r.line_number)
+        RETURNING f.*
+    )
+    INSERT INTO ca_line_changes
+    SELECT to_jsonb(n), m.old FROM moved n JOIN ca_moved_lines m USING (order_id, line_number);
+    DROP TABLE ca_moved_lines;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.move_order_lines() IS
+    'Internal to transform() on a Citus cluster: the batch''s lines staged again under another customer deleted from their old shard and inserted on the new one (the latest staged version wins), recorded in ca_line_changes';
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.load_fact_order_line()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    tz text := business_timezone();
+    batch bigint;
+    added bigint;
+    changed bigint := 0;
+    detail boolean;
+    fast boolean;
+    line_queue boolean := true;
+    deferred text[];
+    on_cluster boolean := citus_managed('customer_analytics.fact_order_line');
+    conflict text;
+BEGIN
+    CREATE TEMP TABLE ca_customer_lookup ON COMMIT DROP AS
+    SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT o.customer_id FROM ca_batch_orders o
+                                          WHERE o.customer_id IS NOT NULL));
+    ANALYZE ca_customer_lookup (customer_id, valid_from, valid_to);
+
+    CREATE TEMP TABLE ca_order_lines ON COMMIT DROP AS
+    SELECT s.order_id, s.line_number,
+           COALESCE(c.customer_key, -1) AS customer_key,
+           COALESCE(p.product_key, -1) AS product_key,
+           date_key((s.order_ts AT TIME ZONE tz)::date) AS date_key,
+           s.order_ts, s.quantity, s.unit_price, s.discount, s.status, s.channel,
+           s.updated_at, s.stage_id, s.load_id, s.customer_id, s.product_id,
+           order_customer_ref(s.customer_id, s.order_id) AS customer_ref,
+           (s.customer_id IS NOT NULL AND c.customer_key IS NULL)
+           OR (s.product_id IS NOT NULL AND p.product_key IS NULL) AS unresolved,
+           false AS moving
+    FROM ca_batch_orders s
+    LEFT JOIN ca_customer_lookup c
+           ON c.customer_id = s.customer_id AND s.order_ts >= c.valid_from AND s.order_ts < c.valid_to
+    LEFT JOIN dim_product p ON p.product_id = s.product_id;
+    DROP TABLE ca_customer_lookup;
+    SELECT count(*) INTO batch FROM ca_order_lines;
+    detail := check_queue('customer_analytics.fact_order_line', batch);
+    deferred := defer_fact_indexes('customer_analytics.fact_order_line', batch);
+
+    /*
+     * On a cluster the facts are distributed by customer_ref and keyed on
+     * (order_id, line_number, customer_ref) (docs/scaling.md): a line
+     * staged again under another customer conflicts with nothing there and
+     * would become a second row on another shard.  Those lines are set
+     * apart (moving) and moved below, deleted from the old shard and
+     * inserted on the new one.
+     */
+    IF on_cluster AND EXISTS (SELECT 1 FROM fact_order_line) THEN
+        WITH r AS MATERIALIZED (
+            SELECT b.order_id, b.line_number FROM ca_order_lines b
+        ), there AS MATERIALIZED (
+            SELECT f.order_id, f.line_number, f.customer_ref FROM fact_order_line f
+            WHERE (f.order_id, f.line_number) IN (SELECT r.order_id, r.line_number FROM r)
+        )
+        UPDATE ca_order_lines b SET moving = true
+        FROM there t
+        WHERE t.order_id = b.order_id AND t.line_number = b.line_number AND t.customer_ref <> b.customer_ref;
+    END IF;
+
+    -- (session_replication_role is set here, not in a function with SET
+    -- clauses of its own, which would undo it on return; this function's
+    -- own SET clauses undo it on return or error)
+    fast := fact_bulk_write_ok('customer_analytics.fact_order_line');
+    IF fast THEN
+        PERFORM set_config('session_replication_role', 'replica', true);
+    END IF;
+    -- new lines are usually new orders: queued to be added to their
+    -- customers' RFM inputs without a recompute.  With no rollup yet the
+    -- next refresh builds it from the facts whatever is queued: one mark
+    -- that everyone is due (NULL) instead of a row per line
+    IF NOT EXISTS (SELECT FROM customer_analytics.rfm_rollup_customer) THEN
+        INSERT INTO rfm_dirty_customer VALUES (NULL) ON CONFLICT DO NOTHING;
+        line_queue := false;
+    END IF;
+    -- Into an empty table (a first load) the lines go in without ON
+    -- CONFLICT: nothing can conflict (the batch has one row per line, and
+    -- transform() runs alone), and the arbiter's check before every insert
+    -- costs a plain load 30% to 80% more
+    IF EXISTS (SELECT 1 FROM fact_order_line) THEN
+        conflict := CASE WHEN on_cluster THEN 'ON CONFLICT (order_id, line_number, customer_ref) DO NOTHING'
+                         ELSE 'ON CONFLICT (order_id, line_number) DO NOTHING' END;
+    END IF;
+    EXECUTE format($sql$
+    WITH written AS (
+        INSERT INTO fact_order_line AS f
+            (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity,
+             unit_price, discount, status, channel, updated_at, stage_id, load_id, customer_ref)
+        SELECT r.order_id, r.line_number, r.customer_key, r.product_key, r.date_key,
+               r.order_ts, r.quantity, r.unit_price, r.discount, r.status, r.channel,
+               r.updated_at, r.stage_id, r.load_id, r.customer_ref
+        FROM ca_order_lines r
+        WHERE NOT r.moving
+        %s
+        RETURNING f.order_id, f.line_number, f.customer_key, f.date_key, f.order_ts, f.quantity,
+                  f.revenue, f.status
+    ), rfm AS (
+        INSERT INTO rfm_new_line (customer_id, order_id, line_number, order_ts, revenue, purchase)
+        SELECT c.customer_id, w.order_id, w.line_number, w.order_ts, w.revenue,
+               w.status = 'completed' AND w.customer_key <> -1 AND (w.quantity > 0 OR w.revenue <> 0)
+        FROM written w JOIN dim_customer c USING (customer_key)
+        WHERE $1
+    ), days AS (
+        INSERT INTO sales_dirty_day
+        SELECT DISTINCT d.date FROM (SELECT DISTINCT w.date_key FROM written w) k JOIN dim_date d USING (date_key)
+        ON CONFLICT DO NOTHING
+    ), checked AS (
+        INSERT INTO check_change (rel, op, key)
+        SELECT 'customer_analytics.fact_order_line'::regclass, 'n',
+               jsonb_build_object('order_id', w.order_id, 'line_number', w.line_number)
+        FROM written w WHERE $2
+    )
+    SELECT count(*) FROM written
+    $sql$, conflict)
+    INTO added USING line_queue, detail;
+    IF fast THEN
+        PERFORM set_config('session_replication_role', 'origin', true);
+        PERFORM check_order_line_keys();
+    END IF;
+    PERFORM restore_fact_indexes(deferred);
+
+    -- lines already in the facts: a later staged version that differs wins.
+    -- (The batch and the old rows are materialised in CTEs, and the UPDATE
+    -- returns its rows as they are: so Citus can run it on the distributed
+    -- facts, which it may not join to a temporary table, nor return a
+    -- function of.  Citus refuses to SET the distribution column even to
+    -- its own value: on a cluster customer_ref changes by a move only.)
+    IF added < batch THEN
+        CREATE TEMP TABLE ca_line_changes (new jsonb, old jsonb) ON COMMIT DROP;
+        EXECUTE format($sql$
+        WITH r AS MATERIALIZED (
+            SELECT * FROM ca_order_lines WHERE NOT moving
+        ), was AS MATERIALIZED (
+            SELECT f.* FROM fact_order_line f
+            WHERE (f.order_id, f.line_number) IN (SELECT r.order_id, r.line_number FROM r)
+        ), upd AS (
+            UPDATE fact_order_line f
+            SET customer_key = r.customer_key, product_key = r.product_key,
+                date_key = r.date_key, order_ts = r.order_ts,
+                quantity = r.quantity, unit_price = r.unit_price,
+                discount = r.discount, status = r.status,
+                channel = r.channel, updated_at = r.updated_at,
+                stage_id = r.stage_id, load_id = r.load_id %s
+            FROM r
+            WHERE f.order_id = r.order_id AND f.line_number = r.line_number
+              AND r.stage_id > f.stage_id
+              AND (f.customer_key, f.product_key, f.order_ts, f.quantity, f.unit_price,
+                   f.discount, f.status, f.channel, f.updated_at, f.customer_ref)
+                  IS DISTINCT FROM
+                  (r.customer_key, r.product_key, r.order_ts, r.quantity,
+                   r.unit_price, r.discount, r.status, r.channel, r.updated_at, r.customer_ref)
+            RETURNING f.*
+        )
+        INSERT INTO ca_line_changes
+        SELECT to_jsonb(u), to_jsonb(w) FROM upd u JOIN was w USING (order_id, line_number)
+        $sql$, CASE WHEN NOT on_cluster THEN ', customer_ref = r.customer_ref' END);
+        IF on_cluster THEN
+            PERFORM move_order_lines();
+        END IF;
+        changed := note_order_line_updates(detail);
+    END IF;
+
+    -- the lines of this batch a later dimension row may repair (a batch
+    -- line that did resolve leaves the queue)
+    IF NOT citus_managed('customer_analytics_internal.unknown_member_line') THEN
+        MERGE INTO unknown_member_line q
+        USING ca_order_lines b
+        ON q.order_id = b.order_id AND q.line_number = b.line_number
+        WHEN MATCHED AND NOT b.unresolved THEN DELETE
+        WHEN MATCHED THEN UPDATE SET customer_id = b.customer_id, product_id = b.product_id,
+                                     customer_ref = b.customer_ref
+        WHEN NOT MATCHED AND b.unresolved THEN
+            INSERT (order_id, line_number, customer_id, product_id, customer_ref)
+            VALUES (b.order_id, b.line_number, b.customer_id, b.product_id, b.customer_ref);
+    ELSE
+        -- the same in two statements: Citus does not MERGE a temporary
+        -- table into a distributed one.  A line that moved to another
+        -- customer leaves its old shard's queue, as its fact did
+        WITH b AS MATERIALIZED (
+            SELECT b.order_id, b.line_number, b.customer_ref, b.unresolved FROM ca_order_lines b
+        )
+        DELETE FROM unknown_member_line q
+        USING b
+        WHERE q.order_id = b.order_id AND q.line_number = b.line_number
+          AND (NOT b.unresolved OR q.customer_ref <> b.customer_ref);
+        INSERT INTO unknown_member_line AS q (order_id, line_number, customer_id, product_id, customer_ref)
+        SELECT b.order_id, b.line_number, b.customer_id, b.product_id, b.customer_ref
+        FROM ca_order_lines b
+        WHERE b.unresolved
+        ON CONFLICT (order_id, line_number, customer_ref) DO UPDATE
+            SET customer_id = excluded.customer_id, product_id = excluded.product_id;
+    END IF;
+    DROP TABLE ca_order_lines;
+    RETURN added + changed;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.load_fact_order_line() IS
+    'Internal to transform(): the batch''s order lines into fact_order_line (upsert on order and line, the latest staged version wins, unknown members for missing keys); returns the rows written';
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.repair_order_line_keys()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    -- (the queued lines and their customers' versions materialised apart:
+    -- Citus would otherwise send customer_versions(), which reads a table,
+    -- to the shards of the facts)
+    CREATE TEMP TABLE ca_repairs ON COMMIT DROP AS
+    -- (joined on customer_ref too: on a cluster both tables are
+    -- distributed by it, and Citus joins them shard by shard only so)
+    WITH q AS MATERIALIZED (
+        SELECT q.order_id, q.line_number, q.customer_ref, q.customer_id, q.product_id,
+               f.order_id IS NULL AS gone, f.order_ts
+        FROM unknown_member_line q
+        LEFT JOIN fact_order_line f
+               ON f.customer_ref = q.customer_ref AND f.order_id = q.order_id AND f.line_number = q.line_number
+    ), v AS MATERIALIZED (
+        SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT q.customer_id FROM q
+                                              WHERE q.customer_id IS NOT NULL))
+    )
+    SELECT q.order_id, q.line_number, q.customer_ref, q.customer_id, q.product_id, q.gone,
+           COALESCE(v.customer_key, -1) AS customer_key,
+           COALESCE(p.product_key, -1) AS product_key
+    FROM q
+    LEFT JOIN v ON v.customer_id = q.customer_id AND q.order_ts >= v.valid_from AND q.order_ts < v.valid_to
+    LEFT JOIN dim_product p ON p.product_id = q.product_id;
+
+    -- (materialised in CTEs, as the update in load_fact_order_line(), for
+    -- Citus)
+    CREATE TEMP TABLE ca_line_changes (new jsonb, old jsonb) ON COMMIT DROP;
+    WITH r AS MATERIALIZED (
+        SELECT r.order_id, r.line_number, r.customer_ref, r.customer_key, r.product_key
+        FROM ca_repairs r WHERE NOT r.gone
+    ), was AS MATERIALIZED (
+        SELECT f.* FROM fact_order_line f
+        WHERE (f.order_id, f.line_number, f.customer_ref) IN (SELECT r.order_id, r.line_number, r.customer_ref FROM r)
+    ), upd AS (
+        UPDATE fact_order_line f
+        SET customer_key = r.customer_key, product_key = r.product_key
+        FROM r
+        WHERE f.customer_ref = r.customer_ref AND f.order_id = r.order_id AND f.line_number = r.line_number
+          AND (f.customer_key, f.product_key) IS DISTINCT FROM (r.customer_key, r.product_key)
+        RETURNING f.*
+    )
+    INSERT INTO ca_line_changes
+    SELECT to_jsonb(u), to_jsonb(w) FROM upd u JOIN was w USING (order_id, line_number);
+    SELECT count(*) INTO n FROM ca_line_changes;
+    n := note_order_line_updates(check_queue('customer_analytics.fact_order_line', n));
+
+    -- resolved (or no longer in the facts): out of the queue
+    WITH done AS MATERIALIZED (
+        SELECT r.order_id, r.line_number, r.customer_ref FROM ca_repairs r
+        WHERE r.gone OR ((r.customer_key <> -1 OR r.customer_id IS NULL)
+                         AND (r.product_key <> -1 OR r.product_id IS NULL))
+    )
+    DELETE FROM unknown_member_line q
+    USING done r
+    WHERE q.customer_ref = r.customer_ref AND q.order_id = r.order_id AND q.line_number = r.line_number;
+    DROP TABLE ca_repairs;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.repair_order_line_keys() IS
+    'Internal to transform(): order lines keyed to an unknown member whose customer or product has arrived since get its key (read from the queue unknown_member_line, not from the staging history); returns the lines re-keyed';
+
+DROP FUNCTION customer_analytics_internal.cluster_layout_plan();
+CREATE FUNCTION customer_analytics_internal.cluster_layout_plan()
+RETURNS TABLE (ordinal integer, table_name regclass, citus_kind text, distribution_column text,
+               cluster_key text[])
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT * FROM (VALUES
+        (1, 'customer_analytics.dim_date'::regclass, 'reference', NULL::text, NULL::text[]),
+        (2, 'customer_analytics.dim_product', 'reference', NULL, NULL),
+        (3, 'customer_analytics.dim_customer', 'reference', NULL, NULL),
+        (4, 'customer_analytics.stg_products', 'reference', NULL, NULL),
+        (5, 'customer_analytics.fact_order_line', 'distributed', 'customer_ref',
+         '{order_id,line_number,customer_ref}'),
+        (6, 'customer_analytics.stg_orders', 'distributed', 'order_id', NULL),
+        (7, 'customer_analytics_internal.unknown_member_line', 'distributed', 'customer_ref',
+         '{order_id,line_number,customer_ref}'),
+        (8, 'customer_analytics.fact_event', 'distributed', 'event_id', NULL),
+        (9, 'customer_analytics.stg_events', 'distributed', 'event_id', NULL),
+        (10, 'customer_analytics.stg_customers', 'distributed', 'customer_id', NULL)
+    ) AS p (ordinal, table_name, citus_kind, distribution_column, cluster_key)
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.cluster_layout_plan() IS
+    'Internal to distribute(): the tables it converts, in order: reference tables first, then the distributed ones with their distribution column (co-located with the first) and, where the single-node primary key lacks that column, the primary key they get on the cluster (cluster_key)';
+
+CREATE OR REPLACE FUNCTION customer_analytics.distribute(shard_count integer DEFAULT NULL)
+RETURNS TABLE (table_name regclass, citus_kind text, distribution_column text, shards integer)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    shards_wanted integer;
+    plan record;
+    trg record;
+    fk record;
+    worker record;
+    messages text;
+    dropped text[] := '{}';
+    fks text[] := '{}';
+    first_distributed regclass;
+    on_coordinator boolean;
+    workers bigint;
+    -- the statements that take the triggers and foreign keys off and
+    -- swap the primary keys for the cluster's, run here and on every worker
+    drop_sql text;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') THEN
+        RAISE EXCEPTION 'distribute() needs Citus, and the extension citus is not installed in database %',
+                        current_database()
+            USING ERRCODE = 'feature_not_supported',
+                  DETAIL = 'distribute() converts the star schema to Citus distributed and reference tables; on a single PostgreSQL server the schema stays as it is and every function works on it.',
+                  HINT = 'On a Citus coordinator: CREATE EXTENSION citus, add the workers with citus_add_node(), then call distribute() there.';
+    END IF;
+    EXECUTE 'SELECT pg_catalog.citus_is_coordinator()' INTO on_coordinator;
+    IF NOT on_coordinator THEN
+        RAISE EXCEPTION 'distribute() must run on the Citus coordinator, and this node is a worker'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'Only the coordinator holds the metadata that create_distributed_table() changes.',
+                  HINT = 'Connect to the coordinator and call customer_analytics.distribute() there.';
+    END IF;
+
+    -- a concurrent call waits, then finds the layout done
+    LOCK TABLE cluster_layout IN EXCLUSIVE MODE;
+    IF EXISTS (SELECT FROM cluster_layout) THEN
+        RAISE NOTICE 'the star schema is distributed already (since %)',
+                     (SELECT distributed_at FROM cluster_layout)
+            USING DETAIL = 'distribute() changed nothing; the rows below are the current layout.';
+    ELSE
+        EXECUTE 'SELECT count(*) FROM pg_catalog.citus_get_active_worker_nodes()' INTO workers;
+        IF workers = 0 THEN
+            RAISE EXCEPTION 'distribute() found no active Citus worker node'
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      DETAIL = 'The shards of the facts would have nowhere to go.',
+                      HINT = 'Add the workers with citus_add_node(host, port) (and, for pg_cron and the coordinator''s own queries, citus_set_coordinator_host()), then call distribute() again.';
+        END IF;
+        IF EXISTS (SELECT FROM cluster_layout_plan() p
+                   JOIN pg_dist_partition d ON d.logicalrelid = p.table_name) THEN
+            RAISE EXCEPTION 'distribute() found tables of the star schema already converted by hand: %',
+                            (SELECT string_agg(qualified_name(p.table_name), ', ' ORDER BY p.ordinal)
+                             FROM cluster_layout_plan() p
+                             JOIN pg_dist_partition d ON d.logicalrelid = p.table_name)
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      DETAIL = 'distribute() converts the whole layout at once, from the single-node one, and does not guess what a conversion by hand left.',
+                      HINT = 'Undo it with undistribute_table() for each of those tables, then call distribute().';
+        END IF;
+        shards_wanted := COALESCE(shard_count, current_setting('citus.shard_count')::integer);
+        IF shards_wanted < 1 THEN
+            RAISE EXCEPTION 'distribute(shard_count => %): the shard count must be at least 1', shard_count
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Leave it out to take citus.shard_count, or give a few shards per worker core.';
+        END IF;
+
+        -- the facts' foreign keys, to put back after the conversion
+        FOR fk IN
+            SELECT qualified_name(c.conrelid::regclass) AS rel, c.conname, pg_get_constraintdef(c.oid) AS def
+            FROM pg_constraint c
+            WHERE c.contype = 'f'
+              AND c.conrelid IN (SELECT p.table_name FROM cluster_layout_plan() p)
+            ORDER BY 1, 2
+        LOOP
+            fks := fks || format('ALTER TABLE %s ADD CONSTRAINT %I %s', fk.rel, fk.conname, fk.def);
+        END LOOP;
+
+        drop_sql := '';
+        FOR trg IN
+            SELECT qualified_name(t.tgrelid::regclass) AS rel, t.tgname, pg_get_triggerdef(t.oid) AS def
+            FROM pg_trigger t
+            WHERE NOT t.tgisinternal
+              AND t.tgrelid IN (SELECT p.table_name FROM cluster_layout_plan() p)
+            ORDER BY 1, 2
+        LOOP
+            dropped := dropped || trg.def;
+            drop_sql := drop_sql || format('DROP TRIGGER IF EXISTS %I ON %s;', trg.tgname, trg.rel);
+        END LOOP;
+        FOR fk IN
+            SELECT qualified_name(c.conrelid::regclass) AS rel, c.conname
+            FROM pg_constraint c
+            WHERE c.contype = 'f'
+              AND c.conrelid IN (SELECT p.table_name FROM cluster_layout_plan() p)
+            ORDER BY 1, 2
+        LOOP
+            drop_sql := drop_sql || format('ALTER TABLE %s DROP CONSTRAINT IF EXISTS %I;', fk.rel, fk.conname);
+        END LOOP;
+        -- the primary keys swapped for the cluster's (Citus refuses a
+        -- unique index without the distribution column), under the same
+        -- name; on the workers' copies too, which Citus keeps as the
+        -- tables' shells there (dropped and added again: idempotent)
+        FOR fk IN
+            SELECT qualified_name(p.table_name) AS rel, c.conname,
+                   (SELECT string_agg(quote_ident(k), ', ' ORDER BY n) FROM unnest(p.cluster_key) WITH ORDINALITY u (k, n)) AS cols
+            FROM cluster_layout_plan() p
+            JOIN pg_constraint c ON c.conrelid = p.table_name AND c.contype = 'p'
+            WHERE p.cluster_key IS NOT NULL
+            ORDER BY p.ordinal
+        LOOP
+            drop_sql := drop_sql || format('ALTER TABLE %s DROP CONSTRAINT IF EXISTS %I;', fk.rel, fk.conname)
+                                 || format('ALTER TABLE %s ADD CONSTRAINT %I PRIMARY KEY (%s);', fk.rel, fk.conname, fk.cols);
+        END LOOP;
+
+        -- the workers first: a failure there leaves this node untouched,
+        -- and the statements are idempotent, so a second call finishes
+        IF drop_sql <> '' THEN
+            FOR worker IN
+                SELECT r.nodename, r.nodeport, r.result
+                FROM run_command_on_workers(format('DO %L', 'BEGIN ' || drop_sql || ' END')) r
+                WHERE NOT r.success
+            LOOP
+                RAISE EXCEPTION 'distribute() could not take the triggers and foreign keys off the star schema on worker %:%',
+                                worker.nodename, worker.nodeport
+                    USING ERRCODE = 'object_not_in_prerequisite_state',
+                          DETAIL = worker.result,
+                          HINT = 'Make the worker reachable from the coordinator (citus.node_conninfo, pg_hba.conf) and call distribute() again: what it did so far is done again harmlessly.';
+            END LOOP;
+            EXECUTE drop_sql;
+        END IF;
+
+        -- one connection per worker: the dimensions' foreign keys and the
+        -- reference tables are then created in this one transaction
+        PERFORM set_config('citus.multi_shard_modify_mode', 'sequential', true);
+        -- Citus's notices about copying the rows and the shell's data
+        -- (which is truncated here) would only confuse
+        messages := current_setting('client_min_messages');
+        PERFORM set_config('client_min_messages', 'warning', true);
+        FOR plan IN SELECT * FROM cluster_layout_plan() p ORDER BY p.ordinal LOOP
+            IF plan.citus_kind = 'reference' THEN
+                PERFORM create_reference_table(plan.table_name);
+            ELSIF first_distributed IS NULL THEN
+                PERFORM create_distributed_table(plan.table_name, plan.distribution_column,
+                                                 shard_count => shards_wanted, colocate_with => 'none');
+                first_distributed := plan.table_name;
+            ELSE
+                PERFORM create_distributed_table(plan.table_name, plan.distribution_column,
+                                                 colocate_with => first_distributed::text);
+            END IF;
+            -- the rows now live in the shards: the shell keeps none
+            PERFORM truncate_local_data_after_distributing_table(plan.table_name);
+        END LOOP;
+        PERFORM set_config('client_min_messages', messages, true);
+        FOR i IN 1 .. coalesce(array_length(fks, 1), 0) LOOP
+            EXECUTE fks[i];
+        END LOOP;
+
+        INSERT INTO cluster_layout (distributed_at, shard_count, dropped_triggers)
+        VALUES (clock_timestamp(), shards_wanted, dropped);
+        -- what the dropped triggers would have queued: everything, once
+        INSERT INTO rfm_dirty_customer VALUES (NULL) ON CONFLICT DO NOTHING;
+        INSERT INTO sales_dirty_day VALUES ('-infinity') ON CONFLICT DO NOTHING;
+    END IF;
+
+    RETURN QUERY
+    SELECT p.table_name, p.citus_kind, p.distribution_column,
+           (SELECT count(*)::integer FROM pg_dist_shard s WHERE s.logicalrelid = p.table_name)
+    FROM cluster_layout_plan() p
+    ORDER BY p.ordinal;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.distribute(integer) IS
+    'On a Citus coordinator: converts the installed (possibly loaded) star schema to its distributed layout (order facts and their repair queue by customer_ref, keyed on (order_id, line_number, customer_ref); staging and events by order_id / event_id / customer_id, all co-located; dimensions as reference tables; the rest local) and returns the layout; a second call changes nothing; refused where Citus is absent or on a worker';

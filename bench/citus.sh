@@ -258,6 +258,22 @@ on coordinator -q -c "$COMPLETED_LINE"
 on single -q -c "$COMPLETED_LINE"
 AS_OF=$(value single "SELECT current_date")
 
+# rfm() of the star schema reads the facts through one query on a cluster
+# (src/rfm.c): per customer, which the layout by customer_ref runs whole on
+# the workers; and, for comparison, the query it ran while the facts were
+# distributed by order_id (per customer version and order, the versions
+# collapsed on the coordinator), which on the layout by customer Citus
+# splits between the workers and the coordinator
+RFM_WHERE="WHERE f.status = 'completed' AND f.customer_key <> -1 AND f.order_ts <= '$AS_OF'
+      AND NOT (f.quantity < 0 AND (f.revenue IS NULL OR f.revenue = 0))"
+RFM_BY_CUSTOMER="SELECT min(f.customer_key), count(DISTINCT f.order_id) FILTER (WHERE f.revenue >= 0), sum(f.revenue),
+       min(f.order_ts) FILTER (WHERE f.revenue >= 0), max(f.order_ts) FILTER (WHERE f.revenue >= 0),
+       count(DISTINCT f.order_id) FILTER (WHERE f.revenue < 0)
+    FROM customer_analytics.fact_order_line f JOIN customer_analytics.dim_customer c ON c.customer_key = f.customer_key
+    $RFM_WHERE GROUP BY f.customer_ref, c.customer_id"
+RFM_BY_ORDER="SELECT f.customer_key, f.order_id, min(f.order_ts), max(f.order_ts), sum(f.revenue)
+    FROM customer_analytics.fact_order_line f $RFM_WHERE GROUP BY f.customer_key, f.order_id, f.revenue < 0"
+
 # label | SQL: each timed on both; Citus's plan for the cluster
 QUERIES=(
     "rfm() on a view over the facts|SELECT * FROM customer_analytics.rfm('$AS_OF', 'public.completed_line', customer_column => 'customer_id', ts_column => 'order_ts', amount_column => 'revenue', order_column => 'order_id') @@ SELECT customer_id, order_id, order_ts, revenue FROM public.completed_line"
@@ -267,6 +283,8 @@ QUERIES=(
     "stats_agg per product, pushed down|SELECT product_key, customer_analytics.stats_agg(revenue::float8)::text FROM customer_analytics.fact_order_line WHERE status = 'completed' GROUP BY product_key"
     "stats_agg per product, rows pulled to the coordinator|WITH l AS MATERIALIZED (SELECT product_key, revenue FROM customer_analytics.fact_order_line WHERE status = 'completed') SELECT product_key, customer_analytics.stats_agg(revenue::float8)::text FROM l GROUP BY product_key"
     "median_mad_agg per product (not pushed down)|SELECT product_key, customer_analytics.median_mad_agg(revenue::float8)::text FROM customer_analytics.fact_order_line WHERE status = 'completed' GROUP BY product_key"
+    "rfm() of the star schema: its inputs per customer, grouped by customer_ref whole on the workers|SELECT * FROM customer_analytics.rfm('$AS_OF') @@ $RFM_BY_CUSTOMER"
+    "rfm()'s inputs per customer version and order (what it read with the facts by order_id), on the layout by customer|$RFM_BY_ORDER"
 )
 log "rfm and anomalies ($RUNS runs each)"
 : >"$BENCH_OUT/queries.md"
@@ -447,6 +465,8 @@ machine at the end: $load_avg.
 | \`detect_anomalies()\` over daily revenue | ${q_ratio[4]}x the time |
 | \`stats_agg\` per product, pushed down / pulled (rows shipped: ${q_rows[5]%% |*} / ${q_rows[6]%% |*}) | ${q_ratio[5]}x / ${q_ratio[6]}x the time |
 | \`median_mad_agg\` per product (always pulled) | ${q_ratio[7]}x the time |
+| \`rfm()\` of the star schema (rows shipped: ${q_rows[8]%% |*}, one per customer, grouped whole on the workers by \`customer_ref\`) | ${q_ratio[8]}x the time |
+| its inputs per customer version and order, as read with the facts by \`order_id\` (rows shipped: ${q_rows[9]%% |*}) | ${q_ratio[9]}x the time |
 | \`CALL run_pipeline()\` after a day appended | $(sed -n 1p "$BENCH_OUT/pipeline_summary.txt") |
 | its steps one by one, those that run on both | $(sed -n 2p "$BENCH_OUT/pipeline_summary.txt") |
 

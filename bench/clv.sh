@@ -131,9 +131,10 @@ SELECT g, 'BP' || g, 'cat' || g % 12 FROM generate_series(1, 1000) g;
 INSERT INTO customer_analytics.dim_customer (customer_key, customer_id, valid_from)
 SELECT g, 'BC' || g, timestamptz '2023-01-01' FROM generate_series(1, $n) g;
 INSERT INTO customer_analytics.fact_order_line
-    (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, discount, status, channel, stage_id)
+    (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, discount, status, channel, stage_id,
+     customer_ref)
 SELECT 'O' || o, l, c, 1 + (o * 7 + l) % 1000, to_char(ts, 'YYYYMMDD')::int, ts, 1 + l % 3,
-       ((o * 37 + l * 11) % 20000) / 100.0, 0, CASE WHEN o % 33 = 0 THEN 'cancelled' ELSE 'completed' END, 'web', o
+       ((o * 37 + l * 11) % 20000) / 100.0, 0, CASE WHEN o % 33 = 0 THEN 'cancelled' ELSE 'completed' END, 'web', o, 'BC' || c
 FROM (SELECT o, 1 + (hashint8(o) & 2147483647) % $n AS c,
              timestamptz '2024-01-01 00:00+00' + ((o::float8 / ($n * 4)) * 700 * 86400) * interval '1 second' AS ts,
              1 + (o % 4) AS nlines

@@ -47,9 +47,10 @@ SELECT g, 'C' || g, timestamptz '2023-01-01' FROM generate_series(1, $CUSTOMERS)
 SELECT setval('customer_analytics.customer_key_seq', $CUSTOMERS + 1);
 SELECT setval('customer_analytics.product_key_seq', 1001);
 INSERT INTO customer_analytics.fact_order_line
-    (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, discount, status, channel, stage_id)
+    (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, discount, status, channel, stage_id,
+     customer_ref)
 SELECT 'O' || o, l, c, 1 + (o * 7 + l) % 1000, to_char(ts, 'YYYYMMDD')::int, ts, 1 + l % 3,
-       ((o * 37 + l * 11) % 20000) / 100.0, 0, CASE WHEN o % 33 = 0 THEN 'cancelled' ELSE 'completed' END, 'web', o
+       ((o * 37 + l * 11) % 20000) / 100.0, 0, CASE WHEN o % 33 = 0 THEN 'cancelled' ELSE 'completed' END, 'web', o, 'C' || c
 FROM (SELECT o, 1 + (hashint8(o) & 2147483647) % $CUSTOMERS AS c,
              timestamptz '2024-01-01 00:00+00' + ((o::float8 / ($LINES * 2 / 5)) * 700 * 86400) * interval '1 second' AS ts,
              1 + (o % 4) AS nlines

@@ -39,10 +39,11 @@ SELECT g, 'C' || g, timestamptz '2024-01-01', timestamptz 'infinity', true FROM 
 UNION ALL
 SELECT $customers + g, 'C' || g, timestamptz '2023-01-01', timestamptz '2024-01-01', false FROM generate_series(1, $customers / 10) g;
 INSERT INTO customer_analytics.fact_order_line
-    (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, discount, status, channel, stage_id)
+    (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, discount, status, channel, stage_id,
+     customer_ref)
 SELECT 'O' || o, l, c, 1 + (o * 7 + l) % 1000,
        to_char(ts, 'YYYYMMDD')::int, ts, 1 + l % 3, ((o * 37 + l * 11) % 20000) / 100.0, 0,
-       CASE WHEN o % 33 = 0 THEN 'cancelled' ELSE 'completed' END, 'web', o
+       CASE WHEN o % 33 = 0 THEN 'cancelled' ELSE 'completed' END, 'web', o, 'C' || CASE WHEN c > $customers THEN c - $customers ELSE c END
 FROM (SELECT o, 1 + (hashint8(o) & 2147483647) % ($customers + $customers / 10) AS c,
              timestamptz '2024-01-01 00:00+00' + ((hashint8(o * 3) & 2147483647) % (730 * 86400)) * interval '1 second' AS ts,
              1 + (o % 4) AS nlines

@@ -62,10 +62,11 @@ LOOKUP_CUSTOMERS="(SELECT d.customer_id, d.customer_key,
     FROM customer_analytics.dim_customer d WHERE d.customer_key <> -1)"
 plain_orders() {
     echo "INSERT INTO bench.$1 (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity,
-         unit_price, discount, status, channel, updated_at, stage_id, load_id)
+         unit_price, discount, status, channel, updated_at, stage_id, load_id, customer_ref)
     SELECT s.order_id, s.line_number, COALESCE(c.customer_key, -1), COALESCE(p.product_key, -1),
            customer_analytics.date_key((s.order_ts AT TIME ZONE 'UTC')::date),
-           s.order_ts, s.quantity, s.unit_price, s.discount, s.status, s.channel, s.updated_at, s.stage_id, s.load_id
+           s.order_ts, s.quantity, s.unit_price, s.discount, s.status, s.channel, s.updated_at, s.stage_id, s.load_id,
+           COALESCE(s.customer_id, '#guest:' || s.order_id)
     FROM customer_analytics.stg_orders s
     LEFT JOIN $LOOKUP_CUSTOMERS c
            ON c.customer_id = s.customer_id AND s.order_ts >= c.valid_from AND s.order_ts < c.valid_to

@@ -74,9 +74,9 @@ SHOW session_replication_role;
 \set VERBOSITY terse
 INSERT INTO customer_analytics.fact_order_line (order_id, line_number, customer_key, product_key, date_key,
                                                 order_ts, quantity, unit_price, discount, status, channel,
-                                                updated_at, stage_id)
+                                                updated_at, stage_id, customer_ref)
 SELECT 'HAND-1', 1, 987654321, product_key, date_key, order_ts, quantity, unit_price, discount, status, channel,
-       updated_at, stage_id
+       updated_at, stage_id, customer_ref
 FROM customer_analytics.fact_order_line ORDER BY order_id, line_number LIMIT 1;
 DELETE FROM customer_analytics.dim_product
 WHERE product_key = (SELECT product_key FROM customer_analytics.fact_order_line ORDER BY order_id, line_number LIMIT 1);

@@ -1123,8 +1123,11 @@ clv_scan_heap(ClvScan *sc, Relation rel, TimestampTz as_of)
  * policies apply) or one managed by Citus (its rows are in shards).  What
  * the summary takes of a customer version's day is its net revenue and
  * whether it has a line other than a credit note, so the query sums them
- * per version and day: Citus does that on the workers, which then send a
- * row per version and day (of each shard) instead of one per line.
+ * per version and day.  Grouped by customer_ref as well, which Citus
+ * distributes the facts by (a version's lines all carry its customer's):
+ * each worker then sums its customers' days whole, with no combine on the
+ * coordinator, and sends a row per version and day instead of one per
+ * line.
  */
 static void
 clv_scan_query_row(HeapTuple tup, TupleDesc td, void *arg)
@@ -1151,7 +1154,7 @@ clv_scan_query(ClvScan *sc, TimestampTz as_of)
 						"WHERE status OPERATOR(pg_catalog.=) 'completed' "
 						"AND customer_key OPERATOR(pg_catalog.<>) -1 "
 						"AND order_ts OPERATOR(pg_catalog.<) $1 "
-						"GROUP BY customer_key, date_key",
+						"GROUP BY customer_ref, customer_key, date_key",
 						1, types, values, clv_scan_query_row, sc);
 }
 

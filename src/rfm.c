@@ -970,27 +970,18 @@ hash_value(FmgrInfo *hashfn, Datum d)
 	return DatumGetUInt64(FunctionCall2Coll(hashfn, C_COLLATION_OID, d, UInt64GetDatum(0x5ca1ab1e)));
 }
 
-/* One row (already filtered) into the per-customer accumulators. */
-static void
-rfm_scan_units(RfmScan *sc, uint64 custkey, Datum customer, Datum order, bool order_null,
-			   TimestampTz t, bool amount_null, int64 units)
+/* A customer's accumulator, made empty on its first row. */
+static CustomerAcc *
+rfm_customer_acc(RfmScan *sc, uint64 custkey, Datum customer)
 {
 	CustomerAcc *acc;
 	bool		found;
 
-	if (t > sc->as_of)
-		return;					/* not yet happened at as_of */
 	if (sc->last_acc && sc->last_custkey == custkey)
-	{
-		acc = sc->last_acc;
-		found = true;
-	}
-	else
-	{
-		acc = custacc_insert(sc->customers, custkey, &found);
-		sc->last_acc = acc;
-		sc->last_custkey = custkey;
-	}
+		return sc->last_acc;
+	acc = custacc_insert(sc->customers, custkey, &found);
+	sc->last_acc = acc;
+	sc->last_custkey = custkey;
 	if (!found)
 	{
 		memset(&acc->rfm, 0, sizeof(RfmState));
@@ -1009,6 +1000,19 @@ rfm_scan_units(RfmScan *sc, uint64 custkey, Datum customer, Datum order, bool or
 			MemoryContextSwitchTo(old);
 		}
 	}
+	return acc;
+}
+
+/* One row (already filtered) into the per-customer accumulators. */
+static void
+rfm_scan_units(RfmScan *sc, uint64 custkey, Datum customer, Datum order, bool order_null,
+			   TimestampTz t, bool amount_null, int64 units)
+{
+	CustomerAcc *acc;
+
+	if (t > sc->as_of)
+		return;					/* not yet happened at as_of */
+	acc = rfm_customer_acc(sc, custkey, customer);
 
 	/*
 	 * With an order column, the lines of one order make one purchase: the
@@ -1382,15 +1386,16 @@ rfm_scan_tables(RfmScan *sc, Relation rel)
  * The star schema distributed by Citus: its lines are in shards that the
  * table AM does not reach, so they are read through a query Citus plans.
  * scan_table()'s per-line rules (completed lines of known customers, not
- * after as_of, no credit line worth nothing) are its WHERE clause, and the
- * lines are grouped per customer version and order, the credit lines
- * apart: the facts are distributed by order, so the workers do all of it
- * and send one row per order instead of one per line.  A group is what its
- * lines would have been, one after the other: the first (at the earliest
- * time, with the group's whole amount) counts the purchase, the latest
- * moves the last purchase; credit lines only add their (negative) amounts.
- * The versions are collapsed into their customer here, as on one node (an
- * order under two versions of a customer is still one purchase).
+ * after as_of, no credit line worth nothing) are its WHERE clause.  The
+ * facts are distributed by customer_ref, every line of a customer on one
+ * shard whatever its version: grouped by it (and by the customer of the
+ * line's version, which a line keyed by hand against its customer_ref
+ * keeps apart), each customer's whole summary is computed on its worker
+ * (no combine on the coordinator), and one row per customer comes back.
+ * What the summary holds is what the lines would have added one after the
+ * other: an order is one purchase (whatever versions its lines are under),
+ * at the times of its lines that are not credit lines, which, like the
+ * credit lines' (negative) amounts, only add to the monetary value.
  */
 static void
 scan_star_query_row(HeapTuple tup, TupleDesc td, void *arg)
@@ -1399,18 +1404,25 @@ scan_star_query_row(HeapTuple tup, TupleDesc td, void *arg)
 	bool		isnull,
 				anull;
 	Datum		c = SPI_getbinval(tup, td, 1, &isnull);
-	Datum		o = SPI_getbinval(tup, td, 2, &isnull);
-	TimestampTz first = DatumGetTimestampTz(SPI_getbinval(tup, td, 3, &isnull));
-	TimestampTz last = DatumGetTimestampTz(SPI_getbinval(tup, td, 4, &isnull));
-	Datum		a = SPI_getbinval(tup, td, 5, &anull);
-	int64		units = anull ? 0 : amount_units(a, NUMERICOID);
+	RfmState	st;
+	Datum		a;
 	uint64		custkey;
+	CustomerAcc *acc;
 
 	if (!row_customer(sc, c, &custkey))
 		return;
-	rfm_scan_units(sc, custkey, c, o, false, first, anull, units);
-	if (last != first && (anull || units >= 0))
-		rfm_scan_units(sc, custkey, c, o, false, last, false, 0);
+	memset(&st, 0, sizeof(st));
+	st.frequency = DatumGetInt64(SPI_getbinval(tup, td, 2, &isnull));
+	a = SPI_getbinval(tup, td, 3, &anull);
+	st.monetary = anull ? 0 : amount_units(a, NUMERICOID);
+	if (st.frequency > 0)
+	{
+		st.first_order = DatumGetTimestampTz(SPI_getbinval(tup, td, 4, &isnull));
+		st.last_order = DatumGetTimestampTz(SPI_getbinval(tup, td, 5, &isnull));
+	}
+	st.returns = DatumGetInt64(SPI_getbinval(tup, td, 6, &isnull));
+	acc = rfm_customer_acc(sc, custkey, (Datum) 0);
+	rfm_merge(&acc->rfm, &st);
 	sc->rows_seen++;
 }
 
@@ -1420,15 +1432,20 @@ scan_star_query(RfmScan *sc)
 	Oid			types[1] = {TIMESTAMPTZOID};
 	Datum		values[1] = {TimestampTzGetDatum(sc->as_of)};
 
-	ca_spi_for_each_row("SELECT customer_key, order_id, pg_catalog.min(order_ts), pg_catalog.max(order_ts), "
-						"pg_catalog.sum(revenue) "
-						"FROM customer_analytics.fact_order_line "
-						"WHERE status OPERATOR(pg_catalog.=) 'completed' "
-						"AND customer_key OPERATOR(pg_catalog.<>) -1 "
-						"AND order_ts OPERATOR(pg_catalog.<=) $1 "
-						"AND NOT (quantity OPERATOR(pg_catalog.<) 0 "
-						"AND (revenue IS NULL OR revenue OPERATOR(pg_catalog.=) 0)) "
-						"GROUP BY customer_key, order_id, revenue OPERATOR(pg_catalog.<) 0",
+	ca_spi_for_each_row("SELECT pg_catalog.min(f.customer_key), "
+						"pg_catalog.count(DISTINCT f.order_id) FILTER (WHERE f.revenue OPERATOR(pg_catalog.>=) 0), "
+						"pg_catalog.sum(f.revenue), "
+						"pg_catalog.min(f.order_ts) FILTER (WHERE f.revenue OPERATOR(pg_catalog.>=) 0), "
+						"pg_catalog.max(f.order_ts) FILTER (WHERE f.revenue OPERATOR(pg_catalog.>=) 0), "
+						"pg_catalog.count(DISTINCT f.order_id) FILTER (WHERE f.revenue OPERATOR(pg_catalog.<) 0) "
+						"FROM customer_analytics.fact_order_line f "
+						"JOIN customer_analytics.dim_customer c ON c.customer_key OPERATOR(pg_catalog.=) f.customer_key "
+						"WHERE f.status OPERATOR(pg_catalog.=) 'completed' "
+						"AND f.customer_key OPERATOR(pg_catalog.<>) -1 "
+						"AND f.order_ts OPERATOR(pg_catalog.<=) $1 "
+						"AND NOT (f.quantity OPERATOR(pg_catalog.<) 0 "
+						"AND (f.revenue IS NULL OR f.revenue OPERATOR(pg_catalog.=) 0)) "
+						"GROUP BY f.customer_ref, c.customer_id",
 						1, types, values, scan_star_query_row, sc);
 }
 

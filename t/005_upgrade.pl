@@ -92,6 +92,8 @@ sub checksums_01
 			# update may change them; users' rows keep their 0.1 columns
 			pipeline_task =>
 			  'row(t.task, t.scope, t.command, t.depends_on, t.feeds, t.ordinal, t.builtin, t.enabled)::text',
+			# 0.2 adds fact_order_line.customer_ref (checked below)
+			fact_order_line => q{(to_jsonb(t) - 'customer_ref')::text},
 			# 0.2 adds quality_result.incremental (NULL for older results)
 			quality_result =>
 			  'row(t.result_id, t.run_id, t.check_name, t.checked_at, t.severity, t.passed, t.failing_rows, t.sample)::text',
@@ -107,6 +109,18 @@ $node->safe_psql('old', q{ALTER EXTENSION customer_analytics UPDATE TO '0.2'});
 is($node->safe_psql('old', q{SELECT extversion FROM pg_extension WHERE extname = 'customer_analytics'}),
     '0.2', 'updated to 0.2');
 is(checksums_01('old'), $before, 'every table and materialized view of 0.1 has the same rows after the update (customer_rfm as a view)');
+# customer_ref of the lines loaded by 0.1: their version's customer, the
+# staged customer of a line on the unknown member, else a guest's
+is($node->safe_psql('old', q{
+    SELECT count(*) FILTER (WHERE f.customer_ref = CASE WHEN f.customer_key <> -1 THEN c.customer_id
+                                                        ELSE COALESCE(s.customer_id, '#guest:' || f.order_id) END)
+           || ' of ' || count(*) || ', guests ' || (count(*) FILTER (WHERE f.customer_ref LIKE '#guest:%') > 0)
+    FROM customer_analytics.fact_order_line f
+    JOIN customer_analytics.dim_customer c USING (customer_key)
+    LEFT JOIN customer_analytics.stg_orders s USING (order_id, line_number, stage_id)}),
+    $node->safe_psql('old', q{SELECT count(*) FROM customer_analytics.fact_order_line}) . ' of '
+      . $node->safe_psql('old', q{SELECT count(*) FROM customer_analytics.fact_order_line}) . ', guests true',
+    'the update gives every line its customer_ref');
 my $anomalies_sql = q{SELECT count(*) || ' ' || md5(coalesce(string_agg(t::text, ',' ORDER BY t::text), ''))
                       FROM customer_analytics.anomalies t};
 my $anomalies_updated = $node->safe_psql('old', $anomalies_sql);
@@ -154,7 +168,7 @@ is($node->safe_psql('old', q{
     WHERE p.pronamespace IN ('customer_analytics'::regnamespace, 'customer_analytics_internal'::regnamespace)
       AND l.lanname IN ('sql', 'plpgsql') AND p.proconfig IS NULL
       AND p.proname NOT IN ('date_key', 'newly_staged', 'lock_key', 'customer_versions', 'rfm_orders',
-                            'top_customers_limit', 'pipeline_lock_key',
+                            'top_customers_limit', 'pipeline_lock_key', 'order_customer_ref',
                             'run_pipeline', 'track_event', 'visitor')}),
     '0', 'after the update, every other SQL function sets its search_path');
 

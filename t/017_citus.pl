@@ -261,8 +261,8 @@ my $layout = q{SELECT string_agg(format('%s %s %s %s', table_name, citus_kind, d
 	FROM customer_analytics.distribute(shard_count => 4)};
 my $expected_layout = join('; ', map { "customer_analytics.$_" }
 	'dim_date reference  1', 'dim_product reference  1', 'dim_customer reference  1',
-	'stg_products reference  1', 'fact_order_line distributed order_id 4', 'stg_orders distributed order_id 4',
-	'_internal.unknown_member_line distributed order_id 4', 'fact_event distributed event_id 4',
+	'stg_products reference  1', 'fact_order_line distributed customer_ref 4', 'stg_orders distributed order_id 4',
+	'_internal.unknown_member_line distributed customer_ref 4', 'fact_event distributed event_id 4',
 	'stg_events distributed event_id 4', 'stg_customers distributed customer_id 4');
 $expected_layout =~ s/customer_analytics\._internal/customer_analytics_internal/;
 my $t0 = time;
@@ -290,8 +290,8 @@ is($workers[1]->safe_psql('shop', q{SELECT count(*) FROM customer_analytics.fact
 	'a worker sees every order line');
 # the facts' foreign keys to the dimensions are back, and enforced
 ($rc, $out, $err) = $coord->psql('shop', q{INSERT INTO customer_analytics.fact_order_line
-	(order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, status, stage_id)
-	VALUES ('no-such-product', 1, -1, 987654321, 20250101, '2025-01-01', 1, 1, 'completed', 1)});
+	(order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, status, stage_id, customer_ref)
+	VALUES ('no-such-product', 1, -1, 987654321, 20250101, '2025-01-01', 1, 1, 'completed', 1, '#guest:no-such-product')});
 like($err, qr/violates foreign key constraint "fact_order_line_product_key_fkey(_\d+)?"/, "the facts' foreign keys hold on the cluster");
 
 # every table and materialized view holds what the single node holds
@@ -539,10 +539,10 @@ is($coord->safe_psql('shop', rfm_sum(q{customer_analytics.rfm('2025-04-01')})),
 # the full one, each with the single node's answers
 my $hand = q{BEGIN;
 INSERT INTO customer_analytics.fact_order_line
-	(order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, status, stage_id)
+	(order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, status, stage_id, customer_ref)
 SELECT v.order_id, v.line_number, CASE v.version WHEN 'old' THEN c.old_key ELSE c.new_key END, p.product_key,
-       v.date_key, v.order_ts::timestamptz, v.quantity, v.unit_price, 'completed', 0
-FROM (SELECT min(customer_key) AS old_key, max(customer_key) AS new_key FROM customer_analytics.dim_customer
+       v.date_key, v.order_ts::timestamptz, v.quantity, v.unit_price, 'completed', 0, c.customer_id
+FROM (SELECT customer_id, min(customer_key) AS old_key, max(customer_key) AS new_key FROM customer_analytics.dim_customer
       WHERE customer_key <> -1 GROUP BY customer_id HAVING count(*) > 1 ORDER BY customer_id LIMIT 1) c,
      (SELECT min(product_key) AS product_key FROM customer_analytics.dim_product WHERE product_key <> -1) p,
      (VALUES ('HAND-1', 1, 'old', 20250320, '2025-03-20 10:00+00', 2, 10.50),
@@ -552,8 +552,8 @@ FROM (SELECT min(customer_key) AS old_key, max(customer_key) AS new_key FROM cus
              ('HAND-3', 1, 'old', 20250322, '2025-03-22 12:00+00', -3, 0))
      v (order_id, line_number, version, date_key, order_ts, quantity, unit_price);
 INSERT INTO customer_analytics.fact_order_line
-	(order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, status, stage_id)
-SELECT order_id, line_number + 100, customer_key, product_key, date_key, order_ts, 3, 7.25, 'completed', 0
+	(order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, status, stage_id, customer_ref)
+SELECT order_id, line_number + 100, customer_key, product_key, date_key, order_ts, 3, 7.25, 'completed', 0, customer_ref
 FROM customer_analytics.fact_order_line WHERE status = 'completed' AND customer_key <> -1 ORDER BY order_id, line_number LIMIT 1;
 %s
 SELECT count(*) FROM customer_analytics_internal.rfm_new_line;
@@ -616,8 +616,8 @@ for my $case (
 	isnt($single, '', "$what: the single node has a result");
 	is($coord->safe_psql('shop', $sql), $single, "$what: the same result on the cluster");
 }
-like($coord->safe_psql('shop', q{EXPLAIN (VERBOSE, COSTS OFF) SELECT order_id, customer_analytics.median_mad_agg(revenue::float8)
-	FROM customer_analytics.fact_order_line GROUP BY 1}), qr/Query: SELECT order_id, customer_analytics\.median_mad_agg\(/,
+like($coord->safe_psql('shop', q{EXPLAIN (VERBOSE, COSTS OFF) SELECT customer_ref, customer_analytics.median_mad_agg(revenue::float8)
+	FROM customer_analytics.fact_order_line GROUP BY 1}), qr/Query: SELECT customer_ref, customer_analytics\.median_mad_agg\(/,
 	'median_mad_agg grouped by the distribution column: whole on the workers');
 
 # ---------------------------------------------------------------------
@@ -637,9 +637,9 @@ my $pipeline_steps = qq{BEGIN;
 SELECT customer_analytics.ensure_dim_date('2025-04-01', '2025-04-02') IS NOT NULL;
 SET LOCAL customer_analytics_internal.own_writer = on;
 INSERT INTO customer_analytics.fact_order_line
-	(order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, status, stage_id)
-SELECT v.order_id, v.line_number, c.customer_key, p.product_key, v.date_key, v.order_ts::timestamptz, v.quantity, v.unit_price, 'completed', 0
-FROM (SELECT customer_key, row_number() OVER (ORDER BY customer_key) AS n FROM customer_analytics.dim_customer
+	(order_id, line_number, customer_key, product_key, date_key, order_ts, quantity, unit_price, status, stage_id, customer_ref)
+SELECT v.order_id, v.line_number, c.customer_key, p.product_key, v.date_key, v.order_ts::timestamptz, v.quantity, v.unit_price, 'completed', 0, c.customer_id
+FROM (SELECT customer_key, customer_id, row_number() OVER (ORDER BY customer_key) AS n FROM customer_analytics.dim_customer
       WHERE customer_key <> -1 ORDER BY customer_key LIMIT 3) c,
      (SELECT min(product_key) AS product_key FROM customer_analytics.dim_product WHERE product_key <> -1) p,
      (VALUES ('STEP-1', 1, 1, 20250401, '2025-04-01 10:00+00', 1, 5.00),
@@ -913,6 +913,159 @@ like($coord->safe_psql('shop', q{SELECT customer_analytics.schedule_pipeline('*/
 is($coord->safe_psql('shop', q{SELECT jobname || ' ' || database || ' ' || command FROM customer_analytics.pipeline_jobs()}),
 	q{customer_analytics shop all shop CALL customer_analytics.run_pipeline('all')}, 'the job runs the pipeline in the shop');
 is($coord->safe_psql('shop', q{SELECT customer_analytics.unschedule_pipeline()}), 't', 'and is unscheduled');
+
+# ---------------------------------------------------------------------
+# issue 17 layout by customer: fact_order_line and its repair queue
+# distributed by customer_ref (the line's customer whatever its version,
+# '#guest:' || order_id for a guest), co-located, keyed on (order_id,
+# line_number, customer_ref); a line staged again under another customer
+# moves shard (deleted and inserted in transform()'s transaction); per
+# customer work grouped by customer_ref runs whole on the workers
+# ---------------------------------------------------------------------
+is($coord->safe_psql('shop', q{SELECT string_agg(format('%s %s', p.logicalrelid, column_to_column_name(p.logicalrelid, p.partkey)), '; '
+		ORDER BY p.logicalrelid::text)
+	FROM pg_dist_partition p
+	WHERE p.logicalrelid IN ('customer_analytics.fact_order_line'::regclass, 'customer_analytics_internal.unknown_member_line'::regclass)}),
+	'customer_analytics.fact_order_line customer_ref; customer_analytics_internal.unknown_member_line customer_ref',
+	'layout by customer: the order facts and their repair queue distributed by customer_ref');
+is($coord->safe_psql('shop', q{SELECT count(DISTINCT colocationid) FROM pg_dist_partition
+	WHERE logicalrelid IN ('customer_analytics.fact_order_line'::regclass, 'customer_analytics_internal.unknown_member_line'::regclass,
+	                       'customer_analytics.stg_orders'::regclass)}),
+	'1', 'layout by customer: co-located (with the staged lines, which stay by order_id)');
+my $keys = q{SELECT string_agg(format('%s %s', conrelid::regclass, pg_get_constraintdef(oid)), '; ' ORDER BY conrelid::regclass::text)
+	FROM pg_constraint WHERE contype = 'p'
+	  AND conrelid IN ('customer_analytics.fact_order_line'::regclass, 'customer_analytics_internal.unknown_member_line'::regclass)};
+my $cluster_keys = 'customer_analytics.fact_order_line PRIMARY KEY (order_id, line_number, customer_ref); '
+	. 'customer_analytics_internal.unknown_member_line PRIMARY KEY (order_id, line_number, customer_ref)';
+is($coord->safe_psql('shop', $keys), $cluster_keys, 'layout by customer: the primary keys swapped for the cluster\'s');
+is($workers[0]->safe_psql('shop', $keys), $cluster_keys, 'on a worker\'s copy too');
+like($coord->safe_psql('shop_single', $keys), qr/fact_order_line PRIMARY KEY \(order_id, line_number\);/,
+	'the single node keeps its keys');
+# every line's customer_ref follows the rule, on both (and the facts are
+# compared value for value, customer_ref included, by $compare_tables)
+my $ref_rule = q{SELECT count(*) FILTER (WHERE f.customer_ref = CASE WHEN f.customer_key <> -1 THEN c.customer_id
+	                                                               ELSE COALESCE(q.customer_id, '#guest:' || f.order_id) END)
+	       || '/' || count(*) || ' guests ' || count(*) FILTER (WHERE f.customer_ref LIKE '#guest:%')
+	FROM customer_analytics.fact_order_line f JOIN customer_analytics.dim_customer c USING (customer_key)
+	LEFT JOIN customer_analytics_internal.unknown_member_line q USING (customer_ref, order_id, line_number)};
+my $ref_single = $coord->safe_psql('shop_single', $ref_rule);
+like($ref_single, qr{^(\d+)/\1 guests [1-9]}, 'every line has its customer_ref, guests theirs (single node)');
+is($coord->safe_psql('shop', $ref_rule), $ref_single, 'and the same on the cluster');
+$compare_tables->('layout by customer', 'customer_analytics.fact_order_line', 'customer_analytics_internal.unknown_member_line');
+
+# lines staged again under another customer: a known customer's line to
+# another customer, a guest's line to a customer, a customer's line to a
+# guest; a line of a customer not there yet, then staged under a known
+# one (its queue row moves too)
+my @move = split /\n/, $coord->safe_psql('shop_single', q{
+	SELECT format('%s|%s', f.order_id, f.line_number) FROM customer_analytics.fact_order_line f
+	WHERE f.customer_key <> -1 AND f.status = 'completed' ORDER BY f.order_id, f.line_number LIMIT 2});
+my ($guest_line) = $coord->safe_psql('shop_single', q{
+	SELECT format('%s|%s', order_id, line_number) FROM customer_analytics.fact_order_line
+	WHERE customer_ref LIKE '#guest:%' ORDER BY order_id, line_number LIMIT 1});
+my ($other_customer) = $coord->safe_psql('shop_single', q{
+	SELECT customer_id FROM customer_analytics.dim_customer WHERE customer_key <> -1 ORDER BY customer_id DESC LIMIT 1});
+my $stage_as = sub {
+	my ($line, $customer) = @_;
+	my ($o, $l) = split /\|/, $line;
+	my $c = defined $customer ? "'$customer'" : 'NULL';
+	# (through a temporary table: staged by INSERT ... SELECT from a Citus
+	# table, the rows would get the workers' transaction ids, which
+	# transform() may skip: docs/scaling.md)
+	return qq{CREATE TEMP TABLE IF NOT EXISTS moving (LIKE customer_analytics.stg_orders);
+	TRUNCATE moving;
+	INSERT INTO moving (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price, discount, status, channel,
+	                    updated_at, stage_id, loaded_at, staged_xid)
+	SELECT f.order_id, f.line_number, $c, p.product_id, f.order_ts, f.quantity, f.unit_price, f.discount, f.status, f.channel,
+	       f.updated_at, 0, now(), '0'
+	FROM customer_analytics.fact_order_line f JOIN customer_analytics.dim_product p USING (product_key)
+	WHERE f.order_id = '$o' AND f.line_number = $l;
+	INSERT INTO customer_analytics.stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity,
+	                                           unit_price, discount, status, channel, updated_at)
+	SELECT order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price, discount, status, channel, updated_at
+	FROM moving;};
+};
+my $moves = join("\n", $stage_as->($move[0], $other_customer), $stage_as->($guest_line, $other_customer),
+	$stage_as->($move[1], undef),
+	q{INSERT INTO customer_analytics.stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price)
+	  VALUES ('MOVE-Q', 1, 'not-yet-a-customer', 'late-product', '2025-04-02 13:00+00', 1, 5.00);});
+$coord->safe_psql($_, $moves) for qw(shop shop_single);
+my ($steps_move) = $run_both->('transform() of lines staged under another customer', $transform);
+like($steps_move, qr/fact_order_line=4 /, 'three lines moved, one new');
+my $move_refs = qq{SELECT string_agg(format('%s|%s %s', order_id, line_number, customer_ref), ',' ORDER BY order_id, line_number)
+	FROM customer_analytics.fact_order_line
+	WHERE (order_id, line_number::text) IN (('@{[ join("'), ('", map { s/\|/', '/r } @move, $guest_line) ]}'))};
+my $move_refs_single = $coord->safe_psql('shop_single', $move_refs);
+my %moved_to = map { split / / } split /,/, $move_refs_single;
+is(join(', ', map { $moved_to{$_} // 'none' } @move, $guest_line),
+	join(', ', $other_customer, '#guest:' . (split /\|/, $move[1])[0], $other_customer),
+	'the moved lines carry their new customer (single node)');
+is($coord->safe_psql('shop', $move_refs), $move_refs_single, 'and on the cluster');
+my $unique_lines = q{SELECT count(*) || ' ' || count(DISTINCT (order_id, line_number)) FROM customer_analytics.fact_order_line};
+my ($n_lines, $n_distinct) = split / /, $coord->safe_psql('shop', $unique_lines);
+is($n_lines, $n_distinct, '(order_id, line_number) is unique across the shards after the moves');
+is($coord->safe_psql('shop', q{SELECT count(*) || ' ' || count(DISTINCT (order_id, line_number)) FROM customer_analytics_internal.unknown_member_line}),
+	$coord->safe_psql('shop_single', q{SELECT count(*) || ' ' || count(DISTINCT (order_id, line_number)) FROM customer_analytics_internal.unknown_member_line}),
+	'the repair queue: one row per line, as on the single node');
+is($coord->safe_psql('shop', q{SELECT customer_ref FROM customer_analytics_internal.unknown_member_line WHERE order_id = 'MOVE-Q'}),
+	'not-yet-a-customer', 'a line waiting for its customer is queued under it');
+$compare_tables->('after the moves', @compared);
+# the line waiting for its customer staged under a known one: the queue
+# row leaves its shard
+$coord->safe_psql($_, qq{INSERT INTO customer_analytics.stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price)
+	VALUES ('MOVE-Q', 1, '$other_customer', 'late-product', '2025-04-02 13:00+00', 1, 5.00)}) for qw(shop shop_single);
+($steps_move) = $run_both->('transform() of a waiting line staged under a known customer', $transform);
+like($steps_move, qr/fact_order_line=1 /, 'the waiting line moved');
+is($coord->safe_psql('shop', q{SELECT count(*) FROM customer_analytics_internal.unknown_member_line WHERE order_id = 'MOVE-Q'}),
+	'0', 'and left the queue');
+($n_lines, $n_distinct) = split / /, $coord->safe_psql('shop', $unique_lines);
+is($n_lines, $n_distinct, '(order_id, line_number) still unique');
+$compare_tables->('after the waiting line moved', @compared);
+($again) = $run_both->('transform(full_refresh => true) after the moves',
+	q{SELECT string_agg(step || '=' || rows_affected, ' ' ORDER BY step) FROM customer_analytics.transform(full_refresh => true)});
+unlike($again, qr/fact_order_line=[1-9]/, 'a full pass moves nothing back');
+# what reads the moved lines: RFM, sales, CLV
+my $after_moves = join(";\n", q{SELECT customer_analytics.refresh_customer_rfm()}, $rfm_views,
+	rfm_sum(q{customer_analytics.rfm(customer_analytics.reference_time())}),
+	q{SELECT customer_analytics.refresh_sales_rollup()}, q{REFRESH MATERIALIZED VIEW customer_analytics.daily_sales},
+	q{SELECT md5(string_agg(x::text, ',' ORDER BY x.day)) FROM customer_analytics.daily_sales x});
+my $after_moves_single = $coord->safe_psql('shop_single', $after_moves);
+is($coord->safe_psql('shop', $after_moves), $after_moves_single,
+	'after the moves: refresh_customer_rfm() (incremental), customer_rfm, rfm(), the sales rollup: the same on the cluster');
+is($coord->safe_psql('shop', $clv), $coord->safe_psql('shop_single', $clv), 'after the moves: clv_summary(), clv_model and customer_clv: the same');
+
+# what the layout buys: a GROUP BY customer_ref runs whole on each worker
+# (the aggregate in the workers' query, none on the coordinator), where a
+# GROUP BY of another column is combined on the coordinator.  rfm()'s
+# query of the star schema and clv_summary()'s are of the first kind
+my $pushed = q{EXPLAIN (VERBOSE, COSTS OFF)
+	SELECT min(f.customer_key), count(DISTINCT f.order_id) FILTER (WHERE f.revenue >= 0), sum(f.revenue),
+	       min(f.order_ts) FILTER (WHERE f.revenue >= 0), max(f.order_ts) FILTER (WHERE f.revenue >= 0),
+	       count(DISTINCT f.order_id) FILTER (WHERE f.revenue < 0)
+	FROM customer_analytics.fact_order_line f JOIN customer_analytics.dim_customer c ON c.customer_key = f.customer_key
+	WHERE f.status = 'completed' AND f.customer_key <> -1 AND f.order_ts <= '2025-04-03'
+	  AND NOT (f.quantity < 0 AND (f.revenue IS NULL OR f.revenue = 0))
+	GROUP BY f.customer_ref, c.customer_id};
+my $pushed_plan = $coord->safe_psql('shop', $pushed);
+like($pushed_plan, qr/^Custom Scan \(Citus Adaptive\)/, "rfm()'s query by customer: nothing above the workers' results on the coordinator");
+like($pushed_plan, qr/Query: SELECT .*count\(DISTINCT f\.order_id\).*GROUP BY f\.customer_ref, c\.customer_id/,
+	'the workers group by customer_ref, count(DISTINCT) and all');
+unlike($pushed_plan, qr/worker_partial_agg|coord_combine_agg/, 'no partial aggregate to combine');
+like($coord->safe_psql('shop', q{EXPLAIN (VERBOSE, COSTS OFF) SELECT customer_ref, customer_key, date_key, sum(revenue),
+	bool_or(quantity > 0) FROM customer_analytics.fact_order_line WHERE status = 'completed' AND customer_key <> -1
+	GROUP BY customer_ref, customer_key, date_key}), qr/^Custom Scan \(Citus Adaptive\)/, "clv_summary()'s query: the same");
+like($coord->safe_psql('shop', q{EXPLAIN (VERBOSE, COSTS OFF) SELECT customer_key, order_id, sum(revenue)
+	FROM customer_analytics.fact_order_line GROUP BY customer_key, order_id}), qr/^(Hash|Group)Aggregate/,
+	'by contrast, a GROUP BY without customer_ref is combined on the coordinator');
+my $shipped = q{SELECT (SELECT count(*) FROM (SELECT 1 FROM customer_analytics.fact_order_line f
+	                                       WHERE f.status = 'completed' AND f.customer_key <> -1
+	                                       GROUP BY f.customer_ref) s),
+	       (SELECT count(*) FROM (SELECT 1 FROM customer_analytics.fact_order_line f
+	                              WHERE f.status = 'completed' AND f.customer_key <> -1
+	                              GROUP BY f.customer_key, f.order_id, f.revenue < 0) s),
+	       (SELECT count(*) FROM customer_analytics.fact_order_line f WHERE f.status = 'completed' AND f.customer_key <> -1)};
+note 'rows rfm() receives from the workers (per customer / per version and order before / lines): '
+	. join(' / ', split /\|/, $coord->safe_psql('shop', $shipped));
 
 $_->stop for reverse @nodes;
 done_testing();

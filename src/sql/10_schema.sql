@@ -193,6 +193,7 @@ CREATE TABLE customer_analytics.fact_order_line (
     updated_at   timestamptz,
     stage_id     bigint NOT NULL,
     load_id      bigint,
+    customer_ref text NOT NULL,
     PRIMARY KEY (order_id, line_number),
     CONSTRAINT fact_order_line_credit_without_discount CHECK (quantity > 0 OR discount = 0)
 );
@@ -212,6 +213,8 @@ COMMENT ON COLUMN customer_analytics.fact_order_line.revenue IS
     'quantity * unit_price - discount, whatever the status; reports count completed lines only';
 COMMENT ON COLUMN customer_analytics.fact_order_line.updated_at IS
     'The source''s updated_at for this version of the line, if it gave one (informational)';
+COMMENT ON COLUMN customer_analytics.fact_order_line.customer_ref IS
+    'The customer the line belongs to, whatever its version: the staged customer_id (dim_customer.customer_id of every version, also while the line waits on the unknown member for a late customer), or ''#guest:'' || order_id for a guest checkout; never NULL. A Citus cluster distributes the facts by it (docs/scaling.md)';
 COMMENT ON COLUMN customer_analytics.fact_order_line.stage_id IS
     'The staged row this version came from: the latest staged version of a line wins, and a row staged earlier never overwrites it';
 

@@ -623,6 +623,19 @@ COMMENT ON FUNCTION customer_analytics_internal.load_dim_customer() IS
     'Internal to transform(): the batch''s customer versions into dim_customer (type 2: a changed version closes the current one); returns the versions inserted';
 
 /*
+ * The customer an order line belongs to whatever its version, and for a
+ * guest checkout (no customer_id) one customer per order: never NULL, and
+ * the same for every version of a customer, so that a Citus cluster can
+ * keep all of a customer's lines on one shard.
+ */
+CREATE FUNCTION customer_analytics_internal.order_customer_ref(customer_id text, order_id text)
+RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT COALESCE(customer_id, '#guest:' OPERATOR(pg_catalog.||) order_id) $$;
+COMMENT ON FUNCTION customer_analytics_internal.order_customer_ref(text, text) IS
+    'Internal: fact_order_line.customer_ref of a staged line: its customer_id, or ''#guest:'' || order_id for a guest checkout';
+
+/*
  * Order lines keyed to an unknown member although their source named a
  * customer or product (it had not arrived yet): the only lines a
  * late-arriving dimension can repair.  Kept apart so that the repair reads
@@ -634,6 +647,9 @@ CREATE TABLE customer_analytics_internal.unknown_member_line (
     line_number integer NOT NULL,
     customer_id text,
     product_id  text,
+    -- the line's fact_order_line.customer_ref: a Citus cluster keeps the
+    -- queue on the shard of the line it waits for
+    customer_ref text NOT NULL,
     PRIMARY KEY (order_id, line_number)
 );
 COMMENT ON TABLE customer_analytics_internal.unknown_member_line IS
@@ -691,6 +707,52 @@ COMMENT ON FUNCTION customer_analytics_internal.note_order_line_updates(boolean)
     'Internal: queues the order lines a writer of the extension updated (temporary table ca_line_changes: new and old row) for the RFM and sales rollups and, detail true, row by row for the checks; returns their number';
 
 /*
+ * On a cluster, the batch's lines staged again under another customer
+ * (ca_order_lines.moving) change shard: each is deleted where it is and
+ * inserted where its new customer_ref puts it, in the caller's
+ * transaction, so (order_id, line_number) stays unique across the shards.
+ * As for an update, a line staged earlier than the fact's version does not
+ * move it.  Each move is recorded in ca_line_changes (the line as it is now
+ * and as it was), for note_order_line_updates().
+ */
+CREATE FUNCTION customer_analytics_internal.move_order_lines()
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+BEGIN
+    CREATE TEMP TABLE ca_moved_lines (order_id text, line_number integer, old jsonb) ON COMMIT DROP;
+    WITH r AS MATERIALIZED (
+        SELECT b.order_id, b.line_number, b.customer_ref, b.stage_id FROM ca_order_lines b WHERE b.moving
+    ), gone AS (
+        DELETE FROM fact_order_line f
+        USING r
+        WHERE f.order_id = r.order_id AND f.line_number = r.line_number
+          AND f.customer_ref <> r.customer_ref AND r.stage_id > f.stage_id
+        RETURNING f.*
+    )
+    INSERT INTO ca_moved_lines SELECT g.order_id, g.line_number, to_jsonb(g) FROM gone g;
+    WITH moved AS (
+        INSERT INTO fact_order_line AS f
+            (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity,
+             unit_price, discount, status, channel, updated_at, stage_id, load_id, customer_ref)
+        SELECT r.order_id, r.line_number, r.customer_key, r.product_key, r.date_key,
+               r.order_ts, r.quantity, r.unit_price, r.discount, r.status, r.channel,
+               r.updated_at, r.stage_id, r.load_id, r.customer_ref
+        FROM ca_order_lines r
+        WHERE r.moving
+          AND EXISTS (SELECT 1 FROM ca_moved_lines m WHERE m.order_id = r.order_id AND m.line_number = r.line_number)
+        RETURNING f.*
+    )
+    INSERT INTO ca_line_changes
+    SELECT to_jsonb(n), m.old FROM moved n JOIN ca_moved_lines m USING (order_id, line_number);
+    DROP TABLE ca_moved_lines;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.move_order_lines() IS
+    'Internal to transform() on a Citus cluster: the batch''s lines staged again under another customer deleted from their old shard and inserted on the new one (the latest staged version wins), recorded in ca_line_changes';
+
+/*
  * Order lines, keyed to the customer version in effect at the order.  The
  * batch is resolved once (customer version, product, day) into
  * ca_order_lines: the facts, the queue of lines to repair and the change
@@ -714,6 +776,8 @@ DECLARE
     fast boolean;
     line_queue boolean := true;
     deferred text[];
+    on_cluster boolean := citus_managed('customer_analytics.fact_order_line');
+    conflict text;
 BEGIN
     CREATE TEMP TABLE ca_customer_lookup ON COMMIT DROP AS
     SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT o.customer_id FROM ca_batch_orders o
@@ -727,8 +791,10 @@ BEGIN
            date_key((s.order_ts AT TIME ZONE tz)::date) AS date_key,
            s.order_ts, s.quantity, s.unit_price, s.discount, s.status, s.channel,
            s.updated_at, s.stage_id, s.load_id, s.customer_id, s.product_id,
+           order_customer_ref(s.customer_id, s.order_id) AS customer_ref,
            (s.customer_id IS NOT NULL AND c.customer_key IS NULL)
-           OR (s.product_id IS NOT NULL AND p.product_key IS NULL) AS unresolved
+           OR (s.product_id IS NOT NULL AND p.product_key IS NULL) AS unresolved,
+           false AS moving
     FROM ca_batch_orders s
     LEFT JOIN ca_customer_lookup c
            ON c.customer_id = s.customer_id AND s.order_ts >= c.valid_from AND s.order_ts < c.valid_to
@@ -737,6 +803,26 @@ BEGIN
     SELECT count(*) INTO batch FROM ca_order_lines;
     detail := check_queue('customer_analytics.fact_order_line', batch);
     deferred := defer_fact_indexes('customer_analytics.fact_order_line', batch);
+
+    /*
+     * On a cluster the facts are distributed by customer_ref and keyed on
+     * (order_id, line_number, customer_ref) (docs/scaling.md): a line
+     * staged again under another customer conflicts with nothing there and
+     * would become a second row on another shard.  Those lines are set
+     * apart (moving) and moved below, deleted from the old shard and
+     * inserted on the new one.
+     */
+    IF on_cluster AND EXISTS (SELECT 1 FROM fact_order_line) THEN
+        WITH r AS MATERIALIZED (
+            SELECT b.order_id, b.line_number FROM ca_order_lines b
+        ), there AS MATERIALIZED (
+            SELECT f.order_id, f.line_number, f.customer_ref FROM fact_order_line f
+            WHERE (f.order_id, f.line_number) IN (SELECT r.order_id, r.line_number FROM r)
+        )
+        UPDATE ca_order_lines b SET moving = true
+        FROM there t
+        WHERE t.order_id = b.order_id AND t.line_number = b.line_number AND t.customer_ref <> b.customer_ref;
+    END IF;
 
     -- (session_replication_role is set here, not in a function with SET
     -- clauses of its own, which would undo it on return; this function's
@@ -757,15 +843,20 @@ BEGIN
     -- CONFLICT: nothing can conflict (the batch has one row per line, and
     -- transform() runs alone), and the arbiter's check before every insert
     -- costs a plain load 30% to 80% more
+    IF EXISTS (SELECT 1 FROM fact_order_line) THEN
+        conflict := CASE WHEN on_cluster THEN 'ON CONFLICT (order_id, line_number, customer_ref) DO NOTHING'
+                         ELSE 'ON CONFLICT (order_id, line_number) DO NOTHING' END;
+    END IF;
     EXECUTE format($sql$
     WITH written AS (
         INSERT INTO fact_order_line AS f
             (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity,
-             unit_price, discount, status, channel, updated_at, stage_id, load_id)
+             unit_price, discount, status, channel, updated_at, stage_id, load_id, customer_ref)
         SELECT r.order_id, r.line_number, r.customer_key, r.product_key, r.date_key,
                r.order_ts, r.quantity, r.unit_price, r.discount, r.status, r.channel,
-               r.updated_at, r.stage_id, r.load_id
+               r.updated_at, r.stage_id, r.load_id, r.customer_ref
         FROM ca_order_lines r
+        WHERE NOT r.moving
         %s
         RETURNING f.order_id, f.line_number, f.customer_key, f.date_key, f.order_ts, f.quantity,
                   f.revenue, f.status
@@ -786,7 +877,7 @@ BEGIN
         FROM written w WHERE $2
     )
     SELECT count(*) FROM written
-    $sql$, CASE WHEN EXISTS (SELECT 1 FROM fact_order_line) THEN 'ON CONFLICT (order_id, line_number) DO NOTHING' END)
+    $sql$, conflict)
     INTO added USING line_queue, detail;
     IF fast THEN
         PERFORM set_config('session_replication_role', 'origin', true);
@@ -798,11 +889,13 @@ BEGIN
     -- (The batch and the old rows are materialised in CTEs, and the UPDATE
     -- returns its rows as they are: so Citus can run it on the distributed
     -- facts, which it may not join to a temporary table, nor return a
-    -- function of.)
+    -- function of.  Citus refuses to SET the distribution column even to
+    -- its own value: on a cluster customer_ref changes by a move only.)
     IF added < batch THEN
         CREATE TEMP TABLE ca_line_changes (new jsonb, old jsonb) ON COMMIT DROP;
+        EXECUTE format($sql$
         WITH r AS MATERIALIZED (
-            SELECT * FROM ca_order_lines
+            SELECT * FROM ca_order_lines WHERE NOT moving
         ), was AS MATERIALIZED (
             SELECT f.* FROM fact_order_line f
             WHERE (f.order_id, f.line_number) IN (SELECT r.order_id, r.line_number FROM r)
@@ -813,19 +906,23 @@ BEGIN
                 quantity = r.quantity, unit_price = r.unit_price,
                 discount = r.discount, status = r.status,
                 channel = r.channel, updated_at = r.updated_at,
-                stage_id = r.stage_id, load_id = r.load_id
+                stage_id = r.stage_id, load_id = r.load_id %s
             FROM r
             WHERE f.order_id = r.order_id AND f.line_number = r.line_number
               AND r.stage_id > f.stage_id
               AND (f.customer_key, f.product_key, f.order_ts, f.quantity, f.unit_price,
-                   f.discount, f.status, f.channel, f.updated_at)
+                   f.discount, f.status, f.channel, f.updated_at, f.customer_ref)
                   IS DISTINCT FROM
                   (r.customer_key, r.product_key, r.order_ts, r.quantity,
-                   r.unit_price, r.discount, r.status, r.channel, r.updated_at)
+                   r.unit_price, r.discount, r.status, r.channel, r.updated_at, r.customer_ref)
             RETURNING f.*
         )
         INSERT INTO ca_line_changes
-        SELECT to_jsonb(u), to_jsonb(w) FROM upd u JOIN was w USING (order_id, line_number);
+        SELECT to_jsonb(u), to_jsonb(w) FROM upd u JOIN was w USING (order_id, line_number)
+        $sql$, CASE WHEN NOT on_cluster THEN ', customer_ref = r.customer_ref' END);
+        IF on_cluster THEN
+            PERFORM move_order_lines();
+        END IF;
         changed := note_order_line_updates(detail);
     END IF;
 
@@ -836,24 +933,27 @@ BEGIN
         USING ca_order_lines b
         ON q.order_id = b.order_id AND q.line_number = b.line_number
         WHEN MATCHED AND NOT b.unresolved THEN DELETE
-        WHEN MATCHED THEN UPDATE SET customer_id = b.customer_id, product_id = b.product_id
+        WHEN MATCHED THEN UPDATE SET customer_id = b.customer_id, product_id = b.product_id,
+                                     customer_ref = b.customer_ref
         WHEN NOT MATCHED AND b.unresolved THEN
-            INSERT (order_id, line_number, customer_id, product_id)
-            VALUES (b.order_id, b.line_number, b.customer_id, b.product_id);
+            INSERT (order_id, line_number, customer_id, product_id, customer_ref)
+            VALUES (b.order_id, b.line_number, b.customer_id, b.product_id, b.customer_ref);
     ELSE
         -- the same in two statements: Citus does not MERGE a temporary
-        -- table into a distributed one
-        WITH resolved AS MATERIALIZED (
-            SELECT b.order_id, b.line_number FROM ca_order_lines b WHERE NOT b.unresolved
+        -- table into a distributed one.  A line that moved to another
+        -- customer leaves its old shard's queue, as its fact did
+        WITH b AS MATERIALIZED (
+            SELECT b.order_id, b.line_number, b.customer_ref, b.unresolved FROM ca_order_lines b
         )
         DELETE FROM unknown_member_line q
-        USING resolved b
-        WHERE q.order_id = b.order_id AND q.line_number = b.line_number;
-        INSERT INTO unknown_member_line AS q (order_id, line_number, customer_id, product_id)
-        SELECT b.order_id, b.line_number, b.customer_id, b.product_id
+        USING b
+        WHERE q.order_id = b.order_id AND q.line_number = b.line_number
+          AND (NOT b.unresolved OR q.customer_ref <> b.customer_ref);
+        INSERT INTO unknown_member_line AS q (order_id, line_number, customer_id, product_id, customer_ref)
+        SELECT b.order_id, b.line_number, b.customer_id, b.product_id, b.customer_ref
         FROM ca_order_lines b
         WHERE b.unresolved
-        ON CONFLICT (order_id, line_number) DO UPDATE
+        ON CONFLICT (order_id, line_number, customer_ref) DO UPDATE
             SET customer_id = excluded.customer_id, product_id = excluded.product_id;
     END IF;
     DROP TABLE ca_order_lines;
@@ -881,16 +981,19 @@ BEGIN
     -- Citus would otherwise send customer_versions(), which reads a table,
     -- to the shards of the facts)
     CREATE TEMP TABLE ca_repairs ON COMMIT DROP AS
+    -- (joined on customer_ref too: on a cluster both tables are
+    -- distributed by it, and Citus joins them shard by shard only so)
     WITH q AS MATERIALIZED (
-        SELECT q.order_id, q.line_number, q.customer_id, q.product_id, f.order_id IS NULL AS gone,
-               f.order_ts
+        SELECT q.order_id, q.line_number, q.customer_ref, q.customer_id, q.product_id,
+               f.order_id IS NULL AS gone, f.order_ts
         FROM unknown_member_line q
-        LEFT JOIN fact_order_line f ON f.order_id = q.order_id AND f.line_number = q.line_number
+        LEFT JOIN fact_order_line f
+               ON f.customer_ref = q.customer_ref AND f.order_id = q.order_id AND f.line_number = q.line_number
     ), v AS MATERIALIZED (
         SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT q.customer_id FROM q
                                               WHERE q.customer_id IS NOT NULL))
     )
-    SELECT q.order_id, q.line_number, q.customer_id, q.product_id, q.gone,
+    SELECT q.order_id, q.line_number, q.customer_ref, q.customer_id, q.product_id, q.gone,
            COALESCE(v.customer_key, -1) AS customer_key,
            COALESCE(p.product_key, -1) AS product_key
     FROM q
@@ -901,16 +1004,16 @@ BEGIN
     -- Citus)
     CREATE TEMP TABLE ca_line_changes (new jsonb, old jsonb) ON COMMIT DROP;
     WITH r AS MATERIALIZED (
-        SELECT r.order_id, r.line_number, r.customer_key, r.product_key
+        SELECT r.order_id, r.line_number, r.customer_ref, r.customer_key, r.product_key
         FROM ca_repairs r WHERE NOT r.gone
     ), was AS MATERIALIZED (
         SELECT f.* FROM fact_order_line f
-        WHERE (f.order_id, f.line_number) IN (SELECT r.order_id, r.line_number FROM r)
+        WHERE (f.order_id, f.line_number, f.customer_ref) IN (SELECT r.order_id, r.line_number, r.customer_ref FROM r)
     ), upd AS (
         UPDATE fact_order_line f
         SET customer_key = r.customer_key, product_key = r.product_key
         FROM r
-        WHERE f.order_id = r.order_id AND f.line_number = r.line_number
+        WHERE f.customer_ref = r.customer_ref AND f.order_id = r.order_id AND f.line_number = r.line_number
           AND (f.customer_key, f.product_key) IS DISTINCT FROM (r.customer_key, r.product_key)
         RETURNING f.*
     )
@@ -921,13 +1024,13 @@ BEGIN
 
     -- resolved (or no longer in the facts): out of the queue
     WITH done AS MATERIALIZED (
-        SELECT r.order_id, r.line_number FROM ca_repairs r
+        SELECT r.order_id, r.line_number, r.customer_ref FROM ca_repairs r
         WHERE r.gone OR ((r.customer_key <> -1 OR r.customer_id IS NULL)
                          AND (r.product_key <> -1 OR r.product_id IS NULL))
     )
     DELETE FROM unknown_member_line q
     USING done r
-    WHERE q.order_id = r.order_id AND q.line_number = r.line_number;
+    WHERE q.customer_ref = r.customer_ref AND q.order_id = r.order_id AND q.line_number = r.line_number;
     DROP TABLE ca_repairs;
     RETURN n;
 END

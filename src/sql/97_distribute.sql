@@ -1,10 +1,16 @@
 /*
  * The star schema on a Citus cluster (docs/scaling.md has the reasons).
  *
- * The layout needs no key of the single-node schema changed: every fact
- * and its staging rows are distributed by a column that is already in
- * their primary key and in every ON CONFLICT target, never NULL and never
- * updated (order_id, event_id), all co-located; the customers' staging by
+ * The order facts and their repair queue are distributed by customer_ref
+ * (a customer's lines on one shard, whatever its versions; one customer
+ * per order for guests), never NULL, and keyed there on (order_id,
+ * line_number, customer_ref): the primary key is swapped during the
+ * conversion, and transform()'s cluster path moves a line that changes
+ * customer.  The other facts and the staging rows are distributed by a
+ * column already in their primary key and in every ON CONFLICT target,
+ * never NULL and never updated (order_id, event_id), all co-located (the
+ * staged lines stay by order_id: customer_id is NULL for a guest, and
+ * Citus takes no generated column); the customers' staging by
  * customer_id (never NULL there); the dimensions, which every fact joins
  * on a surrogate key, are reference tables; bookkeeping, queues, rollups,
  * settings and logs stay local on the coordinator.
@@ -37,28 +43,37 @@ COMMENT ON TABLE customer_analytics_internal.cluster_layout IS
  * The layout itself, one row per table that leaves the single-node layout,
  * in the order Citus accepts them (reference tables before the tables
  * whose foreign keys point at them; the first distributed table fixes the
- * co-location group of the others).
+ * co-location group of the others).  cluster_key: the primary key the
+ * table gets on the cluster, for a table distributed by a column that is
+ * not in its single-node key (NULL: the key stays).  The order facts are
+ * distributed by their customer, and on the cluster keyed on (order_id,
+ * line_number, customer_ref): the order and line first, so that the
+ * look-ups of transform() by order and line (the lines already there, the
+ * lines that change customer) use the key's index.
  */
 CREATE FUNCTION customer_analytics_internal.cluster_layout_plan()
-RETURNS TABLE (ordinal integer, table_name regclass, citus_kind text, distribution_column text)
+RETURNS TABLE (ordinal integer, table_name regclass, citus_kind text, distribution_column text,
+               cluster_key text[])
 LANGUAGE sql STABLE PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT * FROM (VALUES
-        (1, 'customer_analytics.dim_date'::regclass, 'reference', NULL::text),
-        (2, 'customer_analytics.dim_product', 'reference', NULL),
-        (3, 'customer_analytics.dim_customer', 'reference', NULL),
-        (4, 'customer_analytics.stg_products', 'reference', NULL),
-        (5, 'customer_analytics.fact_order_line', 'distributed', 'order_id'),
-        (6, 'customer_analytics.stg_orders', 'distributed', 'order_id'),
-        (7, 'customer_analytics_internal.unknown_member_line', 'distributed', 'order_id'),
-        (8, 'customer_analytics.fact_event', 'distributed', 'event_id'),
-        (9, 'customer_analytics.stg_events', 'distributed', 'event_id'),
-        (10, 'customer_analytics.stg_customers', 'distributed', 'customer_id')
-    ) AS p (ordinal, table_name, citus_kind, distribution_column)
+        (1, 'customer_analytics.dim_date'::regclass, 'reference', NULL::text, NULL::text[]),
+        (2, 'customer_analytics.dim_product', 'reference', NULL, NULL),
+        (3, 'customer_analytics.dim_customer', 'reference', NULL, NULL),
+        (4, 'customer_analytics.stg_products', 'reference', NULL, NULL),
+        (5, 'customer_analytics.fact_order_line', 'distributed', 'customer_ref',
+         '{order_id,line_number,customer_ref}'),
+        (6, 'customer_analytics.stg_orders', 'distributed', 'order_id', NULL),
+        (7, 'customer_analytics_internal.unknown_member_line', 'distributed', 'customer_ref',
+         '{order_id,line_number,customer_ref}'),
+        (8, 'customer_analytics.fact_event', 'distributed', 'event_id', NULL),
+        (9, 'customer_analytics.stg_events', 'distributed', 'event_id', NULL),
+        (10, 'customer_analytics.stg_customers', 'distributed', 'customer_id', NULL)
+    ) AS p (ordinal, table_name, citus_kind, distribution_column, cluster_key)
 $$;
 COMMENT ON FUNCTION customer_analytics_internal.cluster_layout_plan() IS
-    'Internal to distribute(): the tables it converts, in order: reference tables first, then the distributed ones with their distribution column (co-located with the first)';
+    'Internal to distribute(): the tables it converts, in order: reference tables first, then the distributed ones with their distribution column (co-located with the first) and, where the single-node primary key lacks that column, the primary key they get on the cluster (cluster_key)';
 
 CREATE FUNCTION customer_analytics.distribute(shard_count integer DEFAULT NULL)
 RETURNS TABLE (table_name regclass, citus_kind text, distribution_column text, shards integer)
@@ -77,8 +92,8 @@ DECLARE
     first_distributed regclass;
     on_coordinator boolean;
     workers bigint;
-    -- the statements that take the triggers and foreign keys off, run
-    -- here and on every worker
+    -- the statements that take the triggers and foreign keys off and
+    -- swap the primary keys for the cluster's, run here and on every worker
     drop_sql text;
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') THEN
@@ -158,6 +173,21 @@ BEGIN
         LOOP
             drop_sql := drop_sql || format('ALTER TABLE %s DROP CONSTRAINT IF EXISTS %I;', fk.rel, fk.conname);
         END LOOP;
+        -- the primary keys swapped for the cluster's (Citus refuses a
+        -- unique index without the distribution column), under the same
+        -- name; on the workers' copies too, which Citus keeps as the
+        -- tables' shells there (dropped and added again: idempotent)
+        FOR fk IN
+            SELECT qualified_name(p.table_name) AS rel, c.conname,
+                   (SELECT string_agg(quote_ident(k), ', ' ORDER BY n) FROM unnest(p.cluster_key) WITH ORDINALITY u (k, n)) AS cols
+            FROM cluster_layout_plan() p
+            JOIN pg_constraint c ON c.conrelid = p.table_name AND c.contype = 'p'
+            WHERE p.cluster_key IS NOT NULL
+            ORDER BY p.ordinal
+        LOOP
+            drop_sql := drop_sql || format('ALTER TABLE %s DROP CONSTRAINT IF EXISTS %I;', fk.rel, fk.conname)
+                                 || format('ALTER TABLE %s ADD CONSTRAINT %I PRIMARY KEY (%s);', fk.rel, fk.conname, fk.cols);
+        END LOOP;
 
         -- the workers first: a failure there leaves this node untouched,
         -- and the statements are idempotent, so a second call finishes
@@ -217,5 +247,5 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION customer_analytics.distribute(integer) IS
-    'On a Citus coordinator: converts the installed (possibly loaded) star schema to its distributed layout (facts and staging by order_id / event_id / customer_id, co-located; dimensions as reference tables; the rest local) and returns the layout; a second call changes nothing; refused where Citus is absent or on a worker';
+    'On a Citus coordinator: converts the installed (possibly loaded) star schema to its distributed layout (order facts and their repair queue by customer_ref, keyed on (order_id, line_number, customer_ref); staging and events by order_id / event_id / customer_id, all co-located; dimensions as reference tables; the rest local) and returns the layout; a second call changes nothing; refused where Citus is absent or on a worker';
 REVOKE ALL ON FUNCTION customer_analytics.distribute(integer) FROM PUBLIC;
