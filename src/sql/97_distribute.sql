@@ -1,13 +1,18 @@
 /*
  * The star schema on a Citus cluster (docs/scaling.md has the reasons).
  *
- * The layout needs no key of the single-node schema changed: every fact
- * and its staging rows are distributed by a column that is already in
- * their primary key and in every ON CONFLICT target, never NULL and never
- * updated (order_id, event_id), all co-located; the customers' staging by
- * customer_id (never NULL there); the dimensions, which every fact joins
- * on a surrogate key, are reference tables; bookkeeping, queues, rollups,
- * settings and logs stay local on the coordinator.
+ * Every fact and its staging rows are distributed by a column never NULL
+ * and in their primary key and every ON CONFLICT target on the cluster,
+ * all co-located: the order lines by order_id; the events by session_id,
+ * so that a session's events (its stitching, its share of the sessions
+ * rebuild) stay on one shard; fact_event's primary key becomes
+ * (session_id, event_id) during the conversion, the single node keeping
+ * event_id alone, and a re-staged event that changed session is moved by
+ * transform_events() (deleted on its old shard, inserted on the new).
+ * The customers' staging by customer_id (never NULL there); the
+ * dimensions, which every fact joins on a surrogate key, are reference
+ * tables; bookkeeping, queues, rollups, settings and logs stay local on
+ * the coordinator.
  *
  * Citus refuses to convert a table with triggers, and a table that a local
  * table references would drag the whole foreign-key graph (and the views
@@ -52,8 +57,8 @@ AS $$
         (5, 'customer_analytics.fact_order_line', 'distributed', 'order_id'),
         (6, 'customer_analytics.stg_orders', 'distributed', 'order_id'),
         (7, 'customer_analytics_internal.unknown_member_line', 'distributed', 'order_id'),
-        (8, 'customer_analytics.fact_event', 'distributed', 'event_id'),
-        (9, 'customer_analytics.stg_events', 'distributed', 'event_id'),
+        (8, 'customer_analytics.fact_event', 'distributed', 'session_id'),
+        (9, 'customer_analytics.stg_events', 'distributed', 'session_id'),
         (10, 'customer_analytics.stg_customers', 'distributed', 'customer_id')
     ) AS p (ordinal, table_name, citus_kind, distribution_column)
 $$;
@@ -159,6 +164,16 @@ BEGIN
             drop_sql := drop_sql || format('ALTER TABLE %s DROP CONSTRAINT IF EXISTS %I;', fk.rel, fk.conname);
         END LOOP;
 
+        -- issue 17E key swap (fact_event): Citus wants the distribution
+        -- column in every unique index, so the events' key takes their
+        -- session on the cluster (transform_events() keeps event_id unique
+        -- by moving an event that changed session).  Swapped on the workers'
+        -- copies too, where statements are planned against them; dropping
+        -- first makes it idempotent, as the rest of drop_sql.
+        drop_sql := drop_sql || 'ALTER TABLE customer_analytics.fact_event DROP CONSTRAINT IF EXISTS fact_event_pkey, '
+                                'ADD CONSTRAINT fact_event_pkey PRIMARY KEY (session_id, event_id);';
+        -- (end of the issue 17E key swap)
+
         -- the workers first: a failure there leaves this node untouched,
         -- and the statements are idempotent, so a second call finishes
         IF drop_sql <> '' THEN
@@ -217,5 +232,5 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION customer_analytics.distribute(integer) IS
-    'On a Citus coordinator: converts the installed (possibly loaded) star schema to its distributed layout (facts and staging by order_id / event_id / customer_id, co-located; dimensions as reference tables; the rest local) and returns the layout; a second call changes nothing; refused where Citus is absent or on a worker';
+    'On a Citus coordinator: converts the installed (possibly loaded) star schema to its distributed layout (facts and staging by order_id / session_id / customer_id, co-located, fact_event''s primary key becoming (session_id, event_id); dimensions as reference tables; the rest local) and returns the layout; a second call changes nothing; refused where Citus is absent or on a worker';
 REVOKE ALL ON FUNCTION customer_analytics.distribute(integer) FROM PUBLIC;
