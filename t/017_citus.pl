@@ -933,6 +933,10 @@ my $event_key = q{SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c
 	WHERE c.conrelid = 'customer_analytics.fact_event'::regclass AND c.contype IN ('p', 'u')};
 is($coord->safe_psql('shop', $event_key), 'PRIMARY KEY (session_id, event_id)', "layout by session: fact_event's key holds the session on the cluster");
 is($coord->safe_psql('shop_single', $event_key), 'PRIMARY KEY (event_id)', 'and stays event_id alone on the single node');
+my $event_id_index = q{SELECT count(*) FROM pg_index i WHERE i.indrelid = 'customer_analytics.fact_event'::regclass
+	AND NOT i.indisunique AND i.indnatts = 1 AND pg_get_indexdef(i.indexrelid) LIKE '%(event_id)'};
+is($coord->safe_psql('shop', $event_id_index) . $coord->safe_psql('shop_single', $event_id_index), '10',
+	'layout by session: a plain index on event_id on the cluster (an event that changed session is found by it), none on the single node');
 for my $w (@workers)
 {
 	is($w->safe_psql('shop', $event_key), 'PRIMARY KEY (session_id, event_id)', 'layout by session: the key swapped on the copy of worker ' . $w->name);
@@ -1016,9 +1020,9 @@ $compare_tables->('layout by session: after refresh_clickstream()', 'customer_an
 is($coord->safe_psql('shop', $sessions), $coord->safe_psql('shop_single', $sessions), 'layout by session: sessions and funnel_daily rebuilt from scratch: the same on the cluster');
 # a GROUP BY session over the events: whole on the workers, no
 # aggregation left to the coordinator
-my $plan = $coord->safe_psql('shop', q{EXPLAIN (COSTS OFF) SELECT session_id, count(*) FROM customer_analytics.fact_event GROUP BY session_id});
-like($plan, qr/^Custom Scan \(Citus Adaptive\)/, 'layout by session: a GROUP BY session_id has no aggregate above the Citus scan') or diag $plan;
-like($plan, qr/Task.*Aggregate.*Group Key: session_id/s, 'it is grouped on the workers');
+my $session_plan = $coord->safe_psql('shop', q{EXPLAIN (COSTS OFF) SELECT session_id, count(*) FROM customer_analytics.fact_event GROUP BY session_id});
+like($session_plan, qr/^Custom Scan \(Citus Adaptive\)/, 'layout by session: a GROUP BY session_id has no aggregate above the Citus scan') or diag $session_plan;
+like($session_plan, qr/Task.*Aggregate.*Group Key: session_id/s, 'it is grouped on the workers');
 
 $_->stop for reverse @nodes;
 done_testing();

@@ -167,11 +167,14 @@ BEGIN
         -- issue 17E key swap (fact_event): Citus wants the distribution
         -- column in every unique index, so the events' key takes their
         -- session on the cluster (transform_events() keeps event_id unique
-        -- by moving an event that changed session).  Swapped on the workers'
-        -- copies too, where statements are planned against them; dropping
-        -- first makes it idempotent, as the rest of drop_sql.
+        -- by moving an event that changed session).  A plain index on
+        -- event_id stays: an event re-staged under another session is
+        -- found by it, on every shard, without a scan.  Swapped on the
+        -- workers' copies too, where statements are planned against them;
+        -- dropping first makes it idempotent, as the rest of drop_sql.
         drop_sql := drop_sql || 'ALTER TABLE customer_analytics.fact_event DROP CONSTRAINT IF EXISTS fact_event_pkey, '
-                                'ADD CONSTRAINT fact_event_pkey PRIMARY KEY (session_id, event_id);';
+                                'ADD CONSTRAINT fact_event_pkey PRIMARY KEY (session_id, event_id);'
+                             || 'CREATE INDEX IF NOT EXISTS fact_event_event_id_idx ON customer_analytics.fact_event (event_id);';
         -- (end of the issue 17E key swap)
 
         -- the workers first: a failure there leaves this node untouched,
