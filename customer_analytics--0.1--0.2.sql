@@ -9191,3 +9191,629 @@ END
 $$;
 COMMENT ON FUNCTION customer_analytics.distribute(integer) IS
     'On a Citus coordinator: converts the installed (possibly loaded) star schema to its distributed layout (order facts and their repair queue by customer_ref, keyed on (order_id, line_number, customer_ref); staging and events by order_id / event_id / customer_id, all co-located; dimensions as reference tables; the rest local) and returns the layout; a second call changes nothing; refused where Citus is absent or on a worker';
+
+-- issue 17 layout by session: fact_event and stg_events distributed by session_id, fact_event's key (session_id, event_id) on the cluster, an event that changed session moved; the stitching and the anonymous visitors' sessions on the shards (docs/scaling.md)
+CREATE OR REPLACE FUNCTION customer_analytics_internal.load_fact_event()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    tz text := business_timezone();
+    batch bigint;
+    added bigint;
+    moved bigint := 0;
+    changed bigint := 0;
+    detail boolean;
+    on_cluster boolean := citus_managed('customer_analytics.fact_event');
+BEGIN
+    CREATE TEMP TABLE ca_event_rows ON COMMIT DROP AS
+    SELECT s.event_id, s.event_ts, date_key((s.event_ts AT TIME ZONE tz)::date) AS date_key,
+           CASE WHEN s.customer_id IS NULL THEN NULL
+                ELSE COALESCE(c.customer_key, -1) END AS customer_key,
+           s.customer_id, s.session_id, s.event_type,
+           CASE WHEN s.product_id IS NULL THEN NULL ELSE COALESCE(p.product_key, -1) END AS product_key,
+           s.order_id, s.channel, s.device, s.stage_id, s.load_id
+    FROM ca_batch_events s
+    LEFT JOIN ca_event_customers c
+           ON c.customer_id = s.customer_id AND s.event_ts >= c.valid_from AND s.event_ts < c.valid_to
+    LEFT JOIN dim_product p ON p.product_id = s.product_id;
+    SELECT count(*) INTO batch FROM ca_event_rows;
+    detail := check_queue('customer_analytics.fact_event', batch);
+    CREATE TEMP TABLE ca_event_changes (new jsonb, old jsonb) ON COMMIT DROP;
+
+    IF on_cluster THEN
+        -- where each event of the batch is now, if anywhere
+        CREATE TEMP TABLE ca_event_placed ON COMMIT DROP AS
+        WITH r AS MATERIALIZED (
+            SELECT r.event_id FROM ca_event_rows r
+        )
+        SELECT f.event_id, f.session_id, f.stage_id
+        FROM fact_event f WHERE f.event_id IN (SELECT r.event_id FROM r);
+        -- an older version than the row under another session: nothing to write
+        DELETE FROM ca_event_rows r
+        USING ca_event_placed p
+        WHERE p.event_id = r.event_id AND p.session_id <> r.session_id AND r.stage_id <= p.stage_id;
+        -- a newer one: the old row goes (from its old session's shard) ...
+        CREATE TEMP TABLE ca_event_moved (event_id text, old jsonb) ON COMMIT DROP;
+        WITH m AS MATERIALIZED (
+            SELECT p.session_id, p.event_id
+            FROM ca_event_placed p JOIN ca_event_rows r USING (event_id)
+            WHERE p.session_id <> r.session_id
+        ), gone AS (
+            DELETE FROM fact_event f
+            USING m
+            WHERE f.session_id = m.session_id AND f.event_id = m.event_id
+            RETURNING f.*
+        )
+        INSERT INTO ca_event_moved SELECT g.event_id, to_jsonb(g) FROM gone g;
+        -- ... and its new version is inserted on the new one
+        WITH m AS MATERIALIZED (
+            SELECT r.*, m.old
+            FROM ca_event_rows r JOIN ca_event_moved m USING (event_id)
+        ), ins AS (
+            INSERT INTO fact_event AS f
+                (event_id, event_ts, date_key, customer_key, customer_id, customer_stitched, session_id,
+                 event_type, product_key, order_id, channel, device, stage_id, load_id)
+            SELECT m.event_id, m.event_ts, m.date_key, m.customer_key, m.customer_id, false, m.session_id,
+                   m.event_type, m.product_key, m.order_id, m.channel, m.device, m.stage_id, m.load_id
+            FROM m
+            RETURNING f.*
+        )
+        INSERT INTO ca_event_changes
+        SELECT to_jsonb(i), m.old FROM ins i JOIN m USING (event_id);
+        GET DIAGNOSTICS moved = ROW_COUNT;
+        DELETE FROM ca_event_rows r USING ca_event_moved m WHERE m.event_id = r.event_id;
+        DROP TABLE ca_event_placed, ca_event_moved;
+    END IF;
+
+    -- into an empty table (a first load) without ON CONFLICT, as the
+    -- order lines (load_fact_order_line); on Citus the key holds the
+    -- session
+    EXECUTE format($sql$
+    WITH written AS (
+        INSERT INTO fact_event AS f
+            (event_id, event_ts, date_key, customer_key, customer_id, customer_stitched, session_id,
+             event_type, product_key, order_id, channel, device, stage_id, load_id)
+        SELECT r.event_id, r.event_ts, r.date_key, r.customer_key, r.customer_id, false, r.session_id,
+               r.event_type, r.product_key, r.order_id, r.channel, r.device, r.stage_id, r.load_id
+        FROM ca_event_rows r
+        %s
+        RETURNING f.event_id, f.event_ts, f.customer_id, f.session_id
+    ), queued AS (
+        INSERT INTO clickstream_change (visitor, since)
+        SELECT visitor(w.customer_id, w.session_id), min(w.event_ts) FROM written w GROUP BY 1
+    ), checked AS (
+        INSERT INTO check_change (rel, op, key)
+        SELECT 'customer_analytics.fact_event'::regclass, 'n', jsonb_build_object('event_id', w.event_id)
+        FROM written w WHERE $1
+    )
+    SELECT count(*) FROM written
+    $sql$, CASE WHEN on_cluster THEN 'ON CONFLICT (session_id, event_id) DO NOTHING'
+                WHEN EXISTS (SELECT 1 FROM fact_event) THEN 'ON CONFLICT (event_id) DO NOTHING' END)
+    INTO added USING detail;
+
+    -- events already in the facts: a later staged version that differs wins
+    IF added + moved < batch THEN
+        -- (in CTEs, for Citus, as the order lines' update; there, an event
+        -- that changed session was moved above, and Citus refuses a SET of
+        -- the distribution column even to its own value)
+        EXECUTE format($sql$
+        WITH r AS MATERIALIZED (
+            SELECT * FROM ca_event_rows
+        ), was AS MATERIALIZED (
+            SELECT f.* FROM fact_event f WHERE f.event_id IN (SELECT r.event_id FROM r)
+        ), upd AS (
+            UPDATE fact_event f
+            SET event_ts = r.event_ts, date_key = r.date_key,
+                customer_key = r.customer_key, customer_id = r.customer_id,
+                customer_stitched = false, %s
+                event_type = r.event_type, product_key = r.product_key,
+                order_id = r.order_id, channel = r.channel,
+                device = r.device, stage_id = r.stage_id, load_id = r.load_id
+            FROM r
+            WHERE f.event_id = r.event_id %s
+              AND r.stage_id > f.stage_id
+              AND (f.event_ts, f.customer_key, f.customer_id, f.customer_stitched, f.session_id,
+                   f.event_type, f.product_key, f.order_id, f.channel, f.device)
+                  IS DISTINCT FROM
+                  (r.event_ts, r.customer_key, r.customer_id, false,
+                   r.session_id, r.event_type, r.product_key,
+                   r.order_id, r.channel, r.device)
+            RETURNING f.*
+        )
+        INSERT INTO ca_event_changes
+        SELECT to_jsonb(u), to_jsonb(w) FROM upd u JOIN was w USING (event_id)
+        $sql$, CASE WHEN NOT on_cluster THEN 'session_id = r.session_id,' END,
+               CASE WHEN on_cluster THEN 'AND f.session_id = r.session_id' END);
+    END IF;
+    changed := note_event_updates(detail);
+    DROP TABLE ca_event_rows;
+    RETURN added + changed;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.load_fact_event() IS
+    'Internal to transform_events(): the batch''s events into fact_event (upsert on event_id, the latest staged version wins; anonymous stays NULL, an unknown customer is -1; on Citus an event that changed session is moved to its new session''s shard); returns the rows written';
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.stitch_sessions()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    -- only sessions where something can change: an anonymous event and an
+    -- identified one, or events stitched before
+    CREATE TEMP TABLE ca_stitch_sessions ON COMMIT DROP AS
+    SELECT f.session_id
+    FROM fact_event f
+    WHERE f.session_id IN (SELECT b.session_id FROM ca_batch_events b)
+    GROUP BY f.session_id
+    HAVING (bool_or(f.customer_id IS NULL) AND bool_or(f.customer_id IS NOT NULL))
+           OR bool_or(f.customer_stitched);
+    ANALYZE ca_stitch_sessions;
+    CREATE TEMP TABLE ca_event_changes (new jsonb, old jsonb) ON COMMIT DROP;
+    -- One statement, joined on (session_id, event_id), whose windows are
+    -- partitioned by the session: on Citus (events by session_id) each
+    -- shard stitches its own sessions and updates them, and only the
+    -- sessions' ids go out and the changed rows come back.  The old
+    -- customer columns are returned beside the new row (to_jsonb() is not
+    -- immutable, which Citus wants in RETURNING).
+    WITH upd AS (
+        UPDATE fact_event f
+        SET customer_key = l.new_key, customer_id = l.new_id, customer_stitched = l.new_id IS NOT NULL
+        FROM (SELECT s.session_id, s.event_id, s.customer_key, s.customer_id, s.customer_stitched,
+                     max(s.customer_key) FILTER (WHERE s.customer_id IS NOT NULL AND NOT s.customer_stitched)
+                         OVER g AS new_key,
+                     max(s.customer_id) FILTER (WHERE s.customer_id IS NOT NULL AND NOT s.customer_stitched)
+                         OVER g AS new_id
+              FROM (SELECT e.session_id, e.event_id, e.customer_key, e.customer_id, e.customer_stitched,
+                           count(*) FILTER (WHERE e.customer_id IS NOT NULL AND NOT e.customer_stitched)
+                               OVER (PARTITION BY e.session_id ORDER BY e.event_ts DESC, e.event_id DESC
+                                     ROWS UNBOUNDED PRECEDING) AS grp
+                    FROM fact_event e
+                    WHERE e.session_id IN (SELECT c.session_id FROM ca_stitch_sessions c)) s
+              WINDOW g AS (PARTITION BY s.session_id, s.grp)) l
+        WHERE f.session_id = l.session_id AND f.event_id = l.event_id
+          AND (l.customer_id IS NULL OR l.customer_stitched)
+          AND (l.customer_key, l.customer_id, l.customer_stitched)
+              IS DISTINCT FROM (l.new_key, l.new_id, l.new_id IS NOT NULL)
+        RETURNING f.*, l.customer_key AS was_key, l.customer_id AS was_id, l.customer_stitched AS was_stitched
+    )
+    -- only the customer columns change: the old row is the new one with theirs
+    INSERT INTO ca_event_changes
+    SELECT n.new, n.new || jsonb_build_object('customer_key', u.was_key, 'customer_id', u.was_id,
+                                              'customer_stitched', u.was_stitched)
+    FROM upd u
+    CROSS JOIN LATERAL (SELECT to_jsonb(u) - '{was_key,was_id,was_stitched}'::text[] AS new) n;
+    SELECT count(*) INTO n FROM ca_event_changes;
+    n := note_event_updates(check_queue('customer_analytics.fact_event', n));
+    DROP TABLE ca_stitch_sessions;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.stitch_sessions() IS
+    'Internal to transform_events(): anonymous events of the batch''s sessions take the customer of the next identified event of their session; returns the events changed';
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.changed_session_events_on_cluster()
+RETURNS void
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+BEGIN
+    CREATE TEMP TABLE ca_session_events ON COMMIT DROP AS
+    WITH c AS MATERIALIZED (
+        SELECT c.visitor, c.since, substr(c.visitor, 3) AS id, c.visitor LIKE 'c:%' AS is_customer
+        FROM ca_changed c
+        WHERE c.visitor LIKE 'c:%'
+    ), k AS MATERIALIZED (
+        SELECT c.visitor, c.since, d.customer_key
+        FROM c JOIN dim_customer d ON d.customer_id = c.id AND d.customer_key <> -1
+        WHERE c.is_customer
+    )
+    SELECT k.visitor, f.event_id, f.event_ts, f.customer_id, f.customer_key,
+           f.event_type, f.channel, f.device
+    FROM k JOIN fact_event f ON f.customer_key = k.customer_key AND f.event_ts >= k.since
+    UNION ALL
+    SELECT c.visitor, f.event_id, f.event_ts, f.customer_id, f.customer_key,
+           f.event_type, f.channel, f.device
+    FROM c JOIN fact_event f ON f.customer_key = -1 AND f.customer_id = c.id AND f.event_ts >= c.since
+    WHERE c.is_customer;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.changed_session_events_on_cluster() IS
+    'Internal to refresh_sessions() on Citus: the events of the identified visitors queued as changed (ca_changed) into ca_session_events, by a join Citus sends to the shards instead of one lookup per visitor';
+
+CREATE FUNCTION customer_analytics_internal.anonymous_sessions_on_cluster(gap interval, tz text, changed boolean)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    EXECUTE format($sql$
+    INSERT INTO sessions (visitor, session_start, session_end, date_key, customer_id, customer_key,
+                          events, pages, product_views, add_to_carts, checkouts, purchases,
+                          channel, device)
+    SELECT 's:' || e.session_id, min(e.event_ts), max(e.event_ts),
+           date_key((min(e.event_ts) AT TIME ZONE %L)::date), NULL, NULL,
+           count(*),
+           count(*) FILTER (WHERE e.event_type IN ('page_view', 'product_view')),
+           count(*) FILTER (WHERE e.event_type = 'product_view'),
+           count(*) FILTER (WHERE e.event_type = 'add_to_cart'),
+           count(*) FILTER (WHERE e.event_type = 'checkout'),
+           count(*) FILTER (WHERE e.event_type = 'purchase'),
+           (array_agg(e.channel ORDER BY e.event_ts, e.event_id))[1],
+           (array_agg(e.device ORDER BY e.event_ts, e.event_id))[1]
+    FROM (SELECT f.session_id, f.event_id, f.event_ts, f.event_type, f.channel, f.device,
+                 session_number(f.event_ts, %L::interval)
+                     OVER (PARTITION BY f.session_id ORDER BY f.event_ts, f.event_id) AS sn
+          FROM fact_event f
+          %s
+          WHERE f.customer_id IS NULL) e
+    GROUP BY e.session_id, e.sn
+    $sql$, tz, gap,
+    CASE WHEN changed THEN
+        $j$JOIN (SELECT substr(c.visitor, 3) AS session_id, c.since FROM ca_changed c
+                 WHERE c.visitor LIKE 's:%') c ON c.session_id = f.session_id AND f.event_ts >= c.since$j$
+    END);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.anonymous_sessions_on_cluster(interval, text, boolean) IS
+    'Internal to refresh_sessions() on Citus: the sessions of anonymous visitors (all, or those queued in ca_changed) cut and summed on the shards of fact_event, which is distributed by session_id; returns the sessions written';
+
+CREATE OR REPLACE FUNCTION customer_analytics.refresh_sessions(full_rebuild boolean DEFAULT false)
+RETURNS TABLE (step text, rows_affected bigint)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    gap     interval := session_gap();
+    tz      text := business_timezone();
+    st      clickstream_state;
+    n       bigint;
+    -- on Citus the anonymous visitors' sessions are written on the shards
+    on_cluster boolean := citus_managed('customer_analytics.fact_event');
+    anonymous bigint := 0;
+BEGIN
+    PERFORM pg_advisory_xact_lock(customer_analytics_internal.lock_key('transform_events()'));
+    SELECT * INTO st FROM clickstream_state;
+    IF st IS NULL OR st.session_gap <> gap OR st.timezone <> tz THEN
+        full_rebuild := true;
+    END IF;
+
+    IF full_rebuild THEN
+        TRUNCATE clickstream_change;
+        DELETE FROM sessions;
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF on_cluster THEN
+            anonymous := anonymous_sessions_on_cluster(gap, tz, false);
+            CREATE TEMP TABLE ca_session_events ON COMMIT DROP AS
+            SELECT visitor(f.customer_id, f.session_id) AS visitor, f.event_id, f.event_ts,
+                   f.customer_id, f.customer_key, f.event_type, f.channel, f.device
+            FROM fact_event f
+            WHERE f.customer_id IS NOT NULL;
+        ELSE
+        CREATE TEMP TABLE ca_session_events ON COMMIT DROP AS
+        SELECT visitor(f.customer_id, f.session_id) AS visitor, f.event_id, f.event_ts,
+               f.customer_id, f.customer_key, f.event_type, f.channel, f.device
+        FROM fact_event f;
+        END IF;
+    ELSE
+        CREATE TEMP TABLE ca_changed ON COMMIT DROP AS
+        WITH taken AS (DELETE FROM clickstream_change RETURNING visitor, since)
+        SELECT visitor, min(since) AS since FROM taken GROUP BY visitor;
+        ANALYZE ca_changed;
+
+        WITH gone AS (
+            DELETE FROM sessions s
+            WHERE (s.visitor, s.session_start) IN
+                  (SELECT x.visitor, x.session_start
+                   FROM ca_changed c
+                   CROSS JOIN LATERAL (SELECT o.visitor, o.session_start FROM sessions o
+                                       WHERE o.visitor = c.visitor AND o.session_end >= c.since - gap
+                                       OFFSET 0) x)
+            RETURNING s.visitor, s.session_start
+        ), firsts AS (
+            SELECT visitor, min(session_start) AS first_start, count(*) AS removed
+            FROM gone GROUP BY visitor
+        ), moved AS (
+            UPDATE ca_changed c SET since = LEAST(c.since, f.first_start)
+            FROM firsts f WHERE f.visitor = c.visitor
+        )
+        SELECT COALESCE(sum(removed), 0) INTO n FROM firsts;
+
+        IF on_cluster THEN
+            anonymous := anonymous_sessions_on_cluster(gap, tz, true);
+            PERFORM changed_session_events_on_cluster();
+        ELSE
+        /*
+         * Each changed visitor's events since its time, looked up through
+         * the indexes one visitor at a time (OFFSET 0 keeps each lookup a
+         * parameterised scan): a join the planner may hash would read the
+         * whole dimension and the visitors' whole histories, a cost that
+         * grows with the shop instead of with what changed.
+         */
+        CREATE TEMP TABLE ca_session_events ON COMMIT DROP AS
+        SELECT c.visitor, f.event_id, f.event_ts, f.customer_id, f.customer_key,
+               f.event_type, f.channel, f.device
+        FROM ca_changed c
+        CROSS JOIN LATERAL (SELECT d.customer_key FROM dim_customer d
+                            WHERE d.customer_id = substr(c.visitor, 3) AND d.customer_key <> -1
+                            OFFSET 0) d
+        CROSS JOIN LATERAL (SELECT * FROM fact_event f
+                            WHERE f.customer_key = d.customer_key AND f.event_ts >= c.since
+                            OFFSET 0) f
+        WHERE c.visitor LIKE 'c:%'
+        UNION ALL
+        SELECT c.visitor, f.event_id, f.event_ts, f.customer_id, f.customer_key,
+               f.event_type, f.channel, f.device
+        FROM ca_changed c
+        CROSS JOIN LATERAL (SELECT * FROM fact_event f
+                            WHERE f.customer_key = -1 AND f.customer_id = substr(c.visitor, 3)
+                              AND f.event_ts >= c.since
+                            OFFSET 0) f
+        WHERE c.visitor LIKE 'c:%'
+        UNION ALL
+        SELECT c.visitor, f.event_id, f.event_ts, f.customer_id, f.customer_key,
+               f.event_type, f.channel, f.device
+        FROM ca_changed c
+        CROSS JOIN LATERAL (SELECT * FROM fact_event f
+                            WHERE f.session_id = substr(c.visitor, 3) AND f.event_ts >= c.since
+                              AND f.customer_id IS NULL
+                            OFFSET 0) f
+        WHERE c.visitor LIKE 's:%';
+        END IF;
+        DROP TABLE ca_changed;
+    END IF;
+    RETURN QUERY VALUES ('sessions_removed', n);
+    ANALYZE ca_session_events;
+
+    INSERT INTO sessions (visitor, session_start, session_end, date_key, customer_id, customer_key,
+                          events, pages, product_views, add_to_carts, checkouts, purchases,
+                          channel, device)
+    SELECT e.visitor, min(e.event_ts), max(e.event_ts),
+           date_key((min(e.event_ts) AT TIME ZONE tz)::date),
+           (array_agg(e.customer_id ORDER BY e.event_ts DESC, e.event_id DESC)
+                FILTER (WHERE e.customer_id IS NOT NULL))[1],
+           (array_agg(e.customer_key ORDER BY e.event_ts DESC, e.event_id DESC)
+                FILTER (WHERE e.customer_key IS NOT NULL))[1],
+           count(*),
+           count(*) FILTER (WHERE e.event_type IN ('page_view', 'product_view')),
+           count(*) FILTER (WHERE e.event_type = 'product_view'),
+           count(*) FILTER (WHERE e.event_type = 'add_to_cart'),
+           count(*) FILTER (WHERE e.event_type = 'checkout'),
+           count(*) FILTER (WHERE e.event_type = 'purchase'),
+           (array_agg(e.channel ORDER BY e.event_ts, e.event_id))[1],
+           (array_agg(e.device ORDER BY e.event_ts, e.event_id))[1]
+    FROM (SELECT x.*,
+                 session_number(x.event_ts, gap) OVER (PARTITION BY x.visitor ORDER BY x.event_ts, x.event_id) AS sn
+          FROM ca_session_events x) e
+    GROUP BY e.visitor, e.sn;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN QUERY VALUES ('sessions_written', n + anonymous);
+    DROP TABLE ca_session_events;
+
+    INSERT INTO clickstream_state (singleton, session_gap, timezone, last_run_at)
+    VALUES (true, gap, tz, now())
+    ON CONFLICT (singleton) DO UPDATE
+        SET session_gap = excluded.session_gap, timezone = excluded.timezone,
+            last_run_at = excluded.last_run_at;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.refresh_sessions(boolean) IS
+    'Bring the sessions table up to date with fact_event: rebuild the sessions of the visitors whose events changed since the last call (all of them with full_rebuild, or when the session gap or time zone setting changed). Returns the sessions removed and written';
+
+-- issue 17 layouts merged: the plan and distribute() with the order facts by customer_ref and the events by session_id
+CREATE OR REPLACE FUNCTION customer_analytics_internal.cluster_layout_plan()
+RETURNS TABLE (ordinal integer, table_name regclass, citus_kind text, distribution_column text,
+               cluster_key text[])
+LANGUAGE sql STABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT * FROM (VALUES
+        (1, 'customer_analytics.dim_date'::regclass, 'reference', NULL::text, NULL::text[]),
+        (2, 'customer_analytics.dim_product', 'reference', NULL, NULL),
+        (3, 'customer_analytics.dim_customer', 'reference', NULL, NULL),
+        (4, 'customer_analytics.stg_products', 'reference', NULL, NULL),
+        (5, 'customer_analytics.fact_order_line', 'distributed', 'customer_ref',
+         '{order_id,line_number,customer_ref}'),
+        (6, 'customer_analytics.stg_orders', 'distributed', 'order_id', NULL),
+        (7, 'customer_analytics_internal.unknown_member_line', 'distributed', 'customer_ref',
+         '{order_id,line_number,customer_ref}'),
+        (8, 'customer_analytics.fact_event', 'distributed', 'session_id',
+         '{session_id,event_id}'),
+        (9, 'customer_analytics.stg_events', 'distributed', 'session_id', NULL),
+        (10, 'customer_analytics.stg_customers', 'distributed', 'customer_id', NULL)
+    ) AS p (ordinal, table_name, citus_kind, distribution_column, cluster_key)
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.cluster_layout_plan() IS
+    'Internal to distribute(): the tables it converts, in order: reference tables first, then the distributed ones with their distribution column (co-located with the first) and, where the single-node primary key lacks that column, the primary key they get on the cluster (cluster_key)';
+
+
+CREATE OR REPLACE FUNCTION customer_analytics.distribute(shard_count integer DEFAULT NULL)
+RETURNS TABLE (table_name regclass, citus_kind text, distribution_column text, shards integer)
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    shards_wanted integer;
+    plan record;
+    trg record;
+    fk record;
+    worker record;
+    messages text;
+    dropped text[] := '{}';
+    fks text[] := '{}';
+    first_distributed regclass;
+    on_coordinator boolean;
+    workers bigint;
+    -- the statements that take the triggers and foreign keys off and
+    -- swap the primary keys for the cluster's, run here and on every worker
+    drop_sql text;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus') THEN
+        RAISE EXCEPTION 'distribute() needs Citus, and the extension citus is not installed in database %',
+                        current_database()
+            USING ERRCODE = 'feature_not_supported',
+                  DETAIL = 'distribute() converts the star schema to Citus distributed and reference tables; on a single PostgreSQL server the schema stays as it is and every function works on it.',
+                  HINT = 'On a Citus coordinator: CREATE EXTENSION citus, add the workers with citus_add_node(), then call distribute() there.';
+    END IF;
+    EXECUTE 'SELECT pg_catalog.citus_is_coordinator()' INTO on_coordinator;
+    IF NOT on_coordinator THEN
+        RAISE EXCEPTION 'distribute() must run on the Citus coordinator, and this node is a worker'
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'Only the coordinator holds the metadata that create_distributed_table() changes.',
+                  HINT = 'Connect to the coordinator and call customer_analytics.distribute() there.';
+    END IF;
+
+    -- a concurrent call waits, then finds the layout done
+    LOCK TABLE cluster_layout IN EXCLUSIVE MODE;
+    IF EXISTS (SELECT FROM cluster_layout) THEN
+        RAISE NOTICE 'the star schema is distributed already (since %)',
+                     (SELECT distributed_at FROM cluster_layout)
+            USING DETAIL = 'distribute() changed nothing; the rows below are the current layout.';
+    ELSE
+        EXECUTE 'SELECT count(*) FROM pg_catalog.citus_get_active_worker_nodes()' INTO workers;
+        IF workers = 0 THEN
+            RAISE EXCEPTION 'distribute() found no active Citus worker node'
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      DETAIL = 'The shards of the facts would have nowhere to go.',
+                      HINT = 'Add the workers with citus_add_node(host, port) (and, for pg_cron and the coordinator''s own queries, citus_set_coordinator_host()), then call distribute() again.';
+        END IF;
+        IF EXISTS (SELECT FROM cluster_layout_plan() p
+                   JOIN pg_dist_partition d ON d.logicalrelid = p.table_name) THEN
+            RAISE EXCEPTION 'distribute() found tables of the star schema already converted by hand: %',
+                            (SELECT string_agg(qualified_name(p.table_name), ', ' ORDER BY p.ordinal)
+                             FROM cluster_layout_plan() p
+                             JOIN pg_dist_partition d ON d.logicalrelid = p.table_name)
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      DETAIL = 'distribute() converts the whole layout at once, from the single-node one, and does not guess what a conversion by hand left.',
+                      HINT = 'Undo it with undistribute_table() for each of those tables, then call distribute().';
+        END IF;
+        shards_wanted := COALESCE(shard_count, current_setting('citus.shard_count')::integer);
+        IF shards_wanted < 1 THEN
+            RAISE EXCEPTION 'distribute(shard_count => %): the shard count must be at least 1', shard_count
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Leave it out to take citus.shard_count, or give a few shards per worker core.';
+        END IF;
+
+        -- the facts' foreign keys, to put back after the conversion
+        FOR fk IN
+            SELECT qualified_name(c.conrelid::regclass) AS rel, c.conname, pg_get_constraintdef(c.oid) AS def
+            FROM pg_constraint c
+            WHERE c.contype = 'f'
+              AND c.conrelid IN (SELECT p.table_name FROM cluster_layout_plan() p)
+            ORDER BY 1, 2
+        LOOP
+            fks := fks || format('ALTER TABLE %s ADD CONSTRAINT %I %s', fk.rel, fk.conname, fk.def);
+        END LOOP;
+
+        drop_sql := '';
+        FOR trg IN
+            SELECT qualified_name(t.tgrelid::regclass) AS rel, t.tgname, pg_get_triggerdef(t.oid) AS def
+            FROM pg_trigger t
+            WHERE NOT t.tgisinternal
+              AND t.tgrelid IN (SELECT p.table_name FROM cluster_layout_plan() p)
+            ORDER BY 1, 2
+        LOOP
+            dropped := dropped || trg.def;
+            drop_sql := drop_sql || format('DROP TRIGGER IF EXISTS %I ON %s;', trg.tgname, trg.rel);
+        END LOOP;
+        FOR fk IN
+            SELECT qualified_name(c.conrelid::regclass) AS rel, c.conname
+            FROM pg_constraint c
+            WHERE c.contype = 'f'
+              AND c.conrelid IN (SELECT p.table_name FROM cluster_layout_plan() p)
+            ORDER BY 1, 2
+        LOOP
+            drop_sql := drop_sql || format('ALTER TABLE %s DROP CONSTRAINT IF EXISTS %I;', fk.rel, fk.conname);
+        END LOOP;
+        -- the primary keys swapped for the cluster's (Citus refuses a
+        -- unique index without the distribution column), under the same
+        -- name; on the workers' copies too, which Citus keeps as the
+        -- tables' shells there (dropped and added again: idempotent)
+        FOR fk IN
+            SELECT qualified_name(p.table_name) AS rel, c.conname,
+                   (SELECT string_agg(quote_ident(k), ', ' ORDER BY n) FROM unnest(p.cluster_key) WITH ORDINALITY u (k, n)) AS cols
+            FROM cluster_layout_plan() p
+            JOIN pg_constraint c ON c.conrelid = p.table_name AND c.contype = 'p'
+            WHERE p.cluster_key IS NOT NULL
+            ORDER BY p.ordinal
+        LOOP
+            drop_sql := drop_sql || format('ALTER TABLE %s DROP CONSTRAINT IF EXISTS %I;', fk.rel, fk.conname)
+                                 || format('ALTER TABLE %s ADD CONSTRAINT %I PRIMARY KEY (%s);', fk.rel, fk.conname, fk.cols);
+        END LOOP;
+
+        -- fact_event's key holds its session on the cluster (swapped
+        -- above), and a plain index on event_id stays beside it: an event
+        -- re-staged under another session is found by it on every shard,
+        -- without a scan
+        drop_sql := drop_sql || 'CREATE INDEX IF NOT EXISTS fact_event_event_id_idx ON customer_analytics.fact_event (event_id);';
+
+        -- the workers first: a failure there leaves this node untouched,
+        -- and the statements are idempotent, so a second call finishes
+        IF drop_sql <> '' THEN
+            FOR worker IN
+                SELECT r.nodename, r.nodeport, r.result
+                FROM run_command_on_workers(format('DO %L', 'BEGIN ' || drop_sql || ' END')) r
+                WHERE NOT r.success
+            LOOP
+                RAISE EXCEPTION 'distribute() could not take the triggers and foreign keys off the star schema on worker %:%',
+                                worker.nodename, worker.nodeport
+                    USING ERRCODE = 'object_not_in_prerequisite_state',
+                          DETAIL = worker.result,
+                          HINT = 'Make the worker reachable from the coordinator (citus.node_conninfo, pg_hba.conf) and call distribute() again: what it did so far is done again harmlessly.';
+            END LOOP;
+            EXECUTE drop_sql;
+        END IF;
+
+        -- one connection per worker: the dimensions' foreign keys and the
+        -- reference tables are then created in this one transaction
+        PERFORM set_config('citus.multi_shard_modify_mode', 'sequential', true);
+        -- Citus's notices about copying the rows and the shell's data
+        -- (which is truncated here) would only confuse
+        messages := current_setting('client_min_messages');
+        PERFORM set_config('client_min_messages', 'warning', true);
+        FOR plan IN SELECT * FROM cluster_layout_plan() p ORDER BY p.ordinal LOOP
+            IF plan.citus_kind = 'reference' THEN
+                PERFORM create_reference_table(plan.table_name);
+            ELSIF first_distributed IS NULL THEN
+                PERFORM create_distributed_table(plan.table_name, plan.distribution_column,
+                                                 shard_count => shards_wanted, colocate_with => 'none');
+                first_distributed := plan.table_name;
+            ELSE
+                PERFORM create_distributed_table(plan.table_name, plan.distribution_column,
+                                                 colocate_with => first_distributed::text);
+            END IF;
+            -- the rows now live in the shards: the shell keeps none
+            PERFORM truncate_local_data_after_distributing_table(plan.table_name);
+        END LOOP;
+        PERFORM set_config('client_min_messages', messages, true);
+        FOR i IN 1 .. coalesce(array_length(fks, 1), 0) LOOP
+            EXECUTE fks[i];
+        END LOOP;
+
+        INSERT INTO cluster_layout (distributed_at, shard_count, dropped_triggers)
+        VALUES (clock_timestamp(), shards_wanted, dropped);
+        -- what the dropped triggers would have queued: everything, once
+        INSERT INTO rfm_dirty_customer VALUES (NULL) ON CONFLICT DO NOTHING;
+        INSERT INTO sales_dirty_day VALUES ('-infinity') ON CONFLICT DO NOTHING;
+    END IF;
+
+    RETURN QUERY
+    SELECT p.table_name, p.citus_kind, p.distribution_column,
+           (SELECT count(*)::integer FROM pg_dist_shard s WHERE s.logicalrelid = p.table_name)
+    FROM cluster_layout_plan() p
+    ORDER BY p.ordinal;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.distribute(integer) IS
+    'On a Citus coordinator: converts the installed (possibly loaded) star schema to its distributed layout (order facts and their repair queue by customer_ref, keyed on (order_id, line_number, customer_ref); events and their staging by session_id, fact_event keyed on (session_id, event_id); staged lines by order_id, staged customers by customer_id; all co-located; dimensions as reference tables; the rest local) and returns the layout; a second call changes nothing; refused where Citus is absent or on a worker';
+

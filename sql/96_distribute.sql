@@ -44,6 +44,18 @@ JOIN pg_attribute a ON a.attrelid = p.table_name AND a.attnum = ANY (i.indkey)
 WHERE p.cluster_key IS NOT NULL AND a.attname <> ALL (p.cluster_key)
 GROUP BY p.table_name
 ORDER BY 1;
+-- the events' distribution column: never empty in staging either (no
+-- event falls into one shard of '' sessions), and in fact_event's
+-- session index, which the stitching and the sessions read
+SELECT pg_get_constraintdef(c.oid) AS stg_events_session_check
+FROM pg_constraint c
+WHERE c.conrelid = 'customer_analytics.stg_events'::regclass AND c.contype = 'c'
+  AND pg_get_constraintdef(c.oid) LIKE '%session_id%';
+SELECT pg_get_indexdef(i.indexrelid) AS fact_event_session_index
+FROM pg_index i
+WHERE i.indrelid = 'customer_analytics.fact_event'::regclass
+  AND i.indkey[0] = (SELECT a.attnum FROM pg_attribute a
+                     WHERE a.attrelid = 'customer_analytics.fact_event'::regclass AND a.attname = 'session_id');
 -- no table left local references one of the layout (Citus would then
 -- convert the whole foreign-key graph, views and all), and a distributed
 -- table references reference tables only

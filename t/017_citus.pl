@@ -262,8 +262,8 @@ my $layout = q{SELECT string_agg(format('%s %s %s %s', table_name, citus_kind, d
 my $expected_layout = join('; ', map { "customer_analytics.$_" }
 	'dim_date reference  1', 'dim_product reference  1', 'dim_customer reference  1',
 	'stg_products reference  1', 'fact_order_line distributed customer_ref 4', 'stg_orders distributed order_id 4',
-	'_internal.unknown_member_line distributed customer_ref 4', 'fact_event distributed event_id 4',
-	'stg_events distributed event_id 4', 'stg_customers distributed customer_id 4');
+	'_internal.unknown_member_line distributed customer_ref 4', 'fact_event distributed session_id 4',
+	'stg_events distributed session_id 4', 'stg_customers distributed customer_id 4');
 $expected_layout =~ s/customer_analytics\._internal/customer_analytics_internal/;
 my $t0 = time;
 is($coord->safe_psql('shop', $layout), $expected_layout, 'distribute() converts the loaded schema and returns the layout');
@@ -486,8 +486,8 @@ my $track = q{SELECT string_agg(customer_analytics.track_event(t, 'cluster-sessi
 is($coord->safe_psql('shop', $track), $coord->safe_psql('shop_single', $track), 'track_event() through the coordinator returns the ids the single node returns');
 is($coord->safe_psql('shop', $cluster_session_staged), '5', 'the five events are staged, none from the workers (counted through the coordinator)');
 is($coord->safe_psql('shop', q{SELECT pg_relation_size('customer_analytics.stg_events')}), '0', "none in the coordinator's shell: they are in the shards");
-cmp_ok($coord->safe_psql('shop', q{SELECT count(DISTINCT get_shard_id_for_distribution_column('customer_analytics.stg_events', event_id))
-	FROM customer_analytics.stg_events WHERE session_id = 'cluster-session'}), '>', 1, 'in more than one shard');
+is($coord->safe_psql('shop', q{SELECT count(*) FROM run_command_on_shards('customer_analytics.stg_events',
+	$$SELECT count(*) FROM %s WHERE session_id = 'cluster-session'$$) WHERE result::bigint > 0}), '1', 'all in the one shard of their session');
 my $events = q{SELECT md5(string_agg(format('%s %s %s %s %s', event_id, event_ts, session_id, event_type, product_id), ',' ORDER BY event_id))
 	FROM customer_analytics.stg_events WHERE session_id = 'cluster-session'};
 is($coord->safe_psql('shop', $events), $coord->safe_psql('shop_single', $events), 'the staged events are the single node\'s');
@@ -1066,6 +1066,114 @@ my $shipped = q{SELECT (SELECT count(*) FROM (SELECT 1 FROM customer_analytics.f
 	       (SELECT count(*) FROM customer_analytics.fact_order_line f WHERE f.status = 'completed' AND f.customer_key <> -1)};
 note 'rows rfm() receives from the workers (per customer / per version and order before / lines): '
 	. join(' / ', split /\|/, $coord->safe_psql('shop', $shipped));
+# issue 17 layout by session: the events and their staging distributed
+# by session_id, co-located with the other distributed tables, the key
+# of fact_event (session_id, event_id) on the cluster; every event the
+# single node's, each session whole on one shard; an event re-staged
+# under another session moved (event_id stays unique), counts after
+# every load; the stitching and the anonymous visitors' sessions run
+# whole on the shards (the statements Citus sends them)
+# ---------------------------------------------------------------------
+is($coord->safe_psql('shop', q{SELECT string_agg(format('%s %s %s', p.logicalrelid, column_to_column_name(p.logicalrelid, p.partkey),
+		p.colocationid = (SELECT o.colocationid FROM pg_dist_partition o WHERE o.logicalrelid = 'customer_analytics.fact_order_line'::regclass)), '; '
+		ORDER BY p.logicalrelid::text)
+	FROM pg_dist_partition p WHERE p.logicalrelid IN ('customer_analytics.fact_event'::regclass, 'customer_analytics.stg_events'::regclass)}),
+	'customer_analytics.fact_event session_id t; customer_analytics.stg_events session_id t',
+	'layout by session: fact_event and stg_events distributed by session_id, co-located with the order facts');
+my $event_key = q{SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c
+	WHERE c.conrelid = 'customer_analytics.fact_event'::regclass AND c.contype IN ('p', 'u')};
+is($coord->safe_psql('shop', $event_key), 'PRIMARY KEY (session_id, event_id)', "layout by session: fact_event's key holds the session on the cluster");
+is($coord->safe_psql('shop_single', $event_key), 'PRIMARY KEY (event_id)', 'and stays event_id alone on the single node');
+my $event_id_index = q{SELECT count(*) FROM pg_index i WHERE i.indrelid = 'customer_analytics.fact_event'::regclass
+	AND NOT i.indisunique AND i.indnatts = 1 AND pg_get_indexdef(i.indexrelid) LIKE '%(event_id)'};
+is($coord->safe_psql('shop', $event_id_index) . $coord->safe_psql('shop_single', $event_id_index), '10',
+	'layout by session: a plain index on event_id on the cluster (an event that changed session is found by it), none on the single node');
+for my $w (@workers)
+{
+	is($w->safe_psql('shop', $event_key), 'PRIMARY KEY (session_id, event_id)', 'layout by session: the key swapped on the copy of worker ' . $w->name);
+}
+is($coord->safe_psql('shop', q{SELECT count(*) FROM run_command_on_shards('customer_analytics.fact_event',
+	$$SELECT 1 FROM pg_constraint WHERE conrelid = '%s'::regclass AND contype = 'p' AND pg_get_constraintdef(oid) = 'PRIMARY KEY (session_id, event_id)'$$)
+	WHERE result = '1'}), '4', 'layout by session: and on every shard');
+# the sessions counted shard by shard add up to the sessions: none is
+# split over two shards
+for my $t (qw(fact_event stg_events))
+{
+	is($coord->safe_psql('shop', qq{SELECT (SELECT sum(result::bigint) FROM run_command_on_shards('customer_analytics.$t', 'SELECT count(DISTINCT session_id) FROM %s'))
+		- (SELECT count(DISTINCT session_id) FROM customer_analytics.$t)}), '0', "layout by session: every session of $t whole on one shard");
+}
+my $event_rows = sub {
+	my ($t) = @_;
+	return qq{SELECT count(*) || ' ' || md5(string_agg(r, ',' ORDER BY r)) FROM (
+		SELECT (to_jsonb(t) - 'loaded_at' - 'staged_xid')::text AS r FROM customer_analytics.$t t) s};
+};
+for my $t (qw(fact_event stg_events))
+{
+	is($coord->safe_psql('shop', $event_rows->($t)), $coord->safe_psql('shop_single', $event_rows->($t)),
+		"layout by session: every row of $t, value for value, the single node's");
+}
+
+# an anonymous event re-staged under another session (a newer version:
+# moved), one re-staged under another session with an older staged
+# version than the fact's (left where it is, as the single node's upsert
+# leaves it), and the new session's identified event after the moved one
+# (stitched on its new shard)
+my $moved_shard = q{SELECT string_agg(s.shardid::text, ',' ORDER BY s.shardid) FROM run_command_on_shards('customer_analytics.fact_event',
+	$$SELECT count(*) FROM %s WHERE event_id = 'late-e5'$$) s WHERE s.result::bigint > 0};
+my $shard_of = sub {
+	return $coord->safe_psql('shop', qq{SELECT get_shard_id_for_distribution_column('customer_analytics.fact_event', '$_[0]')});
+};
+is($coord->safe_psql('shop', $moved_shard), $shard_of->('late-session'), 'layout by session: the event to move is on the shard of its session');
+my $move = q{SELECT customer_analytics.track_event('page_view', 'moved-session', event_ts => '2025-04-02 12:10+00', event_id => 'late-e5', channel => 'email');
+	INSERT INTO customer_analytics.stg_events (event_id, event_ts, session_id, event_type, stage_id)
+	VALUES ('anon-e1', '2025-04-02 12:11+00', 'stale-session', 'page_view', 1);
+	SELECT customer_analytics.track_event('add_to_cart', 'moved-session', customer_id => 'late-customer', product_id => 'late-product',
+	                                      event_ts => '2025-04-02 12:14+00', event_id => 'moved-e2')};
+$coord->safe_psql($_, $move) for qw(shop shop_single);
+my ($steps_event_move, $before_move, $after_move) = $run_both->('layout by session: transform_events() of an event moved to another session',
+	q{SELECT string_agg(step || '=' || rows_affected, ' ' ORDER BY step) FROM customer_analytics.transform_events()});
+like($steps_event_move, qr/^fact_event=2 fact_event_late_customers=0 fact_event_stitched=1 /,
+	'layout by session: the moved event and the new one written, the moved one stitched; the older version nowhere');
+is($after_move->{fact_event} - $before_move->{fact_event}, 1, 'layout by session: one event more (the moved one is not twice)');
+is($coord->safe_psql('shop', q{SELECT count(*) - count(DISTINCT event_id) FROM customer_analytics.fact_event}), '0',
+	'layout by session: event_id still unique after the move');
+is($coord->safe_psql('shop', $moved_shard), $shard_of->('moved-session'), 'layout by session: the moved event is on the shard of its new session only');
+my $two = q{SELECT string_agg(format('%s %s %s %s', event_id, session_id, coalesce(customer_id, '-'), customer_stitched), '; ' ORDER BY event_id)
+	FROM customer_analytics.fact_event WHERE event_id IN ('late-e5', 'anon-e1', 'moved-e2')};
+is($coord->safe_psql('shop', $two), $coord->safe_psql('shop_single', $two), 'layout by session: the moved, stale and new events as on the single node');
+like($coord->safe_psql('shop', $two), qr/^anon-e1 anon-2 - f; late-e5 moved-session late-customer t; moved-e2 moved-session late-customer f$/,
+	'layout by session: moved and stitched in its new session; the older version changed nothing');
+$compare_tables->('layout by session: after the move', 'customer_analytics.fact_event', 'customer_analytics_internal.clickstream_change',
+	'customer_analytics_internal.check_change');
+
+# the sessions of both visitors (the old session's and the new one's)
+# rebuilt from their queue, then from scratch; the funnel over them.  The
+# stitching and the anonymous visitors' sessions are sent to the shards
+# whole: the windows partitioned by session_id and the GROUP BY by it run
+# there (what Citus issues to them), nothing of them on the coordinator
+$coord->safe_psql($_, q{SELECT customer_analytics.track_event('page_view', 'anon-3', event_ts => '2025-04-02 12:30+00', event_id => 'anon-e3');
+	SELECT customer_analytics.track_event('page_view', 'stitch-session', event_ts => '2025-04-02 12:31+00', event_id => 'stitch-e1');
+	SELECT customer_analytics.track_event('checkout', 'stitch-session', customer_id => 'late-customer', event_ts => '2025-04-02 12:33+00', event_id => 'stitch-e2')})
+	for qw(shop shop_single);
+my $click_single = $coord->safe_psql('shop_single', $clickstream);
+($rc, $out, $err) = $coord->psql('shop', q{SET citus.log_remote_commands = on;
+	SET citus.grep_remote_commands = '%OVER (PARTITION BY%';
+	} . $clickstream);
+is($out, $click_single, 'layout by session: refresh_clickstream() writes what the single node writes');
+like($out, qr/fact_event=3 .*fact_event_stitched=1 .*sessions_written=[1-9]/, 'with new events, one stitched, sessions written');
+my %stitch_shards = map { $_ => 1 } $err =~ /issuing UPDATE customer_analytics\.fact_event_(\d+) f SET customer_key = l\.new_key.*?OVER \(PARTITION BY e\.session_id/g;
+cmp_ok(scalar(keys %stitch_shards), '>=', 2, 'layout by session: the stitching (its windows by session and its UPDATE) is sent whole to every shard')
+	or diag $err;
+my %session_shards_sent = map { $_ => 1 } $err =~ /session_number\(f\.event_ts, [^)]*\) OVER \(PARTITION BY f\.session_id [^)]*\) AS sn FROM \(?customer_analytics\.fact_event_(\d+) f .*?GROUP BY/g;
+cmp_ok(scalar(keys %session_shards_sent), '>=', 2, "layout by session: the anonymous visitors' sessions (cut and grouped by session) are sent whole to the shards")
+	or diag $err;
+$compare_tables->('layout by session: after refresh_clickstream()', 'customer_analytics.fact_event', 'customer_analytics.sessions');
+is($coord->safe_psql('shop', $sessions), $coord->safe_psql('shop_single', $sessions), 'layout by session: sessions and funnel_daily rebuilt from scratch: the same on the cluster');
+# a GROUP BY session over the events: whole on the workers, no
+# aggregation left to the coordinator
+my $session_plan = $coord->safe_psql('shop', q{EXPLAIN (COSTS OFF) SELECT session_id, count(*) FROM customer_analytics.fact_event GROUP BY session_id});
+like($session_plan, qr/^Custom Scan \(Citus Adaptive\)/, 'layout by session: a GROUP BY session_id has no aggregate above the Citus scan') or diag $session_plan;
+like($session_plan, qr/Task.*Aggregate.*Group Key: session_id/s, 'it is grouped on the workers');
 
 $_->stop for reverse @nodes;
 done_testing();

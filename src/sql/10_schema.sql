@@ -81,6 +81,8 @@ CREATE INDEX stg_orders_staged_xid_idx ON customer_analytics.stg_orders (staged_
 COMMENT ON TABLE customer_analytics.stg_orders IS
     'Staging: order export rows as loaded, one row per order line; customer_id NULL is a guest checkout';
 
+-- session_id never NULL nor '': on a Citus cluster the events and their
+-- staging are distributed by it (src/sql/97_distribute.sql)
 CREATE TABLE customer_analytics.stg_events (
     event_id    text NOT NULL CHECK (event_id <> ''),
     event_ts    timestamptz NOT NULL,
@@ -225,6 +227,10 @@ COMMENT ON COLUMN customer_analytics.fact_order_line.stage_id IS
  * without).  Its keys only ever come from transform()'s dimension lookups
  * (or are NULL for anonymous visitors), and the relationship data-quality
  * checks verify them after every load.
+ *
+ * On a Citus cluster the key becomes (session_id, event_id), session_id
+ * being the distribution column (distribute()); transform_events() keeps
+ * event_id unique there by moving an event that changed session.
  */
 CREATE TABLE customer_analytics.fact_event (
     event_id     text PRIMARY KEY,

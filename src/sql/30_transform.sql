@@ -1199,6 +1199,17 @@ COMMENT ON FUNCTION customer_analytics_internal.note_event_updates(boolean) IS
  * lines: the batch resolved once (ca_event_rows), new events (all of them,
  * usually) inserted and queued in one statement, events already there
  * updated by a second one only when some were.
+ *
+ * On Citus the events are distributed by session_id and the key is
+ * (session_id, event_id): an event re-staged under another session would
+ * not conflict with its old row.  So there, before the insert, an event
+ * whose newer version changed session is moved (its old row deleted from
+ * its old shard, the new one inserted on the new shard), noted as the
+ * single node's UPDATE notes it (both visitors queued, the old row for
+ * the checks), and a version older than the row already there under
+ * another session is dropped from the batch, as the single node's UPDATE
+ * ignores it: event_id stays unique, and the rows and counts are the
+ * single node's.
  */
 CREATE FUNCTION customer_analytics_internal.load_fact_event()
 RETURNS bigint
@@ -1210,8 +1221,10 @@ DECLARE
     tz text := business_timezone();
     batch bigint;
     added bigint;
+    moved bigint := 0;
     changed bigint := 0;
     detail boolean;
+    on_cluster boolean := citus_managed('customer_analytics.fact_event');
 BEGIN
     CREATE TEMP TABLE ca_event_rows ON COMMIT DROP AS
     SELECT s.event_id, s.event_ts, date_key((s.event_ts AT TIME ZONE tz)::date) AS date_key,
@@ -1226,9 +1239,56 @@ BEGIN
     LEFT JOIN dim_product p ON p.product_id = s.product_id;
     SELECT count(*) INTO batch FROM ca_event_rows;
     detail := check_queue('customer_analytics.fact_event', batch);
+    CREATE TEMP TABLE ca_event_changes (new jsonb, old jsonb) ON COMMIT DROP;
+
+    IF on_cluster THEN
+        -- where each event of the batch is now, if anywhere
+        CREATE TEMP TABLE ca_event_placed ON COMMIT DROP AS
+        WITH r AS MATERIALIZED (
+            SELECT r.event_id FROM ca_event_rows r
+        )
+        SELECT f.event_id, f.session_id, f.stage_id
+        FROM fact_event f WHERE f.event_id IN (SELECT r.event_id FROM r);
+        -- an older version than the row under another session: nothing to write
+        DELETE FROM ca_event_rows r
+        USING ca_event_placed p
+        WHERE p.event_id = r.event_id AND p.session_id <> r.session_id AND r.stage_id <= p.stage_id;
+        -- a newer one: the old row goes (from its old session's shard) ...
+        CREATE TEMP TABLE ca_event_moved (event_id text, old jsonb) ON COMMIT DROP;
+        WITH m AS MATERIALIZED (
+            SELECT p.session_id, p.event_id
+            FROM ca_event_placed p JOIN ca_event_rows r USING (event_id)
+            WHERE p.session_id <> r.session_id
+        ), gone AS (
+            DELETE FROM fact_event f
+            USING m
+            WHERE f.session_id = m.session_id AND f.event_id = m.event_id
+            RETURNING f.*
+        )
+        INSERT INTO ca_event_moved SELECT g.event_id, to_jsonb(g) FROM gone g;
+        -- ... and its new version is inserted on the new one
+        WITH m AS MATERIALIZED (
+            SELECT r.*, m.old
+            FROM ca_event_rows r JOIN ca_event_moved m USING (event_id)
+        ), ins AS (
+            INSERT INTO fact_event AS f
+                (event_id, event_ts, date_key, customer_key, customer_id, customer_stitched, session_id,
+                 event_type, product_key, order_id, channel, device, stage_id, load_id)
+            SELECT m.event_id, m.event_ts, m.date_key, m.customer_key, m.customer_id, false, m.session_id,
+                   m.event_type, m.product_key, m.order_id, m.channel, m.device, m.stage_id, m.load_id
+            FROM m
+            RETURNING f.*
+        )
+        INSERT INTO ca_event_changes
+        SELECT to_jsonb(i), m.old FROM ins i JOIN m USING (event_id);
+        GET DIAGNOSTICS moved = ROW_COUNT;
+        DELETE FROM ca_event_rows r USING ca_event_moved m WHERE m.event_id = r.event_id;
+        DROP TABLE ca_event_placed, ca_event_moved;
+    END IF;
 
     -- into an empty table (a first load) without ON CONFLICT, as the
-    -- order lines (load_fact_order_line)
+    -- order lines (load_fact_order_line); on Citus the key holds the
+    -- session
     EXECUTE format($sql$
     WITH written AS (
         INSERT INTO fact_event AS f
@@ -1248,13 +1308,16 @@ BEGIN
         FROM written w WHERE $1
     )
     SELECT count(*) FROM written
-    $sql$, CASE WHEN EXISTS (SELECT 1 FROM fact_event) THEN 'ON CONFLICT (event_id) DO NOTHING' END)
+    $sql$, CASE WHEN on_cluster THEN 'ON CONFLICT (session_id, event_id) DO NOTHING'
+                WHEN EXISTS (SELECT 1 FROM fact_event) THEN 'ON CONFLICT (event_id) DO NOTHING' END)
     INTO added USING detail;
 
     -- events already in the facts: a later staged version that differs wins
-    IF added < batch THEN
-        CREATE TEMP TABLE ca_event_changes (new jsonb, old jsonb) ON COMMIT DROP;
-        -- (in CTEs, for Citus, as the order lines' update)
+    IF added + moved < batch THEN
+        -- (in CTEs, for Citus, as the order lines' update; there, an event
+        -- that changed session was moved above, and Citus refuses a SET of
+        -- the distribution column even to its own value)
+        EXECUTE format($sql$
         WITH r AS MATERIALIZED (
             SELECT * FROM ca_event_rows
         ), was AS MATERIALIZED (
@@ -1263,12 +1326,12 @@ BEGIN
             UPDATE fact_event f
             SET event_ts = r.event_ts, date_key = r.date_key,
                 customer_key = r.customer_key, customer_id = r.customer_id,
-                customer_stitched = false, session_id = r.session_id,
+                customer_stitched = false, %s
                 event_type = r.event_type, product_key = r.product_key,
                 order_id = r.order_id, channel = r.channel,
                 device = r.device, stage_id = r.stage_id, load_id = r.load_id
             FROM r
-            WHERE f.event_id = r.event_id
+            WHERE f.event_id = r.event_id %s
               AND r.stage_id > f.stage_id
               AND (f.event_ts, f.customer_key, f.customer_id, f.customer_stitched, f.session_id,
                    f.event_type, f.product_key, f.order_id, f.channel, f.device)
@@ -1279,15 +1342,17 @@ BEGIN
             RETURNING f.*
         )
         INSERT INTO ca_event_changes
-        SELECT to_jsonb(u), to_jsonb(w) FROM upd u JOIN was w USING (event_id);
-        changed := note_event_updates(detail);
+        SELECT to_jsonb(u), to_jsonb(w) FROM upd u JOIN was w USING (event_id)
+        $sql$, CASE WHEN NOT on_cluster THEN 'session_id = r.session_id,' END,
+               CASE WHEN on_cluster THEN 'AND f.session_id = r.session_id' END);
     END IF;
+    changed := note_event_updates(detail);
     DROP TABLE ca_event_rows;
     RETURN added + changed;
 END
 $$;
 COMMENT ON FUNCTION customer_analytics_internal.load_fact_event() IS
-    'Internal to transform_events(): the batch''s events into fact_event (upsert on event_id, the latest staged version wins; anonymous stays NULL, an unknown customer is -1); returns the rows written';
+    'Internal to transform_events(): the batch''s events into fact_event (upsert on event_id, the latest staged version wins; anonymous stays NULL, an unknown customer is -1; on Citus an event that changed session is moved to its new session''s shard); returns the rows written';
 
 /*
  * Identity stitching, over the whole of every session the batch touched
@@ -1315,40 +1380,39 @@ BEGIN
            OR bool_or(f.customer_stitched);
     ANALYZE ca_stitch_sessions;
     CREATE TEMP TABLE ca_event_changes (new jsonb, old jsonb) ON COMMIT DROP;
-    -- (the new customer of each event materialised, the UPDATE returning
-    -- plain rows: for Citus, as the order lines' update)
-    WITH sess AS MATERIALIZED (
-        SELECT f.event_id, f.customer_key, f.customer_id, f.customer_stitched,
-               count(*) FILTER (WHERE f.customer_id IS NOT NULL AND NOT f.customer_stitched)
-                   OVER (PARTITION BY f.session_id ORDER BY f.event_ts DESC, f.event_id DESC
-                         ROWS UNBOUNDED PRECEDING) AS grp,
-               f.session_id
-        FROM fact_event f
-        WHERE f.session_id IN (SELECT c.session_id FROM ca_stitch_sessions c)
-    ), linked AS MATERIALIZED (
-        SELECT s.event_id, s.customer_key, s.customer_id, s.customer_stitched,
-               max(s.customer_key) FILTER (WHERE s.customer_id IS NOT NULL AND NOT s.customer_stitched)
-                   OVER g AS new_key,
-               max(s.customer_id) FILTER (WHERE s.customer_id IS NOT NULL AND NOT s.customer_stitched)
-                   OVER g AS new_id
-        FROM sess s
-        WINDOW g AS (PARTITION BY s.session_id, s.grp)
-    ), upd AS (
+    -- One statement, joined on (session_id, event_id), whose windows are
+    -- partitioned by the session: on Citus (events by session_id) each
+    -- shard stitches its own sessions and updates them, and only the
+    -- sessions' ids go out and the changed rows come back.  The old
+    -- customer columns are returned beside the new row (to_jsonb() is not
+    -- immutable, which Citus wants in RETURNING).
+    WITH upd AS (
         UPDATE fact_event f
         SET customer_key = l.new_key, customer_id = l.new_id, customer_stitched = l.new_id IS NOT NULL
-        FROM linked l
-        WHERE f.event_id = l.event_id
+        FROM (SELECT s.session_id, s.event_id, s.customer_key, s.customer_id, s.customer_stitched,
+                     max(s.customer_key) FILTER (WHERE s.customer_id IS NOT NULL AND NOT s.customer_stitched)
+                         OVER g AS new_key,
+                     max(s.customer_id) FILTER (WHERE s.customer_id IS NOT NULL AND NOT s.customer_stitched)
+                         OVER g AS new_id
+              FROM (SELECT e.session_id, e.event_id, e.customer_key, e.customer_id, e.customer_stitched,
+                           count(*) FILTER (WHERE e.customer_id IS NOT NULL AND NOT e.customer_stitched)
+                               OVER (PARTITION BY e.session_id ORDER BY e.event_ts DESC, e.event_id DESC
+                                     ROWS UNBOUNDED PRECEDING) AS grp
+                    FROM fact_event e
+                    WHERE e.session_id IN (SELECT c.session_id FROM ca_stitch_sessions c)) s
+              WINDOW g AS (PARTITION BY s.session_id, s.grp)) l
+        WHERE f.session_id = l.session_id AND f.event_id = l.event_id
           AND (l.customer_id IS NULL OR l.customer_stitched)
           AND (l.customer_key, l.customer_id, l.customer_stitched)
               IS DISTINCT FROM (l.new_key, l.new_id, l.new_id IS NOT NULL)
-        RETURNING f.*
+        RETURNING f.*, l.customer_key AS was_key, l.customer_id AS was_id, l.customer_stitched AS was_stitched
     )
     -- only the customer columns change: the old row is the new one with theirs
     INSERT INTO ca_event_changes
-    SELECT to_jsonb(u),
-           to_jsonb(u) || jsonb_build_object('customer_key', l.customer_key, 'customer_id', l.customer_id,
-                                             'customer_stitched', l.customer_stitched)
-    FROM upd u JOIN linked l USING (event_id);
+    SELECT n.new, n.new || jsonb_build_object('customer_key', u.was_key, 'customer_id', u.was_id,
+                                              'customer_stitched', u.was_stitched)
+    FROM upd u
+    CROSS JOIN LATERAL (SELECT to_jsonb(u) - '{was_key,was_id,was_stitched}'::text[] AS new) n;
     SELECT count(*) INTO n FROM ca_event_changes;
     n := note_event_updates(check_queue('customer_analytics.fact_event', n));
     DROP TABLE ca_stitch_sessions;

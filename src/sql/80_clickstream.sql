@@ -220,12 +220,15 @@ CREATE TRIGGER fact_event_changed_trunc AFTER TRUNCATE ON customer_analytics.fac
     FOR EACH STATEMENT EXECUTE FUNCTION customer_analytics_internal.fact_event_changed();
 
 /*
- * refresh_sessions()'s events of the changed visitors (ca_changed) on
- * Citus, into ca_session_events: the same rows as its lookups one visitor
- * at a time, which Citus cannot send to the shards of fact_event (a
- * lateral subquery with OFFSET).  The visitors are materialised and
- * joined instead: Citus sends them to every shard, and each shard's rows
- * of those visitors come back.
+ * refresh_sessions()'s events of the changed identified visitors
+ * (ca_changed) on Citus, into ca_session_events: the same rows as its
+ * lookups one visitor at a time, which Citus cannot send to the shards of
+ * fact_event (a lateral subquery with OFFSET).  The visitors are
+ * materialised and joined instead: Citus sends them to every shard, and
+ * each shard's rows of those visitors come back.  (An identified
+ * visitor's sessions span source sessions, so shards: they are cut on the
+ * coordinator; the anonymous visitors' are cut on the shards, by
+ * anonymous_sessions_on_cluster().)
  */
 CREATE FUNCTION customer_analytics_internal.changed_session_events_on_cluster()
 RETURNS void
@@ -237,7 +240,7 @@ BEGIN
     WITH c AS MATERIALIZED (
         SELECT c.visitor, c.since, substr(c.visitor, 3) AS id, c.visitor LIKE 'c:%' AS is_customer
         FROM ca_changed c
-        WHERE c.visitor LIKE 'c:%' OR c.visitor LIKE 's:%'
+        WHERE c.visitor LIKE 'c:%'
     ), k AS MATERIALIZED (
         SELECT c.visitor, c.since, d.customer_key
         FROM c JOIN dim_customer d ON d.customer_id = c.id AND d.customer_key <> -1
@@ -250,16 +253,63 @@ BEGIN
     SELECT c.visitor, f.event_id, f.event_ts, f.customer_id, f.customer_key,
            f.event_type, f.channel, f.device
     FROM c JOIN fact_event f ON f.customer_key = -1 AND f.customer_id = c.id AND f.event_ts >= c.since
-    WHERE c.is_customer
-    UNION ALL
-    SELECT c.visitor, f.event_id, f.event_ts, f.customer_id, f.customer_key,
-           f.event_type, f.channel, f.device
-    FROM c JOIN fact_event f ON f.session_id = c.id AND f.event_ts >= c.since AND f.customer_id IS NULL
-    WHERE NOT c.is_customer;
+    WHERE c.is_customer;
 END
 $$;
 COMMENT ON FUNCTION customer_analytics_internal.changed_session_events_on_cluster() IS
-    'Internal to refresh_sessions() on Citus: the events of the visitors queued as changed (ca_changed) into ca_session_events, by a join Citus sends to the shards instead of one lookup per visitor';
+    'Internal to refresh_sessions() on Citus: the events of the identified visitors queued as changed (ca_changed) into ca_session_events, by a join Citus sends to the shards instead of one lookup per visitor';
+
+/*
+ * On Citus (events distributed by session_id) the sessions of anonymous
+ * visitors, whose visitor is their source session, are cut and summed on
+ * the shards, each in one piece: the window and the GROUP BY are by the
+ * distribution column, and only one row per session comes back.  The
+ * statement is refresh_sessions()'s with the customer columns NULL (an
+ * anonymous event has neither), over every anonymous event, or (changed
+ * true) over those of the anonymous visitors in ca_changed from their
+ * time.  The gap and time zone go in as literals: Citus sends the
+ * statement to the shards as text.  Returns the sessions written.
+ */
+CREATE FUNCTION customer_analytics_internal.anonymous_sessions_on_cluster(gap interval, tz text, changed boolean)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+AS $$
+DECLARE
+    n bigint;
+BEGIN
+    EXECUTE format($sql$
+    INSERT INTO sessions (visitor, session_start, session_end, date_key, customer_id, customer_key,
+                          events, pages, product_views, add_to_carts, checkouts, purchases,
+                          channel, device)
+    SELECT 's:' || e.session_id, min(e.event_ts), max(e.event_ts),
+           date_key((min(e.event_ts) AT TIME ZONE %L)::date), NULL, NULL,
+           count(*),
+           count(*) FILTER (WHERE e.event_type IN ('page_view', 'product_view')),
+           count(*) FILTER (WHERE e.event_type = 'product_view'),
+           count(*) FILTER (WHERE e.event_type = 'add_to_cart'),
+           count(*) FILTER (WHERE e.event_type = 'checkout'),
+           count(*) FILTER (WHERE e.event_type = 'purchase'),
+           (array_agg(e.channel ORDER BY e.event_ts, e.event_id))[1],
+           (array_agg(e.device ORDER BY e.event_ts, e.event_id))[1]
+    FROM (SELECT f.session_id, f.event_id, f.event_ts, f.event_type, f.channel, f.device,
+                 session_number(f.event_ts, %L::interval)
+                     OVER (PARTITION BY f.session_id ORDER BY f.event_ts, f.event_id) AS sn
+          FROM fact_event f
+          %s
+          WHERE f.customer_id IS NULL) e
+    GROUP BY e.session_id, e.sn
+    $sql$, tz, gap,
+    CASE WHEN changed THEN
+        $j$JOIN (SELECT substr(c.visitor, 3) AS session_id, c.since FROM ca_changed c
+                 WHERE c.visitor LIKE 's:%') c ON c.session_id = f.session_id AND f.event_ts >= c.since$j$
+    END);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.anonymous_sessions_on_cluster(interval, text, boolean) IS
+    'Internal to refresh_sessions() on Citus: the sessions of anonymous visitors (all, or those queued in ca_changed) cut and summed on the shards of fact_event, which is distributed by session_id; returns the sessions written';
 
 /*
  * Rebuild the sessions of the visitors queued in clickstream_change (all of
@@ -279,6 +329,9 @@ DECLARE
     tz      text := business_timezone();
     st      clickstream_state;
     n       bigint;
+    -- on Citus the anonymous visitors' sessions are written on the shards
+    on_cluster boolean := citus_managed('customer_analytics.fact_event');
+    anonymous bigint := 0;
 BEGIN
     PERFORM pg_advisory_xact_lock(customer_analytics_internal.lock_key('transform_events()'));
     SELECT * INTO st FROM clickstream_state;
@@ -290,10 +343,19 @@ BEGIN
         TRUNCATE clickstream_change;
         DELETE FROM sessions;
         GET DIAGNOSTICS n = ROW_COUNT;
+        IF on_cluster THEN
+            anonymous := anonymous_sessions_on_cluster(gap, tz, false);
+            CREATE TEMP TABLE ca_session_events ON COMMIT DROP AS
+            SELECT visitor(f.customer_id, f.session_id) AS visitor, f.event_id, f.event_ts,
+                   f.customer_id, f.customer_key, f.event_type, f.channel, f.device
+            FROM fact_event f
+            WHERE f.customer_id IS NOT NULL;
+        ELSE
         CREATE TEMP TABLE ca_session_events ON COMMIT DROP AS
         SELECT visitor(f.customer_id, f.session_id) AS visitor, f.event_id, f.event_ts,
                f.customer_id, f.customer_key, f.event_type, f.channel, f.device
         FROM fact_event f;
+        END IF;
     ELSE
         CREATE TEMP TABLE ca_changed ON COMMIT DROP AS
         WITH taken AS (DELETE FROM clickstream_change RETURNING visitor, since)
@@ -318,7 +380,8 @@ BEGIN
         )
         SELECT COALESCE(sum(removed), 0) INTO n FROM firsts;
 
-        IF citus_managed('customer_analytics.fact_event') THEN
+        IF on_cluster THEN
+            anonymous := anonymous_sessions_on_cluster(gap, tz, true);
             PERFORM changed_session_events_on_cluster();
         ELSE
         /*
@@ -385,7 +448,7 @@ BEGIN
           FROM ca_session_events x) e
     GROUP BY e.visitor, e.sn;
     GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN QUERY VALUES ('sessions_written', n);
+    RETURN QUERY VALUES ('sessions_written', n + anonymous);
     DROP TABLE ca_session_events;
 
     INSERT INTO clickstream_state (singleton, session_gap, timezone, last_run_at)

@@ -1,19 +1,23 @@
 /*
  * The star schema on a Citus cluster (docs/scaling.md has the reasons).
  *
- * The order facts and their repair queue are distributed by customer_ref
- * (a customer's lines on one shard, whatever its versions; one customer
- * per order for guests), never NULL, and keyed there on (order_id,
- * line_number, customer_ref): the primary key is swapped during the
- * conversion, and transform()'s cluster path moves a line that changes
- * customer.  The other facts and the staging rows are distributed by a
- * column already in their primary key and in every ON CONFLICT target,
- * never NULL and never updated (order_id, event_id), all co-located (the
- * staged lines stay by order_id: customer_id is NULL for a guest, and
- * Citus takes no generated column); the customers' staging by
- * customer_id (never NULL there); the dimensions, which every fact joins
- * on a surrogate key, are reference tables; bookkeeping, queues, rollups,
- * settings and logs stay local on the coordinator.
+ * The facts are distributed by a never-NULL identity of what their
+ * per-entity work groups by, co-located with each other and with their
+ * staging: the order lines and their repair queue by customer_ref (a
+ * customer's lines on one shard, whatever its versions; one customer per
+ * order for guests), keyed there on (order_id, line_number,
+ * customer_ref); the events and their staging by session_id, so that a
+ * session's events (its stitching, its share of the sessions rebuild)
+ * stay on one shard, fact_event keyed there on (session_id, event_id).
+ * The primary keys are swapped during the conversion (the single node
+ * keeps its own), and transform() / transform_events() move a line that
+ * changes customer or an event that changes session (deleted on its old
+ * shard, inserted on the new).  The staged lines stay by order_id
+ * (customer_id is NULL for a guest, and Citus takes no generated column as
+ * distribution column); the customers' staging by customer_id (never NULL
+ * there); the dimensions, which every fact joins on a surrogate key, are
+ * reference tables; bookkeeping, queues, rollups, settings and logs stay
+ * local on the coordinator.
  *
  * Citus refuses to convert a table with triggers, and a table that a local
  * table references would drag the whole foreign-key graph (and the views
@@ -67,8 +71,9 @@ AS $$
         (6, 'customer_analytics.stg_orders', 'distributed', 'order_id', NULL),
         (7, 'customer_analytics_internal.unknown_member_line', 'distributed', 'customer_ref',
          '{order_id,line_number,customer_ref}'),
-        (8, 'customer_analytics.fact_event', 'distributed', 'event_id', NULL),
-        (9, 'customer_analytics.stg_events', 'distributed', 'event_id', NULL),
+        (8, 'customer_analytics.fact_event', 'distributed', 'session_id',
+         '{session_id,event_id}'),
+        (9, 'customer_analytics.stg_events', 'distributed', 'session_id', NULL),
         (10, 'customer_analytics.stg_customers', 'distributed', 'customer_id', NULL)
     ) AS p (ordinal, table_name, citus_kind, distribution_column, cluster_key)
 $$;
@@ -189,6 +194,12 @@ BEGIN
                                  || format('ALTER TABLE %s ADD CONSTRAINT %I PRIMARY KEY (%s);', fk.rel, fk.conname, fk.cols);
         END LOOP;
 
+        -- fact_event's key holds its session on the cluster (swapped
+        -- above), and a plain index on event_id stays beside it: an event
+        -- re-staged under another session is found by it on every shard,
+        -- without a scan
+        drop_sql := drop_sql || 'CREATE INDEX IF NOT EXISTS fact_event_event_id_idx ON customer_analytics.fact_event (event_id);';
+
         -- the workers first: a failure there leaves this node untouched,
         -- and the statements are idempotent, so a second call finishes
         IF drop_sql <> '' THEN
@@ -247,5 +258,5 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION customer_analytics.distribute(integer) IS
-    'On a Citus coordinator: converts the installed (possibly loaded) star schema to its distributed layout (order facts and their repair queue by customer_ref, keyed on (order_id, line_number, customer_ref); staging and events by order_id / event_id / customer_id, all co-located; dimensions as reference tables; the rest local) and returns the layout; a second call changes nothing; refused where Citus is absent or on a worker';
+    'On a Citus coordinator: converts the installed (possibly loaded) star schema to its distributed layout (order facts and their repair queue by customer_ref, keyed on (order_id, line_number, customer_ref); events and their staging by session_id, fact_event keyed on (session_id, event_id); staged lines by order_id, staged customers by customer_id; all co-located; dimensions as reference tables; the rest local) and returns the layout; a second call changes nothing; refused where Citus is absent or on a worker';
 REVOKE ALL ON FUNCTION customer_analytics.distribute(integer) FROM PUBLIC;
