@@ -29,6 +29,7 @@
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/xid8.h"
@@ -129,31 +130,52 @@ ca_citus_worker_node(void)
 }
 
 /*
+ * Is this backend one that Citus opened to run a task of another session's
+ * statement (on a worker, or on the coordinator itself when it holds
+ * shards)?  Citus names every such connection by this prefix of its
+ * application_name (CITUS_APPLICATION_NAME_PREFIX in Citus's
+ * connection_management.h, followed by the initiator's global pid), and
+ * tells its own backends apart by it.
+ */
+static bool
+ca_citus_internal_backend(void)
+{
+	static const char prefix[] = "citus_internal gpid=";
+
+	return application_name != NULL &&
+		strncmp(application_name, prefix, sizeof(prefix) - 1) == 0;
+}
+
+/*
  * staging_xid(): the default of every staging table's staged_xid, the
  * top-level transaction id exactly as pg_current_xact_id() gives it, by
  * which transform() tells the rows of the transactions committed since its
- * last run.  It must be the coordinator's: a worker's transaction ids are
- * another sequence, and a row marked with one is skipped or taken runs
- * later, silently.
+ * last run.  It must be the staging session's own, on the coordinator: a
+ * worker's transaction ids are another sequence, another backend's another
+ * transaction, and a row marked with one is skipped or taken runs later,
+ * silently.
  *
- * Citus evaluates a default on the coordinator for INSERT ... VALUES, for
- * COPY, for an INSERT ... SELECT from a local table, and for one it pushes
- * down whole to the shards (it sends the value).  But an INSERT ... SELECT
- * from a Citus table that it pulls to the coordinator or repartitions (any
- * that leaves stage_id to its nextval() default) is planned as a
- * distributed SELECT of the source with the defaults in its target list,
- * and the workers evaluate them, volatile or not: only nextval() is kept
- * on the coordinator (tried with Citus 13.2).  No default of an xid8
- * column can hold a nextval() (Citus wants the sequence to be of the
- * column's type), so such rows cannot get the coordinator's id: evaluated
- * on a worker, this refuses, and the statement fails instead of staging
- * rows that transform() would miss.  The same refusal covers a statement
- * run on a worker itself (Citus lets a worker route writes to the shards).
+ * Citus evaluates a default in the staging session for INSERT ... VALUES,
+ * for COPY, for an INSERT ... SELECT from a local table, and for one it
+ * pushes down whole to the shards (it sends the value).  But an INSERT ...
+ * SELECT from a Citus table that it pulls to the coordinator or
+ * repartitions (any that leaves stage_id to its nextval() default) is
+ * planned as a distributed SELECT of the source with the defaults in its
+ * target list, run by the workers, or by connections Citus opens to the
+ * coordinator itself where it holds shards: they evaluate the defaults,
+ * volatile or not; only nextval() is kept in the session (tried with Citus
+ * 13.2).  No default of an xid8 column can hold a nextval() (Citus wants
+ * the sequence to be of the column's type), so such rows cannot get the
+ * session's id: evaluated there, this refuses, and the statement fails
+ * instead of staging rows that transform() would miss.  The same refusal
+ * covers a statement run on a worker itself (Citus lets a worker route
+ * writes to the shards).  (Citus's local execution of the coordinator's
+ * own shards runs in the session: the right id, no refusal.)
  *
  * STABLE like pg_current_xact_id(), so that a pushed-down INSERT ... SELECT
- * still gets the coordinator's value.  The worker check reads a catalog,
- * so it is made once per transaction, not per row; without Citus it is one
- * syscache lookup per transaction.
+ * still gets the session's value.  The worker check reads a catalog, so
+ * the checks are made once per transaction, not per row; without Citus
+ * that is one syscache lookup and a string comparison per transaction.
  */
 Datum
 ca_staging_xid(PG_FUNCTION_ARGS)
@@ -171,6 +193,12 @@ ca_staging_xid(PG_FUNCTION_ARGS)
 					errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 					errmsg("staged rows must be marked with the Citus coordinator's transaction id, and this node is a worker"),
 					errdetail("Either the statement runs on a worker, or it is an INSERT ... SELECT from a Citus table that Citus runs through the workers, which evaluate the default of staged_xid; transform() would skip such rows or take them runs later."),
+					errhint("Stage through the coordinator: with VALUES, COPY, or from a local table (CREATE TEMP TABLE ... AS SELECT from the Citus table, then INSERT ... SELECT from that)."));
+		if (ca_citus_internal_backend())
+			ereport(ERROR,
+					errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+					errmsg("staged rows must be marked with the Citus coordinator's transaction id, and this is a connection Citus opened to run part of another session's statement"),
+					errdetail("Citus evaluates the default of staged_xid in such connections for an INSERT ... SELECT from a Citus table that it pulls to the coordinator or repartitions (here to shards on the coordinator itself); their transaction ids are not the staging session's, and transform() would skip such rows or take them runs later."),
 					errhint("Stage through the coordinator: with VALUES, COPY, or from a local table (CREATE TEMP TABLE ... AS SELECT from the Citus table, then INSERT ... SELECT from that)."));
 		checked = xid;
 	}

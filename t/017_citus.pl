@@ -28,7 +28,8 @@
 #   transaction id and transform() takes them all; an INSERT ... SELECT
 #   from a Citus table that Citus runs through the workers (which would
 #   stamp the rows with their own ids: reproduced with the old default,
-#   the rows lost) is refused, and so is staging on a worker.
+#   the rows lost; the same through Citus's connections to a coordinator
+#   that holds shards) is refused, and so is staging on a worker.
 #
 # The single node is a second database on the coordinator where the citus
 # extension is not created: plain PostgreSQL, same build.
@@ -928,8 +929,10 @@ is($coord->safe_psql('shop', q{SELECT customer_analytics.unschedule_pipeline()})
 # rows got the workers' ids and transform() missed them, silently (shown
 # first, the old default put back for it); staging_xid() refuses there,
 # and every way of staging through the coordinator marks the rows with
-# its id and transform() takes them all.  A database of its own: the
-# rows lost on purpose stay out of the shop compared above.
+# its id and transform() takes them all.  The same where the coordinator
+# holds the shards and Citus runs the tasks over connections to itself.
+# Databases of their own: the rows lost on purpose stay out of the shop
+# compared above.
 # ---------------------------------------------------------------------
 for my $node (@nodes)
 {
@@ -1101,6 +1104,46 @@ $marked = $coord->safe_psql('stage_mark', qq{BEGIN; SELECT pg_current_xact_id() 
 is($marked, "$n_lines $n_lines", "pushed down whole: $n_lines lines, all with the coordinator's transaction id");
 like($coord->safe_psql('stage_mark', $transform_sm), qr/fact_order_line=$n_lines /, "and transform() writes all $n_lines lines");
 is($lines_updated->($mark), $n_lines, 'every fact holds its re-staged quantity');
+
+# shards on the coordinator itself (a database where it is the only node,
+# with shards): Citus may run the tasks of such a statement over
+# connections of its own to the coordinator (always, with local execution
+# off), whose transactions are not the staging session's: with the old
+# default the rows got their ids, silently; the extension's refuses there
+# too, and the way round works
+$coord->safe_psql('postgres', 'CREATE DATABASE stage_mark_solo');
+$coord->safe_psql('stage_mark_solo', sprintf(q{CREATE EXTENSION citus;
+	SELECT citus_set_coordinator_host('127.0.0.1', %d);
+	SELECT citus_set_node_property('127.0.0.1', %d, 'shouldhaveshards', true);
+	CREATE EXTENSION customer_analytics;
+	SELECT count(*) FROM customer_analytics.generate_sample_data(customers => 30, days => 10, seed => 25, start_date => '2025-01-01',
+	                                                             defects => false, events => false);
+	SELECT create_distributed_table('customer_analytics.stg_orders', 'order_id', shard_count => 4)}, $coord->port, $coord->port));
+my $solo_lines = $coord->safe_psql('stage_mark_solo', q{SELECT count(*) FROM customer_analytics.stg_orders});
+cmp_ok($solo_lines, '>', 0, 'shards on the coordinator: order lines staged');
+my $restage_solo = q{INSERT INTO customer_analytics.stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price)
+	SELECT order_id || '-r', line_number, customer_id, product_id, order_ts, quantity, unit_price FROM customer_analytics.stg_orders};
+my $solo_marked = qq{SET citus.enable_local_execution = off;
+	BEGIN; SELECT pg_current_xact_id() AS me \\gset
+	$restage_solo;
+	SELECT count(*) || ' ' || count(*) FILTER (WHERE staged_xid = :'me'::xid8) FROM customer_analytics.stg_orders WHERE order_id LIKE '%-r';
+	ROLLBACK};
+$coord->safe_psql('stage_mark_solo', q{ALTER TABLE customer_analytics.stg_orders ALTER COLUMN staged_xid SET DEFAULT pg_catalog.pg_current_xact_id()});
+is($coord->safe_psql('stage_mark_solo', $solo_marked), "$solo_lines 0",
+	"shards on the coordinator, the old default: the rows re-staged through Citus's own connections, none with the session's transaction id");
+$coord->safe_psql('stage_mark_solo', q{ALTER TABLE customer_analytics.stg_orders ALTER COLUMN staged_xid SET DEFAULT customer_analytics_internal.staging_xid()});
+($rc, $out, $err) = $coord->psql('stage_mark_solo', "\\set VERBOSITY verbose\nSET citus.enable_local_execution = off;\n$restage_solo");
+like($err, qr/55000.*a connection Citus opened to run part of another session's statement/s,
+	"shards on the coordinator, the extension's default: refused in Citus's own connection (object_not_in_prerequisite_state)");
+like($err, qr/HINT:.*CREATE TEMP TABLE/, 'with the way round');
+is($coord->safe_psql('stage_mark_solo', qq{SET citus.enable_local_execution = off;
+	BEGIN; SELECT pg_current_xact_id() AS me \\gset
+	CREATE TEMP TABLE restage_solo ON COMMIT DROP AS
+	SELECT order_id || '-r' AS order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price FROM customer_analytics.stg_orders;
+	INSERT INTO customer_analytics.stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price)
+	SELECT * FROM restage_solo;
+	SELECT count(*) || ' ' || count(*) FILTER (WHERE staged_xid = :'me'::xid8) FROM customer_analytics.stg_orders WHERE order_id LIKE '%-r';
+	ROLLBACK}), "$solo_lines $solo_lines", 'and the way round: every row with the session\'s transaction id');
 
 # staging on a worker: refused (its rows would carry the worker's id)
 ($rc, $out, $err) = $workers[0]->psql('stage_mark', q{\set VERBOSITY verbose

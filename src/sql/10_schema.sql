@@ -13,15 +13,16 @@
  *               and its current one, so a load that commits late is never
  *               skipped (a timestamp or serial watermark would skip it).
  *               Its default is staging_xid(): pg_current_xact_id(), but
- *               refused where Citus would evaluate it on a worker, whose
- *               transaction ids transform() does not know (citus_guard.c).
+ *               refused where Citus would evaluate it on a worker or in a
+ *               connection of its own, whose transaction ids transform()
+ *               does not know (citus_guard.c).
  */
 
 CREATE FUNCTION customer_analytics_internal.staging_xid()
     RETURNS xid8
     AS 'MODULE_PATHNAME', 'ca_staging_xid' LANGUAGE C STABLE PARALLEL UNSAFE;
 COMMENT ON FUNCTION customer_analytics_internal.staging_xid() IS
-    'Internal: the default of the staging tables'' staged_xid, the current top-level transaction id as pg_current_xact_id() gives it; refused (SQLSTATE 55000) where it is evaluated on a Citus worker, whose transaction ids transform() does not know: a statement run on a worker, or an INSERT ... SELECT from a Citus table that Citus pulls to the coordinator or repartitions (stage such rows through a local or temporary table)';
+    'Internal: the default of the staging tables'' staged_xid, the current top-level transaction id as pg_current_xact_id() gives it; refused (SQLSTATE 55000) where it is evaluated on a Citus worker or in a connection Citus opened for another session, whose transaction ids transform() does not know: a statement run on a worker, or an INSERT ... SELECT from a Citus table that Citus pulls to the coordinator or repartitions (stage such rows through a local or temporary table)';
 
 CREATE SEQUENCE customer_analytics.stage_id_seq CACHE 1000;
 COMMENT ON SEQUENCE customer_analytics.stage_id_seq IS
