@@ -1028,9 +1028,9 @@ like($coord->safe_psql('stage_mark', $transform_sm), qr/fact_order_line=$n_lines
 is($lines_updated->($mark), $n_lines, 'after: every fact holds its re-staged quantity');
 
 # every other way of staging through the coordinator: VALUES, COPY, a
-# local table filled by ingest, a reference table, the generator,
-# track_event(); each transaction's rows carry its id, and transform()
-# takes them all
+# local table filled by ingest, a materialized CTE, a reference table,
+# the generator, track_event(); each transaction's rows carry its id,
+# and transform() takes them all
 # (the rows a transaction staged: stage_id drawn by this session from the
 # coordinator's sequence after the mark)
 my $stage_id_mark = q{SELECT nextval('customer_analytics.stage_id_seq') AS mark \gset};
@@ -1062,6 +1062,12 @@ COPY-3,1,P0003,2025-01-13 09:10+00,2,1.00
 		INSERT INTO customer_analytics.stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price)
 		SELECT * FROM public.orders_landing;},
 		'stg_orders=25/25' ],
+	# (Citus brings a materialized CTE's rows to the coordinator first)
+	[ 'INSERT ... SELECT from a materialized CTE over a Citus table', q{WITH s AS MATERIALIZED (
+		SELECT 'CTE-' || order_id AS order_id, line_number, product_id, order_ts, quantity, unit_price
+		FROM customer_analytics.stg_orders WHERE order_id LIKE 'VAL-%')
+		INSERT INTO customer_analytics.stg_orders (order_id, line_number, product_id, order_ts, quantity, unit_price) SELECT * FROM s;},
+		'stg_orders=2/2' ],
 	# (the coordinator holds copies of the reference tables: Citus reads
 	# them in this session, by local execution)
 	[ 'INSERT ... SELECT from a reference table', q{INSERT INTO customer_analytics.stg_orders (order_id, line_number, product_id, order_ts, quantity, unit_price)
@@ -1082,8 +1088,8 @@ COPY-3,1,P0003,2025-01-13 09:10+00,2,1.00
 }
 my $steps_all = $coord->safe_psql('stage_mark', $transform_sm);
 is($coord->safe_psql('stage_mark', q{SELECT count(*) FROM customer_analytics.fact_order_line
-	WHERE order_id LIKE 'VAL-%' OR order_id LIKE 'COPY-%' OR order_id LIKE 'ING-%' OR order_id LIKE 'REF-%'}), '35',
-	'transform() writes the 35 lines staged with VALUES, COPY, from the local table and from the reference table');
+	WHERE order_id LIKE 'VAL-%' OR order_id LIKE 'COPY-%' OR order_id LIKE 'ING-%' OR order_id LIKE 'CTE-%' OR order_id LIKE 'REF-%'}), '37',
+	'transform() writes the 37 lines staged with VALUES, COPY, from the local table, the CTE and the reference table');
 is($coord->safe_psql('stage_mark', q{SELECT count(*) FROM customer_analytics.fact_event WHERE event_id IN ('sm-e1', 'sm-e2')}), '2',
 	'and the tracked events');
 is($coord->safe_psql('stage_mark', q{SELECT count(*) FROM customer_analytics.stg_orders s
