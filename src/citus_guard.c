@@ -131,8 +131,7 @@ ca_citus_worker_node(void)
 
 /*
  * Is this backend one that Citus opened to run a task of another session's
- * statement (on a worker, or on the coordinator itself when it holds
- * shards)?  Citus names every such connection by this prefix of its
+ * statement (on a worker, or on the coordinator itself)?  Citus names every such connection by this prefix of its
  * application_name (CITUS_APPLICATION_NAME_PREFIX in Citus's
  * connection_management.h, followed by the initiator's global pid), and
  * tells its own backends apart by it.
@@ -162,15 +161,16 @@ ca_citus_internal_backend(void)
  * repartitions (any that leaves stage_id to its nextval() default) is
  * planned as a distributed SELECT of the source with the defaults in its
  * target list, run by the workers, or by connections Citus opens to the
- * coordinator itself where it holds shards: they evaluate the defaults,
- * volatile or not; only nextval() is kept in the session (tried with Citus
- * 13.2).  No default of an xid8 column can hold a nextval() (Citus wants
- * the sequence to be of the column's type), so such rows cannot get the
- * session's id: evaluated there, this refuses, and the statement fails
- * instead of staging rows that transform() would miss.  The same refusal
- * covers a statement run on a worker itself (Citus lets a worker route
- * writes to the shards).  (Citus's local execution of the coordinator's
- * own shards runs in the session: the right id, no refusal.)
+ * coordinator itself for what it holds (the reference tables' copies,
+ * shards): they evaluate the defaults, volatile or not; only nextval() is
+ * kept in the session (tried with Citus 13.2).  No default of an xid8
+ * column can hold a nextval() (Citus wants the sequence to be of the
+ * column's type), so such rows cannot get the session's id: evaluated
+ * there, this refuses, and the statement fails instead of staging rows that
+ * transform() would miss.  The same refusal covers a statement run on a
+ * worker itself (Citus lets a worker route writes to the shards).  (Citus's
+ * local execution of what the coordinator holds runs in the session: the
+ * right id, no refusal.)
  *
  * STABLE like pg_current_xact_id(), so that a pushed-down INSERT ... SELECT
  * still gets the session's value.  The worker check reads a catalog, so
@@ -198,7 +198,7 @@ ca_staging_xid(PG_FUNCTION_ARGS)
 			ereport(ERROR,
 					errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
 					errmsg("staged rows must be marked with the Citus coordinator's transaction id, and this is a connection Citus opened to run part of another session's statement"),
-					errdetail("Citus evaluates the default of staged_xid in such connections for an INSERT ... SELECT from a Citus table that it pulls to the coordinator or repartitions (here to shards on the coordinator itself); their transaction ids are not the staging session's, and transform() would skip such rows or take them runs later."),
+					errdetail("Citus evaluates the default of staged_xid in such connections for an INSERT ... SELECT from a Citus table that it pulls to the coordinator or repartitions (here over a connection to the coordinator itself, which holds copies of the reference tables and may hold shards); their transaction ids are not the staging session's, and transform() would skip such rows or take them runs later."),
 					errhint("Stage through the coordinator: with VALUES, COPY, or from a local table (CREATE TEMP TABLE ... AS SELECT from the Citus table, then INSERT ... SELECT from that)."));
 		checked = xid;
 	}
