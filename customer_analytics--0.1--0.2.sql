@@ -9817,3 +9817,15 @@ $$;
 COMMENT ON FUNCTION customer_analytics.distribute(integer) IS
     'On a Citus coordinator: converts the installed (possibly loaded) star schema to its distributed layout (order facts and their repair queue by customer_ref, keyed on (order_id, line_number, customer_ref); events and their staging by session_id, fact_event keyed on (session_id, event_id); staged lines by order_id, staged customers by customer_id; all co-located; dimensions as reference tables; the rest local) and returns the layout; a second call changes nothing; refused where Citus is absent or on a worker';
 
+
+
+-- issue 17 staging mark: staged_xid's default is staging_xid(), pg_current_xact_id() but refused where Citus evaluates it on a worker or in a connection of its own (an INSERT ... SELECT from a Citus table that Citus does not push down whole, or a statement run on a worker), whose transaction ids transform() would miss
+CREATE FUNCTION customer_analytics_internal.staging_xid()
+    RETURNS xid8
+    AS 'MODULE_PATHNAME', 'ca_staging_xid' LANGUAGE C STABLE PARALLEL UNSAFE;
+COMMENT ON FUNCTION customer_analytics_internal.staging_xid() IS
+    'Internal: the default of the staging tables'' staged_xid, the current top-level transaction id as pg_current_xact_id() gives it; refused (SQLSTATE 55000) where it is evaluated on a Citus worker or in a connection Citus opened for another session, whose transaction ids transform() does not know: a statement run on a worker, or an INSERT ... SELECT from a Citus table that Citus pulls to the coordinator or repartitions (stage such rows through a local or temporary table)';
+ALTER TABLE customer_analytics.stg_customers ALTER COLUMN staged_xid SET DEFAULT customer_analytics_internal.staging_xid();
+ALTER TABLE customer_analytics.stg_products ALTER COLUMN staged_xid SET DEFAULT customer_analytics_internal.staging_xid();
+ALTER TABLE customer_analytics.stg_orders ALTER COLUMN staged_xid SET DEFAULT customer_analytics_internal.staging_xid();
+ALTER TABLE customer_analytics.stg_events ALTER COLUMN staged_xid SET DEFAULT customer_analytics_internal.staging_xid();

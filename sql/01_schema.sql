@@ -70,6 +70,44 @@ SELECT status, discount, loaded_at = now() AS loaded_now, stage_id > 0 AS has_st
 FROM stg_orders;
 ROLLBACK;
 
+-- the staging mark: every staging table's staged_xid defaults to
+-- staging_xid(), which is pg_current_xact_id() (assigning the transaction
+-- its id if it has none yet: a staging transaction that wrote nothing else
+-- before), the same through the transaction, also in a subtransaction (the
+-- top-level id), labelled STABLE and PARALLEL UNSAFE like it; off Citus it
+-- refuses nothing
+SELECT c.relname, pg_get_expr(d.adbin, d.adrelid) AS staged_xid_default
+FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+JOIN pg_class c ON c.oid = d.adrelid
+WHERE c.relnamespace = 'customer_analytics'::regnamespace AND a.attname = 'staged_xid'
+ORDER BY c.relname;
+SELECT p.provolatile, p.proparallel, p.proisstrict, p.prorettype::regtype,
+       obj_description(p.oid, 'pg_proc') IS NOT NULL AS commented
+FROM pg_proc p WHERE p.oid = 'customer_analytics_internal.staging_xid()'::regprocedure;
+BEGIN;
+SELECT pg_current_xact_id_if_assigned() IS NULL AS no_xid_yet;
+SELECT customer_analytics_internal.staging_xid() AS first \gset
+SELECT pg_current_xact_id_if_assigned() = :'first'::xid8 AS assigned_it,
+       pg_current_xact_id() = :'first'::xid8 AS as_pg_current_xact_id;
+SAVEPOINT s;
+INSERT INTO stg_events (event_id, event_ts, session_id, event_type) VALUES ('e-mark', '2025-01-01', 's1', 'page_view');
+INSERT INTO stg_customers (customer_id) VALUES ('c-mark');
+INSERT INTO stg_products (product_id) VALUES ('p-mark');
+INSERT INTO stg_orders (order_id, line_number, product_id, order_ts, quantity, unit_price)
+SELECT 'O-mark-' || i, 1, 'P1', '2025-01-01', 1, 1 FROM generate_series(1, 3) i;
+RELEASE SAVEPOINT s;
+SELECT 'stg_events' AS tbl, count(*) AS rows, bool_and(staged_xid = :'first'::xid8) AS top_level_id FROM stg_events
+UNION ALL SELECT 'stg_customers', count(*), bool_and(staged_xid = :'first'::xid8) FROM stg_customers
+UNION ALL SELECT 'stg_products', count(*), bool_and(staged_xid = :'first'::xid8) FROM stg_products
+UNION ALL SELECT 'stg_orders', count(*), bool_and(staged_xid = :'first'::xid8) FROM stg_orders
+ORDER BY 1;
+ROLLBACK;
+-- the next transaction: its own id
+BEGIN;
+SELECT customer_analytics_internal.staging_xid() > :'first'::xid8 AS a_later_id,
+       customer_analytics_internal.staging_xid() = pg_current_xact_id() AS as_pg_current_xact_id;
+ROLLBACK;
+
 -- helper functions
 SELECT date_key('2025-03-07'), business_timezone();
 SET customer_analytics.timezone = 'Europe/Paris';

@@ -19,4 +19,7 @@ extern CaCitusKind ca_citus_kind(Oid relid);
 /* the errdetail() of a refusal: where the table's rows really are */
 extern int	ca_citus_errdetail(Oid relid, CaCitusKind kind);
 
+/* whether this node is a Citus worker (track_event() and staging refuse there) */
+extern bool ca_citus_worker_node(void);
+
 #endif							/* CA_CITUS_GUARD_H */

@@ -23,20 +23,15 @@
  */
 #include "postgres.h"
 
-#include "access/genam.h"
-#include "access/htup_details.h"
-#include "access/table.h"
-#include "catalog/pg_namespace.h"
 #include "common/int.h"
 #include "fmgr.h"
 #include "utils/builtins.h"
 #include "utils/datetime.h"
 #include "utils/guc.h"
-#include "utils/lsyscache.h"
-#include "utils/rel.h"
 #include "utils/timestamp.h"
 #include "windowapi.h"
 
+#include "citus_guard.h"
 #include "customer_analytics.h"
 
 PG_FUNCTION_INFO_V1(ca_session_number);
@@ -275,39 +270,10 @@ ca_session_number(PG_FUNCTION_ARGS)
  * refuses there: before distribute(), an event tracked on a worker would
  * stay in the worker's own copy of stg_events, which nothing reads; the
  * pipeline that moves events on, the sessions and the change queues are
- * the coordinator's.
- *
- * Where Citus is not created in the database, this is one lookup of a
- * relation name in the syscache, whose negative entries are cached too: no
- * table is opened.  With Citus, pg_dist_local_group holds one row, the
- * node's group: 0 on the coordinator (and on a node not in a cluster),
- * another on a worker.  Read each time rather than cached per backend, as
- * citus_add_node() sets a worker's group after its backends have started.
- * Not citus_is_coordinator(): it says false on a node with Citus but no
- * cluster, where stg_events is a plain table and tracking must work.
+ * the coordinator's.  (citus_guard.c says how it is told.)
  */
 Datum
 ca_on_citus_worker(PG_FUNCTION_ARGS)
 {
-	Oid			relid = get_relname_relid("pg_dist_local_group", PG_CATALOG_NAMESPACE);
-	Relation	rel;
-	SysScanDesc scan;
-	HeapTuple	tuple;
-	bool		worker = false;
-
-	if (!OidIsValid(relid))
-		PG_RETURN_BOOL(false);
-	rel = table_open(relid, AccessShareLock);
-	scan = systable_beginscan(rel, InvalidOid, false, NULL, 0, NULL);
-	tuple = systable_getnext(scan);
-	if (HeapTupleIsValid(tuple))
-	{
-		bool		isnull;
-		Datum		groupid = heap_getattr(tuple, 1, RelationGetDescr(rel), &isnull);
-
-		worker = !isnull && DatumGetInt32(groupid) != 0;
-	}
-	systable_endscan(scan);
-	table_close(rel, AccessShareLock);
-	PG_RETURN_BOOL(worker);
+	PG_RETURN_BOOL(ca_citus_worker_node());
 }

@@ -24,6 +24,12 @@
 #   rollup, top_customers and segment_summary, and the CLV models give the
 #   single node's answers; the aggregates Citus cannot split run on the
 #   coordinator (EXPLAIN) with the single node's results.
+# - the staging mark: rows staged through the coordinator carry its
+#   transaction id and transform() takes them all; an INSERT ... SELECT
+#   from a Citus table that Citus runs through the workers (which would
+#   stamp the rows with their own ids: reproduced with the old default,
+#   the rows lost; the same through Citus's connections to a coordinator
+#   that holds shards) is refused, and so is staging on a worker.
 #
 # The single node is a second database on the coordinator where the citus
 # extension is not created: plain PostgreSQL, same build.
@@ -1002,8 +1008,8 @@ is(join(', ', map { $moved_to{$_} // 'none' } @move, $guest_line),
 	'the moved lines carry their new customer (single node)');
 is($coord->safe_psql('shop', $move_refs), $move_refs_single, 'and on the cluster');
 my $unique_lines = q{SELECT count(*) || ' ' || count(DISTINCT (order_id, line_number)) FROM customer_analytics.fact_order_line};
-my ($n_lines, $n_distinct) = split / /, $coord->safe_psql('shop', $unique_lines);
-is($n_lines, $n_distinct, '(order_id, line_number) is unique across the shards after the moves');
+my ($n_moved_lines, $n_distinct) = split / /, $coord->safe_psql('shop', $unique_lines);
+is($n_moved_lines, $n_distinct, '(order_id, line_number) is unique across the shards after the moves');
 is($coord->safe_psql('shop', q{SELECT count(*) || ' ' || count(DISTINCT (order_id, line_number)) FROM customer_analytics_internal.unknown_member_line}),
 	$coord->safe_psql('shop_single', q{SELECT count(*) || ' ' || count(DISTINCT (order_id, line_number)) FROM customer_analytics_internal.unknown_member_line}),
 	'the repair queue: one row per line, as on the single node');
@@ -1018,8 +1024,8 @@ $coord->safe_psql($_, qq{INSERT INTO customer_analytics.stg_orders (order_id, li
 like($steps_move, qr/fact_order_line=1 /, 'the waiting line moved');
 is($coord->safe_psql('shop', q{SELECT count(*) FROM customer_analytics_internal.unknown_member_line WHERE order_id = 'MOVE-Q'}),
 	'0', 'and left the queue');
-($n_lines, $n_distinct) = split / /, $coord->safe_psql('shop', $unique_lines);
-is($n_lines, $n_distinct, '(order_id, line_number) still unique');
+($n_moved_lines, $n_distinct) = split / /, $coord->safe_psql('shop', $unique_lines);
+is($n_moved_lines, $n_distinct, '(order_id, line_number) still unique');
 $compare_tables->('after the waiting line moved', @compared);
 ($again) = $run_both->('transform(full_refresh => true) after the moves',
 	q{SELECT string_agg(step || '=' || rows_affected, ' ' ORDER BY step) FROM customer_analytics.transform(full_refresh => true)});
@@ -1174,6 +1180,253 @@ is($coord->safe_psql('shop', $sessions), $coord->safe_psql('shop_single', $sessi
 my $session_plan = $coord->safe_psql('shop', q{EXPLAIN (COSTS OFF) SELECT session_id, count(*) FROM customer_analytics.fact_event GROUP BY session_id});
 like($session_plan, qr/^Custom Scan \(Citus Adaptive\)/, 'layout by session: a GROUP BY session_id has no aggregate above the Citus scan') or diag $session_plan;
 like($session_plan, qr/Task.*Aggregate.*Group Key: session_id/s, 'it is grouped on the workers');
+# issue 17 staging mark: staged_xid, by which transform() takes the rows
+# of the transactions committed since its last run, must be the
+# coordinator's transaction id.  An INSERT ... SELECT from a Citus table
+# that Citus pulls to the coordinator or repartitions has its defaults
+# evaluated on the workers: with pg_current_xact_id() as the default the
+# rows got the workers' ids and transform() missed them, silently (shown
+# first, the old default put back for it); staging_xid() refuses there,
+# and every way of staging through the coordinator marks the rows with
+# its id and transform() takes them all.  The same where the coordinator
+# holds the shards and Citus runs the tasks over connections to itself.
+# Databases of their own: the rows lost on purpose stay out of the shop
+# compared above.
+# ---------------------------------------------------------------------
+for my $node (@nodes)
+{
+	$node->safe_psql('postgres', 'CREATE DATABASE stage_mark');
+	$node->safe_psql('stage_mark', 'CREATE EXTENSION citus');
+}
+$coord->safe_psql('stage_mark', sprintf(q{SELECT citus_set_coordinator_host('127.0.0.1', %d)}, $coord->port));
+$coord->safe_psql('stage_mark', sprintf(q{SELECT citus_add_node('127.0.0.1', %d)}, $_->port)) for @workers;
+$coord->safe_psql('stage_mark', q{CREATE EXTENSION customer_analytics;
+	SELECT count(*) FROM customer_analytics.generate_sample_data(customers => 60, days => 20, seed => 23, start_date => '2025-01-01', defects => false);
+	SELECT count(*) FROM customer_analytics.transform();
+	SELECT count(*) FROM customer_analytics.distribute(shard_count => 4)});
+# the coordinator's transaction ids well ahead of the workers', so that
+# rows marked with a worker's id fall below the next run's window
+# (deterministically: checked below, not assumed)
+$coord->safe_psql('stage_mark', q{DO $$ BEGIN FOR i IN 1..3000 LOOP PERFORM pg_catalog.pg_current_xact_id(); COMMIT; END LOOP; END $$});
+$coord->safe_psql('stage_mark', q{SELECT count(*) FROM customer_analytics.transform()});
+my $xid_default = q{SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+	WHERE d.adrelid = 'customer_analytics.stg_orders'::regclass AND a.attname = 'staged_xid'};
+is($coord->safe_psql('stage_mark', $xid_default), 'customer_analytics_internal.staging_xid()', "stg_orders.staged_xid's default is staging_xid()");
+is($workers[0]->safe_psql('stage_mark', $xid_default), 'customer_analytics_internal.staging_xid()', "and on a worker's copy of the table");
+
+# lines re-staged changed (another quantity), from the distributed
+# staging table itself; the lines whose facts then hold the new quantity
+my $restage_from_citus = q{INSERT INTO customer_analytics.stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity,
+	                                           unit_price, discount, status, channel, updated_at)
+	SELECT order_id, line_number, customer_id, product_id, order_ts, quantity + sign(quantity)::int,
+	       unit_price, discount, status, channel, updated_at
+	FROM customer_analytics.stg_orders WHERE order_ts < '2025-01-08'};
+my $restaged_lines = q{SELECT count(DISTINCT (order_id, line_number)) FROM customer_analytics.stg_orders WHERE order_ts < '2025-01-08'};
+my $lines_updated = sub {
+	my ($mark) = @_;
+	# (the staged lines by order_id, the facts by customer: the staged
+	# ones read into an intermediate result first)
+	return $coord->safe_psql('stage_mark', qq{WITH s AS MATERIALIZED (
+		SELECT order_id, line_number, quantity FROM customer_analytics.stg_orders WHERE stage_id > $mark)
+		SELECT count(*) FROM customer_analytics.fact_order_line f JOIN s USING (order_id, line_number)
+		WHERE f.quantity = s.quantity});
+};
+my $n_lines = $coord->safe_psql('stage_mark', $restaged_lines);
+cmp_ok($n_lines, '>', 0, 'staging mark: order lines to re-stage');
+my $stage_mark_sql = q{SELECT max(stage_id) FROM customer_analytics.stg_orders};
+my $transform_sm = q{SELECT string_agg(step || '=' || rows_affected, ' ' ORDER BY step) FROM customer_analytics.transform()};
+
+# before: the old default, pg_current_xact_id()
+$coord->safe_psql('stage_mark', q{ALTER TABLE customer_analytics.stg_orders ALTER COLUMN staged_xid SET DEFAULT pg_catalog.pg_current_xact_id()});
+my $mark = $coord->safe_psql('stage_mark', $stage_mark_sql);
+# (the coordinator's id taken apart: in a query over a distributed table,
+# pg_current_xact_id() would be the workers')
+my $mine = qq{SELECT count(*) || ' ' || count(*) FILTER (WHERE staged_xid = :'me'::xid8) FROM customer_analytics.stg_orders WHERE stage_id > };
+my $marked = $coord->safe_psql('stage_mark', qq{BEGIN; SELECT pg_current_xact_id() AS me \\gset
+	$restage_from_citus;
+	$mine $mark; COMMIT});
+is($marked, "$n_lines 0", "before, pg_current_xact_id() as the default: an INSERT ... SELECT from the distributed staging table stages $n_lines lines, none with the coordinator's transaction id");
+is($coord->safe_psql('stage_mark', qq{SELECT count(*) FROM customer_analytics.stg_orders
+	WHERE stage_id > $mark AND staged_xid >= pg_snapshot_xmin((SELECT snapshot FROM customer_analytics_internal.transform_state))}),
+	'0', "before: the workers' transaction ids, all below the window of the next transform() run");
+my $steps_lost = $coord->safe_psql('stage_mark', $transform_sm);
+like($steps_lost, qr/fact_order_line=0 /, 'before: transform() writes none of those lines');
+is($lines_updated->($mark), '0', 'before: no fact holds a re-staged quantity: the lines are lost, silently');
+$coord->safe_psql('stage_mark', qq{DELETE FROM customer_analytics.stg_orders WHERE stage_id > $mark;
+	ALTER TABLE customer_analytics.stg_orders ALTER COLUMN staged_xid SET DEFAULT customer_analytics_internal.staging_xid()});
+
+# after: the same statement is refused, and one that Citus repartitions
+# (stage_id given, the rows moved to other shards); nothing staged
+$mark = $coord->safe_psql('stage_mark', $stage_mark_sql);
+my $restage_repartitioned = q{INSERT INTO customer_analytics.stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity,
+	                                           unit_price, discount, status, stage_id)
+	SELECT order_id || '-r', line_number, customer_id, product_id, order_ts, quantity, unit_price, discount, status, stage_id
+	FROM customer_analytics.stg_orders WHERE order_ts < '2025-01-08'};
+for my $case ([ 'pull to coordinator', $restage_from_citus ], [ 'repartition', $restage_repartitioned ])
+{
+	my ($method, $sql) = @$case;
+	like($coord->safe_psql('stage_mark', "EXPLAIN (COSTS OFF) $sql"), qr{INSERT/SELECT method: \Q$method\E},
+		"after: Citus runs this INSERT ... SELECT by $method");
+	($rc, $out, $err) = $coord->psql('stage_mark', "\\set VERBOSITY verbose\n$sql");
+	isnt($rc, 0, "after: the INSERT ... SELECT from a Citus table that the workers would mark ($method) is refused");
+	like($err, qr/55000.*marked with the Citus coordinator's transaction id, and this node is a worker/s,
+		"after ($method): object_not_in_prerequisite_state, saying why");
+	like($err, qr/HINT:.*CREATE TEMP TABLE/, "after ($method): the hint gives the way round");
+}
+is($coord->safe_psql('stage_mark', qq{SELECT count(*) FROM customer_analytics.stg_orders WHERE stage_id > $mark OR order_id LIKE '%-r'}), '0',
+	'after: nothing staged');
+# the hinted way round: the same rows through a temporary table
+$marked = $coord->safe_psql('stage_mark', qq{BEGIN; SELECT pg_current_xact_id() AS me \\gset
+	CREATE TEMP TABLE restage_sm ON COMMIT DROP AS
+	SELECT order_id, line_number, customer_id, product_id, order_ts, quantity + sign(quantity)::int AS quantity,
+	       unit_price, discount, status, channel, updated_at
+	FROM customer_analytics.stg_orders WHERE order_ts < '2025-01-08';
+	INSERT INTO customer_analytics.stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity,
+	                                           unit_price, discount, status, channel, updated_at)
+	SELECT * FROM restage_sm;
+	$mine $mark; COMMIT});
+is($marked, "$n_lines $n_lines", "after, through a temporary table: $n_lines lines staged, all with the coordinator's transaction id");
+like($coord->safe_psql('stage_mark', $transform_sm), qr/fact_order_line=$n_lines /, "after: transform() writes all $n_lines lines");
+is($lines_updated->($mark), $n_lines, 'after: every fact holds its re-staged quantity');
+
+# every other way of staging through the coordinator: VALUES, COPY, a
+# local table filled by ingest, a materialized CTE, a reference table,
+# the generator, track_event(); each transaction's rows carry its id,
+# and transform() takes them all
+# (the rows a transaction staged: stage_id drawn by this session from the
+# coordinator's sequence after the mark)
+my $stage_id_mark = q{SELECT nextval('customer_analytics.stage_id_seq') AS mark \gset};
+my $own_rows = q{SELECT 'staged: ' || coalesce(string_agg(format('%s=%s/%s', t, n, mine), ' ' ORDER BY t), 'none') FROM (
+	SELECT 'stg_customers' AS t, count(*) AS n, count(*) FILTER (WHERE staged_xid = :'me'::xid8) AS mine
+	  FROM customer_analytics.stg_customers WHERE stage_id > :mark
+	UNION ALL SELECT 'stg_events', count(*), count(*) FILTER (WHERE staged_xid = :'me'::xid8)
+	  FROM customer_analytics.stg_events WHERE stage_id > :mark
+	UNION ALL SELECT 'stg_orders', count(*), count(*) FILTER (WHERE staged_xid = :'me'::xid8)
+	  FROM customer_analytics.stg_orders WHERE stage_id > :mark
+	UNION ALL SELECT 'stg_products', count(*), count(*) FILTER (WHERE staged_xid = :'me'::xid8)
+	  FROM customer_analytics.stg_products WHERE stage_id > :mark) c WHERE n > 0};
+$coord->safe_psql('stage_mark', q{CREATE TABLE public.orders_landing (order_id text, line_number int, customer_id text, product_id text,
+	order_ts timestamptz, quantity int, unit_price numeric(12,2))});
+my $csv = join('', map { sprintf("ING-%d,1,,%s,2025-01-%02d 10:00+00,%d,%d.50\n", $_, 'P0001', 10 + $_ % 9, 1 + $_ % 3, 2 + $_ % 5) } 1 .. 25);
+for my $case (
+	[ 'INSERT ... VALUES', q{INSERT INTO customer_analytics.stg_orders (order_id, line_number, product_id, order_ts, quantity, unit_price)
+		VALUES ('VAL-1', 1, 'P0001', '2025-01-12 09:00+00', 2, 3.00), ('VAL-2', 1, 'P0002', '2025-01-12 09:05+00', 1, 4.00);},
+		'stg_orders=2/2' ],
+	[ 'COPY', qq{COPY customer_analytics.stg_orders (order_id, line_number, product_id, order_ts, quantity, unit_price) FROM STDIN WITH (FORMAT csv);
+COPY-1,1,P0001,2025-01-13 09:00+00,1,2.00
+COPY-2,1,P0002,2025-01-13 09:05+00,3,5.00
+COPY-3,1,P0003,2025-01-13 09:10+00,2,1.00
+\\.
+},
+		'stg_orders=3/3' ],
+	[ 'ingest into a local table, then INSERT ... SELECT', qq{SELECT rows_loaded FROM customer_analytics.ingest_csv_text('public.orders_landing',
+		E'order_id,line_number,customer_id,product_id,order_ts,quantity,unit_price\\n$csv');
+		INSERT INTO customer_analytics.stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price)
+		SELECT * FROM public.orders_landing;},
+		'stg_orders=25/25' ],
+	# (Citus brings a materialized CTE's rows to the coordinator first)
+	[ 'INSERT ... SELECT from a materialized CTE over a Citus table', q{WITH s AS MATERIALIZED (
+		SELECT 'CTE-' || order_id AS order_id, line_number, product_id, order_ts, quantity, unit_price
+		FROM customer_analytics.stg_orders WHERE order_id LIKE 'VAL-%')
+		INSERT INTO customer_analytics.stg_orders (order_id, line_number, product_id, order_ts, quantity, unit_price) SELECT * FROM s;},
+		'stg_orders=2/2' ],
+	# (the coordinator holds copies of the reference tables: Citus reads
+	# them in this session, by local execution)
+	[ 'INSERT ... SELECT from a reference table', q{INSERT INTO customer_analytics.stg_orders (order_id, line_number, product_id, order_ts, quantity, unit_price)
+		SELECT 'REF-' || product_id, 1, product_id, '2025-01-15 10:00+00', 1, 5.00 FROM customer_analytics.dim_product
+		WHERE product_key > 0 ORDER BY product_id LIMIT 5;},
+		'stg_orders=5/5' ],
+	[ 'generate_sample_data()', q{SELECT count(*) FROM customer_analytics.generate_sample_data(customers => 60, days => 3, seed => 24,
+		start_date => '2025-01-21', defects => false);}, qr/^stg_customers=(\d+)\/\1 stg_events=(\d+)\/\2 stg_orders=(\d+)\/\3 stg_products=(\d+)\/\4$/ ],
+	[ 'track_event()', q{SELECT customer_analytics.track_event('page_view', 'sm-session', event_ts => '2025-01-24 10:00+00', event_id => 'sm-e1');
+		SELECT customer_analytics.track_event('product_view', 'sm-session', product_id => 'P0001', event_ts => '2025-01-24 10:01+00', event_id => 'sm-e2');},
+		'stg_events=2/2' ])
+{
+	my ($what, $sql, $expect) = @$case;
+	my ($own) = $coord->safe_psql('stage_mark', "BEGIN;\nSELECT pg_current_xact_id() AS me \\gset\n$stage_id_mark\n$sql\n$own_rows;\nCOMMIT")
+		=~ /^staged: (.*)$/m;
+	if (ref $expect) { like($own, $expect, "$what: every row staged with the coordinator's transaction id ($own)") }
+	else { is($own, $expect, "$what: every row staged with the coordinator's transaction id") }
+}
+my $steps_all = $coord->safe_psql('stage_mark', $transform_sm);
+is($coord->safe_psql('stage_mark', q{SELECT count(*) FROM customer_analytics.fact_order_line
+	WHERE order_id LIKE 'VAL-%' OR order_id LIKE 'COPY-%' OR order_id LIKE 'ING-%' OR order_id LIKE 'CTE-%' OR order_id LIKE 'REF-%'}), '37',
+	'transform() writes the 37 lines staged with VALUES, COPY, from the local table, the CTE and the reference table');
+is($coord->safe_psql('stage_mark', q{SELECT count(*) FROM customer_analytics.fact_event WHERE event_id IN ('sm-e1', 'sm-e2')}), '2',
+	'and the tracked events');
+is($coord->safe_psql('stage_mark', q{WITH s AS MATERIALIZED (SELECT order_id, line_number FROM customer_analytics.stg_orders),
+	     f AS MATERIALIZED (SELECT order_id, line_number FROM customer_analytics.fact_order_line
+	                        UNION SELECT order_id, line_number FROM customer_analytics_internal.unknown_member_line)
+	SELECT count(*) FROM s WHERE NOT EXISTS (SELECT 1 FROM f WHERE f.order_id = s.order_id AND f.line_number = s.line_number)}),
+	'0', 'every staged order line is in the facts (or waits for its customer): none left behind');
+unlike($coord->safe_psql('stage_mark', $transform_sm), qr/=[1-9]/, 'a second transform() finds nothing left');
+
+# an INSERT ... SELECT that Citus pushes down whole (co-located, stage_id
+# given: no nextval() left): Citus sends the coordinator's id
+$mark = $coord->safe_psql('stage_mark', $stage_mark_sql);
+my $restage_pushed = qq{INSERT INTO customer_analytics.stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity,
+	                                           unit_price, discount, status, channel, updated_at, stage_id)
+	SELECT order_id, line_number, customer_id, product_id, order_ts, quantity + sign(quantity)::int,
+	       unit_price, discount, status, channel, updated_at, stage_id + 100000000
+	FROM customer_analytics.stg_orders WHERE order_ts < '2025-01-08'
+	  AND (order_id, line_number, stage_id) IN (SELECT order_id, line_number, max(stage_id) FROM customer_analytics.stg_orders
+	                                             WHERE order_ts < '2025-01-08' GROUP BY 1, 2)};
+$plan = $coord->safe_psql('stage_mark', "EXPLAIN (COSTS OFF) $restage_pushed");
+ok($plan =~ /Insert on stg_orders_\d+/ && $plan !~ /INSERT\/SELECT method/, 'Citus pushes this INSERT ... SELECT down whole')
+	or diag $plan;
+$marked = $coord->safe_psql('stage_mark', qq{BEGIN; SELECT pg_current_xact_id() AS me \\gset
+	$restage_pushed;
+	$mine $mark; COMMIT});
+is($marked, "$n_lines $n_lines", "pushed down whole: $n_lines lines, all with the coordinator's transaction id");
+like($coord->safe_psql('stage_mark', $transform_sm), qr/fact_order_line=$n_lines /, "and transform() writes all $n_lines lines");
+is($lines_updated->($mark), $n_lines, 'every fact holds its re-staged quantity');
+
+# shards on the coordinator itself (a database where it is the only node,
+# with shards): Citus may run the tasks of such a statement over
+# connections of its own to the coordinator (always, with local execution
+# off), whose transactions are not the staging session's: with the old
+# default the rows got their ids, silently; the extension's refuses there
+# too, and the way round works
+$coord->safe_psql('postgres', 'CREATE DATABASE stage_mark_solo');
+$coord->safe_psql('stage_mark_solo', sprintf(q{CREATE EXTENSION citus;
+	SELECT citus_set_coordinator_host('127.0.0.1', %d);
+	SELECT citus_set_node_property('127.0.0.1', %d, 'shouldhaveshards', true);
+	CREATE EXTENSION customer_analytics;
+	SELECT count(*) FROM customer_analytics.generate_sample_data(customers => 30, days => 10, seed => 25, start_date => '2025-01-01',
+	                                                             defects => false, events => false);
+	SELECT create_distributed_table('customer_analytics.stg_orders', 'order_id', shard_count => 4)}, $coord->port, $coord->port));
+my $solo_lines = $coord->safe_psql('stage_mark_solo', q{SELECT count(*) FROM customer_analytics.stg_orders});
+cmp_ok($solo_lines, '>', 0, 'shards on the coordinator: order lines staged');
+my $restage_solo = q{INSERT INTO customer_analytics.stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price)
+	SELECT order_id || '-r', line_number, customer_id, product_id, order_ts, quantity, unit_price FROM customer_analytics.stg_orders};
+my $solo_marked = qq{SET citus.enable_local_execution = off;
+	BEGIN; SELECT pg_current_xact_id() AS me \\gset
+	$restage_solo;
+	SELECT count(*) || ' ' || count(*) FILTER (WHERE staged_xid = :'me'::xid8) FROM customer_analytics.stg_orders WHERE order_id LIKE '%-r';
+	ROLLBACK};
+$coord->safe_psql('stage_mark_solo', q{ALTER TABLE customer_analytics.stg_orders ALTER COLUMN staged_xid SET DEFAULT pg_catalog.pg_current_xact_id()});
+is($coord->safe_psql('stage_mark_solo', $solo_marked), "$solo_lines 0",
+	"shards on the coordinator, the old default: the rows re-staged through Citus's own connections, none with the session's transaction id");
+$coord->safe_psql('stage_mark_solo', q{ALTER TABLE customer_analytics.stg_orders ALTER COLUMN staged_xid SET DEFAULT customer_analytics_internal.staging_xid()});
+($rc, $out, $err) = $coord->psql('stage_mark_solo', "\\set VERBOSITY verbose\nSET citus.enable_local_execution = off;\n$restage_solo");
+like($err, qr/55000.*a connection Citus opened to run part of another session's statement/s,
+	"shards on the coordinator, the extension's default: refused in Citus's own connection (object_not_in_prerequisite_state)");
+like($err, qr/HINT:.*CREATE TEMP TABLE/, 'with the way round');
+is($coord->safe_psql('stage_mark_solo', qq{SET citus.enable_local_execution = off;
+	BEGIN; SELECT pg_current_xact_id() AS me \\gset
+	CREATE TEMP TABLE restage_solo ON COMMIT DROP AS
+	SELECT order_id || '-r' AS order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price FROM customer_analytics.stg_orders;
+	INSERT INTO customer_analytics.stg_orders (order_id, line_number, customer_id, product_id, order_ts, quantity, unit_price)
+	SELECT * FROM restage_solo;
+	SELECT count(*) || ' ' || count(*) FILTER (WHERE staged_xid = :'me'::xid8) FROM customer_analytics.stg_orders WHERE order_id LIKE '%-r';
+	ROLLBACK}), "$solo_lines $solo_lines", 'and the way round: every row with the session\'s transaction id');
+
+# staging on a worker: refused (its rows would carry the worker's id)
+($rc, $out, $err) = $workers[0]->psql('stage_mark', q{\set VERBOSITY verbose
+	INSERT INTO customer_analytics.stg_orders (order_id, line_number, product_id, order_ts, quantity, unit_price)
+	VALUES ('W-1', 1, 'P0001', '2025-01-12', 1, 1)});
+like($err, qr/55000.*this node is a worker/s, 'an INSERT into staging on a worker is refused: object_not_in_prerequisite_state');
+is($coord->safe_psql('stage_mark', q{SELECT count(*) FROM customer_analytics.stg_orders WHERE order_id = 'W-1'}), '0', 'nothing staged');
 
 $_->stop for reverse @nodes;
 done_testing();

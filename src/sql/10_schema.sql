@@ -12,7 +12,17 @@
  *               transactions that committed between its previous snapshot
  *               and its current one, so a load that commits late is never
  *               skipped (a timestamp or serial watermark would skip it).
+ *               Its default is staging_xid(): pg_current_xact_id(), but
+ *               refused where Citus would evaluate it on a worker or in a
+ *               connection of its own, whose transaction ids transform()
+ *               does not know (citus_guard.c).
  */
+
+CREATE FUNCTION customer_analytics_internal.staging_xid()
+    RETURNS xid8
+    AS 'MODULE_PATHNAME', 'ca_staging_xid' LANGUAGE C STABLE PARALLEL UNSAFE;
+COMMENT ON FUNCTION customer_analytics_internal.staging_xid() IS
+    'Internal: the default of the staging tables'' staged_xid, the current top-level transaction id as pg_current_xact_id() gives it; refused (SQLSTATE 55000) where it is evaluated on a Citus worker or in a connection Citus opened for another session, whose transaction ids transform() does not know: a statement run on a worker, or an INSERT ... SELECT from a Citus table that Citus pulls to the coordinator or repartitions (stage such rows through a local or temporary table)';
 
 CREATE SEQUENCE customer_analytics.stage_id_seq CACHE 1000;
 COMMENT ON SEQUENCE customer_analytics.stage_id_seq IS
@@ -30,7 +40,7 @@ CREATE TABLE customer_analytics.stg_customers (
     load_id     bigint,
     loaded_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
     stage_id    bigint NOT NULL DEFAULT pg_catalog.nextval('customer_analytics.stage_id_seq'),
-    staged_xid  xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id()
+    staged_xid  xid8 NOT NULL DEFAULT customer_analytics_internal.staging_xid()
 );
 CREATE INDEX stg_customers_staged_xid_idx ON customer_analytics.stg_customers (staged_xid);
 COMMENT ON TABLE customer_analytics.stg_customers IS
@@ -49,7 +59,7 @@ CREATE TABLE customer_analytics.stg_products (
     load_id     bigint,
     loaded_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
     stage_id    bigint NOT NULL DEFAULT pg_catalog.nextval('customer_analytics.stage_id_seq'),
-    staged_xid  xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id()
+    staged_xid  xid8 NOT NULL DEFAULT customer_analytics_internal.staging_xid()
 );
 CREATE INDEX stg_products_staged_xid_idx ON customer_analytics.stg_products (staged_xid);
 COMMENT ON TABLE customer_analytics.stg_products IS
@@ -72,7 +82,7 @@ CREATE TABLE customer_analytics.stg_orders (
     load_id     bigint,
     loaded_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
     stage_id    bigint NOT NULL DEFAULT pg_catalog.nextval('customer_analytics.stage_id_seq'),
-    staged_xid  xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
+    staged_xid  xid8 NOT NULL DEFAULT customer_analytics_internal.staging_xid(),
     -- revenue is quantity * unit_price - discount: on a credit line a
     -- discount would add to the refund instead of reducing it
     CONSTRAINT stg_orders_credit_without_discount CHECK (quantity > 0 OR discount = 0)
@@ -97,7 +107,7 @@ CREATE TABLE customer_analytics.stg_events (
     load_id     bigint,
     loaded_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
     stage_id    bigint NOT NULL DEFAULT pg_catalog.nextval('customer_analytics.stage_id_seq'),
-    staged_xid  xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id()
+    staged_xid  xid8 NOT NULL DEFAULT customer_analytics_internal.staging_xid()
 );
 CREATE INDEX stg_events_staged_xid_idx ON customer_analytics.stg_events (staged_xid);
 COMMENT ON TABLE customer_analytics.stg_events IS
