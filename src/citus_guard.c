@@ -174,19 +174,22 @@ ca_citus_internal_backend(void)
  *
  * STABLE like pg_current_xact_id(), so that a pushed-down INSERT ... SELECT
  * still gets the session's value.  The worker check reads a catalog, so
- * the checks are made once per transaction, not per row; without Citus
- * that is one syscache lookup and a string comparison per transaction.
+ * the checks are made once per statement and transaction, not per row
+ * (the transaction checked is kept in the call's fn_extra, not in a
+ * static); without Citus that is one syscache lookup and a string
+ * comparison per statement.
  */
 Datum
 ca_staging_xid(PG_FUNCTION_ARGS)
 {
-	static FullTransactionId checked = {InvalidTransactionId};
+	FmgrInfo   *flinfo = fcinfo->flinfo;
+	FullTransactionId *checked = flinfo ? (FullTransactionId *) flinfo->fn_extra : NULL;
 	FullTransactionId xid;
 
 	/* pg_current_xact_id()'s own check, which would otherwise be an elog */
 	PreventCommandDuringRecovery("staging_xid()");
 	xid = GetTopFullTransactionId();
-	if (!FullTransactionIdEquals(xid, checked))
+	if (checked == NULL || !FullTransactionIdEquals(xid, *checked))
 	{
 		if (ca_citus_worker_node())
 			ereport(ERROR,
@@ -200,7 +203,12 @@ ca_staging_xid(PG_FUNCTION_ARGS)
 					errmsg("staged rows must be marked with the Citus coordinator's transaction id, and this is a connection Citus opened to run part of another session's statement"),
 					errdetail("Citus evaluates the default of staged_xid in such connections for an INSERT ... SELECT from a Citus table that it pulls to the coordinator or repartitions (here over a connection to the coordinator itself, which holds copies of the reference tables and may hold shards); their transaction ids are not the staging session's, and transform() would skip such rows or take them runs later."),
 					errhint("Stage through the coordinator: with VALUES, COPY, or from a local table (CREATE TEMP TABLE ... AS SELECT from the Citus table, then INSERT ... SELECT from that)."));
-		checked = xid;
+		if (flinfo != NULL)
+		{
+			if (checked == NULL)
+				flinfo->fn_extra = checked = MemoryContextAlloc(flinfo->fn_mcxt, sizeof(FullTransactionId));
+			*checked = xid;
+		}
 	}
 	PG_RETURN_FULLTRANSACTIONID(xid);
 }
