@@ -778,6 +778,11 @@ DECLARE
     deferred text[];
     on_cluster boolean := citus_managed('customer_analytics.fact_order_line');
     conflict text;
+    -- (LIMIT 1: Citus runs the subquery of an EXISTS over a distributed
+    -- table first and whole, every row of every shard shipped to the
+    -- coordinator, unless a LIMIT goes down to the shards with it; a
+    -- single node drops the LIMIT from an EXISTS)
+    filled boolean := EXISTS (SELECT 1 FROM customer_analytics.fact_order_line LIMIT 1);
 BEGIN
     CREATE TEMP TABLE ca_customer_lookup ON COMMIT DROP AS
     SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT o.customer_id FROM ca_batch_orders o
@@ -812,7 +817,7 @@ BEGIN
      * apart (moving) and moved below, deleted from the old shard and
      * inserted on the new one.
      */
-    IF on_cluster AND EXISTS (SELECT 1 FROM fact_order_line) THEN
+    IF on_cluster AND filled THEN
         WITH r AS MATERIALIZED (
             SELECT b.order_id, b.line_number FROM ca_order_lines b
         ), there AS MATERIALIZED (
@@ -843,7 +848,7 @@ BEGIN
     -- CONFLICT: nothing can conflict (the batch has one row per line, and
     -- transform() runs alone), and the arbiter's check before every insert
     -- costs a plain load 30% to 80% more
-    IF EXISTS (SELECT 1 FROM fact_order_line) THEN
+    IF filled THEN
         conflict := CASE WHEN on_cluster THEN 'ON CONFLICT (order_id, line_number, customer_ref) DO NOTHING'
                          ELSE 'ON CONFLICT (order_id, line_number) DO NOTHING' END;
     END IF;
@@ -1077,7 +1082,8 @@ BEGIN
      * this run writes are looked up in the dimensions as they now are), and
      * only if this run added dimension rows.
      */
-    unknown_before := products + customers > 0 AND EXISTS (SELECT 1 FROM unknown_member_line);
+    -- (LIMIT 1 for Citus, as in load_fact_order_line())
+    unknown_before := products + customers > 0 AND EXISTS (SELECT 1 FROM unknown_member_line LIMIT 1);
     RETURN QUERY SELECT 'fact_order_line', load_fact_order_line();
     RETURN QUERY SELECT 'late_dimension_fixes',
                         CASE WHEN unknown_before THEN repair_order_line_keys() ELSE 0 END;
@@ -1309,7 +1315,7 @@ BEGIN
     )
     SELECT count(*) FROM written
     $sql$, CASE WHEN on_cluster THEN 'ON CONFLICT (session_id, event_id) DO NOTHING'
-                WHEN EXISTS (SELECT 1 FROM fact_event) THEN 'ON CONFLICT (event_id) DO NOTHING' END)
+                WHEN EXISTS (SELECT 1 FROM fact_event LIMIT 1) THEN 'ON CONFLICT (event_id) DO NOTHING' END)
     INTO added USING detail;
 
     -- events already in the facts: a later staged version that differs wins
@@ -1597,8 +1603,9 @@ BEGIN
                                           WHERE e.customer_id IS NOT NULL));
     ANALYZE ca_event_customers (customer_id, valid_from, valid_to);
 
-    -- (on Citus the general path, whose statements are written to run there)
-    IF NOT EXISTS (SELECT 1 FROM fact_event) AND NOT citus_managed('customer_analytics.fact_event') THEN
+    -- (on Citus the general path, whose statements are written to run
+    -- there; LIMIT 1 for Citus, as in load_fact_order_line())
+    IF NOT EXISTS (SELECT 1 FROM fact_event LIMIT 1) AND NOT citus_managed('customer_analytics.fact_event') THEN
         SELECT * INTO first FROM load_first_events();
         RETURN QUERY SELECT 'fact_event', first.written;
         RETURN QUERY SELECT 'fact_event_stitched', first.stitched;
