@@ -1374,17 +1374,37 @@ SET customer_analytics_internal.own_writer = on
 AS $$
 DECLARE
     n bigint;
+    on_cluster boolean := citus_managed('customer_analytics.fact_event');
+    in_batch text := 'IN (SELECT b.session_id FROM ca_batch_events b)';
+    in_stitched text := 'IN (SELECT c.session_id FROM ca_stitch_sessions c)';
+    stitch_rows text := '';
 BEGIN
+    -- On Citus the sessions go to the shards as an array literal, not as a
+    -- subquery over a temporary table: that one becomes an intermediate
+    -- result whose size the shards' planner guesses, and then it may read
+    -- a whole shard (a hash join over a sequential scan, 0.3 to 0.5 s a
+    -- shard, measured) where an index finds a few thousand rows
+    IF on_cluster THEN
+        in_batch := format('= ANY (%L::text[])',
+                          ARRAY(SELECT DISTINCT b.session_id FROM ca_batch_events b ORDER BY 1));
+    END IF;
     -- only sessions where something can change: an anonymous event and an
     -- identified one, or events stitched before
+    EXECUTE format($sql$
     CREATE TEMP TABLE ca_stitch_sessions ON COMMIT DROP AS
     SELECT f.session_id
     FROM fact_event f
-    WHERE f.session_id IN (SELECT b.session_id FROM ca_batch_events b)
+    WHERE f.session_id %s
     GROUP BY f.session_id
     HAVING (bool_or(f.customer_id IS NULL) AND bool_or(f.customer_id IS NOT NULL))
-           OR bool_or(f.customer_stitched);
+           OR bool_or(f.customer_stitched)
+    $sql$, in_batch);
     ANALYZE ca_stitch_sessions;
+    IF on_cluster THEN
+        in_stitched := format('= ANY (%L::text[])',
+                             ARRAY(SELECT c.session_id FROM ca_stitch_sessions c ORDER BY 1));
+        stitch_rows := 'AND f.session_id ' || in_stitched;
+    END IF;
     CREATE TEMP TABLE ca_event_changes (new jsonb, old jsonb) ON COMMIT DROP;
     -- One statement, joined on (session_id, event_id), whose windows are
     -- partitioned by the session: on Citus (events by session_id) each
@@ -1392,6 +1412,7 @@ BEGIN
     -- sessions' ids go out and the changed rows come back.  The old
     -- customer columns are returned beside the new row (to_jsonb() is not
     -- immutable, which Citus wants in RETURNING).
+    EXECUTE format($sql$
     WITH upd AS (
         UPDATE fact_event f
         SET customer_key = l.new_key, customer_id = l.new_id, customer_stitched = l.new_id IS NOT NULL
@@ -1405,9 +1426,9 @@ BEGIN
                                OVER (PARTITION BY e.session_id ORDER BY e.event_ts DESC, e.event_id DESC
                                      ROWS UNBOUNDED PRECEDING) AS grp
                     FROM fact_event e
-                    WHERE e.session_id IN (SELECT c.session_id FROM ca_stitch_sessions c)) s
+                    WHERE e.session_id %s) s
               WINDOW g AS (PARTITION BY s.session_id, s.grp)) l
-        WHERE f.session_id = l.session_id AND f.event_id = l.event_id
+        WHERE f.session_id = l.session_id AND f.event_id = l.event_id %s
           AND (l.customer_id IS NULL OR l.customer_stitched)
           AND (l.customer_key, l.customer_id, l.customer_stitched)
               IS DISTINCT FROM (l.new_key, l.new_id, l.new_id IS NOT NULL)
@@ -1418,7 +1439,8 @@ BEGIN
     SELECT n.new, n.new || jsonb_build_object('customer_key', u.was_key, 'customer_id', u.was_id,
                                               'customer_stitched', u.was_stitched)
     FROM upd u
-    CROSS JOIN LATERAL (SELECT to_jsonb(u) - '{was_key,was_id,was_stitched}'::text[] AS new) n;
+    CROSS JOIN LATERAL (SELECT to_jsonb(u) - '{was_key,was_id,was_stitched}'::text[] AS new) n
+    $sql$, in_stitched, stitch_rows);
     SELECT count(*) INTO n FROM ca_event_changes;
     n := note_event_updates(check_queue('customer_analytics.fact_event', n));
     DROP TABLE ca_stitch_sessions;
