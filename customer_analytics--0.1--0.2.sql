@@ -10250,31 +10250,27 @@ AS $$
 DECLARE
     n bigint;
     on_cluster boolean := citus_managed('customer_analytics.fact_event');
-    in_batch text := 'IN (SELECT b.session_id FROM ca_batch_events b)';
     in_stitched text := 'IN (SELECT c.session_id FROM ca_stitch_sessions c)';
     stitch_rows text := '';
 BEGIN
-    -- On Citus the sessions go to the shards as an array literal, not as a
-    -- subquery over a temporary table: that one becomes an intermediate
-    -- result whose size the shards' planner guesses, and then it may read
-    -- a whole shard (a hash join over a sequential scan, 0.3 to 0.5 s a
-    -- shard, measured) where an index finds a few thousand rows
-    IF on_cluster THEN
-        in_batch := format('= ANY (%L::text[])',
-                          ARRAY(SELECT DISTINCT b.session_id FROM ca_batch_events b ORDER BY 1));
-    END IF;
     -- only sessions where something can change: an anonymous event and an
     -- identified one, or events stitched before
-    EXECUTE format($sql$
     CREATE TEMP TABLE ca_stitch_sessions ON COMMIT DROP AS
     SELECT f.session_id
     FROM fact_event f
-    WHERE f.session_id %s
+    WHERE f.session_id IN (SELECT b.session_id FROM ca_batch_events b)
     GROUP BY f.session_id
     HAVING (bool_or(f.customer_id IS NULL) AND bool_or(f.customer_id IS NOT NULL))
-           OR bool_or(f.customer_stitched)
-    $sql$, in_batch);
+           OR bool_or(f.customer_stitched);
     ANALYZE ca_stitch_sessions;
+    -- On Citus the stitched sessions go to the shards as an array literal,
+    -- not as a subquery over the temporary table: that one becomes an
+    -- intermediate result whose size the shards' planner guesses, and the
+    -- UPDATE then read whole shards (a hash join over a sequential scan,
+    -- 0.3 to 0.5 s a shard, seen) where the session index finds a few
+    -- hundred rows; and Citus sends it only to the sessions' shards.  (Not
+    -- for the look-up above: every shard would get every session of the
+    -- batch, and over-estimated, scan itself whole in parallel)
     IF on_cluster THEN
         in_stitched := format('= ANY (%L::text[])',
                              ARRAY(SELECT c.session_id FROM ca_stitch_sessions c ORDER BY 1));
