@@ -778,6 +778,11 @@ DECLARE
     deferred text[];
     on_cluster boolean := citus_managed('customer_analytics.fact_order_line');
     conflict text;
+    -- (LIMIT 1: Citus runs the subquery of an EXISTS over a distributed
+    -- table first and whole, every row of every shard shipped to the
+    -- coordinator, unless a LIMIT goes down to the shards with it; a
+    -- single node drops the LIMIT from an EXISTS)
+    filled boolean := EXISTS (SELECT 1 FROM customer_analytics.fact_order_line LIMIT 1);
 BEGIN
     CREATE TEMP TABLE ca_customer_lookup ON COMMIT DROP AS
     SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT o.customer_id FROM ca_batch_orders o
@@ -812,7 +817,7 @@ BEGIN
      * apart (moving) and moved below, deleted from the old shard and
      * inserted on the new one.
      */
-    IF on_cluster AND EXISTS (SELECT 1 FROM fact_order_line) THEN
+    IF on_cluster AND filled THEN
         WITH r AS MATERIALIZED (
             SELECT b.order_id, b.line_number FROM ca_order_lines b
         ), there AS MATERIALIZED (
@@ -843,7 +848,7 @@ BEGIN
     -- CONFLICT: nothing can conflict (the batch has one row per line, and
     -- transform() runs alone), and the arbiter's check before every insert
     -- costs a plain load 30% to 80% more
-    IF EXISTS (SELECT 1 FROM fact_order_line) THEN
+    IF filled THEN
         conflict := CASE WHEN on_cluster THEN 'ON CONFLICT (order_id, line_number, customer_ref) DO NOTHING'
                          ELSE 'ON CONFLICT (order_id, line_number) DO NOTHING' END;
     END IF;
@@ -1077,7 +1082,8 @@ BEGIN
      * this run writes are looked up in the dimensions as they now are), and
      * only if this run added dimension rows.
      */
-    unknown_before := products + customers > 0 AND EXISTS (SELECT 1 FROM unknown_member_line);
+    -- (LIMIT 1 for Citus, as in load_fact_order_line())
+    unknown_before := products + customers > 0 AND EXISTS (SELECT 1 FROM unknown_member_line LIMIT 1);
     RETURN QUERY SELECT 'fact_order_line', load_fact_order_line();
     RETURN QUERY SELECT 'late_dimension_fixes',
                         CASE WHEN unknown_before THEN repair_order_line_keys() ELSE 0 END;
@@ -1309,7 +1315,7 @@ BEGIN
     )
     SELECT count(*) FROM written
     $sql$, CASE WHEN on_cluster THEN 'ON CONFLICT (session_id, event_id) DO NOTHING'
-                WHEN EXISTS (SELECT 1 FROM fact_event) THEN 'ON CONFLICT (event_id) DO NOTHING' END)
+                WHEN EXISTS (SELECT 1 FROM fact_event LIMIT 1) THEN 'ON CONFLICT (event_id) DO NOTHING' END)
     INTO added USING detail;
 
     -- events already in the facts: a later staged version that differs wins
@@ -1368,6 +1374,9 @@ SET customer_analytics_internal.own_writer = on
 AS $$
 DECLARE
     n bigint;
+    on_cluster boolean := citus_managed('customer_analytics.fact_event');
+    in_stitched text := 'IN (SELECT c.session_id FROM ca_stitch_sessions c)';
+    stitch_rows text := '';
 BEGIN
     -- only sessions where something can change: an anonymous event and an
     -- identified one, or events stitched before
@@ -1379,6 +1388,19 @@ BEGIN
     HAVING (bool_or(f.customer_id IS NULL) AND bool_or(f.customer_id IS NOT NULL))
            OR bool_or(f.customer_stitched);
     ANALYZE ca_stitch_sessions;
+    -- On Citus the stitched sessions go to the shards as an array literal,
+    -- not as a subquery over the temporary table: that one becomes an
+    -- intermediate result whose size the shards' planner guesses, and the
+    -- UPDATE then read whole shards (a hash join over a sequential scan,
+    -- 0.3 to 0.5 s a shard, seen) where the session index finds a few
+    -- hundred rows; and Citus sends it only to the sessions' shards.  (Not
+    -- for the look-up above: every shard would get every session of the
+    -- batch, and over-estimated, scan itself whole in parallel)
+    IF on_cluster THEN
+        in_stitched := format('= ANY (%L::text[])',
+                             ARRAY(SELECT c.session_id FROM ca_stitch_sessions c ORDER BY 1));
+        stitch_rows := 'AND f.session_id ' || in_stitched;
+    END IF;
     CREATE TEMP TABLE ca_event_changes (new jsonb, old jsonb) ON COMMIT DROP;
     -- One statement, joined on (session_id, event_id), whose windows are
     -- partitioned by the session: on Citus (events by session_id) each
@@ -1386,6 +1408,7 @@ BEGIN
     -- sessions' ids go out and the changed rows come back.  The old
     -- customer columns are returned beside the new row (to_jsonb() is not
     -- immutable, which Citus wants in RETURNING).
+    EXECUTE format($sql$
     WITH upd AS (
         UPDATE fact_event f
         SET customer_key = l.new_key, customer_id = l.new_id, customer_stitched = l.new_id IS NOT NULL
@@ -1399,9 +1422,9 @@ BEGIN
                                OVER (PARTITION BY e.session_id ORDER BY e.event_ts DESC, e.event_id DESC
                                      ROWS UNBOUNDED PRECEDING) AS grp
                     FROM fact_event e
-                    WHERE e.session_id IN (SELECT c.session_id FROM ca_stitch_sessions c)) s
+                    WHERE e.session_id %s) s
               WINDOW g AS (PARTITION BY s.session_id, s.grp)) l
-        WHERE f.session_id = l.session_id AND f.event_id = l.event_id
+        WHERE f.session_id = l.session_id AND f.event_id = l.event_id %s
           AND (l.customer_id IS NULL OR l.customer_stitched)
           AND (l.customer_key, l.customer_id, l.customer_stitched)
               IS DISTINCT FROM (l.new_key, l.new_id, l.new_id IS NOT NULL)
@@ -1412,7 +1435,8 @@ BEGIN
     SELECT n.new, n.new || jsonb_build_object('customer_key', u.was_key, 'customer_id', u.was_id,
                                               'customer_stitched', u.was_stitched)
     FROM upd u
-    CROSS JOIN LATERAL (SELECT to_jsonb(u) - '{was_key,was_id,was_stitched}'::text[] AS new) n;
+    CROSS JOIN LATERAL (SELECT to_jsonb(u) - '{was_key,was_id,was_stitched}'::text[] AS new) n
+    $sql$, in_stitched, stitch_rows);
     SELECT count(*) INTO n FROM ca_event_changes;
     n := note_event_updates(check_queue('customer_analytics.fact_event', n));
     DROP TABLE ca_stitch_sessions;
@@ -1597,8 +1621,9 @@ BEGIN
                                           WHERE e.customer_id IS NOT NULL));
     ANALYZE ca_event_customers (customer_id, valid_from, valid_to);
 
-    -- (on Citus the general path, whose statements are written to run there)
-    IF NOT EXISTS (SELECT 1 FROM fact_event) AND NOT citus_managed('customer_analytics.fact_event') THEN
+    -- (on Citus the general path, whose statements are written to run
+    -- there; LIMIT 1 for Citus, as in load_fact_order_line())
+    IF NOT EXISTS (SELECT 1 FROM fact_event LIMIT 1) AND NOT citus_managed('customer_analytics.fact_event') THEN
         SELECT * INTO first FROM load_first_events();
         RETURN QUERY SELECT 'fact_event', first.written;
         RETURN QUERY SELECT 'fact_event_stitched', first.stitched;
