@@ -1074,7 +1074,7 @@ note 'rows rfm() receives from the workers (per customer / per version and order
 	. join(' / ', split /\|/, $coord->safe_psql('shop', $shipped));
 # issue 17 layout by session: the events and their staging distributed
 # by session_id, co-located with the other distributed tables, the key
-# of fact_event (session_id, event_id) on the cluster; every event the
+# of fact_event (event_id, session_id) on the cluster; every event the
 # single node's, each session whole on one shard; an event re-staged
 # under another session moved (event_id stays unique), counts after
 # every load; the stitching and the anonymous visitors' sessions run
@@ -1088,18 +1088,18 @@ is($coord->safe_psql('shop', q{SELECT string_agg(format('%s %s %s', p.logicalrel
 	'layout by session: fact_event and stg_events distributed by session_id, co-located with the order facts');
 my $event_key = q{SELECT pg_get_constraintdef(c.oid) FROM pg_constraint c
 	WHERE c.conrelid = 'customer_analytics.fact_event'::regclass AND c.contype IN ('p', 'u')};
-is($coord->safe_psql('shop', $event_key), 'PRIMARY KEY (session_id, event_id)', "layout by session: fact_event's key holds the session on the cluster");
+is($coord->safe_psql('shop', $event_key), 'PRIMARY KEY (event_id, session_id)', "layout by session: fact_event's key holds the session on the cluster, after the event");
 is($coord->safe_psql('shop_single', $event_key), 'PRIMARY KEY (event_id)', 'and stays event_id alone on the single node');
 my $event_id_index = q{SELECT count(*) FROM pg_index i WHERE i.indrelid = 'customer_analytics.fact_event'::regclass
 	AND NOT i.indisunique AND i.indnatts = 1 AND pg_get_indexdef(i.indexrelid) LIKE '%(event_id)'};
-is($coord->safe_psql('shop', $event_id_index) . $coord->safe_psql('shop_single', $event_id_index), '10',
-	'layout by session: a plain index on event_id on the cluster (an event that changed session is found by it), none on the single node');
+is($coord->safe_psql('shop', $event_id_index) . $coord->safe_psql('shop_single', $event_id_index), '00',
+	'layout by session: no index on event_id alone on either (the key\'s index, event_id first, finds an event that changed session)');
 for my $w (@workers)
 {
-	is($w->safe_psql('shop', $event_key), 'PRIMARY KEY (session_id, event_id)', 'layout by session: the key swapped on the copy of worker ' . $w->name);
+	is($w->safe_psql('shop', $event_key), 'PRIMARY KEY (event_id, session_id)', 'layout by session: the key swapped on the copy of worker ' . $w->name);
 }
 is($coord->safe_psql('shop', q{SELECT count(*) FROM run_command_on_shards('customer_analytics.fact_event',
-	$$SELECT 1 FROM pg_constraint WHERE conrelid = '%s'::regclass AND contype = 'p' AND pg_get_constraintdef(oid) = 'PRIMARY KEY (session_id, event_id)'$$)
+	$$SELECT 1 FROM pg_constraint WHERE conrelid = '%s'::regclass AND contype = 'p' AND pg_get_constraintdef(oid) = 'PRIMARY KEY (event_id, session_id)'$$)
 	WHERE result = '1'}), '4', 'layout by session: and on every shard');
 # the sessions counted shard by shard add up to the sessions: none is
 # split over two shards

@@ -238,7 +238,7 @@ COMMENT ON COLUMN customer_analytics.fact_order_line.stage_id IS
  * (or are NULL for anonymous visitors), and the relationship data-quality
  * checks verify them after every load.
  *
- * On a Citus cluster the key becomes (session_id, event_id), session_id
+ * On a Citus cluster the key becomes (event_id, session_id), session_id
  * being the distribution column (distribute()); transform_events() keeps
  * event_id unique there by moving an event that changed session.
  */

@@ -1207,7 +1207,7 @@ COMMENT ON FUNCTION customer_analytics_internal.note_event_updates(boolean) IS
  * updated by a second one only when some were.
  *
  * On Citus the events are distributed by session_id and the key is
- * (session_id, event_id): an event re-staged under another session would
+ * (event_id, session_id): an event re-staged under another session would
  * not conflict with its old row.  So there, before the insert, an event
  * whose newer version changed session is moved (its old row deleted from
  * its old shard, the new one inserted on the new shard), noted as the

@@ -8,7 +8,7 @@
  * order for guests), keyed there on (order_id, line_number,
  * customer_ref); the events and their staging by session_id, so that a
  * session's events (its stitching, its share of the sessions rebuild)
- * stay on one shard, fact_event keyed there on (session_id, event_id).
+ * stay on one shard, fact_event keyed there on (event_id, session_id).
  * The primary keys are swapped during the conversion (the single node
  * keeps its own), and transform() / transform_events() move a line that
  * changes customer or an event that changes session (deleted on its old
@@ -53,7 +53,10 @@ COMMENT ON TABLE customer_analytics_internal.cluster_layout IS
  * distributed by their customer, and on the cluster keyed on (order_id,
  * line_number, customer_ref): the order and line first, so that the
  * look-ups of transform() by order and line (the lines already there, the
- * lines that change customer) use the key's index.
+ * lines that change customer) use the key's index.  Likewise the events,
+ * distributed by session and keyed on (event_id, session_id): the look-up
+ * of the batch's events by event_id (those that changed session) uses the
+ * key's index, and no other index is needed for it.
  */
 CREATE FUNCTION customer_analytics_internal.cluster_layout_plan()
 RETURNS TABLE (ordinal integer, table_name regclass, citus_kind text, distribution_column text,
@@ -72,7 +75,7 @@ AS $$
         (7, 'customer_analytics_internal.unknown_member_line', 'distributed', 'customer_ref',
          '{order_id,line_number,customer_ref}'),
         (8, 'customer_analytics.fact_event', 'distributed', 'session_id',
-         '{session_id,event_id}'),
+         '{event_id,session_id}'),
         (9, 'customer_analytics.stg_events', 'distributed', 'session_id', NULL),
         (10, 'customer_analytics.stg_customers', 'distributed', 'customer_id', NULL)
     ) AS p (ordinal, table_name, citus_kind, distribution_column, cluster_key)
@@ -194,12 +197,6 @@ BEGIN
                                  || format('ALTER TABLE %s ADD CONSTRAINT %I PRIMARY KEY (%s);', fk.rel, fk.conname, fk.cols);
         END LOOP;
 
-        -- fact_event's key holds its session on the cluster (swapped
-        -- above), and a plain index on event_id stays beside it: an event
-        -- re-staged under another session is found by it on every shard,
-        -- without a scan
-        drop_sql := drop_sql || 'CREATE INDEX IF NOT EXISTS fact_event_event_id_idx ON customer_analytics.fact_event (event_id);';
-
         -- the workers first: a failure there leaves this node untouched,
         -- and the statements are idempotent, so a second call finishes
         IF drop_sql <> '' THEN
@@ -258,5 +255,5 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION customer_analytics.distribute(integer) IS
-    'On a Citus coordinator: converts the installed (possibly loaded) star schema to its distributed layout (order facts and their repair queue by customer_ref, keyed on (order_id, line_number, customer_ref); events and their staging by session_id, fact_event keyed on (session_id, event_id); staged lines by order_id, staged customers by customer_id; all co-located; dimensions as reference tables; the rest local) and returns the layout; a second call changes nothing; refused where Citus is absent or on a worker';
+    'On a Citus coordinator: converts the installed (possibly loaded) star schema to its distributed layout (order facts and their repair queue by customer_ref, keyed on (order_id, line_number, customer_ref); events and their staging by session_id, fact_event keyed on (event_id, session_id); staged lines by order_id, staged customers by customer_id; all co-located; dimensions as reference tables; the rest local) and returns the layout; a second call changes nothing; refused where Citus is absent or on a worker';
 REVOKE ALL ON FUNCTION customer_analytics.distribute(integer) FROM PUBLIC;
