@@ -1005,13 +1005,16 @@ rfm_customer_acc(RfmScan *sc, uint64 custkey, Datum customer)
 
 /* One row (already filtered) into the per-customer accumulators. */
 static void
-rfm_scan_units(RfmScan *sc, uint64 custkey, Datum customer, Datum order, bool order_null,
-			   TimestampTz t, bool amount_null, int64 units)
+rfm_scan_row(RfmScan *sc, uint64 custkey, Datum customer, Datum order, bool order_null,
+			 Datum ts, bool amount_null, Datum amount)
 {
+	TimestampTz t = ca_datum_to_timestamptz(ts, sc->ts_type);
+	int64		units;
 	CustomerAcc *acc;
 
 	if (t > sc->as_of)
 		return;					/* not yet happened at as_of */
+	units = amount_null ? 0 : amount_units(amount, sc->amount_type);
 	acc = rfm_customer_acc(sc, custkey, customer);
 
 	/*
@@ -1045,14 +1048,6 @@ rfm_scan_units(RfmScan *sc, uint64 custkey, Datum customer, Datum order, bool or
 		}
 	}
 	rfm_add(&acc->rfm, t, amount_null, units);
-}
-
-static inline void
-rfm_scan_row(RfmScan *sc, uint64 custkey, Datum customer, Datum order, bool order_null,
-			 Datum ts, bool amount_null, Datum amount)
-{
-	rfm_scan_units(sc, custkey, customer, order, order_null, ca_datum_to_timestamptz(ts, sc->ts_type),
-				   amount_null, amount_null ? 0 : amount_units(amount, sc->amount_type));
 }
 
 /* Load dim_customer: version key -> durable customer id and current key. */
