@@ -10625,3 +10625,816 @@ $$;
 COMMENT ON FUNCTION customer_analytics.distribute(integer) IS
     'On a Citus coordinator: converts the installed (possibly loaded) star schema to its distributed layout (order facts and their repair queue by customer_ref, keyed on (order_id, line_number, customer_ref); events and their staging by session_id, fact_event keyed on (event_id, session_id); staged lines by order_id, staged customers by customer_id; all co-located; dimensions as reference tables; the rest local) and returns the layout; a second call changes nothing; refused where Citus is absent or on a worker';
 
+-- every emptiness probe through has_rows(), whose LIMIT keeps Citus from shipping every row of a distributed table to the coordinator
+CREATE FUNCTION customer_analytics_internal.has_rows(rel regclass)
+RETURNS boolean
+LANGUAGE plpgsql STABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    found boolean;
+BEGIN
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s LIMIT 1)', rel) INTO found;
+    RETURN found;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.has_rows(regclass) IS
+    'Internal: whether a table holds a row, read so that Citus asks each shard for one row at most (an EXISTS over a distributed table without a LIMIT ships every row to the coordinator)';
+
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.defer_fact_indexes(fact regclass, batch bigint)
+RETURNS text[]
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    defs text[];
+    idx record;
+BEGIN
+    IF batch < 10000 OR customer_analytics_internal.citus_managed(fact)
+       OR NOT pg_has_role((SELECT c.relowner FROM pg_class c WHERE c.oid = fact), 'USAGE') THEN
+        RETURN NULL;
+    END IF;
+    IF customer_analytics_internal.has_rows(fact) THEN
+        RETURN NULL;
+    END IF;
+    FOR idx IN
+        SELECT i.indexrelid::regclass AS name, pg_get_indexdef(i.indexrelid) AS def
+        FROM pg_index i
+        JOIN pg_class c ON c.oid = i.indexrelid
+        WHERE i.indrelid = fact AND NOT i.indisunique AND i.indisvalid
+          AND c.reltablespace = 0
+          AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)
+          AND NOT EXISTS (SELECT 1 FROM pg_description d WHERE d.objoid = i.indexrelid)
+        ORDER BY i.indexrelid
+    LOOP
+        EXECUTE format('DROP INDEX %s', idx.name);
+        defs := defs || idx.def;
+    END LOOP;
+    RETURN defs;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.defer_fact_indexes(regclass, bigint) IS
+    'Internal to transform(): before a first load of 10,000 rows or more into an empty fact table it owns (not on Citus), drops the table''s secondary indexes and returns their definitions for restore_fact_indexes(); NULL when it drops none';
+
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.load_fact_order_line()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    tz text := business_timezone();
+    batch bigint;
+    added bigint;
+    changed bigint := 0;
+    detail boolean;
+    fast boolean;
+    line_queue boolean := true;
+    deferred text[];
+    on_cluster boolean := citus_managed('customer_analytics.fact_order_line');
+    conflict text;
+    filled boolean := customer_analytics_internal.has_rows('customer_analytics.fact_order_line');
+BEGIN
+    CREATE TEMP TABLE ca_customer_lookup ON COMMIT DROP AS
+    SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT o.customer_id FROM ca_batch_orders o
+                                          WHERE o.customer_id IS NOT NULL));
+    ANALYZE ca_customer_lookup (customer_id, valid_from, valid_to);
+
+    CREATE TEMP TABLE ca_order_lines ON COMMIT DROP AS
+    SELECT s.order_id, s.line_number,
+           COALESCE(c.customer_key, -1) AS customer_key,
+           COALESCE(p.product_key, -1) AS product_key,
+           date_key((s.order_ts AT TIME ZONE tz)::date) AS date_key,
+           s.order_ts, s.quantity, s.unit_price, s.discount, s.status, s.channel,
+           s.updated_at, s.stage_id, s.load_id, s.customer_id, s.product_id,
+           order_customer_ref(s.customer_id, s.order_id) AS customer_ref,
+           (s.customer_id IS NOT NULL AND c.customer_key IS NULL)
+           OR (s.product_id IS NOT NULL AND p.product_key IS NULL) AS unresolved,
+           false AS moving
+    FROM ca_batch_orders s
+    LEFT JOIN ca_customer_lookup c
+           ON c.customer_id = s.customer_id AND s.order_ts >= c.valid_from AND s.order_ts < c.valid_to
+    LEFT JOIN dim_product p ON p.product_id = s.product_id;
+    DROP TABLE ca_customer_lookup;
+    SELECT count(*) INTO batch FROM ca_order_lines;
+    detail := check_queue('customer_analytics.fact_order_line', batch);
+    deferred := defer_fact_indexes('customer_analytics.fact_order_line', batch);
+
+    /*
+     * On a cluster the facts are distributed by customer_ref and keyed on
+     * (order_id, line_number, customer_ref) (docs/scaling.md): a line
+     * staged again under another customer conflicts with nothing there and
+     * would become a second row on another shard.  Those lines are set
+     * apart (moving) and moved below, deleted from the old shard and
+     * inserted on the new one.
+     */
+    IF on_cluster AND filled THEN
+        WITH r AS MATERIALIZED (
+            SELECT b.order_id, b.line_number FROM ca_order_lines b
+        ), there AS MATERIALIZED (
+            SELECT f.order_id, f.line_number, f.customer_ref FROM fact_order_line f
+            WHERE (f.order_id, f.line_number) IN (SELECT r.order_id, r.line_number FROM r)
+        )
+        UPDATE ca_order_lines b SET moving = true
+        FROM there t
+        WHERE t.order_id = b.order_id AND t.line_number = b.line_number AND t.customer_ref <> b.customer_ref;
+    END IF;
+
+    -- (session_replication_role is set here, not in a function with SET
+    -- clauses of its own, which would undo it on return; this function's
+    -- own SET clauses undo it on return or error)
+    fast := fact_bulk_write_ok('customer_analytics.fact_order_line');
+    IF fast THEN
+        PERFORM set_config('session_replication_role', 'replica', true);
+    END IF;
+    -- new lines are usually new orders: queued to be added to their
+    -- customers' RFM inputs without a recompute.  With no rollup yet the
+    -- next refresh builds it from the facts whatever is queued: one mark
+    -- that everyone is due (NULL) instead of a row per line
+    IF NOT EXISTS (SELECT FROM customer_analytics.rfm_rollup_customer) THEN
+        INSERT INTO rfm_dirty_customer VALUES (NULL) ON CONFLICT DO NOTHING;
+        line_queue := false;
+    END IF;
+    -- Into an empty table (a first load) the lines go in without ON
+    -- CONFLICT: nothing can conflict (the batch has one row per line, and
+    -- transform() runs alone), and the arbiter's check before every insert
+    -- costs a plain load 30% to 80% more
+    IF filled THEN
+        conflict := CASE WHEN on_cluster THEN 'ON CONFLICT (order_id, line_number, customer_ref) DO NOTHING'
+                         ELSE 'ON CONFLICT (order_id, line_number) DO NOTHING' END;
+    END IF;
+    EXECUTE format($sql$
+    WITH written AS (
+        INSERT INTO fact_order_line AS f
+            (order_id, line_number, customer_key, product_key, date_key, order_ts, quantity,
+             unit_price, discount, status, channel, updated_at, stage_id, load_id, customer_ref)
+        SELECT r.order_id, r.line_number, r.customer_key, r.product_key, r.date_key,
+               r.order_ts, r.quantity, r.unit_price, r.discount, r.status, r.channel,
+               r.updated_at, r.stage_id, r.load_id, r.customer_ref
+        FROM ca_order_lines r
+        WHERE NOT r.moving
+        %s
+        RETURNING f.order_id, f.line_number, f.customer_key, f.date_key, f.order_ts, f.quantity,
+                  f.revenue, f.status
+    ), rfm AS (
+        INSERT INTO rfm_new_line (customer_id, order_id, line_number, order_ts, revenue, purchase)
+        SELECT c.customer_id, w.order_id, w.line_number, w.order_ts, w.revenue,
+               w.status = 'completed' AND w.customer_key <> -1 AND (w.quantity > 0 OR w.revenue <> 0)
+        FROM written w JOIN dim_customer c USING (customer_key)
+        WHERE $1
+    ), days AS (
+        INSERT INTO sales_dirty_day
+        SELECT DISTINCT d.date FROM (SELECT DISTINCT w.date_key FROM written w) k JOIN dim_date d USING (date_key)
+        ON CONFLICT DO NOTHING
+    ), checked AS (
+        INSERT INTO check_change (rel, op, key)
+        SELECT 'customer_analytics.fact_order_line'::regclass, 'n',
+               jsonb_build_object('order_id', w.order_id, 'line_number', w.line_number)
+        FROM written w WHERE $2
+    )
+    SELECT count(*) FROM written
+    $sql$, conflict)
+    INTO added USING line_queue, detail;
+    IF fast THEN
+        PERFORM set_config('session_replication_role', 'origin', true);
+        PERFORM check_order_line_keys();
+    END IF;
+    PERFORM restore_fact_indexes(deferred);
+
+    -- lines already in the facts: a later staged version that differs wins.
+    -- (The batch and the old rows are materialised in CTEs, and the UPDATE
+    -- returns its rows as they are: so Citus can run it on the distributed
+    -- facts, which it may not join to a temporary table, nor return a
+    -- function of.  Citus refuses to SET the distribution column even to
+    -- its own value: on a cluster customer_ref changes by a move only.)
+    IF added < batch THEN
+        CREATE TEMP TABLE ca_line_changes (new jsonb, old jsonb) ON COMMIT DROP;
+        EXECUTE format($sql$
+        WITH r AS MATERIALIZED (
+            SELECT * FROM ca_order_lines WHERE NOT moving
+        ), was AS MATERIALIZED (
+            SELECT f.* FROM fact_order_line f
+            WHERE (f.order_id, f.line_number) IN (SELECT r.order_id, r.line_number FROM r)
+        ), upd AS (
+            UPDATE fact_order_line f
+            SET customer_key = r.customer_key, product_key = r.product_key,
+                date_key = r.date_key, order_ts = r.order_ts,
+                quantity = r.quantity, unit_price = r.unit_price,
+                discount = r.discount, status = r.status,
+                channel = r.channel, updated_at = r.updated_at,
+                stage_id = r.stage_id, load_id = r.load_id %s
+            FROM r
+            WHERE f.order_id = r.order_id AND f.line_number = r.line_number
+              AND r.stage_id > f.stage_id
+              AND (f.customer_key, f.product_key, f.order_ts, f.quantity, f.unit_price,
+                   f.discount, f.status, f.channel, f.updated_at, f.customer_ref)
+                  IS DISTINCT FROM
+                  (r.customer_key, r.product_key, r.order_ts, r.quantity,
+                   r.unit_price, r.discount, r.status, r.channel, r.updated_at, r.customer_ref)
+            RETURNING f.*
+        )
+        INSERT INTO ca_line_changes
+        SELECT to_jsonb(u), to_jsonb(w) FROM upd u JOIN was w USING (order_id, line_number)
+        $sql$, CASE WHEN NOT on_cluster THEN ', customer_ref = r.customer_ref' END);
+        IF on_cluster THEN
+            PERFORM move_order_lines();
+        END IF;
+        changed := note_order_line_updates(detail);
+    END IF;
+
+    -- the lines of this batch a later dimension row may repair (a batch
+    -- line that did resolve leaves the queue)
+    IF NOT citus_managed('customer_analytics_internal.unknown_member_line') THEN
+        MERGE INTO unknown_member_line q
+        USING ca_order_lines b
+        ON q.order_id = b.order_id AND q.line_number = b.line_number
+        WHEN MATCHED AND NOT b.unresolved THEN DELETE
+        WHEN MATCHED THEN UPDATE SET customer_id = b.customer_id, product_id = b.product_id,
+                                     customer_ref = b.customer_ref
+        WHEN NOT MATCHED AND b.unresolved THEN
+            INSERT (order_id, line_number, customer_id, product_id, customer_ref)
+            VALUES (b.order_id, b.line_number, b.customer_id, b.product_id, b.customer_ref);
+    ELSE
+        -- the same in two statements: Citus does not MERGE a temporary
+        -- table into a distributed one.  A line that moved to another
+        -- customer leaves its old shard's queue, as its fact did
+        WITH b AS MATERIALIZED (
+            SELECT b.order_id, b.line_number, b.customer_ref, b.unresolved FROM ca_order_lines b
+        )
+        DELETE FROM unknown_member_line q
+        USING b
+        WHERE q.order_id = b.order_id AND q.line_number = b.line_number
+          AND (NOT b.unresolved OR q.customer_ref <> b.customer_ref);
+        INSERT INTO unknown_member_line AS q (order_id, line_number, customer_id, product_id, customer_ref)
+        SELECT b.order_id, b.line_number, b.customer_id, b.product_id, b.customer_ref
+        FROM ca_order_lines b
+        WHERE b.unresolved
+        ON CONFLICT (order_id, line_number, customer_ref) DO UPDATE
+            SET customer_id = excluded.customer_id, product_id = excluded.product_id;
+    END IF;
+    DROP TABLE ca_order_lines;
+    RETURN added + changed;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.load_fact_order_line() IS
+    'Internal to transform(): the batch''s order lines into fact_order_line (upsert on order and line, the latest staged version wins, unknown members for missing keys); returns the rows written';
+
+
+CREATE OR REPLACE FUNCTION customer_analytics.transform(full_refresh boolean DEFAULT false)
+RETURNS TABLE (step text, rows_affected bigint)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+-- the batch statements are bound by writes (heap, index entries, WAL), which
+-- JIT does not speed up; compiling one cost up to 0.4 s on a 55k-line batch
+SET jit = off
+AS $$
+DECLARE
+    saved       transform_state;
+    w           record;
+    sysid       bigint;
+    tz          text := business_timezone();
+    products    bigint;
+    customers   bigint;
+    unknown_before boolean;
+    modify_mode text;
+BEGIN
+    -- one transform at a time; the second waits, then sees the first's work
+    PERFORM pg_advisory_xact_lock(lock_key('transform()'));
+    modify_mode := cluster_writes_begin();
+
+    SELECT system_identifier INTO sysid FROM pg_control_system();
+    SELECT * INTO saved FROM transform_state;
+    SELECT * INTO w FROM staged_window(saved.snapshot, saved.system_identifier, sysid, full_refresh);
+    PERFORM stage_order_batch(w.snap, w.prev, w.lo, w.hi, pg_current_xact_id_if_assigned());
+
+    products := load_dim_product();
+    customers := load_dim_customer();
+    RETURN QUERY VALUES ('dim_product', products), ('dim_customer', customers);
+    RETURN QUERY SELECT 'dim_date', ensure_dim_date(min(d), max(d))
+                 FROM (SELECT (order_ts AT TIME ZONE tz)::date AS d FROM ca_batch_orders) days;
+
+    /*
+     * Lines already pointing at an unknown member before this run are the
+     * only ones the repair of late-arriving dimensions can change (the lines
+     * this run writes are looked up in the dimensions as they now are), and
+     * only if this run added dimension rows.
+     */
+    unknown_before := products + customers > 0
+                      AND has_rows('customer_analytics_internal.unknown_member_line');
+    RETURN QUERY SELECT 'fact_order_line', load_fact_order_line();
+    RETURN QUERY SELECT 'late_dimension_fixes',
+                        CASE WHEN unknown_before THEN repair_order_line_keys() ELSE 0 END;
+
+    INSERT INTO transform_state (singleton, snapshot, system_identifier, last_run_at)
+    VALUES (true, w.snap, sysid, now())
+    ON CONFLICT (singleton) DO UPDATE
+        SET snapshot = excluded.snapshot,
+            system_identifier = excluded.system_identifier,
+            last_run_at = excluded.last_run_at;
+
+    DROP TABLE ca_batch_products, ca_batch_customers, ca_batch_orders;
+
+    /* clickstream events: their own snapshot, so refresh_clickstream() can run them alone */
+    RETURN QUERY SELECT * FROM transform_events(full_refresh);
+    PERFORM cluster_writes_end(modify_mode);
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.transform(boolean) IS
+    'Move staged rows into the star schema: products (SCD1), customers (SCD2), calendar, order lines and events (upsert on natural keys, newer versions win, unknown members for missing keys, late-arriving dimensions repaired). Incremental: only rows staged since the last run; full_refresh => true reprocesses all staged rows (safe: idempotent). Events go through transform_events(). Returns the rows written per step';
+
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.load_fact_event()
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    tz text := business_timezone();
+    batch bigint;
+    added bigint;
+    moved bigint := 0;
+    changed bigint := 0;
+    detail boolean;
+    on_cluster boolean := citus_managed('customer_analytics.fact_event');
+BEGIN
+    CREATE TEMP TABLE ca_event_rows ON COMMIT DROP AS
+    SELECT s.event_id, s.event_ts, date_key((s.event_ts AT TIME ZONE tz)::date) AS date_key,
+           CASE WHEN s.customer_id IS NULL THEN NULL
+                ELSE COALESCE(c.customer_key, -1) END AS customer_key,
+           s.customer_id, s.session_id, s.event_type,
+           CASE WHEN s.product_id IS NULL THEN NULL ELSE COALESCE(p.product_key, -1) END AS product_key,
+           s.order_id, s.channel, s.device, s.stage_id, s.load_id
+    FROM ca_batch_events s
+    LEFT JOIN ca_event_customers c
+           ON c.customer_id = s.customer_id AND s.event_ts >= c.valid_from AND s.event_ts < c.valid_to
+    LEFT JOIN dim_product p ON p.product_id = s.product_id;
+    SELECT count(*) INTO batch FROM ca_event_rows;
+    detail := check_queue('customer_analytics.fact_event', batch);
+    CREATE TEMP TABLE ca_event_changes (new jsonb, old jsonb) ON COMMIT DROP;
+
+    IF on_cluster THEN
+        -- where each event of the batch is now, if anywhere
+        CREATE TEMP TABLE ca_event_placed ON COMMIT DROP AS
+        WITH r AS MATERIALIZED (
+            SELECT r.event_id FROM ca_event_rows r
+        )
+        SELECT f.event_id, f.session_id, f.stage_id
+        FROM fact_event f WHERE f.event_id IN (SELECT r.event_id FROM r);
+        -- an older version than the row under another session: nothing to write
+        DELETE FROM ca_event_rows r
+        USING ca_event_placed p
+        WHERE p.event_id = r.event_id AND p.session_id <> r.session_id AND r.stage_id <= p.stage_id;
+        -- a newer one: the old row goes (from its old session's shard) ...
+        CREATE TEMP TABLE ca_event_moved (event_id text, old jsonb) ON COMMIT DROP;
+        WITH m AS MATERIALIZED (
+            SELECT p.session_id, p.event_id
+            FROM ca_event_placed p JOIN ca_event_rows r USING (event_id)
+            WHERE p.session_id <> r.session_id
+        ), gone AS (
+            DELETE FROM fact_event f
+            USING m
+            WHERE f.session_id = m.session_id AND f.event_id = m.event_id
+            RETURNING f.*
+        )
+        INSERT INTO ca_event_moved SELECT g.event_id, to_jsonb(g) FROM gone g;
+        -- ... and its new version is inserted on the new one
+        WITH m AS MATERIALIZED (
+            SELECT r.*, m.old
+            FROM ca_event_rows r JOIN ca_event_moved m USING (event_id)
+        ), ins AS (
+            INSERT INTO fact_event AS f
+                (event_id, event_ts, date_key, customer_key, customer_id, customer_stitched, session_id,
+                 event_type, product_key, order_id, channel, device, stage_id, load_id)
+            SELECT m.event_id, m.event_ts, m.date_key, m.customer_key, m.customer_id, false, m.session_id,
+                   m.event_type, m.product_key, m.order_id, m.channel, m.device, m.stage_id, m.load_id
+            FROM m
+            RETURNING f.*
+        )
+        INSERT INTO ca_event_changes
+        SELECT to_jsonb(i), m.old FROM ins i JOIN m USING (event_id);
+        GET DIAGNOSTICS moved = ROW_COUNT;
+        DELETE FROM ca_event_rows r USING ca_event_moved m WHERE m.event_id = r.event_id;
+        DROP TABLE ca_event_placed, ca_event_moved;
+    END IF;
+
+    -- into an empty table (a first load) without ON CONFLICT, as the
+    -- order lines (load_fact_order_line); on Citus the key holds the
+    -- session
+    EXECUTE format($sql$
+    WITH written AS (
+        INSERT INTO fact_event AS f
+            (event_id, event_ts, date_key, customer_key, customer_id, customer_stitched, session_id,
+             event_type, product_key, order_id, channel, device, stage_id, load_id)
+        SELECT r.event_id, r.event_ts, r.date_key, r.customer_key, r.customer_id, false, r.session_id,
+               r.event_type, r.product_key, r.order_id, r.channel, r.device, r.stage_id, r.load_id
+        FROM ca_event_rows r
+        %s
+        RETURNING f.event_id, f.event_ts, f.customer_id, f.session_id
+    ), queued AS (
+        INSERT INTO clickstream_change (visitor, since)
+        SELECT visitor(w.customer_id, w.session_id), min(w.event_ts) FROM written w GROUP BY 1
+    ), checked AS (
+        INSERT INTO check_change (rel, op, key)
+        SELECT 'customer_analytics.fact_event'::regclass, 'n', jsonb_build_object('event_id', w.event_id)
+        FROM written w WHERE $1
+    )
+    SELECT count(*) FROM written
+    $sql$, CASE WHEN on_cluster THEN 'ON CONFLICT (session_id, event_id) DO NOTHING'
+                WHEN has_rows('customer_analytics.fact_event') THEN 'ON CONFLICT (event_id) DO NOTHING' END)
+    INTO added USING detail;
+
+    -- events already in the facts: a later staged version that differs wins
+    IF added + moved < batch THEN
+        -- (in CTEs, for Citus, as the order lines' update; there, an event
+        -- that changed session was moved above, and Citus refuses a SET of
+        -- the distribution column even to its own value)
+        EXECUTE format($sql$
+        WITH r AS MATERIALIZED (
+            SELECT * FROM ca_event_rows
+        ), was AS MATERIALIZED (
+            SELECT f.* FROM fact_event f WHERE f.event_id IN (SELECT r.event_id FROM r)
+        ), upd AS (
+            UPDATE fact_event f
+            SET event_ts = r.event_ts, date_key = r.date_key,
+                customer_key = r.customer_key, customer_id = r.customer_id,
+                customer_stitched = false, %s
+                event_type = r.event_type, product_key = r.product_key,
+                order_id = r.order_id, channel = r.channel,
+                device = r.device, stage_id = r.stage_id, load_id = r.load_id
+            FROM r
+            WHERE f.event_id = r.event_id %s
+              AND r.stage_id > f.stage_id
+              AND (f.event_ts, f.customer_key, f.customer_id, f.customer_stitched, f.session_id,
+                   f.event_type, f.product_key, f.order_id, f.channel, f.device)
+                  IS DISTINCT FROM
+                  (r.event_ts, r.customer_key, r.customer_id, false,
+                   r.session_id, r.event_type, r.product_key,
+                   r.order_id, r.channel, r.device)
+            RETURNING f.*
+        )
+        INSERT INTO ca_event_changes
+        SELECT to_jsonb(u), to_jsonb(w) FROM upd u JOIN was w USING (event_id)
+        $sql$, CASE WHEN NOT on_cluster THEN 'session_id = r.session_id,' END,
+               CASE WHEN on_cluster THEN 'AND f.session_id = r.session_id' END);
+    END IF;
+    changed := note_event_updates(detail);
+    DROP TABLE ca_event_rows;
+    RETURN added + changed;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.load_fact_event() IS
+    'Internal to transform_events(): the batch''s events into fact_event (upsert on event_id, the latest staged version wins; anonymous stays NULL, an unknown customer is -1; on Citus an event that changed session is moved to its new session''s shard); returns the rows written';
+
+
+CREATE OR REPLACE FUNCTION customer_analytics.transform_events(full_refresh boolean DEFAULT false)
+RETURNS TABLE (step text, rows_affected bigint)
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, customer_analytics, customer_analytics_internal, pg_temp
+-- the batch statements are bound by writes (heap, index entries, WAL), which
+-- JIT does not speed up; compiling one cost up to 0.4 s on a 55k-line batch
+SET jit = off
+AS $$
+DECLARE
+    saved       event_transform_state;
+    w           record;
+    own_xid     xid8 := pg_current_xact_id_if_assigned();
+    sysid       bigint;
+    tz          text := business_timezone();
+    cutoff      timestamptz;
+    mark        timestamptz;
+    modify_mode text;
+    first       record;
+BEGIN
+    PERFORM pg_advisory_xact_lock(lock_key('transform_events()'));
+    modify_mode := cluster_writes_begin();
+
+    SELECT system_identifier INTO sysid FROM pg_control_system();
+    SELECT * INTO saved FROM event_transform_state;
+    SELECT * INTO w FROM staged_window(saved.snapshot, saved.system_identifier, sysid, full_refresh);
+    IF w.prev IS NOT NULL THEN
+        cutoff := saved.watermark - event_lateness();   -- NULL: no limit, or nothing processed yet
+    END IF;
+    PERFORM stage_event_batch(w.snap, w.prev, w.lo, w.hi, own_xid);
+
+    RETURN QUERY SELECT 'fact_event_too_late',
+                        CASE WHEN cutoff IS NULL THEN 0 ELSE hold_back_late_events(cutoff, saved.own_xid) END;
+    ANALYZE ca_batch_events (event_id, session_id, customer_id, product_id, event_ts);
+    PERFORM ensure_dim_date(min((event_ts AT TIME ZONE tz)::date), max((event_ts AT TIME ZONE tz)::date))
+    FROM ca_batch_events;
+    -- the versions of the batch's customers, which either loader keys its
+    -- events to
+    CREATE TEMP TABLE ca_event_customers ON COMMIT DROP AS
+    SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT e.customer_id FROM ca_batch_events e
+                                          WHERE e.customer_id IS NOT NULL));
+    ANALYZE ca_event_customers (customer_id, valid_from, valid_to);
+
+    -- (on Citus the general path, whose statements are written to run
+    -- there)
+    IF NOT has_rows('customer_analytics.fact_event') AND NOT citus_managed('customer_analytics.fact_event') THEN
+        SELECT * INTO first FROM load_first_events();
+        RETURN QUERY SELECT 'fact_event', first.written;
+        RETURN QUERY SELECT 'fact_event_stitched', first.stitched;
+    ELSE
+        RETURN QUERY SELECT 'fact_event', load_fact_event();
+        RETURN QUERY SELECT 'fact_event_stitched', stitch_sessions();
+    END IF;
+    RETURN QUERY SELECT 'fact_event_late_customers', repair_event_customer_keys();
+
+    IF w.prev IS NULL THEN      -- a full pass: everything staged counts
+        SELECT max(b.event_ts) INTO mark FROM ca_batch_events b;
+    ELSE
+        SELECT GREATEST(saved.watermark, max(b.event_ts)) INTO mark FROM ca_batch_events b;
+    END IF;
+    IF mark > now() THEN
+        mark := now();
+    END IF;
+    INSERT INTO event_transform_state (singleton, snapshot, own_xid, system_identifier, watermark, last_run_at)
+    VALUES (true, w.snap, own_xid, sysid, mark, now())
+    ON CONFLICT (singleton) DO UPDATE
+        SET snapshot = excluded.snapshot,
+            own_xid = excluded.own_xid,
+            system_identifier = excluded.system_identifier,
+            watermark = excluded.watermark,
+            last_run_at = excluded.last_run_at;
+
+    DROP TABLE ca_batch_events, ca_event_customers;
+    PERFORM cluster_writes_end(modify_mode);
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.transform_events(boolean) IS
+    'The clickstream part of transform(), on its own snapshot: newly staged events into fact_event (upsert on event_id, the latest staged version wins), anonymous events stitched to the next identified event of their session, events of late-arriving customers re-pointed. Events older than the watermark minus customer_analytics.event_lateness are left staged, counted and alerted (a full refresh loads them). Returns the rows written per step';
+
+
+CREATE OR REPLACE FUNCTION customer_analytics_internal.check_queue(rel regclass, batch bigint)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    first_load boolean;
+BEGIN
+    IF EXISTS (SELECT FROM customer_analytics_internal.check_change c
+               WHERE c.rel = check_queue.rel AND c.op = 'T') THEN
+        RETURN false;
+    END IF;
+    -- a batch of a million rows, or a table's first load (the whole table
+    -- is the batch: reading it costs less than queuing every row)
+    first_load := NOT customer_analytics_internal.has_rows(rel);
+    IF batch > 1000000 OR first_load THEN
+        DELETE FROM customer_analytics_internal.check_change c WHERE c.rel = check_queue.rel;
+        INSERT INTO customer_analytics_internal.check_change (rel, op) VALUES (check_queue.rel, 'T');
+        RETURN false;
+    END IF;
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.check_queue(regclass, bigint) IS
+    'Internal: whether a writer of the extension queues the rows of a batch it writes into a table in check_change row by row (false: the table is due for a whole check, queued here for a batch of more than a million rows or a table''s first load)';
+
+
+CREATE OR REPLACE FUNCTION customer_analytics.refresh_customer_rfm(full_refresh boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+SET customer_analytics_internal.own_writer = on
+AS $$
+DECLARE
+    ids text[];
+    everyone boolean;
+    as_of timestamptz := customer_analytics.reference_time();
+    map text := COALESCE(NULLIF(current_setting('customer_analytics.rfm_segment_map', true), ''), 'default');
+    redo bigint;
+    rounds integer := 0;
+    later boolean;
+    changed bigint;
+BEGIN
+    -- one maintainer at a time; readers never wait
+    PERFORM pg_advisory_xact_lock(customer_analytics_internal.lock_key('refresh_customer_rfm()'));
+    IF (SELECT count(*) FROM customer_analytics.rfm_segment_cells(map)) <> 125 THEN
+        RAISE EXCEPTION 'RFM segment map "%" does not name all 125 cells', map
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = format('See SELECT * FROM customer_analytics.rfm_check_segment_map(%L);', map);
+    END IF;
+    LOOP
+        rounds := rounds + 1;
+        -- take the noted customers (those noted by transactions still running stay for next time)
+        WITH taken AS (DELETE FROM customer_analytics_internal.rfm_dirty_customer RETURNING customer_id)
+        SELECT array_agg(customer_id) FILTER (WHERE customer_id IS NOT NULL), bool_or(customer_id IS NULL)
+        INTO ids, everyone FROM taken;
+        -- (the subqueries select a column: Citus plans no EXISTS without)
+        IF full_refresh OR everyone
+           OR (NOT EXISTS (SELECT 1 FROM customer_analytics.rfm_rollup_customer)
+               AND customer_analytics_internal.has_rows('customer_analytics.fact_order_line')) THEN
+            DELETE FROM customer_analytics.rfm_rollup_customer;
+            ids := NULL;
+            everyone := true;
+            full_refresh := false;
+        ELSIF ids IS NOT NULL THEN
+            DELETE FROM customer_analytics.rfm_rollup_customer WHERE customer_id IN (SELECT unnest(ids));
+        END IF;
+        -- The queued lines these statements see are in the facts they
+        -- read: they are consumed here, not added again below.
+        IF everyone THEN
+            WITH consumed AS (
+                DELETE FROM customer_analytics_internal.rfm_new_line
+            )
+            INSERT INTO customer_analytics.rfm_rollup_customer (customer_id, customer_key, last_order, frequency, monetary)
+            SELECT r.customer_id, r.customer_key, r.last_order, r.frequency, r.monetary
+            FROM customer_analytics_internal.rfm_rollup_rows('infinity') r;
+        ELSIF ids IS NOT NULL THEN
+            -- a few customers: their lines through the indexes (the
+            -- query of rfm_orders(ids, 'infinity') written out: Citus
+            -- inlines no SQL function over a distributed table, and runs
+            -- none with parameters; on one node the plan is the same)
+            WITH consumed AS (
+                DELETE FROM customer_analytics_internal.rfm_new_line q
+                WHERE q.customer_id IN (SELECT unnest(ids))
+            )
+            INSERT INTO customer_analytics.rfm_rollup_customer (customer_id, customer_key, last_order, frequency, monetary)
+            SELECT o.customer_id, cur.customer_key, (o.s).last_order, (o.s).frequency, (o.s).monetary
+            FROM (SELECT x.customer_id, customer_analytics.rfm_agg(x.ts, x.amount) AS s
+                  FROM (SELECT c.customer_id, max(fl.order_ts) AS ts, sum(fl.revenue) AS amount
+                        FROM customer_analytics.fact_order_line fl
+                        JOIN customer_analytics.dim_customer c ON c.customer_key = fl.customer_key
+                        WHERE fl.status = 'completed' AND c.customer_key <> -1
+                          AND (fl.quantity > 0 OR fl.revenue <> 0)
+                          AND c.customer_id IN (SELECT unnest(ids))
+                        GROUP BY c.customer_id, fl.order_id,
+                                 CASE WHEN fl.revenue < 0 THEN fl.line_number END) x
+                  GROUP BY x.customer_id) o
+            LEFT JOIN customer_analytics.dim_customer cur ON cur.customer_id = o.customer_id AND cur.is_current
+                                                         AND cur.customer_key <> -1;
+        END IF;
+
+        -- new orders are added to their customers' rows; an order that had
+        -- lines before (its line count in the facts is larger) is not new:
+        -- its customers are recomputed in the next round
+        WITH taken AS (
+            DELETE FROM customer_analytics_internal.rfm_new_line RETURNING *
+        ), queued AS (
+            SELECT t.order_id, count(*) AS n FROM taken t GROUP BY t.order_id
+        ), orders AS (
+            -- the facts' lines counted in a join, not a subquery per order:
+            -- Citus plans no correlated subquery next to a CTE
+            SELECT q.order_id, q.n = COALESCE(f.n, 0) AS whole
+            FROM queued q
+            LEFT JOIN (SELECT f.order_id, count(*) AS n FROM customer_analytics.fact_order_line f
+                       WHERE f.order_id IN (SELECT order_id FROM queued)
+                       GROUP BY f.order_id) f USING (order_id)
+        ), noted AS (
+            INSERT INTO customer_analytics_internal.rfm_dirty_customer
+            SELECT DISTINCT t.customer_id FROM taken t JOIN orders o USING (order_id) WHERE NOT o.whole
+            ON CONFLICT DO NOTHING
+            RETURNING 1
+        ), per_order AS (            -- grouped as above
+            SELECT t.customer_id, max(t.order_ts) AS ts, sum(t.revenue) AS amount
+            FROM taken t JOIN orders o USING (order_id)
+            WHERE o.whole AND t.purchase
+            GROUP BY t.customer_id, t.order_id, CASE WHEN t.revenue < 0 THEN t.line_number END
+        ), added AS (
+            INSERT INTO customer_analytics.rfm_rollup_customer AS u (customer_id, customer_key, last_order, frequency, monetary)
+            SELECT p.customer_id, cur.customer_key, (p.s).last_order, (p.s).frequency, (p.s).monetary
+            FROM (SELECT customer_id, customer_analytics.rfm_agg(ts, amount) AS s FROM per_order GROUP BY customer_id) p
+            LEFT JOIN customer_analytics.dim_customer cur ON cur.customer_id = p.customer_id AND cur.is_current
+                                                         AND cur.customer_key <> -1
+            ON CONFLICT (customer_id) DO UPDATE
+                SET last_order = greatest(u.last_order, excluded.last_order),
+                    frequency = u.frequency + excluded.frequency,
+                    monetary = u.monetary + excluded.monetary
+            RETURNING 1
+        )
+        SELECT count(*) FROM noted INTO redo;   -- (added runs all the same)
+        EXIT WHEN redo = 0 OR rounds >= 10;
+    END LOOP;
+
+    -- lines later than as_of (an as_of in the past) are not in rfm(as_of):
+    -- then the scores come from the facts
+    -- (the last purchase as of then from the same C scan of the inputs)
+    later := EXISTS (SELECT 1 FROM customer_analytics.fact_order_line WHERE order_ts > as_of);
+    WITH scored AS (
+        SELECT s.*, p.last_order AS last_purchase
+        FROM customer_analytics.rfm(as_of) s
+        JOIN customer_analytics_internal.rfm_rollup_rows(as_of) p ON p.customer_id = s.customer_id
+        WHERE later
+        UNION ALL
+        SELECT s.*, u.last_order
+        FROM customer_analytics.rfm_from_rollup(as_of) s
+        JOIN customer_analytics.rfm_rollup_customer u ON u.customer_id = s.customer_id
+        WHERE NOT later
+    ), diff AS MATERIALIZED (      -- one pass over both: what to write
+        SELECT s.*, t.customer_id AS old_customer_id, t.segment AS old_segment, t.monetary AS old_monetary,
+               t.frequency AS old_frequency, t.last_purchase AS old_last_purchase
+        FROM scored s FULL JOIN customer_analytics.customer_rfm_score t ON t.customer_id = s.customer_id
+        WHERE s.customer_id IS NULL OR t.customer_id IS NULL
+           OR (t.customer_key, t.last_purchase, t.frequency, t.monetary, t.rfm_cell, t.segment)
+              IS DISTINCT FROM (s.customer_key, s.last_purchase, s.frequency, s.monetary, s.rfm_cell, s.segment)
+    ), updated AS (
+        UPDATE customer_analytics.customer_rfm_score t
+        SET customer_key = d.customer_key, last_purchase = d.last_purchase, frequency = d.frequency,
+            monetary = d.monetary, r = d.r, f = d.f, m = d.m, rfm_cell = d.rfm_cell, segment = d.segment
+        FROM diff d
+        WHERE t.customer_id = d.customer_id AND d.old_customer_id IS NOT NULL
+        RETURNING t.segment, t.monetary, t.frequency, t.last_purchase,
+                  d.old_segment, d.old_monetary, d.old_frequency, d.old_last_purchase
+    ), inserted AS (
+        INSERT INTO customer_analytics.customer_rfm_score
+            (customer_id, customer_key, last_purchase, frequency, monetary, r, f, m, rfm_cell, segment)
+        SELECT d.customer_id, d.customer_key, d.last_purchase, d.frequency, d.monetary, d.r, d.f, d.m, d.rfm_cell, d.segment
+        FROM diff d WHERE d.old_customer_id IS NULL
+        RETURNING segment, monetary, frequency, last_purchase
+    ), deleted AS (
+        DELETE FROM customer_analytics.customer_rfm_score t
+        USING diff d
+        WHERE t.customer_id = d.old_customer_id AND d.customer_id IS NULL
+        RETURNING t.segment, t.monetary, t.frequency, t.last_purchase
+    ), stat AS (            -- segment_summary's sums: the rows written in, the rows replaced out
+        INSERT INTO customer_analytics_internal.rfm_segment_stat AS g
+        SELECT c.segment, sum(c.n)::bigint, sum(c.n * c.monetary), sum(c.n * c.frequency)::bigint,
+               sum(c.n * EXTRACT(epoch FROM c.last_purchase))
+        FROM (SELECT 1, u.segment, u.monetary, u.frequency, u.last_purchase FROM updated u
+              UNION ALL
+              SELECT -1, u.old_segment, u.old_monetary, u.old_frequency, u.old_last_purchase FROM updated u
+              UNION ALL
+              SELECT 1, i.segment, i.monetary, i.frequency, i.last_purchase FROM inserted i
+              UNION ALL
+              SELECT -1, x.segment, x.monetary, x.frequency, x.last_purchase FROM deleted x)
+             c (n, segment, monetary, frequency, last_purchase)
+        GROUP BY c.segment
+        ORDER BY c.segment
+        ON CONFLICT (segment) DO UPDATE
+            SET customers = g.customers + excluded.customers,
+                monetary = g.monetary + excluded.monetary,
+                frequency = g.frequency + excluded.frequency,
+                purchase_epochs = g.purchase_epochs + excluded.purchase_epochs
+    )
+    SELECT (SELECT count(*) FROM updated) + (SELECT count(*) FROM inserted) + (SELECT count(*) FROM deleted)
+    INTO changed;
+    DELETE FROM customer_analytics_internal.rfm_segment_stat WHERE customers = 0;
+    INSERT INTO customer_analytics.customer_rfm_refresh (id, as_of, refreshed_at)
+    VALUES (true, as_of, clock_timestamp())
+    ON CONFLICT (id) DO UPDATE SET as_of = EXCLUDED.as_of, refreshed_at = EXCLUDED.refreshed_at;
+    RETURN changed;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.refresh_customer_rfm(boolean) IS
+    'Brings customer_rfm up to date as of reference_time(): adds new orders to their customers'' RFM inputs, recomputes the inputs of customers whose lines or versions changed otherwise (everyone with full_refresh, after a TRUNCATE, or when the rollup is empty), rescores every customer and writes the rows that changed; returns their number. The pipeline calls it after transform()';
+
+
+CREATE OR REPLACE FUNCTION customer_analytics.refresh_sales_rollup(full_refresh boolean DEFAULT false)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    days date[];
+    keys integer[];
+BEGIN
+    -- one maintainer at a time; readers of the rollups never wait
+    PERFORM pg_advisory_xact_lock(customer_analytics_internal.lock_key('refresh_sales_rollup()'));
+    -- take the noted days (days noted by transactions still running stay for next time)
+    WITH taken AS (DELETE FROM customer_analytics_internal.sales_dirty_day RETURNING day)
+    SELECT array_agg(day) INTO days FROM taken;
+    IF full_refresh OR '-infinity' = ANY (days)
+       -- (SELECT 1: Citus cannot plan an EXISTS without columns)
+       OR (NOT EXISTS (SELECT 1 FROM customer_analytics.sales_rollup_day)
+           AND customer_analytics_internal.has_rows('customer_analytics.fact_order_line')) THEN
+        DELETE FROM customer_analytics.sales_rollup_day;
+        DELETE FROM customer_analytics.sales_rollup_category;
+        keys := NULL;                   -- every day
+    ELSIF days IS NULL THEN
+        RETURN 0;
+    ELSE
+        keys := ARRAY(SELECT customer_analytics.date_key(d) FROM unnest(days) d);
+        DELETE FROM customer_analytics.sales_rollup_day WHERE day = ANY (days);
+        DELETE FROM customer_analytics.sales_rollup_category WHERE day = ANY (days);
+    END IF;
+
+    INSERT INTO customer_analytics.sales_rollup_day (day, revenue, orders, customers)
+    -- credit notes (negative quantity) net against revenue but are no
+    -- orders, and their customers did not buy that day
+    SELECT d.date, sum(f.revenue), count(DISTINCT f.order_id) FILTER (WHERE f.quantity > 0),
+           count(DISTINCT c.customer_id) FILTER (WHERE f.customer_key <> -1 AND f.quantity > 0)
+    FROM customer_analytics.fact_order_line f
+    JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
+    JOIN customer_analytics.dim_customer c ON c.customer_key = f.customer_key
+    WHERE f.status = 'completed' AND (keys IS NULL OR f.date_key = ANY (keys))
+    GROUP BY d.date;
+
+    INSERT INTO customer_analytics.sales_rollup_category (day, category, revenue, orders, units)
+    SELECT d.date, p.category, sum(f.revenue), count(DISTINCT f.order_id) FILTER (WHERE f.quantity > 0), sum(f.quantity)
+    FROM customer_analytics.fact_order_line f
+    JOIN customer_analytics.dim_date d ON d.date_key = f.date_key
+    JOIN customer_analytics.dim_product p ON p.product_key = f.product_key
+    WHERE f.status = 'completed' AND (keys IS NULL OR f.date_key = ANY (keys))
+    GROUP BY d.date, p.category;
+
+    RETURN CASE WHEN keys IS NULL THEN (SELECT count(*) FROM customer_analytics.sales_rollup_day)
+                ELSE cardinality(keys) END;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics.refresh_sales_rollup(boolean) IS
+    'Recomputes the sales rollups for the days whose order lines changed since the last call (all days with full_refresh, after a TRUNCATE, or when the rollups are empty); returns the number of days recomputed. The pipeline calls it before refreshing daily_sales and product_category_sales';
+

@@ -197,6 +197,29 @@ COMMENT ON FUNCTION customer_analytics_internal.citus_managed(regclass) IS
     'Internal: whether a table is a Citus distributed or reference table (false where Citus is not installed); the writers choose their cluster path by it';
 
 /*
+ * Whether a table holds a row: how the writers, the checks and the rollups
+ * tell a first load or build.  The LIMIT is for Citus: it runs the
+ * subquery of an EXISTS over a distributed table first and whole (every
+ * row of every shard shipped to the coordinator: seconds on a loaded
+ * shop) unless a LIMIT goes down to the shards with it; a single node
+ * drops the LIMIT from an EXISTS and reads one row either way.
+ */
+CREATE FUNCTION customer_analytics_internal.has_rows(rel regclass)
+RETURNS boolean
+LANGUAGE plpgsql STABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    found boolean;
+BEGIN
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s LIMIT 1)', rel) INTO found;
+    RETURN found;
+END
+$$;
+COMMENT ON FUNCTION customer_analytics_internal.has_rows(regclass) IS
+    'Internal: whether a table holds a row, read so that Citus asks each shard for one row at most (an EXISTS over a distributed table without a LIMIT ships every row to the coordinator)';
+
+/*
  * A large first load into an empty fact table builds the table's secondary
  * indexes after its rows are in, as pg_restore does: one sort per index
  * instead of an index entry per row (on a million order lines, the six
@@ -217,15 +240,13 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     defs text[];
-    empty boolean;
     idx record;
 BEGIN
     IF batch < 10000 OR customer_analytics_internal.citus_managed(fact)
        OR NOT pg_has_role((SELECT c.relowner FROM pg_class c WHERE c.oid = fact), 'USAGE') THEN
         RETURN NULL;
     END IF;
-    EXECUTE format('SELECT NOT EXISTS (SELECT 1 FROM %s)', fact) INTO empty;
-    IF NOT empty THEN
+    IF customer_analytics_internal.has_rows(fact) THEN
         RETURN NULL;
     END IF;
     FOR idx IN
@@ -778,11 +799,7 @@ DECLARE
     deferred text[];
     on_cluster boolean := citus_managed('customer_analytics.fact_order_line');
     conflict text;
-    -- (LIMIT 1: Citus runs the subquery of an EXISTS over a distributed
-    -- table first and whole, every row of every shard shipped to the
-    -- coordinator, unless a LIMIT goes down to the shards with it; a
-    -- single node drops the LIMIT from an EXISTS)
-    filled boolean := EXISTS (SELECT 1 FROM customer_analytics.fact_order_line LIMIT 1);
+    filled boolean := customer_analytics_internal.has_rows('customer_analytics.fact_order_line');
 BEGIN
     CREATE TEMP TABLE ca_customer_lookup ON COMMIT DROP AS
     SELECT * FROM customer_versions(ARRAY(SELECT DISTINCT o.customer_id FROM ca_batch_orders o
@@ -1082,8 +1099,8 @@ BEGIN
      * this run writes are looked up in the dimensions as they now are), and
      * only if this run added dimension rows.
      */
-    -- (LIMIT 1 for Citus, as in load_fact_order_line())
-    unknown_before := products + customers > 0 AND EXISTS (SELECT 1 FROM unknown_member_line LIMIT 1);
+    unknown_before := products + customers > 0
+                      AND has_rows('customer_analytics_internal.unknown_member_line');
     RETURN QUERY SELECT 'fact_order_line', load_fact_order_line();
     RETURN QUERY SELECT 'late_dimension_fixes',
                         CASE WHEN unknown_before THEN repair_order_line_keys() ELSE 0 END;
@@ -1315,7 +1332,7 @@ BEGIN
     )
     SELECT count(*) FROM written
     $sql$, CASE WHEN on_cluster THEN 'ON CONFLICT (session_id, event_id) DO NOTHING'
-                WHEN EXISTS (SELECT 1 FROM fact_event LIMIT 1) THEN 'ON CONFLICT (event_id) DO NOTHING' END)
+                WHEN has_rows('customer_analytics.fact_event') THEN 'ON CONFLICT (event_id) DO NOTHING' END)
     INTO added USING detail;
 
     -- events already in the facts: a later staged version that differs wins
@@ -1622,8 +1639,8 @@ BEGIN
     ANALYZE ca_event_customers (customer_id, valid_from, valid_to);
 
     -- (on Citus the general path, whose statements are written to run
-    -- there; LIMIT 1 for Citus, as in load_fact_order_line())
-    IF NOT EXISTS (SELECT 1 FROM fact_event LIMIT 1) AND NOT citus_managed('customer_analytics.fact_event') THEN
+    -- there)
+    IF NOT has_rows('customer_analytics.fact_event') AND NOT citus_managed('customer_analytics.fact_event') THEN
         SELECT * INTO first FROM load_first_events();
         RETURN QUERY SELECT 'fact_event', first.written;
         RETURN QUERY SELECT 'fact_event_stitched', first.stitched;

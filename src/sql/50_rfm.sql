@@ -517,7 +517,7 @@ BEGIN
         -- (the subqueries select a column: Citus plans no EXISTS without)
         IF full_refresh OR everyone
            OR (NOT EXISTS (SELECT 1 FROM customer_analytics.rfm_rollup_customer)
-               AND EXISTS (SELECT 1 FROM customer_analytics.fact_order_line)) THEN
+               AND customer_analytics_internal.has_rows('customer_analytics.fact_order_line')) THEN
             DELETE FROM customer_analytics.rfm_rollup_customer;
             ids := NULL;
             everyone := true;

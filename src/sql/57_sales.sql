@@ -109,7 +109,7 @@ BEGIN
     IF full_refresh OR '-infinity' = ANY (days)
        -- (SELECT 1: Citus cannot plan an EXISTS without columns)
        OR (NOT EXISTS (SELECT 1 FROM customer_analytics.sales_rollup_day)
-           AND EXISTS (SELECT 1 FROM customer_analytics.fact_order_line)) THEN
+           AND customer_analytics_internal.has_rows('customer_analytics.fact_order_line')) THEN
         DELETE FROM customer_analytics.sales_rollup_day;
         DELETE FROM customer_analytics.sales_rollup_category;
         keys := NULL;                   -- every day

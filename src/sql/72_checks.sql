@@ -248,11 +248,8 @@ BEGIN
         RETURN false;
     END IF;
     -- a batch of a million rows, or a table's first load (the whole table
-    -- is the batch: reading it costs less than queuing every row).  LIMIT
-    -- 1: on Citus the subquery of an EXISTS over a distributed table runs
-    -- first and whole (every row shipped to the coordinator) unless a
-    -- LIMIT goes down to the shards with it; a single node drops it
-    EXECUTE format('SELECT NOT EXISTS (SELECT 1 FROM %s LIMIT 1)', rel) INTO first_load;
+    -- is the batch: reading it costs less than queuing every row)
+    first_load := NOT customer_analytics_internal.has_rows(rel);
     IF batch > 1000000 OR first_load THEN
         DELETE FROM customer_analytics_internal.check_change c WHERE c.rel = check_queue.rel;
         INSERT INTO customer_analytics_internal.check_change (rel, op) VALUES (check_queue.rel, 'T');
